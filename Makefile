@@ -1,0 +1,31 @@
+# `make run` trains the embedded default; `make test` runs the tests. Both build .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Pinned and installed before anything else: an unpinned torch pulls GB of CUDA wheels.
+# On a GPU machine: make venv TORCH="torch==2.x.y --index-url https://download.pytorch.org/whl/cu128"
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv run test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: venv
+	$(BIN)/chatsft train configs/tiny.yaml
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow and not gpu"
+
+clean:
+	rm -rf runs .pytest_cache .hypothesis
