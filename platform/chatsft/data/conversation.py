@@ -1,0 +1,179 @@
+"""Records: one JSON object a line, `{"messages": [{"role", "content"}, ...]}`.
+
+Parsing is the first pure stage (line -> Conversation); every way a record can
+be wrong has a reason from `REASONS`, and the error carries `path:line` so the
+user can open the file at the right place.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Iterator, Sequence, Union
+
+ROLES = ("system", "user", "assistant", "tool")
+PART_TYPES = ("text", "python", "python_output")
+
+# The fixed set of reasons a record is refused. Counted by name in stats.json.
+REASONS = {
+    "invalid_utf8": "the line is not valid UTF-8",
+    "invalid_json": "the line is not valid JSON",
+    "not_an_object": "the record is not a JSON object",
+    "missing_messages": "the record has no 'messages' key",
+    "messages_not_a_list": "'messages' is not a list",
+    "empty_messages": "'messages' is empty",
+    "message_not_an_object": "a message is not a JSON object",
+    "unknown_role": "a message has a role other than system, user, assistant, tool",
+    "bad_content": "a message's content is not a string or a list of parts",
+    "bad_part": "a content part is not {type, text} with a known type and string text",
+    "empty_answer": "an assistant message has no content",
+    "no_assistant": "the dialogue has no assistant message to learn from",
+    "bad_order": "the order of roles does not fit the chat template",
+    "unsupported_role": "the chat template has no way to render this role",
+    "control_token_in_content": "content contains a control token of the template",
+    "template_error": "the tokenizer's chat template failed on this record",
+}
+
+
+class BadRecord(ValueError):
+    """A record that cannot be trained on. `reason` is a key of REASONS."""
+
+    def __init__(self, reason: str, detail: str = "", source: str = ""):
+        assert reason in REASONS, reason
+        self.reason = reason
+        self.detail = detail
+        self.source = source
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        where = f"{self.source}: " if self.source else ""
+        detail = f": {self.detail}" if self.detail else ""
+        return f"{where}{self.reason}: {REASONS[self.reason]}{detail}"
+
+    def at(self, source: str) -> "BadRecord":
+        return BadRecord(self.reason, self.detail, source)
+
+
+@dataclass(frozen=True)
+class Part:
+    type: str  # text | python | python_output
+    text: str
+
+
+Content = Union[str, tuple[Part, ...]]
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: Content
+
+    @property
+    def text(self) -> str:
+        """The content as plain text (parts joined), for formats that have no parts."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+@dataclass(frozen=True)
+class Conversation:
+    messages: tuple[Message, ...]
+    source: str = ""  # "path:line"
+
+    def to_record(self) -> dict:
+        def content(c: Content):
+            return c if isinstance(c, str) else [{"type": p.type, "text": p.text} for p in c]
+
+        return {"messages": [{"role": m.role, "content": content(m.content)} for m in self.messages]}
+
+
+def parse_line(line: Union[str, bytes], source: str = "") -> Conversation:
+    """One JSONL line -> Conversation, or BadRecord with its reason and source."""
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadRecord("invalid_utf8", f"byte {e.start}", source) from None
+    line = line.lstrip("\ufeff")
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BadRecord("invalid_json", f"{e.msg} at column {e.colno}", source) from None
+    return parse_record(record, source)
+
+
+def parse_record(record: object, source: str = "") -> Conversation:
+    """A decoded JSON value -> Conversation, validating the schema (not the template's rules)."""
+    if not isinstance(record, dict):
+        raise BadRecord("not_an_object", f"got {type(record).__name__}", source)
+    if "messages" not in record:
+        raise BadRecord("missing_messages", f"keys: {sorted(record)[:5]}", source)
+    raw = record["messages"]
+    if not isinstance(raw, list):
+        raise BadRecord("messages_not_a_list", f"got {type(raw).__name__}", source)
+    if not raw:
+        raise BadRecord("empty_messages", "", source)
+    messages = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise BadRecord("message_not_an_object", f"messages[{i}] is {type(m).__name__}", source)
+        role = m.get("role")
+        if role not in ROLES:
+            raise BadRecord("unknown_role", f"messages[{i}].role = {role!r}", source)
+        content = _parse_content(m.get("content"), i, source)
+        if role == "assistant" and not _has_text(content):
+            raise BadRecord("empty_answer", f"messages[{i}]", source)
+        messages.append(Message(role, content))
+    if not any(m.role == "assistant" for m in messages):
+        raise BadRecord("no_assistant", "", source)
+    return Conversation(tuple(messages), source)
+
+
+def _parse_content(value: object, i: int, source: str) -> Content:
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise BadRecord("bad_content", f"messages[{i}].content is {type(value).__name__}", source)
+    parts = []
+    for j, p in enumerate(value):
+        if (
+            not isinstance(p, dict)
+            or p.get("type") not in PART_TYPES
+            or not isinstance(p.get("text"), str)
+        ):
+            shown = p.get("type") if isinstance(p, dict) else type(p).__name__
+            raise BadRecord("bad_part", f"messages[{i}].content[{j}] ({shown!r})", source)
+        parts.append(Part(p["type"], p["text"]))
+    return tuple(parts)
+
+
+def _has_text(content: Content) -> bool:
+    if isinstance(content, str):
+        return bool(content.strip())
+    return any(p.text.strip() for p in content)
+
+
+def iter_lines(data: bytes, path: str) -> Iterator[tuple[str, bytes]]:
+    """(`path:line`, raw line) for each non-blank line; 1-based; BOM and CRLF tolerated."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    for n, raw in enumerate(data.split(b"\n"), start=1):
+        raw = raw.rstrip(b"\r")
+        if raw.strip():
+            yield f"{path}:{n}", raw
+
+
+def merge_system(messages: Sequence[Message]) -> tuple[Message, ...]:
+    """Fold system messages into the first user turn, for formats with no system role."""
+    system = [m.text for m in messages if m.role == "system"]
+    rest = [m for m in messages if m.role != "system"]
+    if not system:
+        return tuple(rest)
+    prefix = "\n\n".join(system)
+    for k, m in enumerate(rest):
+        if m.role == "user":
+            rest[k] = Message("user", f"{prefix}\n\n{m.text}")
+            return tuple(rest)
+    return (Message("user", prefix), *rest)

@@ -1,0 +1,34 @@
+"""The choices that shape a sample, as enums (the masking policy is one value, not flags)."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Template(str, enum.Enum):
+    CHATML = "chatml"
+    LLAMA3 = "llama3"
+    CHATGLM2 = "chatglm2"
+    SPECIAL = "special"
+    HF = "hf"
+
+
+class Organization(str, enum.Enum):
+    SESSION = "session"  # one sample per dialogue, every answer supervised
+    SPLIT_TURN = "split_turn"  # one sample per answer, history as unsupervised context
+
+
+class TrainOn(str, enum.Enum):
+    """Which tokens carry loss (the masking policy)."""
+
+    ALL_ASSISTANT = "all_assistant"  # every assistant answer and its end-of-turn token
+    LAST_ASSISTANT = "last_assistant"  # only the final answer of the dialogue
+    ALL_TOKENS = "all_tokens"  # everything, prompts included (continued pre-training style)
+
+
+class Truncation(str, enum.Enum):
+    """What to do with a sample longer than data.max_length."""
+
+    TURNS = "turns"  # keep the longest prefix of whole turns: no answer is ever cut
+    RIGHT = "right"  # cut at max_length; a cut answer loses its end token (counted)
+    DROP = "drop"  # drop the sample (counted)

@@ -1,0 +1,278 @@
+"""Conversation -> input_ids + labels (the second pure stage).
+
+The template renders text segments that say which characters are learned;
+the whole string is tokenized once (batched, with character offsets), and a
+token is learned when it overlaps a learned character span. Tokenizing the
+whole string, not piece by piece, is what keeps the ids identical to what the
+model sees at inference (and to `apply_chat_template` for `hf`).
+
+Labels follow the Hugging Face convention: same length as input_ids, unshifted,
+-100 where no loss is taken; the loss shifts them once (train/loss.py).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from chatsft.data.options import Organization, TrainOn, Truncation
+from chatsft.data.conversation import BadRecord, Conversation, Message, parse_record
+from chatsft.data.templates import ChatTemplate, TemplateError, get_template
+
+IGNORE = -100
+
+
+@dataclass
+class Sample:
+    input_ids: np.ndarray  # int32
+    labels: np.ndarray  # int32, IGNORE where not learned
+    source: str  # "path:line", with "#turn=N" for split-turn samples
+    answer_of_token: Optional[np.ndarray] = None  # per token: answer index, -1 outside answers
+    truncated: bool = False
+    answers_cut: int = 0  # answers that lost their end-of-turn token to truncation
+    eot_supervised: int = 0  # answers whose end-of-turn token carries loss
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_supervised(self) -> int:
+        return int((self.labels != IGNORE).sum())
+
+
+@dataclass
+class RenderResult:
+    samples: list[Sample]
+    dropped: Counter = field(default_factory=Counter)  # reason -> samples dropped
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    organization: Organization = Organization.SESSION
+    train_on: TrainOn = TrainOn.ALL_ASSISTANT
+    max_length: Optional[int] = None
+    truncation: Truncation = Truncation.TURNS
+    max_target_length: Optional[int] = None  # seq2seq decoder length
+
+    @classmethod
+    def from_config(cls, data: Any) -> "RenderOptions":
+        return cls(Organization(data.organization), TrainOn(data.train_on), data.max_length,
+                   Truncation(data.truncation), data.max_target_length)
+
+
+def render_conversation(
+    record: Union[dict, Conversation],
+    tokenizer: Any,
+    template: Union[str, ChatTemplate] = "chatml",
+    *,
+    source: str = "",
+    **options: Any,
+) -> RenderResult:
+    """Render one record; raises BadRecord if it cannot be rendered with this template."""
+    conv = record if isinstance(record, Conversation) else parse_record(record, source)
+    tpl = template if isinstance(template, ChatTemplate) else get_template(template, tokenizer)
+    opts = RenderOptions(**{k: _coerce(k, v) for k, v in options.items()})
+    (outcome,) = render_batch([conv], tokenizer, tpl, opts)
+    if isinstance(outcome, BadRecord):
+        raise outcome
+    return outcome
+
+
+def _coerce(key: str, value: Any) -> Any:
+    kinds = {"organization": Organization, "train_on": TrainOn, "truncation": Truncation}
+    return kinds[key](value) if key in kinds and value is not None else value
+
+
+@dataclass
+class _Layout:
+    """Where the learned characters of one rendered conversation are."""
+
+    text: str
+    spans: list[tuple[int, int, int]]  # (start, end, answer) of learned characters
+    answer_ends: list[int]  # character end of each answer, its end-of-turn token included
+
+
+def layout(conv: Conversation, template: ChatTemplate) -> _Layout:
+    template.check_content(conv.messages)
+    segs = template.segments(conv.messages)
+    text_parts, spans, answer_ends = [], [], []
+    pos = 0
+    for s in segs:
+        end = pos + len(s.text)
+        if s.supervised and s.text:
+            if spans and spans[-1][1] == pos and spans[-1][2] == s.answer:
+                spans[-1] = (spans[-1][0], end, s.answer)
+            else:
+                spans.append((pos, end, s.answer))
+        if s.answer >= 0:
+            while len(answer_ends) <= s.answer:
+                answer_ends.append(end)
+            answer_ends[s.answer] = end
+        text_parts.append(s.text)
+        pos = end
+    return _Layout("".join(text_parts), spans, answer_ends)
+
+
+def render_batch(
+    convs: Sequence[Conversation],
+    tokenizer: Any,
+    template: ChatTemplate,
+    opts: RenderOptions,
+) -> list[Union[RenderResult, BadRecord]]:
+    """Render many conversations with one batched tokenizer call (the hot path of prepare)."""
+    layouts: list[Union[_Layout, BadRecord]] = []
+    for conv in convs:
+        try:
+            layouts.append(layout(conv, template))
+        except BadRecord as e:
+            layouts.append(e.at(conv.source))
+    texts = [lay.text for lay in layouts if isinstance(lay, _Layout)]
+    encodings = _encode(tokenizer, texts)
+    out: list[Union[RenderResult, BadRecord]] = []
+    it = iter(encodings)
+    for conv, lay in zip(convs, layouts):
+        if isinstance(lay, BadRecord):
+            out.append(lay)
+            continue
+        ids, offsets = next(it)
+        out.append(_samples(conv.source, lay, ids, offsets, opts))
+    return out
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    if not texts:
+        return []
+    if not getattr(tokenizer, "is_fast", False):
+        raise TemplateError(f"model.tokenizer: {getattr(tokenizer, 'name_or_path', '')!r} is a slow "
+                            "(Python) tokenizer; chatsft needs a fast (Rust) tokenizer for offsets")
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
+                    return_attention_mask=False)
+    result = []
+    for e in enc.encodings:
+        ids = np.asarray(e.ids, dtype=np.int32)
+        offsets = np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2)
+        result.append((ids, offsets))
+    return result
+
+
+def _samples(source: str, lay: _Layout, ids: np.ndarray, offsets: np.ndarray,
+             opts: RenderOptions) -> RenderResult:
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    n_answers = len(lay.answer_ends)
+    answer_of = np.full(len(ids), -1, dtype=np.int32)
+    for a, b, k in lay.spans:
+        first = int(np.searchsorted(ends, a, side="right"))  # first token ending after a
+        last = int(np.searchsorted(starts, b, side="left"))  # first token starting at/after b
+        answer_of[first:last] = k
+    # Token count through each answer's end-of-turn token.
+    answer_end_tok = [int(np.searchsorted(starts, e, side="left")) for e in lay.answer_ends]
+
+    if opts.organization == Organization.SPLIT_TURN:
+        wanted = range(n_answers)
+        if opts.train_on == TrainOn.LAST_ASSISTANT:
+            wanted = [n_answers - 1]
+        pieces = [(answer_end_tok[k], {k}, f"{source}#turn={k + 1}") for k in wanted]
+    else:
+        learned = set(range(n_answers))
+        if opts.train_on == TrainOn.LAST_ASSISTANT:
+            learned = {n_answers - 1}
+        pieces = [(len(ids), learned, source)]
+
+    result = RenderResult([])
+    for end, learned, src in pieces:
+        sample_ids = ids[:end]
+        owner = answer_of[:end]
+        if opts.train_on == TrainOn.ALL_TOKENS:
+            keep = np.ones(end, dtype=bool)
+        else:
+            keep = np.isin(owner, list(learned))
+        labels = np.where(keep, sample_ids, IGNORE).astype(np.int32)
+        ends_here = [answer_end_tok[k] for k in sorted(learned) if answer_end_tok[k] <= end]
+        sample = Sample(sample_ids, labels, src, owner, eot_supervised=len(ends_here))
+        sample, reason = _truncate(sample, ends_here, opts)
+        if reason:
+            result.dropped[reason] += 1
+        else:
+            result.samples.append(sample)
+    return result
+
+
+def _truncate(s: Sample, answer_ends: list[int], opts: RenderOptions) -> tuple[Sample, Optional[str]]:
+    limit = opts.max_length
+    if limit is None or len(s) <= limit:
+        return (s, None) if s.num_supervised else (s, "no_supervision")
+    if opts.truncation == Truncation.DROP:
+        return s, "too_long"
+    if opts.truncation == Truncation.TURNS:
+        fitting = [e for e in answer_ends if e <= limit]
+        cut = max(fitting) if fitting else 0
+        cut_answers = 0
+    else:  # RIGHT: a hard cut; an answer it splits loses its end token, and is counted
+        cut = limit
+        cut_answers = 1 if _answer_straddles(s, limit) else 0
+    trimmed = Sample(s.input_ids[:cut], s.labels[:cut], s.source,
+                     None if s.answer_of_token is None else s.answer_of_token[:cut],
+                     truncated=True, answers_cut=cut_answers,
+                     eot_supervised=sum(1 for e in answer_ends if e <= cut))
+    if trimmed.num_supervised == 0:
+        return trimmed, "no_supervision"
+    return trimmed, None
+
+
+def _answer_straddles(s: Sample, cut: int) -> bool:
+    """Is the token at `cut` inside a learned answer that started before it?"""
+    owner = s.answer_of_token
+    return owner is not None and cut < len(owner) and owner[cut] >= 0 and owner[cut - 1] == owner[cut]
+
+
+# ------------------------------------------------------------------------ seq2seq
+
+
+def render_seq2seq(conv: Conversation, tokenizer: Any, opts: RenderOptions) -> RenderResult:
+    """Encoder-decoder samples: the history goes to the encoder, each answer to the decoder.
+
+    One sample per answer (session organization has no meaning here). Input and
+    target are tokenized separately, each with its own maximum length; the history
+    is cut from the left so the most recent turns survive.
+    """
+    if opts.organization != Organization.SPLIT_TURN:
+        raise TemplateError("data.organization: encoder-decoder models learn one answer per sample; "
+                            "use split_turn")
+    result = RenderResult([])
+    msgs = conv.messages
+    every = [i for i, m in enumerate(msgs) if m.role == "assistant"]
+    answers = every[-1:] if opts.train_on == TrainOn.LAST_ASSISTANT else every
+    histories = [seq2seq_source(msgs[:i]) for i in answers]
+    targets = []
+    for i in answers:
+        if not isinstance(msgs[i].content, str) and any(p.type == "python_output" for p in msgs[i].content):
+            raise BadRecord("unsupported_role", "seq2seq targets cannot hold tool output", conv.source)
+        targets.append(msgs[i].text)
+    enc = tokenizer(histories, add_special_tokens=True)["input_ids"]
+    dec = tokenizer(targets, add_special_tokens=True)["input_ids"]
+    for i, x, y in zip(answers, enc, dec):
+        truncated, cut = False, 0
+        if opts.max_length and len(x) > opts.max_length:
+            x, truncated = x[len(x) - opts.max_length:], True
+        if opts.max_target_length and len(y) > opts.max_target_length:
+            y, truncated, cut = y[: opts.max_target_length], True, 1
+        src = f"{conv.source}#turn={every.index(i) + 1}"
+        if not y:
+            result.dropped["no_supervision"] += 1
+            continue
+        result.samples.append(Sample(np.asarray(x, np.int32), np.asarray(y, np.int32), src,
+                                     truncated=truncated, answers_cut=cut, eot_supervised=1 - cut))
+    return result
+
+
+def seq2seq_source(history: Sequence[Message]) -> str:
+    """The encoder text: a lone question as itself, a dialogue as `Role: text` lines."""
+    system = [m.text for m in history if m.role == "system"]
+    turns = [m for m in history if m.role != "system"]
+    head = "\n\n".join(system) + "\n\n" if system else ""
+    if len(turns) == 1 and turns[0].role == "user":
+        return head + turns[0].text
+    return head + "\n".join(f"{m.role.capitalize()}: {m.text}" for m in turns)

@@ -1,0 +1,95 @@
+"""Mask statistics: what was learned from, what was cut, what was dropped; per-turn loss weights."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Iterable, Literal
+
+import numpy as np
+
+from chatsft.data.render import IGNORE, Sample
+
+
+@dataclass
+class MaskStats:
+    """Aggregate counts of one prepared split; `merge` combines the partial stats of many workers."""
+
+    records_read: int = 0
+    records_bad: int = 0
+    bad_by_reason: Counter = field(default_factory=Counter)
+    samples: int = 0
+    tokens: int = 0
+    supervised_tokens: int = 0
+    truncated_samples: int = 0
+    answers_cut: int = 0
+    eot_supervised: int = 0
+    dropped_no_supervision: int = 0
+    dropped_too_long: int = 0
+
+    def add_sample(self, s: Sample) -> None:
+        self.samples += 1
+        self.tokens += len(s.input_ids)
+        self.supervised_tokens += s.num_supervised
+        self.truncated_samples += int(s.truncated)
+        self.answers_cut += s.answers_cut
+        self.eot_supervised += s.eot_supervised
+
+    def add_dropped(self, dropped: Counter) -> None:
+        self.dropped_no_supervision += dropped.get("no_supervision", 0)
+        self.dropped_too_long += dropped.get("too_long", 0)
+
+    def add_bad(self, reason: str) -> None:
+        self.records_bad += 1
+        self.bad_by_reason[reason] += 1
+
+    def merge(self, other: "MaskStats") -> "MaskStats":
+        for name in self.__dataclass_fields__:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            setattr(self, name, mine + theirs)
+        return self
+
+    def to_dict(self) -> dict:
+        d = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        d["bad_by_reason"] = dict(sorted(self.bad_by_reason.items()))
+        d["supervision_ratio"] = self.supervised_tokens / self.tokens if self.tokens else 0.0
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MaskStats":
+        kwargs = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        kwargs["bad_by_reason"] = Counter(d.get("bad_by_reason", {}))
+        return cls(**kwargs)
+
+
+def sample_stats(s: Sample) -> dict:
+    n, sup = len(s.input_ids), s.num_supervised
+    return {"source": s.source, "tokens": n, "supervised": sup, "ratio": sup / n if n else 0.0,
+            "truncated": s.truncated, "answers_cut": s.answers_cut, "eot_supervised": s.eot_supervised}
+
+
+def turn_weights(samples: Iterable[Sample], normalization: Literal["token", "sample"] = "token") -> dict[int, Fraction]:
+    """The share of the loss each answer of one dialogue gets, read off the rendered masks.
+
+    `token`: every supervised token of the batch weighs the same (what chatsft trains
+    with). `sample`: each sample's loss is its own token mean and the samples are
+    summed, so a short answer in its own split-turn sample weighs as much as a long one.
+    """
+    weights: Counter = Counter()
+    counts = []
+    for s in samples:
+        learned = (s.labels != IGNORE) & (s.answer_of_token >= 0)
+        per_answer = Counter(int(k) for k in s.answer_of_token[learned])
+        counts.append(per_answer)
+    total_tokens = sum(sum(c.values()) for c in counts)
+    for c in counts:
+        size = sum(c.values())
+        for k, n in c.items():
+            weights[k] += Fraction(n, total_tokens) if normalization == "token" else Fraction(n, size)
+    total = sum(weights.values())
+    return {k: weights[k] / total for k in sorted(weights)} if total else {}
+
+
+def supervision_ratios(samples: Iterable[Sample]) -> np.ndarray:
+    return np.array([s.num_supervised / max(1, len(s.input_ids)) for s in samples])
