@@ -1,0 +1,210 @@
+"""`chatsft train`: prepare the rows if needed, then run the per-worker loop on Ray Train
+(TorchTrainer) or, with `--local`, in this process."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Optional
+
+from chatsft.config import Config
+from chatsft.errors import UserError
+from chatsft.train.data import COLUMNS, count_rows, parquet_files
+from chatsft.train.loop import WorkerArgs, train_loop_per_worker
+
+
+@dataclass
+class TrainResult:
+    metrics: dict[str, Any]  # the last metrics rank 0 reported
+    checkpoint: Optional[str]  # the latest checkpoint folder
+    model_dir: Optional[str]  # the exported Hugging Face folder
+
+
+@dataclass
+class Rows:
+    train_dir: str
+    eval_dir: Optional[str]
+    train_rows: int
+    eval_rows: int
+
+
+def train(cfg: Config, local: bool = False, *,
+          callbacks: Optional[list[Callable[[int, dict], None]]] = None) -> TrainResult:
+    rows = prepared_rows(cfg)
+    if rows.train_rows == 0:
+        raise UserError(f"data.train: no training rows after prepare ({rows.train_dir})")
+    output_dir = storage_path(cfg.run.output_dir)
+    args = WorkerArgs(config=cfg.to_dict(), train_dir=rows.train_dir, eval_dir=rows.eval_dir,
+                      train_rows=rows.train_rows, eval_rows=rows.eval_rows, output_dir=output_dir,
+                      local=local, callbacks=list(callbacks or []))
+    model_dir = os.path.join(output_dir, "model")
+    if local:
+        from chatsft.train.checkpoint import latest_local
+
+        metrics = train_loop_per_worker(asdict(args))
+        return TrainResult(metrics or {}, latest_local(os.path.join(output_dir, "checkpoints")), model_dir)
+    return _train_on_ray(cfg, args, model_dir)
+
+
+def storage_path(path: str) -> str:
+    """Ray Train v2 wants an absolute path or a URI."""
+    return path if "://" in path else os.path.abspath(path)
+
+
+# ------------------------------------------------------------------------- ray
+
+
+def _train_on_ray(cfg: Config, args: WorkerArgs, model_dir: str) -> TrainResult:
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=True)
+    _check_storage(cfg, args.output_dir)
+    sc = cfg.scaling
+    datasets = {"train": _dataset(args.train_dir)}
+    if args.eval_dir and args.eval_rows:
+        datasets["eval"] = _dataset(args.eval_dir)
+    from ray.data import ExecutionOptions
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=asdict(args),
+        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+            resources_per_worker=dict(sc.resources_per_worker) or None,
+            accelerator_type=sc.accelerator_type, placement_strategy=sc.placement_strategy),
+        run_config=RunConfig(
+            name=cfg.run.name, storage_path=args.output_dir,
+            failure_config=FailureConfig(max_failures=sc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None)),
+        datasets=datasets,
+        # Not split: every worker reads all rows in the same order and keeps its
+        # stride of each global batch (train/data.py says why).
+        dataset_config=DataConfig(datasets_to_split=[],
+                                  execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    result = trainer.fit()
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    return TrainResult(dict(result.metrics or {}), checkpoint, model_dir)
+
+
+def _dataset(folder: str):
+    """The rows as a Ray Dataset in stored order, materialized before the workers start: the
+    workers then only read blocks (no Ray Data tasks competing for the CPUs they hold)."""
+    import pyarrow.parquet as pq
+    import ray.data
+
+    files = parquet_files(folder)
+    names = pq.ParquetFile(files[0]).schema_arrow.names
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ds = ray.data.read_parquet(files, columns=[c for c in COLUMNS if c in names], shuffle=None)
+    return ds.materialize()
+
+
+def _check_storage(cfg: Config, output_dir: str) -> None:
+    import ray
+
+    if "://" in output_dir or cfg.run.shared_storage:
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1:
+        raise UserError(f"run.output_dir={cfg.run.output_dir}: a local path on a {len(nodes)}-node cluster; "
+                        "use a URI (s3://, gs://) or shared storage and set run.shared_storage: true")
+
+
+# --------------------------------------------------------------------- prepare
+
+
+def prepared_rows(cfg: Config) -> Rows:
+    """The prepared Parquet rows: chatsft.pipeline.prepare (which skips fresh rows), or the
+    stand-in below while the pipeline has not landed."""
+    try:
+        from chatsft.pipeline import prepare
+    except ImportError:
+        prepare = _prepare_fallback
+    p = prepare(cfg)
+    eval_dir = p.eval_dir if p.eval_dir and parquet_files(p.eval_dir) else None
+    if not parquet_files(p.train_dir):
+        raise UserError(f"data.train: prepare wrote no rows to {p.train_dir}")
+    return Rows(p.train_dir, eval_dir, count_rows(p.train_dir), count_rows(eval_dir) if eval_dir else 0)
+
+
+@dataclass
+class _Prepared:
+    train_dir: str
+    eval_dir: Optional[str]
+
+
+def _prepare_fallback(cfg: Config, force: bool = False) -> _Prepared:
+    """STAND-IN until chatsft.pipeline.prepare lands: renders the sources in this process."""
+    from chatsft.model import load_tokenizer
+
+    root = os.path.join(os.path.abspath(cfg.run.output_dir), "prepared")
+    tok = load_tokenizer(cfg.model)
+    train_dir = os.path.join(root, "train")
+    write_rows(cfg, [s.path for s in cfg.data.train], tok, train_dir)
+    eval_dir = None
+    if cfg.data.eval:
+        eval_dir = os.path.join(root, "eval")
+        write_rows(cfg, [s.path for s in cfg.data.eval], tok, eval_dir)
+    return _Prepared(train_dir, eval_dir)
+
+
+def write_rows(cfg: Config, paths: list[str], tokenizer: Any, out_dir: str, *, seed: int = 0) -> int:
+    """Render JSONL sources into Parquet rows (shuffled, packed greedily when data.packing)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from chatsft.data.conversation import BadRecord
+    from chatsft.data.render import RenderOptions, render_conversation, render_seq2seq
+    from chatsft.data.sources import read_local
+    from chatsft.data.templates import get_template
+    from chatsft.model import model_kind
+
+    opts = RenderOptions.from_config(cfg.data)
+    seq2seq = model_kind(cfg.model) == "seq2seq"
+    template = None if seq2seq else get_template(cfg.data.template, tokenizer)
+    samples = []
+    for path in paths:
+        for conv in read_local(path):
+            if isinstance(conv, BadRecord):
+                raise conv
+            if seq2seq:
+                samples += render_seq2seq(conv, tokenizer, opts).samples
+            else:
+                samples += render_conversation(conv, tokenizer, template, **vars(opts)).samples
+    order = np.random.default_rng(seed).permutation(len(samples))
+    samples = [samples[i] for i in order]
+    rows: dict[str, list] = {"input_ids": [], "labels": [], "source": []}
+    if cfg.data.packing and not seq2seq:
+        rows["position_ids"] = []
+        cur: list = []
+        for s in samples + [None]:
+            if s is None or (cur and sum(len(c) for c in cur) + len(s) > cfg.data.max_length):
+                if cur:
+                    rows["input_ids"].append(np.concatenate([c.input_ids for c in cur]))
+                    rows["labels"].append(np.concatenate([c.labels for c in cur]))
+                    rows["position_ids"].append(np.concatenate([np.arange(len(c), dtype=np.int32) for c in cur]))
+                    rows["source"].append([c.source for c in cur])
+                cur = []
+            if s is not None:
+                cur.append(s)
+    else:
+        for s in samples:
+            rows["input_ids"].append(s.input_ids)
+            rows["labels"].append(s.labels)
+            rows["source"].append([s.source])
+    os.makedirs(out_dir, exist_ok=True)
+    for old in parquet_files(out_dir):
+        os.remove(old)
+    table = pa.table({
+        k: pa.array([list(map(int, v)) for v in vals], type=pa.list_(pa.int32())) if k != "source"
+        else pa.array(vals, type=pa.list_(pa.string()))
+        for k, vals in rows.items()})
+    pq.write_table(table, os.path.join(out_dir, "part-00000.parquet"))
+    return table.num_rows
