@@ -30,7 +30,13 @@ class Rows:
 
 def train(cfg: Config, local: bool = False, *,
           callbacks: Optional[list[Callable[[int, dict], None]]] = None) -> TrainResult:
-    rows = prepared_rows(cfg)
+    """Prepare the rows (if missing or stale), train, export; `callbacks(step, metrics)` run on rank 0."""
+    return train_on_rows(cfg, prepared_rows(cfg), local=local, callbacks=callbacks)
+
+
+def train_on_rows(cfg: Config, rows: "Rows", *, local: bool = False,
+                  callbacks: Optional[list[Callable[[int, dict], None]]] = None) -> TrainResult:
+    """Train on rows already prepared (tests and benchmarks write their own)."""
     if rows.train_rows == 0:
         raise UserError(f"data.train: no training rows after prepare ({rows.train_dir})")
     output_dir = storage_path(cfg.run.output_dir)
@@ -42,7 +48,9 @@ def train(cfg: Config, local: bool = False, *,
         from chatsft.train.checkpoint import latest_local
 
         metrics = train_loop_per_worker(asdict(args))
-        return TrainResult(metrics or {}, latest_local(os.path.join(output_dir, "checkpoints")), model_dir)
+        out = TrainResult(metrics or {}, latest_local(os.path.join(output_dir, "checkpoints")), model_dir)
+        _summary(out)
+        return out
     return _train_on_ray(cfg, args, model_dir)
 
 
@@ -56,7 +64,8 @@ def storage_path(path: str) -> str:
 
 def _train_on_ray(cfg: Config, args: WorkerArgs, model_dir: str) -> TrainResult:
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig,
+                           ScalingConfig)
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
@@ -79,7 +88,8 @@ def _train_on_ray(cfg: Config, args: WorkerArgs, model_dir: str) -> TrainResult:
         run_config=RunConfig(
             name=cfg.run.name, storage_path=args.output_dir,
             failure_config=FailureConfig(max_failures=sc.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None)),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None),
+            logging_config=LoggingConfig(log_level="WARNING")),
         datasets=datasets,
         # Not split: every worker reads all rows in the same order and keeps its
         # stride of each global batch (train/data.py says why).
@@ -88,7 +98,16 @@ def _train_on_ray(cfg: Config, args: WorkerArgs, model_dir: str) -> TrainResult:
     )
     result = trainer.fit()
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
-    return TrainResult(dict(result.metrics or {}), checkpoint, model_dir)
+    out = TrainResult(dict(result.metrics or {}), checkpoint, model_dir)
+    _summary(out)
+    return out
+
+
+def _summary(result: TrainResult) -> None:
+    m = result.metrics
+    loss = f"eval loss {m['eval_loss']:.4f}" if "eval_loss" in m else f"train loss {m.get('train_loss', float('nan')):.4f}"
+    print(f"[chatsft] done: step {m.get('step')}, {loss}; checkpoint {result.checkpoint}; model {result.model_dir}",
+          flush=True)
 
 
 def _dataset(folder: str):
@@ -101,6 +120,7 @@ def _dataset(folder: str):
     names = pq.ParquetFile(files[0]).schema_arrow.names
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False  # one bar per worker pass clutters the training log
     ds = ray.data.read_parquet(files, columns=[c for c in COLUMNS if c in names], shuffle=None)
     return ds.materialize()
 
@@ -154,7 +174,8 @@ def _prepare_fallback(cfg: Config, force: bool = False) -> _Prepared:
     return _Prepared(train_dir, eval_dir)
 
 
-def write_rows(cfg: Config, paths: list[str], tokenizer: Any, out_dir: str, *, seed: int = 0) -> int:
+def write_rows(cfg: Config, paths: list[str], tokenizer: Any, out_dir: str, *, seed: int = 0,
+               limit: Optional[int] = None) -> int:
     """Render JSONL sources into Parquet rows (shuffled, packed greedily when data.packing)."""
     import numpy as np
     import pyarrow as pa
@@ -171,7 +192,7 @@ def write_rows(cfg: Config, paths: list[str], tokenizer: Any, out_dir: str, *, s
     template = None if seq2seq else get_template(cfg.data.template, tokenizer)
     samples = []
     for path in paths:
-        for conv in read_local(path):
+        for conv in read_local(path, limit=limit):
             if isinstance(conv, BadRecord):
                 raise conv
             if seq2seq:

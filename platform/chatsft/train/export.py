@@ -31,27 +31,38 @@ def export_from_engine(engine: Any, tokenizer: Any, cfg: Config, out_dir: str, *
         state = engine.ds._zero3_consolidated_16bit_state_dict()  # full weights on rank 0 only
         if rank != 0:
             return None
-        model = load_model(cfg)
+        model = load_model(cfg, tokenizer=tokenizer)
         _load_weights(model, state, "the gathered ZeRO-3 weights")
     else:
         if rank != 0:
             return None
         model = engine.model  # ZeRO 0-2 and the torch path keep whole weights on every rank
-    return _write(model, tokenizer, out_dir, merged=cfg.method.export == "merged", export_model=export_model)
+    return _write(model, tokenizer, out_dir, merged=cfg.method.export == "merged", export_model=export_model,
+                  stop_tokens=stop_tokens(cfg, tokenizer), inplace=True)
 
 
-def _write(model: Any, tokenizer: Any, out_dir: str, *, merged: bool, export_model) -> str:
+def stop_tokens(cfg: Config, tokenizer: Any) -> tuple[str, ...]:
+    """The chat template's end-of-turn marker: generation from the exported model stops there."""
+    from chatsft.data.templates import get_template
+    from chatsft.model import model_kind
+
+    if model_kind(cfg.model) == "seq2seq":
+        return ()
+    return (get_template(cfg.data.template, tokenizer).end_of_turn,)
+
+
+def _write(model: Any, tokenizer: Any, out_dir: str, *, merged: bool, export_model, **options: Any) -> str:
     model.eval()
     if not is_uri(out_dir):
         if os.path.isdir(out_dir):
             shutil.rmtree(out_dir)
-        export_model(model, tokenizer, out_dir, merged=merged)
+        export_model(model, tokenizer, out_dir, merged=merged, **options)
         print(f"[chatsft] exported model to {out_dir}", flush=True)
         return out_dir
     import pyarrow.fs
 
     with tempfile.TemporaryDirectory(prefix="chatsft-export-") as tmp:
-        export_model(model, tokenizer, tmp, merged=merged)
+        export_model(model, tokenizer, tmp, merged=merged, **options)
         pyarrow.fs.copy_files(tmp, out_dir)
     print(f"[chatsft] exported model to {out_dir}", flush=True)
     return out_dir
@@ -105,8 +116,10 @@ def export_cli(cfg: Config, checkpoint: Optional[str] = None, out: Optional[str]
     if not os.path.isdir(folder):
         raise UserError(f"--checkpoint {folder}: no such folder")
     load_model, _, export_model = model_api()
-    model = load_model(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg, tokenizer=tokenizer)
     _load_weights(model, checkpoint_weights(folder), f"the weights in {folder}")
     merged = cfg.method.export == "merged" and not adapter_only
     target = out or os.path.join(output_dir, "model")
-    return _write(model, load_tokenizer(cfg.model), target, merged=merged, export_model=export_model)
+    return _write(model, tokenizer, target, merged=merged, export_model=export_model,
+                  stop_tokens=stop_tokens(cfg, tokenizer), inplace=True)

@@ -31,8 +31,8 @@ from chatsft.train.data import (collate, epoch_rows, global_batches, iter_stored
 from chatsft.train.schedule import lr_multiplier, total_steps
 
 # Test seam for the resume test: the worker of rank CHATSFT_FAIL_RANK (default 0)
-# dies (os._exit) right after the checkpoint of step CHATSFT_FAIL_ONCE_AT_STEP,
-# once: it leaves the marker file CHATSFT_FAIL_MARKER so the restarted run goes on.
+# dies (os._exit) right after optimizer step CHATSFT_FAIL_ONCE_AT_STEP, once: it
+# leaves the marker file CHATSFT_FAIL_MARKER so the restarted run goes on.
 FAIL_AT = "CHATSFT_FAIL_ONCE_AT_STEP"
 FAIL_MARKER = "CHATSFT_FAIL_MARKER"
 FAIL_RANK = "CHATSFT_FAIL_RANK"
@@ -82,7 +82,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     load_model, param_groups, _ = model_api()
     tokenizer = load_tokenizer(cfg.model)
     seq2seq = model_kind(cfg.model) == "seq2seq"
-    model = load_model(cfg)
+    model = load_model(cfg, tokenizer=tokenizer)
     engine = build_engine(model, param_groups(model, cfg.train), cfg.train, world_size=ctx.world,
                           device=ctx.device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -129,10 +129,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
             if due_save:
                 _save(engine, state, metrics, args, cfg, ctx)
                 last_saved = state.step
-                if state.step == fail_at and ctx.rank == int(os.environ.get(FAIL_RANK, "0")):
-                    _fail_once()
             elif state.step < total and state.step % max(tr.log_every, 1) == 0 and not args.local:
                 _report(metrics, None)
+            if state.step == fail_at and ctx.rank == int(os.environ.get(FAIL_RANK, "0")):
+                _fail_once()
             if state.step >= total:
                 break
         else:
@@ -155,10 +155,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     if args.export:
         _export_final(engine, tokenizer, cfg, args, ctx)
     _barrier(ctx)
-    if args.local:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    # --local keeps its one-process group: DeepSpeed caches it, and a second run in
+    # the same process (tests, benchmarks) reuses it
     return metrics
 
 
@@ -497,7 +495,7 @@ def model_api() -> tuple[Callable, Callable, Callable]:
         return _load_model_fallback, _param_groups_fallback, _export_model_fallback
 
 
-def _load_model_fallback(cfg: Config):
+def _load_model_fallback(cfg: Config, *, tokenizer: Any = None):
     """STAND-IN until chatsft.model.load_model lands: full fine-tuning of an HF model, fp32 weights."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
@@ -527,7 +525,7 @@ def _param_groups_fallback(model, train) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def _export_model_fallback(model, tokenizer, out_dir: str, *, merged: bool) -> str:
+def _export_model_fallback(model, tokenizer, out_dir: str, *, merged: bool, **_: Any) -> str:
     """STAND-IN until chatsft.model.export_model lands."""
     if hasattr(model, "merge_and_unload") and merged:
         model = model.merge_and_unload()
