@@ -89,12 +89,18 @@ class Engine:
             own_check = self.ds.zero_optimization_stage() == 0 and not (
                 self.ds.bfloat16_enabled() or self.ds.fp16_enabled())
             norm = None
+            clipping = self.ds._config.gradient_clipping
             if own_check:
                 norm = _grad_norm(self.model)  # stage 0 all-reduced the grads in backward
                 if not math.isfinite(norm):
                     _drop_grads(self.model)
+                    # DeepSpeed's fp32 clipping indexes the gradients it finds: none left
+                    self.ds._config.gradient_clipping = 0.0
             before = self.ds.skipped_steps
-            self.ds.step()
+            try:
+                self.ds.step()
+            finally:
+                self.ds._config.gradient_clipping = clipping
             if own_check:
                 applied = math.isfinite(norm)
                 self.skipped += 0 if applied else 1
