@@ -177,6 +177,7 @@ class Batch:
     targets: Any  # LongTensor [B, T]: the label each logit position predicts, IGNORE elsewhere
     num_targets: int
     tokens: int  # tokens of real rows, padding excluded (throughput)
+    slots: int  # token positions the model computes (padding included)
 
 
 def collate(rows: Sequence[Row], *, pad_id: int, seq2seq: bool, decoder_start: Optional[Callable] = None) -> Batch:
@@ -231,7 +232,8 @@ def collate(rows: Sequence[Row], *, pad_id: int, seq2seq: bool, decoder_start: O
             inputs = {"input_ids": ids, "attention_mask": mask}
             targets = causal_targets(labels, None)
     num = int((targets != IGNORE).sum())
-    return Batch(inputs, targets, num, tokens)
+    slots = sum(int(v.numel()) for k, v in inputs.items() if k in ("input_ids", "decoder_input_ids"))
+    return Batch(inputs, targets, num, tokens, slots)
 
 
 def _fill_empty(row: Row, pad_id: int) -> Row:

@@ -35,15 +35,16 @@ def train(cfg: Config, local: bool = False, *,
 
 
 def train_on_rows(cfg: Config, rows: "Rows", *, local: bool = False,
-                  callbacks: Optional[list[Callable[[int, dict], None]]] = None) -> TrainResult:
+                  callbacks: Optional[list[Callable[[int, dict], None]]] = None,
+                  export: bool = True) -> TrainResult:
     """Train on rows already prepared (tests and benchmarks write their own)."""
     if rows.train_rows == 0:
         raise UserError(f"data.train: no training rows after prepare ({rows.train_dir})")
     output_dir = storage_path(cfg.run.output_dir)
     args = WorkerArgs(config=cfg.to_dict(), train_dir=rows.train_dir, eval_dir=rows.eval_dir,
                       train_rows=rows.train_rows, eval_rows=rows.eval_rows, output_dir=output_dir,
-                      local=local, callbacks=list(callbacks or []))
-    model_dir = os.path.join(output_dir, "model")
+                      local=local, export=export, callbacks=list(callbacks or []))
+    model_dir = os.path.join(output_dir, "model") if export else None
     if local:
         from chatsft.train.checkpoint import latest_local
 
@@ -52,6 +53,15 @@ def train_on_rows(cfg: Config, rows: "Rows", *, local: bool = False,
         _summary(out)
         return out
     return _train_on_ray(cfg, args, model_dir)
+
+
+def runtime_env() -> dict[str, Any]:
+    """Ship this very chatsft to the workers (a checkout, or a Ray job's working dir), not
+    whichever version the cluster's Python may have installed. Ray accepts local folders
+    only at the job level (ray.init), so whoever calls ray.init passes this."""
+    import chatsft
+
+    return {"py_modules": [os.path.dirname(os.path.abspath(chatsft.__file__))]}
 
 
 def storage_path(path: str) -> str:
@@ -69,7 +79,7 @@ def _train_on_ray(cfg: Config, args: WorkerArgs, model_dir: str) -> TrainResult:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init(include_dashboard=False, runtime_env=runtime_env())
     _check_storage(cfg, args.output_dir)
     sc = cfg.scaling
     datasets = {"train": _dataset(args.train_dir)}

@@ -36,6 +36,9 @@ from chatsft.train.schedule import lr_multiplier, total_steps
 FAIL_AT = "CHATSFT_FAIL_ONCE_AT_STEP"
 FAIL_MARKER = "CHATSFT_FAIL_MARKER"
 FAIL_RANK = "CHATSFT_FAIL_RANK"
+# Metrics go to Ray Train with every eval and checkpoint, at the end, and otherwise at
+# most this often (on a logging step); progress lines and callbacks see every logging step.
+REPORT_EVERY_S = 30.0
 
 
 @dataclass
@@ -105,6 +108,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
 
     engine.train()
     fail_at = int(os.environ.get(FAIL_AT, "-1"))
+    steady = _Steady()
     while state.step < total:
         rows = epoch_rows(iter_stored_rows(train_source()), seed=cfg.run.seed, epoch=state.epoch,
                           start=state.position)
@@ -114,10 +118,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
                                                     micro=tr.micro_batch_size)]
             lr = engine.set_lr(lr_multiplier(state.step, total, tr))
             _one_step(engine, micro, ctx, tr, meter)
+            steady.tick()
             state.step += 1
             state.position += G
+            report_now = False
             if state.step % max(tr.log_every, 1) == 0 or state.step == total:
-                metrics.update(meter.flush(ctx, engine, lr, state, cfg))
+                flushed = meter.flush(ctx, engine, lr, state, cfg)
+                report_now = flushed.pop("report_now")
+                metrics.update(flushed)
                 progress.step(state.step, metrics)
             due_eval = tr.eval_every > 0 and state.step % tr.eval_every == 0 and state.step < total
             if due_eval and eval_source is not None:
@@ -129,7 +137,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
             if due_save:
                 _save(engine, state, metrics, args, cfg, ctx)
                 last_saved = state.step
-            elif state.step < total and state.step % max(tr.log_every, 1) == 0 and not args.local:
+            elif state.step < total and (report_now or due_eval) and not args.local:
                 _report(metrics, None)
             if state.step == fail_at and ctx.rank == int(os.environ.get(FAIL_RANK, "0")):
                 _fail_once()
@@ -146,6 +154,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
                       + (f" (start {eval_loss_first:.4f})" if eval_loss_first is not None else ""))
     metrics["skipped_steps"] = engine.skipped_steps
     metrics["step"] = state.step
+    if steady.mean() is not None:
+        metrics["mean_step_time"] = steady.mean()
     metrics["node_id"] = ctx.node_id
     metrics["node_ids"] = _gather_strings(ctx.node_id, ctx)
     if last_saved != state.step:
@@ -172,6 +182,7 @@ def _one_step(engine, micro, ctx: _Ctx, tr, meter: "_Meter") -> None:
     n = int(_all_reduce([float(local_n)], ctx)[0])
     meter.supervised += n
     meter.tokens_local += sum(b.tokens for b in micro)
+    meter.slots_local += sum(b.slots for b in micro)
     meter.steps += 1
     if n == 0:
         # nothing supervised anywhere in this step: no forward, no update, no NaN
@@ -204,12 +215,14 @@ class _Meter:
 
     def __init__(self) -> None:
         self.empty_total = 0
+        self.last_report = time.perf_counter()
         self.reset()
 
     def reset(self) -> None:
         self.loss_sum_local = 0.0
         self.supervised = 0  # already global
         self.tokens_local = 0
+        self.slots_local = 0
         self.steps = 0
         self.empty_steps = 0
         self.applied = 0
@@ -217,7 +230,15 @@ class _Meter:
         self.t0 = time.perf_counter()
 
     def flush(self, ctx: _Ctx, engine, lr: float, state: TrainState, cfg: Config) -> dict[str, Any]:
-        loss_sum, tokens = _all_reduce([self.loss_sum_local, float(self.tokens_local)], ctx)
+        # Rank 0 decides whether this logging step also reports to Ray Train (each report
+        # is a barrier through the controller, about a second on a small machine): at
+        # most every REPORT_EVERY_S seconds. The decision rides on this all-reduce, so
+        # every rank reports the same number of times.
+        due = ctx.rank == 0 and time.perf_counter() - self.last_report >= REPORT_EVERY_S
+        loss_sum, tokens, slots, report = _all_reduce(
+            [self.loss_sum_local, float(self.tokens_local), float(self.slots_local), float(due)], ctx)
+        if report:
+            self.last_report = time.perf_counter()
         dt = max(time.perf_counter() - self.t0, 1e-9)
         self.empty_total += self.empty_steps
         m: dict[str, Any] = {
@@ -228,8 +249,10 @@ class _Meter:
             "tokens_per_second": tokens / dt,
             "supervised_tokens_per_second": self.supervised / dt,
             "step_time": dt / max(self.steps, 1),
+            "pad_fraction": 1.0 - tokens / slots if slots else 0.0,
             "skipped_steps": engine.skipped_steps,
             "empty_steps": self.empty_total,
+            "report_now": bool(report),
         }
         if self.supervised:
             m["train_loss"] = loss_sum / self.supervised
@@ -237,6 +260,28 @@ class _Meter:
             m["grad_norm"] = self.grad_norm
         self.reset()
         return m
+
+
+class _Steady:
+    """Mean time of the optimizer steps after the first (which pays for warm-up and JIT builds).
+
+    Logging, eval and checkpoint steps are included: it is the loop's real pace."""
+
+    def __init__(self) -> None:
+        self.t_first: Optional[float] = None
+        self.n = 0
+        self.t_last = 0.0
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        if self.t_first is None:
+            self.t_first = now
+        else:
+            self.n += 1
+            self.t_last = now
+
+    def mean(self) -> Optional[float]:
+        return (self.t_last - self.t_first) / self.n if self.n else None
 
 
 class _Progress:
