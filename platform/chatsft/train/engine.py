@@ -188,12 +188,14 @@ def build_engine(model: torch.nn.Module, groups: list[dict], train: Any, *, worl
     return _torch_engine(model, groups, train, world_size, device, base_lrs)
 
 
-def _adamw(groups: list[dict], train: Any, offload: bool):
+def _adamw(groups: list[dict], train: Any, offload: bool, fused: bool = False):
     kwargs = dict(lr=train.lr, betas=tuple(train.betas), eps=train.eps, weight_decay=train.weight_decay)
     if offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    if fused:  # one kernel for all parameters (CUDA, torch path)
+        kwargs["fused"] = True
     return torch.optim.AdamW(groups, **kwargs)
 
 
@@ -213,7 +215,7 @@ def _deepspeed_engine(model, groups, train, world_size, device, base_lrs) -> Eng
 
 def _torch_engine(model, groups, train, world_size, device, base_lrs) -> Engine:
     model.to(device)
-    optimizer = _adamw(groups, train, False)
+    optimizer = _adamw(groups, train, False, fused=device.type == "cuda")
     forward_module = model
     if world_size > 1:
         forward_module = torch.nn.parallel.DistributedDataParallel(
