@@ -18,7 +18,6 @@ go through `iter_stored_rows`, so the order is identical in both modes.
 
 from __future__ import annotations
 
-import glob
 import math
 import os
 from dataclasses import dataclass
@@ -48,27 +47,49 @@ EMPTY = Row(np.zeros(0, np.int64), np.zeros(0, np.int64), None)
 # ------------------------------------------------------------------ row sources
 
 
+def _fs(path: str):
+    """(filesystem, path inside it) for a local folder or a URI (s3://, gs://, ...)."""
+    import pyarrow.fs
+
+    if "://" in path:
+        return pyarrow.fs.FileSystem.from_uri(path)
+    return pyarrow.fs.LocalFileSystem(), os.path.abspath(path)
+
+
 def parquet_files(folder: str) -> list[str]:
-    """The Parquet files of a prepared split, in stored order (sorted names)."""
-    files = sorted(glob.glob(os.path.join(folder, "**", "*.parquet"), recursive=True))
-    return files
+    """The Parquet files of a prepared split, in stored order (sorted names; URIs stay URIs)."""
+    import pyarrow.fs
+
+    fs, root = _fs(folder)
+    info = fs.get_file_info(root)
+    if info.type != pyarrow.fs.FileType.Directory:
+        return []
+    found = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
+    names = sorted(f.path for f in found if f.type == pyarrow.fs.FileType.File and f.path.endswith(".parquet"))
+    if "://" in folder:
+        scheme = folder.split("://", 1)[0]
+        return [f"{scheme}://{n}" for n in names]
+    return names
+
+
+def open_parquet(path: str):
+    import pyarrow.parquet as pq
+
+    fs, inner = _fs(path)
+    return pq.ParquetFile(fs.open_input_file(inner))
 
 
 def count_rows(folder: str) -> int:
-    import pyarrow.parquet as pq
-
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in parquet_files(folder))
+    return sum(open_parquet(f).metadata.num_rows for f in parquet_files(folder))
 
 
 def local_batches(folder: str) -> Callable[[], Iterator[Any]]:
     """A re-startable source of Arrow record batches read straight from the files (--local)."""
-    import pyarrow.parquet as pq
-
     files = parquet_files(folder)
 
     def batches() -> Iterator[Any]:
         for f in files:
-            pf = pq.ParquetFile(f)
+            pf = open_parquet(f)
             cols = [c for c in COLUMNS if c in pf.schema_arrow.names]
             yield from pf.iter_batches(batch_size=1024, columns=cols)
 

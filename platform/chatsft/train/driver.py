@@ -123,11 +123,12 @@ def _summary(result: TrainResult) -> None:
 def _dataset(folder: str):
     """The rows as a Ray Dataset in stored order, materialized before the workers start: the
     workers then only read blocks (no Ray Data tasks competing for the CPUs they hold)."""
-    import pyarrow.parquet as pq
     import ray.data
 
+    from chatsft.train.data import open_parquet
+
     files = parquet_files(folder)
-    names = pq.ParquetFile(files[0]).schema_arrow.names
+    names = open_parquet(files[0]).schema_arrow.names
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False  # one bar per worker pass clutters the training log
