@@ -33,3 +33,16 @@ def tokenizer(tiny_llama_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+@pytest.fixture
+def make_tokenizer(tmp_path_factory):
+    """A BPE trained on exactly `texts` with room to spare: every word becomes one token,
+    so tests can state expected tokens as words."""
+
+    def build(texts, vocab_size=5000):
+        from chatsft.builtin import build_tokenizer
+
+        return build_tokenizer(tmp_path_factory.mktemp("tok"), texts=list(texts) * 3, vocab_size=vocab_size)
+
+    return build
