@@ -110,25 +110,17 @@ def test_template_record_errors(tokenizer, name, record, reason):
     assert str(e.value).startswith(f"c.jsonl:3: {reason}: ")
 
 
-def test_template_needs_single_token_markers(tmp_path):
-    plain = build_tokenizer(tmp_path, texts=["hello world"], vocab_size=300)
-    plain_vocab_lacks = "<|im_start|>"
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tmp_path)
-    # Rebuild without template tokens: only PAD/EOS/UNK are special.
+def test_template_needs_single_token_markers(tokenizer):
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     raw = Tokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    from transformers import PreTrainedTokenizerFast
-
-    bare = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>")
+    bare = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>")  # no chat markers at all
     with pytest.raises(TemplateError, match=r"data.template=chatml: .*no single token for <\|im_start\|>, <\|im_end\|>"):
         get_template("chatml", bare)
-    assert plain_vocab_lacks in tok.get_vocab() and plain is not None
     with pytest.raises(TemplateError, match="unknown template 'vicuna'"):
-        get_template("vicuna", tok)
+        get_template("vicuna", tokenizer)
 
 
 # ------------------------------------------------------------------------------ hf
