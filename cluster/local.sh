@@ -24,6 +24,8 @@
 #   CHATSFT_LOCAL_CLIENT_PORT      Ray Client server port            (default 10001)
 #   CHATSFT_LOCAL_PORT_BASE        first of the per-node ports       (default 20000)
 #   CHATSFT_LOCAL_OBJECT_STORE_MB  object store per node, MiB        (default 512)
+#   CHATSFT_LOCAL_MEMORY_MB        Ray "memory" resource per node,   (default: unset, Ray
+#                                  MiB                                counts all RAM per node)
 #   CHATSFT_LOCAL_TEMP_DIR         root of the per-node temp dirs    (default /tmp/chatsft-ray)
 #   RAY                            the ray executable                (default: ray on PATH)
 #
@@ -91,6 +93,7 @@ DASHBOARD_PORT=${CHATSFT_LOCAL_DASHBOARD_PORT:-8265}
 CLIENT_PORT=${CHATSFT_LOCAL_CLIENT_PORT:-10001}
 PORT_BASE=${CHATSFT_LOCAL_PORT_BASE:-20000}
 OBJECT_STORE_MB=${CHATSFT_LOCAL_OBJECT_STORE_MB:-512}
+MEMORY_MB=${CHATSFT_LOCAL_MEMORY_MB:-}
 TEMP_ROOT=${CHATSFT_LOCAL_TEMP_DIR:-/tmp/chatsft-ray}
 RAY=${RAY:-ray}
 AUTH=token
@@ -107,7 +110,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-for v in WORKERS CPUS HEAD_CPUS GPUS GCS_PORT DASHBOARD_PORT CLIENT_PORT PORT_BASE OBJECT_STORE_MB; do
+for v in WORKERS CPUS HEAD_CPUS GPUS GCS_PORT DASHBOARD_PORT CLIENT_PORT PORT_BASE OBJECT_STORE_MB ${MEMORY_MB:+MEMORY_MB}; do
   case "${!v}" in
     ''|*[!0-9]*) echo "local.sh: $v must be a non-negative integer, got '${!v}'" >&2; exit 2 ;;
   esac
@@ -167,7 +170,8 @@ node_args() {
        "--min-worker-port=$lo" "--max-worker-port=$hi" \
        "--object-store-memory=$((OBJECT_STORE_MB * 1024 * 1024))" \
        "--temp-dir=$TEMP_ROOT/$name" \
-       "--disable-usage-stats"
+       "--disable-usage-stats" \
+       ${MEMORY_MB:+"--memory=$((MEMORY_MB * 1024 * 1024))"}
 }
 
 start() {
