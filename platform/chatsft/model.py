@@ -516,12 +516,13 @@ def _save_full(model, tokenizer, out_dir: str, stop_tokens: Sequence[str]) -> No
 # -------------------------------------------------------------------------- reload
 
 
-def load_exported(path: str, *, dtype: Any = None, trust_remote_code: bool = False) -> tuple[Any, Any]:
+def load_exported(path: str, *, dtype: Any = "auto", trust_remote_code: bool = False) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer) from an `export_model` folder: full or adapter.
 
     An adapter folder loads its base from adapter_config's base_model_name_or_path
     (`builtin:` names resolve), grown to the saved vocabulary if needed. `dtype`:
-    a torch dtype for the weights; None keeps the transformers default (fp32).
+    "auto" keeps the dtype the weights were saved in; a torch dtype casts them
+    (e.g. torch.float32 for CPU evaluation of a bf16 export).
     """
     from transformers import AutoTokenizer, GenerationConfig
 
@@ -529,8 +530,7 @@ def load_exported(path: str, *, dtype: Any = None, trust_remote_code: bool = Fal
     adapter_file = os.path.join(path, "adapter_config.json")
     tokenizer = AutoTokenizer.from_pretrained(path, **remote)
     if not os.path.exists(adapter_file):
-        model = _auto_class(path, **remote).from_pretrained(
-            path, **remote, **({"dtype": dtype} if dtype is not None else {}))
+        model = _auto_class(path, **remote).from_pretrained(path, dtype=dtype, **remote)
         return model.eval(), tokenizer
     from peft import PeftConfig, PeftModel
 
@@ -555,8 +555,7 @@ def _load_base(peft_conf, *, dtype: Any, vocab: int, **remote: Any):
     kwargs: dict[str, Any] = dict(remote)
     if peft_conf.revision:
         kwargs["revision"] = peft_conf.revision
-    model = _auto_class(base_path, **kwargs).from_pretrained(
-        base_path, **kwargs, **({"dtype": dtype} if dtype is not None else {}))
+    model = _auto_class(base_path, **kwargs).from_pretrained(base_path, dtype=dtype, **kwargs)
     if vocab > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(vocab)
     return model

@@ -21,7 +21,10 @@ from chatsft.model import (
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _cpu_rules(monkeypatch):
+    # These tests pin the CPU behaviour (fp32 loads, no flash attention) on any machine;
+    # the GPU rules are checked in test_model_gpu.py.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     torch.set_num_threads(1)
 
 
@@ -63,7 +66,7 @@ def test_attention_auto_is_transformers_default_without_cuda_and_explicit_passes
 
 def test_full_model_loads_trainable_in_train_mode(tiny_llama_dir):
     model = load_model(cfg_with("method.name=full"))
-    assert model.training and model.dtype == torch.float32
+    assert model.training and model.dtype == load_dtype(load_config(None, ["method.name=full"]))
     assert all(p.requires_grad for p in model.parameters())
     assert model.config.use_cache is False
     ids = ids_for(model)

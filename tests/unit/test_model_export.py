@@ -13,7 +13,10 @@ from chatsft.model import _merge_into_fresh_base, export_model, load_exported, l
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _cpu_rules(monkeypatch):
+    # These tests pin the CPU behaviour (fp32 loads, no flash attention) on any machine;
+    # the GPU rules are checked in test_model_gpu.py.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     torch.set_num_threads(1)
 
 
