@@ -176,7 +176,7 @@ def load_model(cfg: "Config", *, tokenizer: Any = None) -> "torch.nn.Module":
         if cfg.train.gradient_checkpointing:
             _enable_checkpointing(model)
     elif method in ("lora", "qlora"):
-        model = _wrap_lora(cfg, model, kind)
+        model = _wrap_lora(cfg, model, kind, new_tokens=list(range(base_vocab, len(tokenizer))))
     elif method == "prompt_tuning":
         model = _wrap_prompt_tuning(cfg, model, kind, tokenizer)
     else:  # the config's Literal forbids this; a new method must be wired here
@@ -265,6 +265,27 @@ def default_target_modules(model) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, linear) and m is not head]
 
 
+def _new_token_rows(model, new_tokens: Sequence[int], saved: Sequence[str]) -> Optional[dict]:
+    """Tokens added to the vocabulary get trainable embedding rows (and head rows when untied).
+
+    A frozen base would otherwise keep their mean-initialized rows forever. Only
+    those rows train (PEFT trainable tokens), not the whole matrix, unless the user
+    already trains the module fully through modules_to_save.
+    """
+    if not new_tokens:
+        return None
+    rows = {}
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if module is None:
+            continue
+        name = next(n for n, m in model.named_modules() if m is module).rsplit(".", 1)[-1]
+        tied = module is model.get_output_embeddings() and \
+            module.weight is model.get_input_embeddings().weight
+        if name not in saved and not tied:  # a tied head follows the embedding's rows
+            rows[name] = list(new_tokens)
+    return rows or None
+
+
 def _task_type(kind: str):
     from peft import TaskType
 
@@ -279,7 +300,7 @@ def _record_base(peft_model, cfg: "Config") -> None:
     conf.revision = cfg.model.revision
 
 
-def _wrap_lora(cfg: "Config", model, kind: str):
+def _wrap_lora(cfg: "Config", model, kind: str, new_tokens: Sequence[int] = ()):
     from peft import LoraConfig, get_peft_model
 
     lc = cfg.method.lora
@@ -295,7 +316,8 @@ def _wrap_lora(cfg: "Config", model, kind: str):
     targets = default_target_modules(model) if lc.target_modules == "auto" else list(lc.target_modules)
     conf = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=targets,
                       modules_to_save=list(lc.modules_to_save) or None, bias="none",
-                      task_type=_task_type(kind))
+                      task_type=_task_type(kind),
+                      trainable_token_indices=_new_token_rows(model, new_tokens, lc.modules_to_save))
     try:
         peft_model = get_peft_model(model, conf)
     except ValueError as e:  # a target name that matches nothing
@@ -479,8 +501,14 @@ def _merge_into_fresh_base(model):
     dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.bfloat16
     with tempfile.TemporaryDirectory(prefix="chatsft-adapter-") as tmp:
         model.save_pretrained(tmp, save_embedding_layers=bool(getattr(model, RESIZED_ATTR, False)))
-        base = _load_base(conf, dtype=dtype, vocab=model.get_input_embeddings().num_embeddings)
+        base = _load_base(conf, dtype=dtype, vocab=_embedding_rows(model))
         return PeftModel.from_pretrained(base, tmp).merge_and_unload()
+
+
+def _embedding_rows(model) -> int:
+    """Rows of the input embedding matrix, through PEFT wrappers and ZeRO-3 partitioning."""
+    weight = model.get_input_embeddings().weight
+    return getattr(weight, "ds_shape", weight.shape)[0]
 
 
 def _generation_config(model, tokenizer, stop_tokens: Sequence[str]):

@@ -34,7 +34,7 @@ def cfg_with(*overrides: str):
 
 def ids_for(model, n=2, length=12, seed=0):
     g = torch.Generator().manual_seed(seed)
-    vocab = model.get_input_embeddings().num_embeddings
+    vocab = model.get_input_embeddings().weight.shape[0]
     return torch.randint(3, vocab, (n, length), generator=g)
 
 
@@ -97,9 +97,15 @@ def test_tokenizer_larger_than_embeddings_grows_the_matrix(tiny_llama_dir):
     tok.add_special_tokens({"additional_special_tokens": ["<|new_a|>", "<|new_b|>"]})
     model = load_model(cfg, tokenizer=tok)
     assert len(tok) == before + 2
-    assert model.get_input_embeddings().num_embeddings == len(tok)
+    assert model.get_input_embeddings().weight.shape[0] == len(tok)
     assert model.get_output_embeddings().weight.shape[0] == len(tok)
     assert getattr(model, "chatsft_resized_vocab", False)
+    # Only the new rows train besides the adapters (the head is tied to the embeddings).
+    (delta,) = [p for n, p in model.named_parameters() if "trainable_tokens_delta" in n]
+    assert delta.shape == (2, model.config.hidden_size) and delta.requires_grad
+    ids = torch.tensor([[5, before, 9, before + 1]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert delta.grad[0].abs().sum() > 0 and delta.grad[1].abs().sum() > 0
 
 
 # ------------------------------------------------------------------ LoRA

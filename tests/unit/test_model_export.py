@@ -92,6 +92,11 @@ def test_adapter_with_grown_vocabulary_round_trips(tiny_llama_dir, tmp_path):
     tok.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
     model, tok = lora(tokenizer=tok)
     new_id = tok.convert_tokens_to_ids("<|tool|>")
+    # The new token's embedding row trains (PEFT trainable tokens); give it a value.
+    delta = [p for n, p in model.named_parameters() if "trainable_tokens_delta" in n]
+    assert [tuple(p.shape) for p in delta] == [(1, model.config.hidden_size)]
+    with torch.no_grad():
+        delta[0].normal_()
     ids = torch.tensor([[5, new_id, 9, new_id, 11]])
     want = logits(model, ids)
     for merged in (False, True):

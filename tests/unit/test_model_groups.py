@@ -135,3 +135,21 @@ def test_zero3_partitioned_shapes_are_read_from_ds_shape(tiny_llama_dir):
     w.ds_shape = torch.Size(shape)
     decayed = {id(p) for g in param_groups(model, cfg.train) if g["weight_decay"] > 0 for p in g["params"]}
     assert id(w) in decayed
+
+
+def test_new_token_rows_of_a_lora_model_are_embeddings(untied_llama_dir):
+    from chatsft.model import load_tokenizer
+
+    cfg = load_config(None, [f"model.name_or_path={untied_llama_dir}", "method.name=lora", *LR_GROUPS])
+    tok = load_tokenizer(cfg.model)
+    tok.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
+    model = load_model(cfg, tokenizer=tok)
+    groups = param_groups(model, cfg.train)
+    check_partition(model, groups)
+    g = by_name(groups)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [names[id(p)] for p in g["embeddings/decay"]["params"]] == \
+        ["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta.default"]
+    assert [names[id(p)] for p in g["head/decay"]["params"]] == \
+        ["base_model.model.lm_head.token_adapter.trainable_tokens_delta.default"]
+    assert g["embeddings/decay"]["lr"] == 0.5 and g["head/decay"]["lr"] == 0.25
