@@ -23,9 +23,11 @@ Rules this module decides (the trainer relies on them):
   or varlen flash attention. Passing an all-ones attention_mask turns the detection off.
 - Prompt tuning on a causal LM prepends `num_virtual_tokens(model)` positions to the
   logits; a loss computed outside the model must drop them first.
-- Under ZeRO-3 the caller creates `transformers.integrations.HfDeepSpeedConfig(ds_config)`
-  and keeps it alive before `load_model`, so weights load partitioned (zero.Init);
-  `param_groups` reads `ds_shape` for partitioned parameters.
+- ZeRO-3: `load_model` works on fully loaded weights that `deepspeed.initialize` then
+  partitions (checked on CPU, gloo, with resizing and LoRA). A caller that wants the
+  weights partitioned while loading keeps a `transformers.integrations.HfDeepSpeedConfig`
+  alive before calling it (transformers uses zero.Init where it can); `param_groups`
+  reads `ds_shape` for parameters that are already partitioned.
 """
 
 from __future__ import annotations
