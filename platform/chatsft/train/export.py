@@ -24,9 +24,8 @@ def is_uri(path: str) -> bool:
 
 def export_from_engine(engine: Any, tokenizer: Any, cfg: Config, out_dir: str, *, rank: int) -> Optional[str]:
     """Called on every rank (ZeRO-3 gathering is collective); rank 0 writes `out_dir`."""
-    from chatsft.train.loop import model_api
+    from chatsft.model import export_model, load_model
 
-    load_model, _, export_model = model_api()
     if engine.ds is not None and engine.ds.zero_optimization_stage() == 3:
         state = engine.ds._zero3_consolidated_16bit_state_dict()  # full weights on rank 0 only
         if rank != 0:
@@ -104,9 +103,8 @@ def checkpoint_weights(folder: str) -> dict:
 def export_cli(cfg: Config, checkpoint: Optional[str] = None, out: Optional[str] = None,
                adapter_only: bool = False) -> str:
     """`chatsft export`: the latest (or given) checkpoint of the run -> a Hugging Face folder."""
-    from chatsft.model import load_tokenizer
+    from chatsft.model import export_model, load_model, load_tokenizer
     from chatsft.train.checkpoint import find_latest
-    from chatsft.train.loop import model_api
 
     output_dir = cfg.run.output_dir if is_uri(cfg.run.output_dir) else os.path.abspath(cfg.run.output_dir)
     folder = checkpoint or find_latest(output_dir, cfg.run.name)
@@ -115,7 +113,6 @@ def export_cli(cfg: Config, checkpoint: Optional[str] = None, out: Optional[str]
                         "(train first, or pass --checkpoint)")
     if not os.path.isdir(folder):
         raise UserError(f"--checkpoint {folder}: no such folder")
-    load_model, _, export_model = model_api()
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg, tokenizer=tokenizer)
     _load_weights(model, checkpoint_weights(folder), f"the weights in {folder}")

@@ -79,10 +79,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     random.seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
 
-    from chatsft.model import load_tokenizer, model_kind
+    from chatsft.model import load_model, load_tokenizer, model_kind, param_groups
     from chatsft.train.engine import build_engine
 
-    load_model, param_groups, _ = model_api()
     tokenizer = load_tokenizer(cfg.model)
     seq2seq = model_kind(cfg.model) == "seq2seq"
     model = load_model(cfg, tokenizer=tokenizer)
@@ -524,57 +523,3 @@ def _decoder_start(model) -> Callable:
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     return hf.prepare_decoder_input_ids_from_labels if hasattr(hf, "prepare_decoder_input_ids_from_labels") \
         else hf._shift_right
-
-
-# ------------------------------------------------------------- model interface
-
-
-def model_api() -> tuple[Callable, Callable, Callable]:
-    """(load_model, param_groups, export_model) from chatsft.model, or this module's stand-ins
-    while model.py's versions have not landed."""
-    try:
-        from chatsft.model import export_model, load_model, param_groups
-
-        return load_model, param_groups, export_model
-    except ImportError:
-        return _load_model_fallback, _param_groups_fallback, _export_model_fallback
-
-
-def _load_model_fallback(cfg: Config, *, tokenizer: Any = None):
-    """STAND-IN until chatsft.model.load_model lands: full fine-tuning of an HF model, fp32 weights."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    from chatsft.model import model_kind, model_path
-
-    if cfg.method.name != "full":
-        raise NotImplementedError(f"method.name={cfg.method.name}: needs chatsft.model.load_model")
-    cls = AutoModelForSeq2SeqLM if model_kind(cfg.model) == "seq2seq" else AutoModelForCausalLM
-    attn = None if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation
-    model = cls.from_pretrained(model_path(cfg.model), dtype=torch.float32, attn_implementation=attn,
-                                trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    return model
-
-
-def _param_groups_fallback(model, train) -> list[dict]:
-    """STAND-IN until chatsft.model.param_groups lands: no weight decay on norms and biases."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 else decay).append(p)
-    groups = [{"params": decay, "lr": train.lr, "weight_decay": train.weight_decay},
-              {"params": no_decay, "lr": train.lr, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def _export_model_fallback(model, tokenizer, out_dir: str, *, merged: bool, **_: Any) -> str:
-    """STAND-IN until chatsft.model.export_model lands."""
-    if hasattr(model, "merge_and_unload") and merged:
-        model = model.merge_and_unload()
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
