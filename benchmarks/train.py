@@ -81,7 +81,8 @@ def cpu(args) -> None:
           f"{padded_cfg.train.micro_batch_size} rows each")
 
     results: dict[str, list] = {"padded": [], "packed": [], "local": [], "ray": []}
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env=runtime_env())
+    if not ray.is_initialized():  # prepare may have started one
+        ray.init(num_cpus=2, include_dashboard=False, runtime_env=runtime_env())
     try:
         for r in range(args.repeats):
             for name, cfg, rows in (("padded", padded_cfg, padded_rows), ("packed", packed_cfg, packed_rows)):
