@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from chatsft.config import Config
 from chatsft.errors import UserError
+from chatsft.train.loop import say
 
 
 def is_uri(path: str) -> bool:
@@ -56,14 +57,14 @@ def _write(model: Any, tokenizer: Any, out_dir: str, *, merged: bool, export_mod
         if os.path.isdir(out_dir):
             shutil.rmtree(out_dir)
         export_model(model, tokenizer, out_dir, merged=merged, **options)
-        print(f"[chatsft] exported model to {out_dir}", flush=True)
+        say(f"exported model to {out_dir}")
         return out_dir
     import pyarrow.fs
 
     with tempfile.TemporaryDirectory(prefix="chatsft-export-") as tmp:
         export_model(model, tokenizer, tmp, merged=merged, **options)
         pyarrow.fs.copy_files(tmp, out_dir)
-    print(f"[chatsft] exported model to {out_dir}", flush=True)
+    say(f"exported model to {out_dir}")
     return out_dir
 
 

@@ -292,7 +292,7 @@ class _Progress:
 
     def line(self, text: str) -> None:
         if self.enabled:
-            print(f"[chatsft] {text}", flush=True)
+            say(text)
 
     def step(self, step: int, m: dict[str, Any]) -> None:
         if not self.enabled:
@@ -306,6 +306,15 @@ class _Progress:
                   f"ETA {_fmt_time(eta)}")
         for cb in self.callbacks:
             cb(step, dict(m))
+
+
+def say(text: str) -> None:
+    """One progress line on stdout. Not print(): Ray Train patches print on its workers to log
+    *and* echo, which shows every line twice."""
+    import sys
+
+    sys.stdout.write(f"[chatsft] {text}\n")
+    sys.stdout.flush()
 
 
 def _fmt_time(seconds: float) -> str:
@@ -369,8 +378,7 @@ def _resume(engine, args: WorkerArgs, cfg: Config, ctx: _Ctx) -> tuple[TrainStat
     else:
         _seed_rank(cfg.run.seed + state.step, ctx.rank)
     if ctx.rank == 0:
-        print(f"[chatsft] resumed from {folder} at step {state.step} (epoch {state.epoch}, "
-              f"row {state.position})", flush=True)
+        say(f"resumed from {folder} at step {state.step} (epoch {state.epoch}, row {state.position})")
     state.world_size = ctx.world
     del torch
     return state, state.step
@@ -426,7 +434,7 @@ def _fail_once() -> None:
     if marker and not os.path.exists(marker):
         with open(marker, "w") as f:
             f.write("failed once\n")
-        print("[chatsft] test seam: worker exits on purpose", flush=True)
+        say("test seam: worker exits on purpose")
         os._exit(1)
 
 
