@@ -18,6 +18,7 @@ class TrainResult:
     metrics: dict[str, Any]  # the last metrics rank 0 reported
     checkpoint: Optional[str]  # the latest checkpoint folder
     model_dir: Optional[str]  # the exported Hugging Face folder
+    run_id: Optional[str] = None  # the MLflow run, when tracked
 
 
 @dataclass
@@ -29,9 +30,32 @@ class Rows:
 
 
 def train(cfg: Config, local: bool = False, *,
-          callbacks: Optional[list[Callable[[int, dict], None]]] = None) -> TrainResult:
-    """Prepare the rows (if missing or stale), train, export; `callbacks(step, metrics)` run on rank 0."""
-    return train_on_rows(cfg, prepared_rows(cfg), local=local, callbacks=callbacks)
+          callbacks: Optional[list[Callable[[int, dict], None]]] = None,
+          parent_run_id: Optional[str] = None) -> TrainResult:
+    """Check tracking, prepare the rows (if missing or stale), train, export, record it in MLflow.
+
+    `callbacks(step, metrics)` run on rank 0. The tracking server is checked before any
+    compute is spent; once training runs, tracking problems never stop it."""
+    from chatsft.model import model_kind
+    from chatsft.tracking import RunRecord, preflight
+
+    tracked = preflight(cfg)
+    rows = prepared_rows(cfg)
+    record = RunRecord.start(cfg, parent_run_id=parent_run_id) if tracked else None
+    if record is not None:
+        record.log_data(rows.train_dir, rows.eval_dir)
+        callbacks = [*(callbacks or []), record.step_logger()]
+    try:
+        result = train_on_rows(cfg, rows, local=local, callbacks=callbacks)
+    except BaseException as e:
+        if record is not None:
+            record.fail(e)
+        raise
+    if record is not None:
+        record.complete(result.metrics, result.model_dir, result.checkpoint,
+                        seq2seq=model_kind(cfg.model) == "seq2seq")
+        result.run_id = record.run_id
+    return result
 
 
 def train_on_rows(cfg: Config, rows: "Rows", *, local: bool = False,

@@ -104,6 +104,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
         eval_loss_first = _evaluate(engine, eval_source, ctx, tr.micro_batch_size, pad_id, seq2seq, decoder_start)
         metrics["eval_loss_first"] = eval_loss_first
         progress.line(f"eval loss at start {eval_loss_first:.4f}")
+        progress.emit(0, {"eval_loss": eval_loss_first})
 
     engine.train()
     fail_at = int(os.environ.get(FAIL_AT, "-1"))
@@ -125,12 +126,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
                 flushed = meter.flush(ctx, engine, lr, state, cfg)
                 report_now = flushed.pop("report_now")
                 metrics.update(flushed)
-                progress.step(state.step, metrics)
+                progress.step(state.step, metrics, fresh=flushed)
             due_eval = tr.eval_every > 0 and state.step % tr.eval_every == 0 and state.step < total
             if due_eval and eval_source is not None:
                 metrics["eval_loss"] = _evaluate(engine, eval_source, ctx, tr.micro_batch_size, pad_id,
                                                  seq2seq, decoder_start)
                 progress.line(f"step {state.step}/{total}  eval loss {metrics['eval_loss']:.4f}")
+                progress.emit(state.step, {"eval_loss": metrics["eval_loss"]})
                 engine.train()
             due_save = tr.save_every > 0 and state.step % tr.save_every == 0 and state.step < total
             if due_save:
@@ -151,6 +153,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
                                          decoder_start)
         progress.line(f"final eval loss {metrics['eval_loss']:.4f}"
                       + (f" (start {eval_loss_first:.4f})" if eval_loss_first is not None else ""))
+        progress.emit(state.step, {"eval_loss": metrics["eval_loss"]})
     metrics["skipped_steps"] = engine.skipped_steps
     metrics["step"] = state.step
     if steady.mean() is not None:
@@ -163,6 +166,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
         _report(metrics, None)
     if args.export:
         _export_final(engine, tokenizer, cfg, args, ctx)
+    progress.close()
     _barrier(ctx)
     # --local keeps its one-process group: DeepSpeed caches it, and a second run in
     # the same process (tests, benchmarks) reuses it
@@ -294,7 +298,8 @@ class _Progress:
         if self.enabled:
             say(text)
 
-    def step(self, step: int, m: dict[str, Any]) -> None:
+    def step(self, step: int, m: dict[str, Any], fresh: dict[str, Any]) -> None:
+        """A progress line from the running metrics `m`; callbacks get what this interval measured."""
         if not self.enabled:
             return
         elapsed = time.perf_counter() - self.t0
@@ -304,8 +309,18 @@ class _Progress:
         self.line(f"step {step}/{self.total}  loss {loss}  lr {m['lr']:.3g}  grad norm {norm}  "
                   f"supervised {m['supervised_tokens']}  {m['tokens_per_second']:.0f} tok/s  "
                   f"ETA {_fmt_time(eta)}")
-        for cb in self.callbacks:
-            cb(step, dict(m))
+        self.emit(step, {k: v for k, v in fresh.items() if k != "report_now"})
+
+    def emit(self, step: int, metrics: dict[str, Any]) -> None:
+        if self.enabled:
+            for cb in self.callbacks:
+                cb(step, dict(metrics))
+
+    def close(self) -> None:
+        """Callbacks that buffer (the MLflow logger) flush here, before the worker exits."""
+        if self.enabled:
+            for cb in self.callbacks:
+                getattr(cb, "close", lambda: None)()
 
 
 def say(text: str) -> None:
