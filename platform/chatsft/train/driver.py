@@ -30,23 +30,32 @@ class Rows:
 
 
 def train(cfg: Config, local: bool = False, *,
-          callbacks: Optional[list[Callable[[int, dict], None]]] = None,
-          parent_run_id: Optional[str] = None) -> TrainResult:
+          callbacks: Optional[list[Callable[[int, dict], None]]] = None) -> TrainResult:
     """Check tracking, prepare the rows (if missing or stale), train, export, record it in MLflow.
 
     `callbacks(step, metrics)` run on rank 0. The tracking server is checked before any
     compute is spent; once training runs, tracking problems never stop it."""
-    from chatsft.model import model_kind
-    from chatsft.tracking import RunRecord, preflight
+    from chatsft.tracking import preflight
 
     tracked = preflight(cfg)
-    rows = prepared_rows(cfg)
-    record = RunRecord.start(cfg, parent_run_id=parent_run_id) if tracked else None
+    return train_tracked(cfg, prepared_rows(cfg), tracked=tracked, local=local, callbacks=callbacks)
+
+
+def train_tracked(cfg: Config, rows: "Rows", *, tracked: bool, local: bool = False,
+                  callbacks: Optional[list[Callable[[int, dict], None]]] = None,
+                  ray_callbacks: Optional[list] = None, parent_run_id: Optional[str] = None,
+                  run_name: Optional[str] = None, log_data: bool = True) -> TrainResult:
+    """Train on prepared rows inside an MLflow run (a sweep trial is a child of `parent_run_id`)."""
+    from chatsft.model import model_kind
+    from chatsft.tracking import RunRecord
+
+    record = RunRecord.start(cfg, parent_run_id=parent_run_id, run_name=run_name) if tracked else None
     if record is not None:
-        record.log_data(rows.train_dir, rows.eval_dir)
+        if log_data:
+            record.log_data(rows.train_dir, rows.eval_dir)
         callbacks = [*(callbacks or []), record.step_logger()]
     try:
-        result = train_on_rows(cfg, rows, local=local, callbacks=callbacks)
+        result = train_on_rows(cfg, rows, local=local, callbacks=callbacks, ray_callbacks=ray_callbacks)
     except BaseException as e:
         if record is not None:
             record.fail(e)
@@ -60,7 +69,7 @@ def train(cfg: Config, local: bool = False, *,
 
 def train_on_rows(cfg: Config, rows: "Rows", *, local: bool = False,
                   callbacks: Optional[list[Callable[[int, dict], None]]] = None,
-                  export: bool = True) -> TrainResult:
+                  export: bool = True, ray_callbacks: Optional[list] = None) -> TrainResult:
     """Train on rows already prepared (tests and benchmarks write their own)."""
     if rows.train_rows == 0:
         raise UserError(f"data.train: no training rows after prepare ({rows.train_dir})")
@@ -76,7 +85,7 @@ def train_on_rows(cfg: Config, rows: "Rows", *, local: bool = False,
         out = TrainResult(metrics or {}, latest_local(os.path.join(output_dir, "checkpoints")), model_dir)
         _summary(out)
         return out
-    return _train_on_ray(cfg, args, model_dir)
+    return _train_on_ray(cfg, args, model_dir, list(ray_callbacks or []))
 
 
 def runtime_env() -> dict[str, Any]:
@@ -96,7 +105,7 @@ def storage_path(path: str) -> str:
 # ------------------------------------------------------------------------- ray
 
 
-def _train_on_ray(cfg: Config, args: WorkerArgs, model_dir: str) -> TrainResult:
+def _train_on_ray(cfg: Config, args: WorkerArgs, model_dir: str, ray_callbacks: list) -> TrainResult:
     import ray
     from ray.train import (CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig,
                            ScalingConfig)
@@ -123,6 +132,7 @@ def _train_on_ray(cfg: Config, args: WorkerArgs, model_dir: str) -> TrainResult:
             name=cfg.run.name, storage_path=args.output_dir,
             failure_config=FailureConfig(max_failures=sc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None),
+            callbacks=ray_callbacks,
             logging_config=LoggingConfig(log_level="WARNING")),
         datasets=datasets,
         # Not split: every worker reads all rows in the same order and keeps its

@@ -132,6 +132,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
                 metrics["eval_loss"] = _evaluate(engine, eval_source, ctx, tr.micro_batch_size, pad_id,
                                                  seq2seq, decoder_start)
                 progress.line(f"step {state.step}/{total}  eval loss {metrics['eval_loss']:.4f}")
+                metrics["eval_step"] = metrics["step"] = state.step  # what a sweep scheduler compares
                 progress.emit(state.step, {"eval_loss": metrics["eval_loss"]})
                 engine.train()
             due_save = tr.save_every > 0 and state.step % tr.save_every == 0 and state.step < total
@@ -154,6 +155,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
         progress.line(f"final eval loss {metrics['eval_loss']:.4f}"
                       + (f" (start {eval_loss_first:.4f})" if eval_loss_first is not None else ""))
         progress.emit(state.step, {"eval_loss": metrics["eval_loss"]})
+        metrics["eval_step"] = state.step
     metrics["skipped_steps"] = engine.skipped_steps
     metrics["step"] = state.step
     if steady.mean() is not None:
