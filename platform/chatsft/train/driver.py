@@ -83,7 +83,7 @@ def train_on_rows(cfg: Config, rows: "Rows", *, local: bool = False,
 
         metrics = train_loop_per_worker(asdict(args))
         out = TrainResult(metrics or {}, latest_local(os.path.join(output_dir, "checkpoints")), model_dir)
-        _summary(out)
+        _summary(out, output_dir)
         return out
     return _train_on_ray(cfg, args, model_dir, list(ray_callbacks or []))
 
@@ -143,11 +143,19 @@ def _train_on_ray(cfg: Config, args: WorkerArgs, model_dir: str, ray_callbacks: 
     result = trainer.fit()
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     out = TrainResult(dict(result.metrics or {}), checkpoint, model_dir)
-    _summary(out)
+    _summary(out, args.output_dir)
     return out
 
 
-def _summary(result: TrainResult) -> None:
+def _summary(result: TrainResult, output_dir: str) -> None:
+    """The last line a user reads, and `result.json` beside the run for scripts and jobs."""
+    import json
+
+    if "://" not in output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "result.json"), "w", encoding="utf-8") as f:
+            json.dump({"metrics": result.metrics, "checkpoint": result.checkpoint,
+                       "model_dir": result.model_dir}, f, indent=2, default=str)
     m = result.metrics
     loss = f"eval loss {m['eval_loss']:.4f}" if "eval_loss" in m else f"train loss {m.get('train_loss', float('nan')):.4f}"
     print(f"[chatsft] done: step {m.get('step')}, {loss}; checkpoint {result.checkpoint}; model {result.model_dir}",
