@@ -76,6 +76,16 @@ def prepare(cfg: Config, *, force: bool = False) -> Prepared:
     return _run(cfg, kind, files, tokenizer, root, fp, has_eval, started)
 
 
+def runtime_env() -> dict:
+    """Ship this very chatsft to the Ray workers (a checkout or a job's working dir), not whichever
+    version a cluster node may have installed; Ray accepts local folders only in ray.init."""
+    import os
+
+    import chatsft
+
+    return {"py_modules": [os.path.dirname(os.path.abspath(chatsft.__file__))]}
+
+
 # --------------------------------------------------------------------------- checks
 
 
@@ -147,7 +157,8 @@ def _run(cfg: Config, kind: str, files: list[tuple[SourceFile, FileRole]], token
     from ray.data import DataContext
 
     if not ray.is_initialized():
-        ray.init()
+        # RAY_ADDRESS (a Ray job), else a cluster started with `ray start` here, else a local Ray.
+        ray.init(runtime_env=runtime_env())
     ctx = DataContext.get_current()
     saved = ctx.execution_options.preserve_order
     # Blocks in order: `take` gives the first records of the files, and sorted blocks are written in order.
@@ -172,6 +183,7 @@ def _execute(cfg: Config, kind: str, files: list[tuple[SourceFile, FileRole]], t
 
     from chatsft.pipeline.read import make_datasource
 
+    started = time.time()  # stats.json times the pipeline itself, not Ray's or the tokenizer's start-up
     data = cfg.data
     spec = RenderSpec(model=cfg.model, template=getattr(data.template, "value", data.template),
                       options=RenderOptions.from_config(data), seq2seq=kind == "seq2seq",
