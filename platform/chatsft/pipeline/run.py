@@ -59,7 +59,6 @@ def prepare(cfg: Config, *, force: bool = False) -> Prepared:
     """Prepare the rows of `cfg` under <run.output_dir>/data/, or reuse fresh ones (unless force)."""
     from chatsft.model import load_tokenizer, model_kind
 
-    started = time.time()
     kind = model_kind(cfg.model)
     check_config(cfg, kind)
     files = plan_files(cfg)
@@ -73,7 +72,7 @@ def prepare(cfg: Config, *, force: bool = False) -> Prepared:
         if reused is not None:
             print(f"chatsft prepare: reusing {root.path} (config, tokenizer and sources unchanged)")
             return reused
-    return _run(cfg, kind, files, tokenizer, root, fp, has_eval, started)
+    return _run(cfg, kind, files, tokenizer, root, fp, has_eval)
 
 
 def runtime_env() -> dict:
@@ -152,7 +151,7 @@ def _read_json(loc: Location) -> Optional[dict]:
 
 
 def _run(cfg: Config, kind: str, files: list[tuple[SourceFile, FileRole]], tokenizer: Any,
-         root: Location, fp: str, has_eval: bool, started: float) -> Prepared:
+         root: Location, fp: str, has_eval: bool) -> Prepared:
     import ray
     from ray.data import DataContext
 
@@ -164,7 +163,7 @@ def _run(cfg: Config, kind: str, files: list[tuple[SourceFile, FileRole]], token
     # Blocks in order: `take` gives the first records of the files, and sorted blocks are written in order.
     ctx.execution_options.preserve_order = True
     try:
-        return _execute(cfg, kind, files, tokenizer, root, fp, has_eval, started)
+        return _execute(cfg, kind, files, tokenizer, root, fp, has_eval)
     except USER_ERRORS:
         raise
     except Exception as e:  # a user error raised inside a Ray worker comes back wrapped
@@ -177,7 +176,7 @@ def _run(cfg: Config, kind: str, files: list[tuple[SourceFile, FileRole]], token
 
 
 def _execute(cfg: Config, kind: str, files: list[tuple[SourceFile, FileRole]], tokenizer: Any,
-             root: Location, fp: str, has_eval: bool, started: float) -> Prepared:
+             root: Location, fp: str, has_eval: bool) -> Prepared:
     import ray
     from ray.data import read_datasource
 
@@ -198,6 +197,7 @@ def _execute(cfg: Config, kind: str, files: list[tuple[SourceFile, FileRole]], t
                                  batch_format="pyarrow", compute=_actor_pool(concurrency), num_cpus=1)
     # Run the graph and keep its blocks in the object store, in file order (preserve_order).
     blocks = [ref for bundle in rendered.iter_internal_ref_bundles() for ref in bundle.block_refs]
+    rendered_at = time.time()
 
     task = ray.remote(num_cpus=0.25)
     stats, bad = _collect_stats(ray.get([task(shuffle.block_stats).remote(b) for b in blocks]))
@@ -227,7 +227,9 @@ def _execute(cfg: Config, kind: str, files: list[tuple[SourceFile, FileRole]], t
         k += plan.parts
     lengths = {s: ray.get(refs) for s, refs in pending.items()}
     previews = {s: _first_samples(blocks, s, data.preview_samples) for s in splits}
-    seconds = time.time() - started
+    now = time.time()
+    seconds = {"seconds": now - started, "seconds_render": rendered_at - started,
+               "seconds_shuffle_write": now - rendered_at}
     all_tokens = sum(stats[s].tokens for s in splits)
 
     out: dict[int, dict] = {}
@@ -303,7 +305,7 @@ def _collect_stats(per_block: list[list[str]]) -> tuple[dict[int, MaskStats], li
 
 
 def split_stats(st: MaskStats, rows: int, lengths: tuple[np.ndarray, np.ndarray], cfg: Config, kind: str,
-                seconds: float, all_tokens: int) -> dict:
+                seconds: dict, all_tokens: int) -> dict:
     """stats.json of one split.
 
     pad_fraction is the padding the trainer will add: rows are read in their
@@ -312,6 +314,11 @@ def split_stats(st: MaskStats, rows: int, lengths: tuple[np.ndarray, np.ndarray]
     packed rows, pad_fraction_to_max_length is the padding if every row were
     padded to data.max_length (static shapes). For seq2seq, encoder and decoder
     tensors are padded separately and both count.
+
+    seconds: wall time of the pipeline for both splits, read through written
+    files (seconds_render: reading and rendering; seconds_shuffle_write: the
+    rest), not counting Ray's or the driver's tokenizer start-up;
+    tokens_per_second: the tokens of both splits over seconds.
     """
     mb = cfg.train.micro_batch_size
     inputs, labels = lengths
@@ -329,8 +336,8 @@ def split_stats(st: MaskStats, rows: int, lengths: tuple[np.ndarray, np.ndarray]
         "pad_micro_batch_size": mb,
         "pad_definition": f"1 - tokens / slots when rows are read in stored order in micro-batches of "
                           f"{mb}, each padded to its longest row",
-        "seconds": round(seconds, 3),
-        "tokens_per_second": round(all_tokens / seconds, 1) if seconds > 0 else 0.0,
+        **{k: round(v, 3) for k, v in seconds.items()},
+        "tokens_per_second": round(all_tokens / seconds["seconds"], 1) if seconds["seconds"] > 0 else 0.0,
     })
     if cfg.data.packing:
         d["pad_fraction_to_max_length"] = float(1 - tokens / (rows * cfg.data.max_length)) if rows else 0.0
