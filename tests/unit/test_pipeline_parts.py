@@ -129,3 +129,26 @@ def test_fingerprint_tracks_what_shapes_the_rows(tmp_path, tokenizer):
     assert fp(load_config(None, ["data.packing=true"])) != ref
     assert fp(base, [("train", dataclasses.replace(f, mtime_ns=2))]) != ref
     assert fp(base, [("train", dataclasses.replace(f, size=11))]) != ref
+
+
+def test_seq2seq_rows_hold_encoder_input_and_decoder_labels(tiny_llama_dir, tokenizer):
+    from chatsft.data.conversation import parse_line
+    from chatsft.data.options import Organization
+    from chatsft.data.render import render_seq2seq
+
+    opts = RenderOptions(organization=Organization.SPLIT_TURN, max_length=48, max_target_length=12)
+    spec = spec_for(tiny_llama_dir, seq2seq=True, options=opts, eval_fraction=0.0,
+                    files=(FileRole("a.jsonl", TRAIN, 1.0, False),))
+    items = [(0, n, raw) for n, raw in enumerate(LINES[:20], 1)]
+    block = render_lines(spec, tokenizer, None, [0] * 20, list(range(1, 21)), [r for _, _, r in items])
+    plan = plan_split(TRAIN, 100, 1000, False, 16, 48, spec.seed, "unused")
+    rows = reduce_part(partition(block, [plan]), plan)
+    assert rows.column_names == ["input_ids", "labels", "source"]
+    got = {src: (ids, labels) for ids, labels, (src,) in
+           zip(rows["input_ids"].to_pylist(), rows["labels"].to_pylist(), rows["source"].to_pylist())}
+    want = {}
+    for n, raw in enumerate(LINES[:20], 1):
+        for s in render_seq2seq(parse_line(raw, f"a.jsonl:{n}"), tokenizer, opts).samples:
+            want[s.source] = (s.input_ids.tolist(), s.labels.tolist())
+    assert got == want and all("#turn=" in s for s in got)
+    assert max(len(v[0]) for v in got.values()) <= 48 and max(len(v[1]) for v in got.values()) <= 12

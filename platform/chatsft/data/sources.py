@@ -80,7 +80,8 @@ def expand_source(spec: str) -> list[SourceFile]:
             continue
         st = os.stat(f)
         shown = SCHEME + f[len(root):] if spec.startswith(SCHEME) and f.startswith(root) else f
-        out.append(SourceFile(shown, f, True, st.st_size, st.st_mtime_ns))
+        # Opened by workers whose working directory is not the caller's: an absolute location.
+        out.append(SourceFile(shown, os.path.abspath(f), True, st.st_size, st.st_mtime_ns))
     return out
 
 

@@ -47,6 +47,9 @@ class RenderSpec:
     eval_fraction: float
     files: tuple[FileRole, ...]
     bad_examples: int
+    # The driver's tokenizer itself when it pickles (it nearly always does): every actor then
+    # renders with exactly the tokenizer that was fingerprinted, and needs no copy of its files.
+    tokenizer: Any = None
 
 
 class Renderer:
@@ -59,7 +62,7 @@ class Renderer:
         from chatsft.model import load_tokenizer
 
         self.spec = spec
-        self.tokenizer = load_tokenizer(spec.model)
+        self.tokenizer = spec.tokenizer if spec.tokenizer is not None else load_tokenizer(spec.model)
         self.template = None if spec.seq2seq else get_template(spec.template, self.tokenizer)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

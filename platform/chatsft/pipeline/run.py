@@ -23,6 +23,7 @@ those hashes, so the number of CPUs, actors and blocks never changes a row.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -32,7 +33,7 @@ import numpy as np
 from chatsft.config import Config, ConfigError
 from chatsft.data.conversation import BadRecord, Conversation, Message
 from chatsft.data.render import IGNORE, RenderOptions, Sample, render_batch, render_seq2seq
-from chatsft.data.sources import SourceFile, expand_source
+from chatsft.data.sources import SourceFile, expand_source, is_uri
 from chatsft.data.stats import MaskStats, batch_padded_slots
 from chatsft.data.templates import TemplateError, get_template
 from chatsft.errors import UserError
@@ -65,7 +66,9 @@ def prepare(cfg: Config, *, force: bool = False) -> Prepared:
     tokenizer = load_tokenizer(cfg.model)
     preflight(cfg, kind, tokenizer)
     has_eval = any(r.split == EVAL for _, r in files) or any(r.carve for _, r in files)
-    root = Location(cfg.run.output_dir).join("data")
+    out = cfg.run.output_dir
+    # Written by tasks whose working directory is not ours: a local folder is made absolute.
+    root = Location(out if is_uri(out) else os.path.abspath(out)).join("data")
     fp = fingerprint(cfg, kind, [(SPLITS[r.split], f) for f, r in files], tokenizer)
     if not force:
         reused = reuse(root, fp, has_eval)
@@ -78,8 +81,6 @@ def prepare(cfg: Config, *, force: bool = False) -> Prepared:
 def runtime_env() -> dict:
     """Ship this very chatsft to the Ray workers (a checkout or a job's working dir), not whichever
     version a cluster node may have installed; Ray accepts local folders only in ray.init."""
-    import os
-
     import chatsft
 
     return {"py_modules": [os.path.dirname(os.path.abspath(chatsft.__file__))]}
@@ -187,7 +188,8 @@ def _execute(cfg: Config, kind: str, files: list[tuple[SourceFile, FileRole]], t
     spec = RenderSpec(model=cfg.model, template=getattr(data.template, "value", data.template),
                       options=RenderOptions.from_config(data), seq2seq=kind == "seq2seq",
                       seed=cfg.run.seed, eval_fraction=data.eval_fraction,
-                      files=tuple(r for _, r in files), bad_examples=data.bad_examples)
+                      files=tuple(r for _, r in files), bad_examples=data.bad_examples,
+                      tokenizer=tokenizer if _pickles(tokenizer) else None)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     concurrency = data.map_concurrency or (1, cpus)
     # Reading lines is I/O and costs little next to rendering them. The read tasks reserve no
@@ -254,6 +256,16 @@ def _execute(cfg: Config, kind: str, files: list[tuple[SourceFile, FileRole]], t
                         out[TRAIN], out.get(EVAL))
     print(summary(prepared, data.on_bad_record))
     return prepared
+
+
+def _pickles(obj: Any) -> bool:
+    import pickle
+
+    try:
+        pickle.dumps(obj)
+        return True
+    except Exception:  # e.g. a remote-code tokenizer holding a handle: actors load their own
+        return False
 
 
 def _actor_pool(concurrency: Any) -> Any:
