@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import accumulate, chain
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -102,13 +102,17 @@ def layout(conv: Conversation, template: ChatTemplate) -> _Layout:
     spans: list[tuple[int, int, int]] = []
     answer_ends: list[int] = []
     texts = [s.text for s in segs]
-    pos = 0
-    # The hot loop of prepare: attribute lookups hoisted, the open span kept in locals.
+    ends = list(accumulate(map(len, texts)))  # character end of every segment
+    # The hot loop of prepare: only answer or learned segments matter; the open span is kept in locals.
     open_start, open_end, open_answer = -1, -1, -2
-    for s, text in zip(segs, texts):
-        end = pos + len(text)
+    for i, s in enumerate(segs):
         answer = s.answer
-        if s.supervised and text:
+        supervised = s.supervised
+        if answer < 0 and not supervised:
+            continue
+        end = ends[i]
+        if supervised and texts[i]:
+            pos = end - len(texts[i])
             if open_end == pos and open_answer == answer:
                 open_end = end  # extends the span that ends here
             else:
@@ -119,7 +123,6 @@ def layout(conv: Conversation, template: ChatTemplate) -> _Layout:
             while len(answer_ends) <= answer:
                 answer_ends.append(end)
             answer_ends[answer] = end
-        pos = end
     if open_answer != -2:
         spans.append((open_start, open_end, open_answer))
     return _Layout("".join(texts), spans, answer_ends)
@@ -169,24 +172,26 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[tuple[np.ndarray, np.ndarr
     result = []
     for e in encodings:
         ids = np.asarray(e.ids, dtype=np.int32)
-        offsets = np.fromiter(chain.from_iterable(e.offsets), dtype=np.int64, count=2 * len(ids))
-        result.append((ids, offsets.reshape(-1, 2)))
+        flat = np.fromiter(chain.from_iterable(e.offsets), dtype=np.int64, count=2 * len(ids))
+        result.append((ids, flat.reshape(-1, 2)))
     return result
 
 
 def _samples(source: str, lay: _Layout, ids: np.ndarray, offsets: np.ndarray,
              opts: RenderOptions) -> RenderResult:
-    starts, ends = offsets[:, 0], offsets[:, 1]
+    # Contiguous copies: searchsorted on a strided column would copy it on every call.
+    starts, ends = np.ascontiguousarray(offsets[:, 0]), np.ascontiguousarray(offsets[:, 1])
     n_answers = len(lay.answer_ends)
     answer_of = np.full(len(ids), -1, dtype=np.int32)
-    if lay.spans:
-        spans = np.asarray(lay.spans, dtype=np.int64)
-        firsts = np.searchsorted(ends, spans[:, 0], side="right")  # first token ending after a
-        lasts = np.searchsorted(starts, spans[:, 1], side="left")  # first token starting at/after b
-        for first, last, k in zip(firsts.tolist(), lasts.tolist(), spans[:, 2].tolist()):
+    spans = lay.spans
+    # One search for every "first token starting at/after b": span ends, then answer ends.
+    lefts = starts.searchsorted([b for _, b, _ in spans] + lay.answer_ends, side="left").tolist()
+    if spans:
+        firsts = ends.searchsorted([a for a, _, _ in spans], side="right").tolist()  # first token ending after a
+        for first, last, (_, _, k) in zip(firsts, lefts, spans):
             answer_of[first:last] = k
     # Token count through each answer's end-of-turn token.
-    answer_end_tok = np.searchsorted(starts, np.asarray(lay.answer_ends, dtype=np.int64), side="left").tolist()
+    answer_end_tok = lefts[len(spans):]
 
     if opts.organization == Organization.SPLIT_TURN:
         wanted = range(n_answers)
@@ -211,7 +216,7 @@ def _samples(source: str, lay: _Layout, ids: np.ndarray, offsets: np.ndarray,
             keep = owner >= 0
         else:
             keep = np.isin(owner, list(learned))
-        labels = np.where(keep, sample_ids, IGNORE).astype(np.int32)
+        labels = np.where(keep, sample_ids, IGNORE).astype(np.int32, copy=False)
         ends_here = [answer_end_tok[k] for k in sorted(learned) if answer_end_tok[k] <= end]
         sample = Sample(sample_ids, labels, src, owner, eot_supervised=len(ends_here))
         sample, reason = _truncate(sample, ends_here, opts)
