@@ -10,6 +10,7 @@ import glob
 import json
 import os
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -271,3 +272,23 @@ def test_seq2seq_refuses_packing(tmp_path, tiny_llama_dir):
                  "data.organization=split_turn")
     with pytest.raises(ConfigError, match="data.packing"):
         prepare(cfg, force=True)
+
+
+def test_job_entry_point_fails_with_one_line(tmp_path, tiny_llama_dir):
+    import subprocess
+    import sys
+
+    path = write_corpus(tmp_path, "c.jsonl", [
+        b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n',
+        b'{"messages": []}\n'])
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"run: {{output_dir: {tmp_path / 'run'}}}\ndata: {{train: {path}}}\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["RAY_ADDRESS"] = "local"  # never join another Ray that happens to run on this machine
+    job = Path(__file__).resolve().parents[2] / "jobs" / "prepare.py"
+    res = subprocess.run([sys.executable, str(job), str(cfg),
+                          f"model.name_or_path={tiny_llama_dir}"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1] == \
+        f"chatsft prepare: error: {path}:2: empty_messages: 'messages' is empty"

@@ -152,3 +152,14 @@ def test_seq2seq_rows_hold_encoder_input_and_decoder_labels(tiny_llama_dir, toke
             want[s.source] = (s.input_ids.tolist(), s.labels.tolist())
     assert got == want and all("#turn=" in s for s in got)
     assert max(len(v[0]) for v in got.values()) <= 48 and max(len(v[1]) for v in got.values()) <= 12
+
+
+def test_user_errors_come_out_of_ray_wrappers():
+    from chatsft.data.templates import TemplateError
+    from chatsft.pipeline.run import _user_error_in
+
+    original = TemplateError("data.template=hf: no chat_template")
+    wrapper = RuntimeError("ray::MapWorker ... traceback ...")
+    wrapper.__cause__ = original
+    assert _user_error_in(wrapper) is original
+    assert _user_error_in(RuntimeError("a bug")) is None
