@@ -4,7 +4,7 @@ The graph:
 
     JsonlLines (raw lines + path:line)        read.py; local files read on the driver's node
       -> map_batches(Renderer), actors        render.py; parse, validate, render, mixture copies
-      -> materialize                          each block carries its batches' stats rows
+      -> blocks kept in the object store      each block carries its batches' stats rows
       -> stats: one small task per block      counts, bad records (error mode stops here)
       -> partition tasks, one per block       shuffle.py: range partition on the seeded key
       -> one task per partition               sort (or pack window by window), write part-NNNNN.parquet
@@ -37,8 +37,8 @@ from chatsft.data.sources import SourceFile, expand_source, is_uri
 from chatsft.data.stats import MaskStats, batch_padded_slots
 from chatsft.data.templates import TemplateError, get_template
 from chatsft.errors import UserError
-from chatsft.pipeline.fingerprint import fingerprint
 from chatsft.pipeline import shuffle
+from chatsft.pipeline.fingerprint import fingerprint
 from chatsft.pipeline.output import Location
 from chatsft.pipeline.render import FileRole, RenderSpec, Renderer
 from chatsft.pipeline.rows import EVAL, SPLITS, TRAIN
@@ -194,7 +194,10 @@ def _execute(cfg: Config, kind: str, files: list[tuple[SourceFile, FileRole]], t
     concurrency = data.map_concurrency or (1, cpus)
     # Reading lines is I/O and costs little next to rendering them. The read tasks reserve no
     # CPU: with one render actor per CPU, a read task that waited for a free CPU would wait forever.
-    lines = read_datasource(make_datasource([f for f, _ in files]), num_cpus=0)
+    # Without a CPU to count, their number is capped here instead (a few readers keep up with many
+    # render actors; local reads all run on the driver's node).
+    lines = read_datasource(make_datasource([f for f, _ in files]), num_cpus=0,
+                            concurrency=max(2, cpus // 4))
     rendered = lines.map_batches(Renderer, fn_constructor_args=(spec,), batch_size=data.map_batch_size,
                                  batch_format="pyarrow", compute=_actor_pool(concurrency), num_cpus=1)
     # Run the graph and keep its blocks in the object store, in file order (preserve_order).
