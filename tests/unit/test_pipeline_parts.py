@@ -49,8 +49,9 @@ def test_window_of_cuts_the_key_range_evenly():
 
 def test_group_files_keeps_order_and_bounds():
     groups = group_files([10, 1, 1, 50, 5, 5, 5], 3)
-    assert [i for g in groups for i in g] == list(range(7)) and len(groups) <= 3
+    assert [i for g in groups for i in g] == list(range(7)) and len(groups) == 3
     assert group_files([], 4) == [] and group_files([1, 1], 8) == [[0], [1]]
+    assert group_files([5, 1], 2) == [[0], [1]]  # as many groups as asked when there are files
 
 
 def spec_for(tmp_model, **kw):

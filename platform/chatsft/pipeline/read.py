@@ -54,18 +54,19 @@ def _block(fi: int, nums: list[int], raws: list[bytes]) -> pa.Table:
 
 
 def group_files(sizes: Sequence[int], parallelism: int) -> list[list[int]]:
-    """Consecutive groups of file indices with about equal bytes, at most `parallelism` groups."""
+    """min(parallelism, files) consecutive groups of file indices with about equal bytes."""
     n = len(sizes)
     if n == 0:
         return []
     k = max(1, min(parallelism, n))
-    total = sum(max(1, s) for s in sizes)
+    target = sum(max(1, s) for s in sizes) / k
     groups: list[list[int]] = [[]]
     acc = 0
     for i, s in enumerate(sizes):
-        boundary = total * len(groups) / k
-        if groups[-1] and acc >= boundary and len(groups) < k:
+        # A new group when this one is full, or when every group still to come needs a file.
+        if groups[-1] and len(groups) < k and (acc >= target or n - i <= k - len(groups)):
             groups.append([])
+            acc = 0
         groups[-1].append(i)
         acc += max(1, s)
     return groups

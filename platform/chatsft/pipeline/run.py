@@ -196,8 +196,9 @@ def _execute(cfg: Config, kind: str, files: list[tuple[SourceFile, FileRole]], t
     # CPU: with one render actor per CPU, a read task that waited for a free CPU would wait forever.
     # Without a CPU to count, their number is capped here instead (a few readers keep up with many
     # render actors; local reads all run on the driver's node).
-    lines = read_datasource(make_datasource([f for f, _ in files]), num_cpus=0,
-                            concurrency=max(2, cpus // 4))
+    readers = min(len(files), 64)  # read tasks, each a run of files; a file streams in blocks
+    lines = read_datasource(make_datasource([f for f, _ in files]), num_cpus=0, override_num_blocks=readers,
+                            concurrency=min(readers, max(2, cpus // 4)))
     rendered = lines.map_batches(Renderer, fn_constructor_args=(spec,), batch_size=data.map_batch_size,
                                  batch_format="pyarrow", compute=_actor_pool(concurrency), num_cpus=1)
     # Run the graph and keep its blocks in the object store, in file order (preserve_order).
