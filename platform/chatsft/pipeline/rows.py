@@ -43,6 +43,10 @@ SORT_KEY = ["order_key", "file_idx", "line", "sub", "copy"]
 UNPACKED = pa.schema([("input_ids", IDS), ("labels", IDS), ("source", pa.list_(pa.string()))])
 PACKED = pa.schema([("input_ids", IDS), ("labels", IDS), ("position_ids", IDS),
                     ("source", pa.list_(pa.string()))])
+# Packed rows before they are ordered: their shuffle key, window and bin (see pack_window).
+_PACKED_KEYED = pa.schema([("row_key", pa.int64()), ("window", pa.int64()), ("bin", pa.int32()),
+                           *[(f.name, f.type) for f in PACKED]])
+PACKED_SORT_KEY = ["row_key", "window", "bin"]
 
 
 def list_array(arrays: Sequence[np.ndarray]) -> pa.Array:
@@ -133,10 +137,6 @@ def pack_window(table: pa.Table, capacity: int, seed: int) -> pa.Table:
          pa.array(row_src, pa.list_(pa.string()))],
         schema=_PACKED_KEYED)
 
-
-_PACKED_KEYED = pa.schema([("row_key", pa.int64()), ("window", pa.int64()), ("bin", pa.int32()),
-                           *[(f.name, f.type) for f in PACKED]])
-PACKED_SORT_KEY = ["row_key", "window", "bin"]
 
 
 def to_packed(table: pa.Table) -> pa.Table:
