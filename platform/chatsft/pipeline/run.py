@@ -15,6 +15,9 @@ without a sampling pass, and the partitions (hence the files) are the same
 whatever the number of blocks; it also saves Ray Data's per-stage start-up,
 which dominated small corpora.
 
+The rendered blocks stay in the object store until they are written (Ray
+spills them to disk when they outgrow it).
+
 Row order is a pure function of the config and seed: every random decision is
 a hash of (seed, path:line) and rows are written in the order of a sort on
 those hashes, so the number of CPUs, actors and blocks never changes a row.
@@ -222,6 +225,8 @@ def _execute(cfg: Config, kind: str, files: list[tuple[SourceFile, FileRole]], t
     for plan in plans:
         Location(plan.folder).make_dirs()
     n_parts = sum(p.parts for p in plans)
+    print(f"chatsft prepare: rendered in {rendered_at - started:.1f} s; shuffling"
+          f"{' and packing' if data.packing else ''} into {n_parts} Parquet file(s)", flush=True)
     cut = task(shuffle.partition_task).options(num_returns=n_parts)
     pieces = [cut.remote(b, plans) for b in blocks]
     if n_parts == 1:
