@@ -96,14 +96,32 @@ def bench_render(paths: list[str], n: int, rounds: int) -> None:
         for i in range(0, len(convs), batch):
             render_batch(convs[i:i + batch], tok, tpl, opts)
 
+    backend = tok.backend_tokenizer
+
+    def rust_only():
+        for i in range(0, len(texts), batch):
+            backend.encode_batch(texts[i:i + batch], add_special_tokens=False)
+
+    def offsets_only():  # what reading token offsets (for the masks) adds to an encode
+        for e in encodings:
+            e.offsets
+
+    encodings = [e for i in range(0, len(texts), batch)
+                 for e in backend.encode_batch(texts[i:i + batch], add_special_tokens=False)]
     raw_t = best(raw, rounds)
     ren_t = best(render, rounds)
+    rust_t = best(rust_only, rounds)
+    offs_t = best(offsets_only, rounds)
+    lay_t = best(lambda: [layout(c, tpl) for c in convs], rounds)
     print(f"\n1. encode vs render, one process, {len(convs):,} conversations, {tokens:,} tokens "
           f"(batches of {batch}, best of {rounds})")
     for name, (c, w) in (("raw tokenizer(texts)", raw_t), ("render_batch (masks)", ren_t)):
         print(f"   {name:22s} {tokens / c / 1e3:8.0f} k tokens/s CPU   {tokens / w / 1e3:8.0f} k tokens/s wall")
     print(f"   render / raw time: {ren_t[0] / raw_t[0]:.2f}x CPU, {ren_t[1] / raw_t[1]:.2f}x wall   "
           f"(target <= 1.3x)")
+    print(f"   CPU s: raw {raw_t[0]:.2f} = Rust encode_batch {rust_t[0]:.2f} + wrapper; render {ren_t[0]:.2f} "
+          f"= that encode + reading offsets {offs_t[0]:.2f} + template layout {lay_t[0]:.2f} + masks/rest "
+          f"{ren_t[0] - rust_t[0] - offs_t[0] - lay_t[0]:.2f}")
 
 
 def bench_pipeline(paths: list[str], cpus: int, out: str) -> dict:
