@@ -70,7 +70,8 @@ def _throughput(seen: list[dict]) -> tuple[float, float]:
 def cpu(args) -> None:
     import ray
 
-    from chatsft.train.driver import prepared_rows, runtime_env
+    from chatsft.raysetup import runtime_env
+    from chatsft.train.driver import prepared_rows
 
     tmp = tempfile.mkdtemp(prefix="chatsft-bench-")
     padded_cfg = _cpu_cfg(os.path.join(tmp, "padded"), args.steps)

@@ -1,21 +1,16 @@
 """`ray job submit --working-dir . -- python jobs/train.py CONFIG [overrides]`: `chatsft train` in a Ray job.
 
-The job's driver connects to the cluster it was submitted to and ships the
-chatsft of the working dir to the training workers, then prepares the rows if
-needed and runs the TorchTrainer there.
+Arguments, one-line errors and exit codes are the CLI's (chatsft.cli.job_main), so
+`ray job status` tells the truth and the two never drift apart.
 """
 
 import os
 import sys
 
+# The job's working dir is the code to run: its platform/ wins over an installed chatsft.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "platform"))
 
-from chatsft.cli import main  # noqa: E402
+from chatsft.cli import job_main  # noqa: E402
 
 if __name__ == "__main__":
-    import ray
-
-    from chatsft.train.driver import runtime_env
-
-    ray.init(runtime_env=runtime_env())
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(job_main("train", sys.argv[1:]))

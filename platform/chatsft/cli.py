@@ -148,6 +148,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def job_main(verb: str, argv: Sequence[str]) -> int:
+    """`jobs/<verb>.py`: the same verb inside a Ray job. It joins the cluster it was submitted
+    to before anything else, so prepare, train and sweep all run there; exit codes (and so
+    `ray job status`) are the CLI's."""
+    from chatsft.raysetup import ensure_ray
+
+    if verb != "eval":  # eval runs in the job's own process
+        ensure_ray()
+    return main([verb, *argv])
+
+
 def _one_line(e: BaseException) -> str:
     if isinstance(e, FileNotFoundError) and e.filename:
         return f"{e.filename}: file not found"

@@ -120,16 +120,15 @@ def max_concurrent(cfg: Config) -> int:
 
 
 def sweep(cfg: Config) -> SweepResult:
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from chatsft.tracking import RunRecord, preflight
-    from chatsft.train.driver import prepared_rows, runtime_env
+    from chatsft.raysetup import ensure_ray
+    from chatsft.train.driver import prepared_rows
 
     tracked = preflight(cfg)
-    if not ray.is_initialized():
-        ray.init(runtime_env=runtime_env())
+    ensure_ray()
     space = search_space(cfg)
     rows = prepared_rows(cfg)  # once, shared by every trial
     if cfg.sweep.metric == "eval_loss" and not rows.eval_rows:

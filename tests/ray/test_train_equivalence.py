@@ -9,7 +9,6 @@ the accumulation steps or by the workers) scales it and fails the comparison.
 
 import pytest
 import ray
-import torch
 
 from chatsft.train.driver import train_on_rows
 from trainkit import Timer, rows_for, tiny_cfg, weights

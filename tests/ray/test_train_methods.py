@@ -4,7 +4,6 @@ no supervised token, non-finite steps skipped and counted, `chatsft export` from
 import math
 import os
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest

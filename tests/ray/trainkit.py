@@ -6,9 +6,9 @@ import os
 import time
 from typing import Any, Optional
 
-from chatsft.config import load_config
-from chatsft.train.driver import Rows, write_rows
-from chatsft.train.data import count_rows
+from chatsft.config import Config, load_config
+from chatsft.train.driver import Rows
+from chatsft.train.data import count_rows, parquet_files
 
 
 def tiny_cfg(tmp, *overrides: str):
@@ -57,3 +57,61 @@ class Timer:
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.t0
         print(f"\n[timing] {self.seconds:.1f}s")
+
+
+def write_rows(cfg: Config, paths: list[str], tokenizer: Any, out_dir: str, *, seed: int = 0,
+               limit: Optional[int] = None) -> int:
+    """Render JSONL sources into Parquet rows in this process (shuffled, packed greedily when
+    data.packing): small fixtures for training tests, without a Ray Data pipeline."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from chatsft.data.conversation import BadRecord
+    from chatsft.data.render import RenderOptions, render_conversation, render_seq2seq
+    from chatsft.data.sources import read_local
+    from chatsft.data.templates import get_template
+    from chatsft.model import model_kind
+
+    opts = RenderOptions.from_config(cfg.data)
+    seq2seq = model_kind(cfg.model) == "seq2seq"
+    template = None if seq2seq else get_template(cfg.data.template, tokenizer)
+    samples = []
+    for path in paths:
+        for conv in read_local(path, limit=limit):
+            if isinstance(conv, BadRecord):
+                raise conv
+            if seq2seq:
+                samples += render_seq2seq(conv, tokenizer, opts).samples
+            else:
+                samples += render_conversation(conv, tokenizer, template, **vars(opts)).samples
+    order = np.random.default_rng(seed).permutation(len(samples))
+    samples = [samples[i] for i in order]
+    rows: dict[str, list] = {"input_ids": [], "labels": [], "source": []}
+    if cfg.data.packing and not seq2seq:
+        rows["position_ids"] = []
+        cur: list = []
+        for s in samples + [None]:
+            if s is None or (cur and sum(len(c) for c in cur) + len(s) > cfg.data.max_length):
+                if cur:
+                    rows["input_ids"].append(np.concatenate([c.input_ids for c in cur]))
+                    rows["labels"].append(np.concatenate([c.labels for c in cur]))
+                    rows["position_ids"].append(np.concatenate([np.arange(len(c), dtype=np.int32) for c in cur]))
+                    rows["source"].append([c.source for c in cur])
+                cur = []
+            if s is not None:
+                cur.append(s)
+    else:
+        for s in samples:
+            rows["input_ids"].append(s.input_ids)
+            rows["labels"].append(s.labels)
+            rows["source"].append([s.source])
+    os.makedirs(out_dir, exist_ok=True)
+    for old in parquet_files(out_dir):
+        os.remove(old)
+    table = pa.table({
+        k: pa.array([list(map(int, v)) for v in vals], type=pa.list_(pa.int32())) if k != "source"
+        else pa.array(vals, type=pa.list_(pa.string()))
+        for k, vals in rows.items()})
+    pq.write_table(table, os.path.join(out_dir, "part-00000.parquet"))
+    return table.num_rows

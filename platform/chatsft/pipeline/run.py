@@ -81,14 +81,6 @@ def prepare(cfg: Config, *, force: bool = False) -> Prepared:
     return _run(cfg, kind, files, tokenizer, root, fp, has_eval)
 
 
-def runtime_env() -> dict:
-    """Ship this very chatsft to the Ray workers (a checkout or a job's working dir), not whichever
-    version a cluster node may have installed; Ray accepts local folders only in ray.init."""
-    import chatsft
-
-    return {"py_modules": [os.path.dirname(os.path.abspath(chatsft.__file__))]}
-
-
 # --------------------------------------------------------------------------- checks
 
 
@@ -156,12 +148,11 @@ def _read_json(loc: Location) -> Optional[dict]:
 
 def _run(cfg: Config, kind: str, files: list[tuple[SourceFile, FileRole]], tokenizer: Any,
          root: Location, fp: str, has_eval: bool) -> Prepared:
-    import ray
     from ray.data import DataContext
 
-    if not ray.is_initialized():
-        # RAY_ADDRESS (a Ray job), else a cluster started with `ray start` here, else a local Ray.
-        ray.init(runtime_env=runtime_env())
+    from chatsft.raysetup import ensure_ray
+
+    ensure_ray()
     ctx = DataContext.get_current()
     saved = ctx.execution_options.preserve_order
     # Blocks in order: `take` gives the first records of the files, and sorted blocks are written in order.

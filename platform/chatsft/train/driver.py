@@ -88,15 +88,6 @@ def train_on_rows(cfg: Config, rows: "Rows", *, local: bool = False,
     return _train_on_ray(cfg, args, model_dir, list(ray_callbacks or []))
 
 
-def runtime_env() -> dict[str, Any]:
-    """Ship this very chatsft to the workers (a checkout, or a Ray job's working dir), not
-    whichever version the cluster's Python may have installed. Ray accepts local folders
-    only at the job level (ray.init), so whoever calls ray.init passes this."""
-    import chatsft
-
-    return {"py_modules": [os.path.dirname(os.path.abspath(chatsft.__file__))]}
-
-
 def storage_path(path: str) -> str:
     """Ray Train v2 wants an absolute path or a URI."""
     return path if "://" in path else os.path.abspath(path)
@@ -106,13 +97,13 @@ def storage_path(path: str) -> str:
 
 
 def _train_on_ray(cfg: Config, args: WorkerArgs, model_dir: str, ray_callbacks: list) -> TrainResult:
-    import ray
     from ray.train import (CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig,
                            ScalingConfig)
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, runtime_env=runtime_env())
+    from chatsft.raysetup import ensure_ray
+
+    ensure_ray()
     _check_storage(cfg, args.output_dir)
     sc = cfg.scaling
     datasets = {"train": _dataset(args.train_dir)}
@@ -193,92 +184,11 @@ def _check_storage(cfg: Config, output_dir: str) -> None:
 
 
 def prepared_rows(cfg: Config) -> Rows:
-    """The prepared Parquet rows: chatsft.pipeline.prepare (which skips fresh rows), or the
-    stand-in below while the pipeline has not landed."""
-    try:
-        from chatsft.pipeline import prepare
-    except ImportError:
-        prepare = _prepare_fallback
+    """The prepared Parquet rows (chatsft.pipeline.prepare skips rows that are still fresh)."""
+    from chatsft.pipeline import prepare
+
     p = prepare(cfg)
     eval_dir = p.eval_dir if p.eval_dir and parquet_files(p.eval_dir) else None
     if not parquet_files(p.train_dir):
         raise UserError(f"data.train: prepare wrote no rows to {p.train_dir}")
     return Rows(p.train_dir, eval_dir, count_rows(p.train_dir), count_rows(eval_dir) if eval_dir else 0)
-
-
-@dataclass
-class _Prepared:
-    train_dir: str
-    eval_dir: Optional[str]
-
-
-def _prepare_fallback(cfg: Config, force: bool = False) -> _Prepared:
-    """STAND-IN until chatsft.pipeline.prepare lands: renders the sources in this process."""
-    from chatsft.model import load_tokenizer
-
-    root = os.path.join(os.path.abspath(cfg.run.output_dir), "prepared")
-    tok = load_tokenizer(cfg.model)
-    train_dir = os.path.join(root, "train")
-    write_rows(cfg, [s.path for s in cfg.data.train], tok, train_dir)
-    eval_dir = None
-    if cfg.data.eval:
-        eval_dir = os.path.join(root, "eval")
-        write_rows(cfg, [s.path for s in cfg.data.eval], tok, eval_dir)
-    return _Prepared(train_dir, eval_dir)
-
-
-def write_rows(cfg: Config, paths: list[str], tokenizer: Any, out_dir: str, *, seed: int = 0,
-               limit: Optional[int] = None) -> int:
-    """Render JSONL sources into Parquet rows (shuffled, packed greedily when data.packing)."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from chatsft.data.conversation import BadRecord
-    from chatsft.data.render import RenderOptions, render_conversation, render_seq2seq
-    from chatsft.data.sources import read_local
-    from chatsft.data.templates import get_template
-    from chatsft.model import model_kind
-
-    opts = RenderOptions.from_config(cfg.data)
-    seq2seq = model_kind(cfg.model) == "seq2seq"
-    template = None if seq2seq else get_template(cfg.data.template, tokenizer)
-    samples = []
-    for path in paths:
-        for conv in read_local(path, limit=limit):
-            if isinstance(conv, BadRecord):
-                raise conv
-            if seq2seq:
-                samples += render_seq2seq(conv, tokenizer, opts).samples
-            else:
-                samples += render_conversation(conv, tokenizer, template, **vars(opts)).samples
-    order = np.random.default_rng(seed).permutation(len(samples))
-    samples = [samples[i] for i in order]
-    rows: dict[str, list] = {"input_ids": [], "labels": [], "source": []}
-    if cfg.data.packing and not seq2seq:
-        rows["position_ids"] = []
-        cur: list = []
-        for s in samples + [None]:
-            if s is None or (cur and sum(len(c) for c in cur) + len(s) > cfg.data.max_length):
-                if cur:
-                    rows["input_ids"].append(np.concatenate([c.input_ids for c in cur]))
-                    rows["labels"].append(np.concatenate([c.labels for c in cur]))
-                    rows["position_ids"].append(np.concatenate([np.arange(len(c), dtype=np.int32) for c in cur]))
-                    rows["source"].append([c.source for c in cur])
-                cur = []
-            if s is not None:
-                cur.append(s)
-    else:
-        for s in samples:
-            rows["input_ids"].append(s.input_ids)
-            rows["labels"].append(s.labels)
-            rows["source"].append([s.source])
-    os.makedirs(out_dir, exist_ok=True)
-    for old in parquet_files(out_dir):
-        os.remove(old)
-    table = pa.table({
-        k: pa.array([list(map(int, v)) for v in vals], type=pa.list_(pa.int32())) if k != "source"
-        else pa.array(vals, type=pa.list_(pa.string()))
-        for k, vals in rows.items()})
-    pq.write_table(table, os.path.join(out_dir, "part-00000.parquet"))
-    return table.num_rows

@@ -18,8 +18,8 @@ import shutil
 import socket
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import numpy as np
 
