@@ -253,6 +253,7 @@ class Tracker:
             else:
                 client.log_artifacts(self.run_id, model_dir, "model")
                 uri = f"runs:/{self.run_id}/model"
+            client.set_tag(self.run_id, "model_uri", uri)  # where to load it from
             if register_as:
                 mlflow.register_model(uri, register_as)
 
@@ -272,18 +273,25 @@ class Tracker:
         self._queue.put((what, fn))
 
     def _drain(self) -> None:
+        # After a call has failed all its retries the server is taken to be away: later
+        # calls get one try each until one goes through, so a dead server costs the
+        # queue seconds, not minutes.
+        down = False
         while True:
             item = self._queue.get()
             if item is None:
                 return
             what, fn = item
-            for attempt in range(self.retries + 1):
+            tries = 1 if down else self.retries + 1
+            for attempt in range(tries):
                 try:
                     fn(self._client)
+                    down = False
                     break
                 except Exception as e:  # the server is away, or a transient error
-                    if attempt == self.retries:
+                    if attempt == tries - 1:
                         self.failures.append(f"{what}: {_one_line(e)}")
+                        down = True
                     else:
                         time.sleep(self.backoff * 2 ** attempt)
 

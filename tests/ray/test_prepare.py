@@ -33,6 +33,8 @@ def ray_local():
     import ray
     from ray.data import DataContext
 
+    ray.shutdown()  # prepare in an earlier test may have left a Ray running
+
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     DataContext.get_current().enable_progress_bars = False
     yield

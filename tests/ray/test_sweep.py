@@ -4,7 +4,6 @@ import os
 from pathlib import Path
 
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 
 from chatsft.config import load_config
@@ -14,14 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-def test_sweep_stops_the_absurd_trials_and_picks_the_sane_one(tmp_path, local_ray, capsys):
+def test_sweep_stops_the_absurd_trials_and_picks_the_sane_one(tmp_path, fresh_ray, capsys):
     cfg = load_config(REPO / "configs" / "tiny-sweep.yaml", [
         f"run.output_dir={tmp_path}/sweep",
         "data.train=[{path: chatsft://samples/train.jsonl, weight: 0.1}]",

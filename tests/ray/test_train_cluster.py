@@ -18,6 +18,7 @@ def test_two_nodes_zero3(tmp_path):
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
+    ray.shutdown()  # prepare in an earlier test may have left a Ray running
     ray.init(address=cluster.address)
     try:
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2

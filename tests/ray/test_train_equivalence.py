@@ -48,6 +48,7 @@ def test_micro_accum_and_workers_give_the_same_gradient(tmp_path, tiny_llama_dir
     torch_path = gradient(tmp_path, "torch", tiny_llama_dir, rows, "train.micro_batch_size=2",
                           "train.grad_accum=2", "train.deepspeed.enabled=false")
     assert_same(ref, torch_path, "micro 4 x accum 1 (ZeRO-2) vs micro 2 x accum 2 (plain torch)")
+    ray.shutdown()  # prepare in an earlier test may have left a Ray running
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         two = gradient(tmp_path, "w2", tiny_llama_dir, rows, "train.micro_batch_size=1", "train.grad_accum=2",

@@ -27,6 +27,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     # the worker exits (os._exit) after step 3; the latest checkpoint is step 2
     monkeypatch.setenv(FAIL_AT, "3")
     monkeypatch.setenv(FAIL_MARKER, str(marker))
+    ray.shutdown()  # prepare in an earlier test may have left a Ray running
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         with Timer():
