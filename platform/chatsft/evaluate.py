@@ -173,14 +173,20 @@ def _token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, shift: bool = Tr
     """(sum of token losses over supervised tokens, their count); labels shifted once for decoder-only.
 
     The training loss divides the same sum by the same count over a whole
-    optimizer step; kept private here until chatsft.train.loss is merged.
+    optimizer step, so eval_loss here and in training are one definition: the
+    trainer's own function is used when chatsft.train.loss is there.
     """
-    if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]
     labels = labels.to(logits.device)
-    total = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
-                                              ignore_index=IGNORE, reduction="sum")
-    return total, int((labels != IGNORE).sum())
+    try:
+        from chatsft.train.loss import causal_targets, token_loss
+    except ImportError:  # the training package is not merged yet: the same definition, here
+        if shift:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        total = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
+                                                  labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
+        return total, int((labels != IGNORE).sum())
+    total, count = token_loss(logits, causal_targets(labels) if shift else labels)
+    return total, int(count)
 
 
 def eval_samples(cfg: Any, tokenizer: Any, template: Optional[ChatTemplate]) -> tuple[list[Sample], int]:
