@@ -52,13 +52,20 @@ SLOTS = {
                ["What is my lucky number?", "Which number is mine?", "What number did I tell you?"],
                "Your number is {v}."),
 }
+# Facts told and questions asked per dialogue. Recalling a fact from an earlier
+# turn is what the tiny model has to learn, and it learns it in a sudden jump
+# once it has seen enough recalls; dense dialogues (3-4 facts, 2-3 questions) make
+# the jump come early and reliably. Measured with benchmarks/learnability.py
+# (batch 32, lr 1e-2): with the former 2-4 facts and 1-3 questions, three seeds of
+# four were still at 0.29-0.32 held-out pass@1 after ~470 steps.
+FACTS, QUESTIONS = (3, 4), (2, 3)
 GREETINGS = ["Hi!", "Hello.", "Hey there.", "Good morning.", ""]
 SYSTEMS = ["You are a helpful assistant with a good memory.", "Answer briefly and remember what the user says."]
 ADD_ONS = ["By the way, {s}", "Oh, and {s}", "One more thing: {s}"]
 
 
 def conversation(rng: random.Random) -> dict:
-    slots = rng.sample(sorted(SLOTS), k=rng.randint(2, 4))
+    slots = rng.sample(sorted(SLOTS), k=rng.randint(*FACTS))
     facts = {s: rng.choice(SLOTS[s][0]) for s in slots}
     late = slots.pop() if len(slots) > 2 and rng.random() < 0.4 else None  # told in a later turn
 
@@ -71,7 +78,7 @@ def conversation(rng: random.Random) -> dict:
     messages.append({"role": "assistant", "content": reply + " I will remember that."})
 
     known = list(slots)
-    asks = rng.randint(1, 3)
+    asks = rng.randint(*QUESTIONS)
     for turn in range(asks):
         if late is not None and turn == 0:
             said = rng.choice(SLOTS[late][1]).format(v=facts[late])
