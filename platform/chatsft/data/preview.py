@@ -20,7 +20,8 @@ def runs(tokenizer: Any, input_ids: Sequence[int], labels: Sequence[int]) -> lis
     start = 0
     for i in range(1, len(ids) + 1):
         if i == len(ids) or learned[i] != learned[start]:
-            text = tokenizer.decode(ids[start:i].tolist(), skip_special_tokens=False)
+            text = tokenizer.decode(ids[start:i].tolist(), skip_special_tokens=False,
+                                    clean_up_tokenization_spaces=False)
             out.append((text, bool(learned[start])))
             start = i
     return out

@@ -255,9 +255,12 @@ def _hf_template(tokenizer: Any) -> ChatTemplate:
     def apply(msgs: list[dict], generation: bool = False) -> str:
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation)
 
-    probe = [Message("system", "SYSPROBE"), Message("user", "USERPROBE"), Message("assistant", "ANSWERPROBE")]
+    # Two answers, mixed case: catches templates that drop or rewrite earlier answers.
+    probe = [Message("system", "System probe."), Message("user", "User probe one."),
+             Message("assistant", "Answer probe one."), Message("user", "User probe two."),
+             Message("assistant", "Answer probe two.")]
     try:
-        keeps_system = "SYSPROBE" in apply(_hf_messages(probe))
+        keeps_system = "System probe." in apply(_hf_messages(probe))
     except Exception:  # templates without a system role raise from Jinja
         keeps_system = False
 
@@ -314,7 +317,7 @@ def _hf_template(tokenizer: Any) -> ChatTemplate:
     except BadRecord as e:
         raise TemplateError(f"data.template=hf: cannot locate the assistant's answers in the tokenizer's "
                             f"chat template ({e.detail}); pick a built-in template instead") from None
-    eot = next(s.text for s in probe_segs if s.supervised and s.text != "ANSWERPROBE")
+    eot = next(s.text for s in probe_segs if s.supervised and not s.text.startswith("Answer probe"))
     eot = eot.strip() or eot
     special = tuple(sorted({t for t in getattr(tokenizer, "all_special_tokens", []) if t}, key=len, reverse=True))
     return _with_control_re(ChatTemplate("hf", segments, prompt, eot, ()), special)

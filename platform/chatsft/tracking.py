@@ -1,0 +1,360 @@
+"""MLflow: one run per training (a parent run per sweep), logged once, by step.
+
+Who logs: the driver side only — the Ray Train controller through
+`MLflowCallback`, or the `--local` loop — never every worker. Steps already
+logged are not logged again, so a worker group restarted from a checkpoint
+continues the same run without duplicates.
+
+Logging never stops training: calls go through a background thread that
+retries transient failures and, when the server stays away, drops the call,
+counts it and reports it at the end. Only an unreachable server *at start* is
+an error (before any compute is spent), unless `tracking.required: false`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import re
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from chatsft.errors import UserError
+
+log = logging.getLogger("chatsft.tracking")
+
+_SECRET_KEY = re.compile(r"(password|passwd|secret|token|api[_-]?key|credential|access[_-]?key)", re.I)
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
+_QUERY_SECRET = re.compile(r"([?&][^=&\s]*(?:token|key|secret|password|sig|signature)[^=&\s]*=)[^&\s]+", re.I)
+
+
+def redact(key: str, value: Any) -> Any:
+    """Credentials never reach MLflow: secret-looking keys, URL user:password@ and signed query params."""
+    if _SECRET_KEY.search(key) and value not in (None, ""):
+        return "***"
+    if isinstance(value, str):
+        value = _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}***@", value)
+        value = _QUERY_SECRET.sub(r"\1***", value)
+    return value
+
+
+def tracking_uri(cfg: Any) -> str:
+    """tracking.uri, else $MLFLOW_TRACKING_URI, else a SQLite store in run.output_dir."""
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    out = cfg.run.output_dir
+    if "://" in out:  # a cloud output dir has no place for SQLite: keep the store beside the job
+        out = "."
+    path = Path(out).absolute()
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / 'mlflow.db'}"
+
+
+def check_server(uri: str, timeout: float = 5.0) -> Optional[str]:
+    """None if the tracking server answers; else why not. Only http(s) URIs are probed."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (user-given server)
+            return None if r.status == 200 else f"HTTP {r.status}"
+    except urllib.error.HTTPError as e:
+        # Servers behind auth proxies answer 401/403 on /health: reachable all the same.
+        return None if e.code in (401, 403) else f"HTTP {e.code}"
+    except Exception as e:  # connection refused, DNS, timeout
+        return str(getattr(e, "reason", e))
+
+
+def preflight(cfg: Any) -> bool:
+    """Check the tracking server before compute is spent. Returns whether to track."""
+    if not cfg.tracking.enabled:
+        return False
+    uri = tracking_uri(cfg)
+    problem = check_server(uri)
+    if problem is None:
+        return True
+    shown = redact("uri", uri)
+    if cfg.tracking.required:
+        raise UserError(f"tracking.uri: MLflow server {shown} is unreachable ({problem}); start it, fix "
+                        "tracking.uri, or set tracking.required=false to train without it")
+    log.warning("MLflow server %s is unreachable (%s): training goes on without tracking", shown, problem)
+    print(f"warning: MLflow server {shown} is unreachable ({problem}); training goes on without tracking")
+    return False
+
+
+@dataclass
+class Tracker:
+    """An MLflow run fed through a background thread; safe to call from a training loop."""
+
+    uri: str
+    experiment: str
+    run_name: str
+    run_id: Optional[str] = None  # resume this run (sweep trial, restart)
+    parent_run_id: Optional[str] = None
+    tags: dict[str, str] = field(default_factory=dict)
+    retries: int = 4
+    backoff: float = 0.5
+    failures: list[str] = field(default_factory=list)
+    last_step: int = -1
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+        self._client = None
+
+    # -------------------------------------------------------------- lifecycle
+
+    def start(self) -> str:
+        """Create (or reopen) the run synchronously; a failure here is a UserError."""
+        # MLflow's own HTTP retries wait minutes; ours are shorter and run off the training thread.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        from mlflow.tracking import MlflowClient
+
+        self._client = MlflowClient(tracking_uri=self.uri)
+        try:
+            exp = self._client.get_experiment_by_name(self.experiment)
+            exp_id = exp.experiment_id if exp else self._client.create_experiment(self.experiment)
+            if self.run_id is None:
+                tags = dict(self.tags)
+                tags["mlflow.runName"] = self.run_name
+                if self.parent_run_id:
+                    tags["mlflow.parentRunId"] = self.parent_run_id
+                self.run_id = self._client.create_run(exp_id, tags=tags, run_name=self.run_name).info.run_id
+            else:
+                self._client.update_run(self.run_id, status="RUNNING")
+                self.last_step = self._last_logged_step()
+        except Exception as e:
+            raise UserError(f"tracking.uri: cannot open an MLflow run at {redact('uri', self.uri)}: "
+                            f"{_one_line(e)}") from None
+        self._thread = threading.Thread(target=self._drain, name="mlflow-logger", daemon=True)
+        self._thread.start()
+        return self.run_id
+
+    def finish(self, status: str = "FINISHED", timeout: float = 120.0) -> None:
+        """Flush what is queued (within `timeout`), close the run, report failed calls."""
+        if self._thread is None:
+            return
+        self._submit("set_terminated", lambda c: c.set_terminated(self.run_id, status=status))
+        self._queue.put(None)
+        self._thread.join(timeout)
+        self._thread = None
+        if self.failures:
+            msg = (f"MLflow: {len(self.failures)} logging call(s) failed and were dropped; "
+                   f"last: {self.failures[-1]}")
+            log.warning(msg)
+            print(f"warning: {msg}")
+
+    # ---------------------------------------------------------------- logging
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_value(redact(k, v))) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            chunk = items[i: i + 100]
+            self._submit("log_params", lambda c, chunk=chunk: c.log_batch(self.run_id, params=chunk))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> bool:
+        """Log one step's metrics once; a step at or before the last logged one is skipped."""
+        if step <= self.last_step:
+            return False
+        self.last_step = step
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = []
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                items.append(Metric(k, float(v), now, step))
+                self.history.setdefault(k, []).append((step, float(v)))
+        if items:
+            self._submit(f"log_metrics@{step}", lambda c: c.log_batch(self.run_id, metrics=items))
+        return True
+
+    def log_values(self, metrics: dict[str, float], step: int = 0) -> None:
+        """Metrics that are not part of the step sequence (data statistics, final scores)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if items:
+            self._submit("log_values", lambda c: c.log_batch(self.run_id, metrics=items))
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self._submit(f"tag {k}", lambda c, k=k, v=v: c.set_tag(self.run_id, k, str(v)))
+
+    def log_artifact(self, path: str, artifact_path: Optional[str] = None) -> None:
+        if os.path.isdir(path):
+            self._submit(f"artifacts {path}", lambda c: c.log_artifacts(self.run_id, path, artifact_path))
+        else:
+            self._submit(f"artifact {path}", lambda c: c.log_artifact(self.run_id, path, artifact_path))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._submit(f"text {artifact_file}", lambda c: c.log_text(self.run_id, text, artifact_file))
+
+    def log_data_stats(self, stats: dict, split: str, folder: Optional[str] = None) -> None:
+        """stats.json of a prepared split: numbers as metrics, the file and the preview as artifacts."""
+        flat = {}
+        for k, v in stats.items():
+            if isinstance(v, dict):
+                flat.update({f"data/{split}/{k}/{kk}": vv for kk, vv in v.items()})
+            else:
+                flat[f"data/{split}/{k}"] = v
+        self.log_values(flat)
+        if folder:
+            for name in ("stats.json", "mask_preview.html", "bad_records.jsonl"):
+                p = os.path.join(folder, name)
+                if os.path.exists(p):
+                    self.log_artifact(p, f"data/{split}")
+        else:
+            self.log_text(json.dumps(stats, indent=2, sort_keys=True), f"data/{split}/stats.json")
+
+    def log_model(self, model_dir: str, *, task: str = "text-generation", register_as: Optional[str] = None,
+                  flavor: bool = True) -> None:
+        """The exported HF folder as an MLflow transformers model (or a plain artifact folder)."""
+
+        def call(client) -> None:
+            import mlflow
+
+            mlflow.set_tracking_uri(self.uri)
+            if flavor:
+                with mlflow.start_run(run_id=self.run_id):
+                    info = mlflow.transformers.log_model(transformers_model=model_dir, name="model", task=task)
+                uri = info.model_uri
+            else:
+                client.log_artifacts(self.run_id, model_dir, "model")
+                uri = f"runs:/{self.run_id}/model"
+            if register_as:
+                mlflow.register_model(uri, register_as)
+
+        self._submit("model", call)
+
+    def wait(self, timeout: float = 120.0) -> None:
+        """Block until what is queued so far has been sent (or dropped)."""
+        done = threading.Event()
+        self._queue.put(("barrier", lambda c: done.set()))
+        done.wait(timeout)
+
+    # ------------------------------------------------------------ internals
+
+    def _submit(self, what: str, fn: Callable[[Any], None]) -> None:
+        if self._thread is None:
+            raise RuntimeError("Tracker.start() was not called")
+        self._queue.put((what, fn))
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            what, fn = item
+            for attempt in range(self.retries + 1):
+                try:
+                    fn(self._client)
+                    break
+                except Exception as e:  # the server is away, or a transient error
+                    if attempt == self.retries:
+                        self.failures.append(f"{what}: {_one_line(e)}")
+                    else:
+                        time.sleep(self.backoff * 2 ** attempt)
+
+    def _last_logged_step(self) -> int:
+        run = self._client.get_run(self.run_id)
+        steps = [-1]
+        for key in run.data.metrics:
+            steps += [m.step for m in self._client.get_metric_history(self.run_id, key)]
+        return max(steps)
+
+
+def _param_value(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text if len(text) <= 6000 else text[:5997] + "..."
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return " ".join(text.split())[:300]
+
+
+# ---------------------------------------------------------------------- plots
+
+
+def plot_losses(history: dict[str, list[tuple[int, float]]], path: str) -> Optional[str]:
+    """Train and eval loss by step in one PNG."""
+    series = {k: v for k, v in history.items() if k in ("train_loss", "eval_loss") and v}
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, points in series.items():
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o" if key == "eval_loss" else None, label=key)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean over supervised tokens)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_data(rows_dir: str, path: str, max_rows: int = 50_000) -> Optional[str]:
+    """Distributions of per-row supervision ratio and length, read from the prepared Parquet rows."""
+    import glob
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    files = sorted(glob.glob(os.path.join(rows_dir, "*.parquet")))
+    if not files:
+        return None
+    lengths, ratios = [], []
+    for f in files:
+        table = pq.read_table(f, columns=["input_ids", "labels"])
+        for ids, labels in zip(table.column("input_ids").to_pylist(), table.column("labels").to_pylist()):
+            lab = np.asarray(labels)
+            lengths.append(len(ids))
+            ratios.append(float((lab != -100).mean()) if len(lab) else 0.0)
+            if len(lengths) >= max_rows:
+                break
+        if len(lengths) >= max_rows:
+            break
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.hist(ratios, bins=40)
+    a.set_xlabel("supervised tokens / tokens (per row)")
+    a.set_ylabel("rows")
+    b.hist(lengths, bins=40)
+    b.set_xlabel("tokens per row")
+    fig.suptitle(f"{len(lengths)} rows of {os.path.basename(os.path.normpath(rows_dir))}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def scratch_dir() -> str:
+    return tempfile.mkdtemp(prefix="chatsft-mlflow-")

@@ -1,0 +1,85 @@
+import json
+
+import pytest
+
+from chatsft.data.conversation import (REASONS, BadRecord, Conversation, Message, Part, iter_lines,
+                                       merge_system, parse_line)
+
+OK = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+def _line(obj) -> bytes:
+    return json.dumps(obj).encode()
+
+
+# Every reason that can come from the record itself, with the line that causes it
+# and the message the user sees (reasons that need a template are tested in test_templates).
+CASES = {
+    "invalid_utf8": (b'{"messages": "\xff"}', "f.jsonl:7: invalid_utf8: the line is not valid UTF-8: byte 14"),
+    "invalid_json": (b'{"messages": [', "f.jsonl:7: invalid_json: the line is not valid JSON"),
+    "not_an_object": (b"[1, 2]", "f.jsonl:7: not_an_object: the record is not a JSON object: got list"),
+    "missing_messages": (_line({"msgs": []}), "f.jsonl:7: missing_messages: the record has no 'messages' key"),
+    "messages_not_a_list": (_line({"messages": "hi"}), "f.jsonl:7: messages_not_a_list: 'messages' is not a list: got str"),
+    "empty_messages": (_line({"messages": []}), "f.jsonl:7: empty_messages: 'messages' is empty"),
+    "message_not_an_object": (_line({"messages": ["hi"]}),
+                              "f.jsonl:7: message_not_an_object: a message is not a JSON object: messages[0] is str"),
+    "unknown_role": (_line({"messages": [{"role": "bot", "content": "x"}]}),
+                     "f.jsonl:7: unknown_role: a message has a role other than system, user, assistant, tool: "
+                     "messages[0].role = 'bot'"),
+    "bad_content": (_line({"messages": [{"role": "user", "content": 3}]}),
+                    "f.jsonl:7: bad_content: a message's content is not a string or a list of parts: "
+                    "messages[0].content is int"),
+    "bad_part": (_line({"messages": [{"role": "assistant", "content": [{"type": "image", "text": "x"}]}]}),
+                 "f.jsonl:7: bad_part: a content part is not {type, text} with a known type and string text: "
+                 "messages[0].content[0] ('image')"),
+    "empty_answer": (_line({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}),
+                     "f.jsonl:7: empty_answer: an assistant message has no content: messages[1]"),
+    "no_assistant": (_line({"messages": [{"role": "user", "content": "q"}]}),
+                     "f.jsonl:7: no_assistant: the dialogue has no assistant message to learn from"),
+}
+
+
+@pytest.mark.parametrize("reason", sorted(CASES))
+def test_each_invalid_record_has_its_reason_and_message(reason):
+    line, message = CASES[reason]
+    with pytest.raises(BadRecord) as e:
+        parse_line(line, "f.jsonl:7")
+    assert e.value.reason == reason
+    assert str(e.value).startswith(message), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_every_reason_is_tested_somewhere():
+    template_reasons = {"bad_order", "unsupported_role", "control_token_in_content", "template_error"}
+    assert set(REASONS) == set(CASES) | template_reasons
+
+
+def test_parts_and_roles_parse():
+    conv = parse_line(_line({"messages": [
+        {"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+        {"role": "assistant", "content": [{"type": "python", "text": "1+1"}, {"type": "python_output", "text": "2"},
+                                          {"type": "text", "text": "It is 2."}]},
+        {"role": "tool", "content": "ok"}]}), "x:1")
+    assert conv.messages[2].content == (Part("python", "1+1"), Part("python_output", "2"), Part("text", "It is 2."))
+    assert conv.messages[2].text == "1+12It is 2."
+    assert conv.source == "x:1"
+    assert parse_line(_line(conv.to_record())).messages == conv.messages
+
+
+def test_lines_blank_bom_and_crlf():
+    data = b"\xef\xbb\xbf" + _line(OK) + b"\r\n\r\n   \n" + _line(OK) + b"\r\n"
+    lines = list(iter_lines(data, "d.jsonl"))
+    assert [src for src, _ in lines] == ["d.jsonl:1", "d.jsonl:4"]
+    assert all(parse_line(raw, src).messages[1].text == "hello" for src, raw in lines)
+
+
+def test_merge_system_folds_into_first_user():
+    msgs = (Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello"))
+    assert merge_system(msgs) == (Message("user", "Be brief.\n\nHi"), Message("assistant", "Hello"))
+    assert merge_system(msgs[1:]) == msgs[1:]
+
+
+def test_conversation_is_hashable_and_frozen():
+    conv = Conversation((Message("user", "a"),), "s:1")
+    with pytest.raises(Exception):
+        conv.source = "other"  # type: ignore[misc]

@@ -1,0 +1,160 @@
+"""Masking policies, organizations, truncation, seq2seq, statistics and previews."""
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from chatsft.data.conversation import parse_record
+from chatsft.data.preview import to_html, to_terminal
+from chatsft.data.render import IGNORE, RenderOptions, render_conversation, render_seq2seq
+from chatsft.data.stats import MaskStats, turn_weights
+from chatsft.data.templates import TemplateError
+
+DIALOGUE = {"messages": [
+    {"role": "user", "content": "Tell me seven words"},
+    {"role": "assistant", "content": "one two three four five six seven"},
+    {"role": "user", "content": "Again?"},
+    {"role": "assistant", "content": "Yes"},
+    {"role": "user", "content": "Really?"},
+    {"role": "assistant", "content": "No"}]}
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    from chatsft.builtin import build_tokenizer
+
+    texts = [m["content"] for m in DIALOGUE["messages"]] + ["user", "assistant", "\n", "Ċ"]
+    return build_tokenizer(tmp_path_factory.mktemp("tok"), texts=texts * 3, vocab_size=5000)
+
+
+def learned_text(tok, s):
+    return tok.decode(s.input_ids[s.labels != IGNORE].tolist(), clean_up_tokenization_spaces=False)
+
+
+def test_session_learns_every_answer_with_its_end(tok):
+    (s,) = render_conversation(DIALOGUE, tok, "chatml", source="d.jsonl:1").samples
+    assert learned_text(tok, s) == "one two three four five six seven<|im_end|>Yes<|im_end|>No<|im_end|>"
+    assert s.source == "d.jsonl:1" and s.eot_supervised == 3 and not s.truncated
+    assert len(s.labels) == len(s.input_ids)
+
+
+def test_split_turn_one_sample_per_answer_with_history_as_context(tok):
+    (session,) = render_conversation(DIALOGUE, tok, "chatml").samples
+    samples = render_conversation(DIALOGUE, tok, "chatml", organization="split_turn", source="d.jsonl:1").samples
+    assert [s.source for s in samples] == ["d.jsonl:1#turn=1", "d.jsonl:1#turn=2", "d.jsonl:1#turn=3"]
+    assert [learned_text(tok, s) for s in samples] == [
+        "one two three four five six seven<|im_end|>", "Yes<|im_end|>", "No<|im_end|>"]
+    for s in samples:  # each sample is a prefix of the dialogue ending at its answer's end token
+        n = len(s.input_ids)
+        assert (s.input_ids == session.input_ids[:n]).all()
+        assert tok.convert_ids_to_tokens(int(s.input_ids[-1])) == "<|im_end|>" and s.labels[-1] != IGNORE
+
+
+def test_policies(tok):
+    (last,) = render_conversation(DIALOGUE, tok, "chatml", train_on="last_assistant").samples
+    assert learned_text(tok, last) == "No<|im_end|>"
+    (every,) = render_conversation(DIALOGUE, tok, "chatml", train_on="all_tokens").samples
+    assert (every.labels == every.input_ids).all()
+    split_last = render_conversation(DIALOGUE, tok, "chatml", organization="split_turn",
+                                     train_on="last_assistant").samples
+    assert [s.source for s in split_last] == ["#turn=3"] and learned_text(tok, split_last[0]) == "No<|im_end|>"
+
+
+def answer_end(tok, k):
+    (s,) = render_conversation(DIALOGUE, tok, "chatml").samples
+    ends = np.flatnonzero(s.input_ids == tok.convert_tokens_to_ids("<|im_end|>"))
+    learned_ends = [int(e) + 1 for e in ends if s.labels[e] != IGNORE]
+    return learned_ends[k]
+
+
+def test_truncation_by_turns_never_cuts_an_answer(tok):
+    limit = answer_end(tok, 1) + 3  # room for answer 2 but not answer 3
+    (s,) = render_conversation(DIALOGUE, tok, "chatml", max_length=limit, truncation="turns").samples
+    assert len(s) == answer_end(tok, 1) and s.truncated and s.answers_cut == 0
+    assert learned_text(tok, s) == "one two three four five six seven<|im_end|>Yes<|im_end|>"
+    assert s.eot_supervised == 2
+
+
+def test_truncation_right_cuts_and_counts_the_cut_answer(tok):
+    limit = answer_end(tok, 0) - 2  # inside the first answer
+    (s,) = render_conversation(DIALOGUE, tok, "chatml", max_length=limit, truncation="right").samples
+    assert len(s) == limit and s.truncated and s.answers_cut == 1 and s.eot_supervised == 0
+    assert "<|im_end|>" not in learned_text(tok, s)
+
+
+def test_truncation_drops_and_counts(tok):
+    short = answer_end(tok, 0) - 1
+    r = render_conversation(DIALOGUE, tok, "chatml", max_length=short, truncation="turns")
+    assert r.samples == [] and r.dropped == {"no_supervision": 1}
+    r = render_conversation(DIALOGUE, tok, "chatml", max_length=short, truncation="drop")
+    assert r.samples == [] and r.dropped == {"too_long": 1}
+    r = render_conversation(DIALOGUE, tok, "chatml", max_length=4, truncation="right")
+    assert r.samples == [] and r.dropped == {"no_supervision": 1}
+    # split_turn: only the samples that do not fit are dropped
+    r = render_conversation(DIALOGUE, tok, "chatml", organization="split_turn",
+                            max_length=answer_end(tok, 1), truncation="turns")
+    assert len(r.samples) == 2 and r.dropped == {"no_supervision": 1}
+
+
+def test_per_turn_loss_weights_come_from_the_masks(tok):
+    # Answers of 7, 1 and 1 words: 8, 2 and 2 learned tokens with their end tokens.
+    (session,) = render_conversation(DIALOGUE, tok, "chatml").samples
+    split = render_conversation(DIALOGUE, tok, "chatml", organization="split_turn").samples
+    assert turn_weights([session], "token") == {0: Fraction(2, 3), 1: Fraction(1, 6), 2: Fraction(1, 6)}
+    assert turn_weights(split, "token") == {0: Fraction(2, 3), 1: Fraction(1, 6), 2: Fraction(1, 6)}
+    assert turn_weights(split, "sample") == {0: Fraction(1, 3), 1: Fraction(1, 3), 2: Fraction(1, 3)}
+    assert turn_weights([session], "sample") == turn_weights([session], "token")
+
+
+def test_mask_stats_aggregate_and_merge(tok):
+    a, b = MaskStats(), MaskStats()
+    (s,) = render_conversation(DIALOGUE, tok, "chatml").samples
+    a.records_read = 2
+    a.add_sample(s)
+    a.add_bad("invalid_json")
+    b.records_read = 1
+    b.add_dropped(render_conversation(DIALOGUE, tok, "chatml", max_length=3).dropped)
+    d = a.merge(b).to_dict()
+    assert d["records_read"] == 3 and d["records_bad"] == 1 and d["bad_by_reason"] == {"invalid_json": 1}
+    assert d["samples"] == 1 and d["tokens"] == len(s) and d["supervised_tokens"] == s.num_supervised == 12
+    assert d["supervision_ratio"] == pytest.approx(12 / len(s)) and d["dropped_no_supervision"] == 1
+    assert MaskStats.from_dict(d).to_dict() == d
+
+
+def test_seq2seq_history_to_encoder_answer_to_decoder(tiny_t5_dir):
+    from transformers import AutoTokenizer
+
+    t5 = AutoTokenizer.from_pretrained(tiny_t5_dir)
+    conv = parse_record(DIALOGUE, "d.jsonl:1")
+    opts = RenderOptions(organization="split_turn", max_length=None, max_target_length=None)
+    r = render_seq2seq(conv, t5, opts)
+    assert [s.source for s in r.samples] == ["d.jsonl:1#turn=1", "d.jsonl:1#turn=2", "d.jsonl:1#turn=3"]
+    first, last = r.samples[0], r.samples[-1]
+    assert t5.decode(first.input_ids) == "Tell me seven words<|endoftext|>"
+    assert t5.decode(first.labels) == "one two three four five six seven<|endoftext|>"
+    assert t5.decode(last.input_ids).startswith("User: Tell me seven words\nAssistant: one two")
+    assert (last.labels != IGNORE).all()
+    cut = render_seq2seq(conv, t5, RenderOptions(organization="split_turn", max_length=5, max_target_length=3))
+    s = cut.samples[0]
+    assert len(s.input_ids) == 5 and len(s.labels) == 3 and s.truncated and s.answers_cut == 1
+    assert t5.decode(s.input_ids).endswith("<|endoftext|>")  # history cut from the left, the end kept
+    with pytest.raises(TemplateError, match="data.organization"):
+        render_seq2seq(conv, t5, RenderOptions())
+
+
+def test_pad_token_is_not_the_end_token(tiny_llama_dir):
+    from chatsft.config import load_config
+    from chatsft.model import load_tokenizer
+
+    tok = load_tokenizer(load_config(None, [f"model.name_or_path={tiny_llama_dir}"]).model)
+    assert tok.pad_token_id is not None
+    assert tok.pad_token_id not in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"))
+
+
+def test_previews_mark_what_is_learned(tok):
+    (s,) = render_conversation(DIALOGUE, tok, "chatml", source="d.jsonl:1").samples
+    plain = to_terminal(tok, s, color=False)
+    assert "[[Yes<|im_end|>]]" in plain and "[[Again?" not in plain
+    page = to_html(tok, [s])
+    assert '<span class="sup">Yes&lt;|im_end|&gt;</span>' in page and "d.jsonl:1" in page
