@@ -13,8 +13,6 @@ pass@k).
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
@@ -295,39 +293,13 @@ def load_for_eval(path: str, cfg: Any):
         else:
             raise UserError(f"--model {path}: not a Hugging Face model folder (no config.json); "
                             "turn a checkpoint into one with `chatsft export CONFIG --checkpoint PATH`")
-    try:
-        from chatsft.model import load_exported
-    except ImportError:
-        load_exported = None
-    if load_exported is not None:
-        return load_exported(folder)
-    return _load_folder(folder, cfg)
+    from chatsft.model import load_exported
 
-
-def _load_folder(folder: str, cfg: Any):
-    # Used until chatsft.model.load_exported lands (model branch): a full HF folder,
-    # or a PEFT adapter folder on top of its base model.
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    from chatsft.model import load_tokenizer
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.model.dtype)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" and cfg.train.precision == "bf16" else torch.float32
-    has_tokenizer = any(os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
-    tok_cfg = dataclasses.replace(cfg.model, name_or_path=folder, tokenizer=None) if has_tokenizer else cfg.model
-    tokenizer = load_tokenizer(tok_cfg)
-    if os.path.exists(os.path.join(folder, "config.json")):
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            seq2seq = bool(json.load(f).get("is_encoder_decoder"))
-        auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
-        model = auto.from_pretrained(folder, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
-    else:
-        from peft import AutoPeftModelForCausalLM
-
-        model = AutoPeftModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    return model.to(device).eval(), tokenizer
+    cuda = torch.cuda.is_available()
+    # CPU evaluation in float32 (a bf16 export would be slow and coarse there); on a GPU the saved dtype.
+    model, tokenizer = load_exported(folder, dtype="auto" if cuda else torch.float32,
+                                     trust_remote_code=cfg.model.trust_remote_code)
+    return model.to("cuda" if cuda else "cpu").eval(), tokenizer
 
 
 def evaluate_cli(cfg: Any, model: Optional[str] = None) -> dict[str, float]:
