@@ -57,6 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="")
     p.add_argument("--show-errors", type=int, default=0, help="print this many wrong answers at the end")
+    p.add_argument("--save", default=None, help="save the trained model and tokenizer here (for chatsft eval)")
     return p.parse_args(argv)
 
 
@@ -204,6 +205,9 @@ def main(argv=None) -> dict:
     stats = train_plain(model, tok, samples, lr=args.lr, batch=args.batch,
                         steps=0 if args.seconds else args.steps, seconds=args.seconds, warmup=args.warmup,
                         min_lr_frac=args.min_lr_frac, seed=args.seed, eval_every=args.eval_every, on_point=point)
+    if args.save:
+        model.save_pretrained(args.save)
+        tok.save_pretrained(args.save)
     after = measure(args.final_examples)
     summary = {"tag": args.tag, "point": "after", **stats, "before_pass@1": before["heldout/pass@1"], **after}
     print(json.dumps(summary), flush=True)

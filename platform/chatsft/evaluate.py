@@ -178,6 +178,8 @@ def _token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, shift: bool = Tr
     try:
         from chatsft.train.loss import causal_targets, token_loss
     except ImportError:  # the training package is not merged yet: the same definition, here
+        if logits.size(1) != labels.size(1):  # prompt tuning prepends virtual tokens: keep the tail
+            logits = logits[:, -labels.size(1):]
         if shift:
             logits, labels = logits[:, :-1], labels[:, 1:]
         total = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
