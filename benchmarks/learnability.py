@@ -43,6 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--warmup", type=float, default=0.05, help="warmup fraction")
     p.add_argument("--min-lr-frac", type=float, default=0.1)
+    p.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2 (train.betas[1])")
     p.add_argument("--organization", default="session", choices=["session", "split_turn"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-every", type=float, default=0.0, help="seconds (steps without --seconds) between curve points")
@@ -99,7 +100,8 @@ def render_samples(path: str, tokenizer, organization: str = "session"):
 
 
 def train_plain(model, tokenizer, samples, *, lr: float, batch: int, steps: int = 0, seconds: float = 0.0,
-                warmup: float = 0.05, min_lr_frac: float = 0.1, seed: int = 0, eval_every: float = 0.0,
+                warmup: float = 0.05, min_lr_frac: float = 0.1, beta2: float = 0.95, seed: int = 0,
+                eval_every: float = 0.0,
                 on_point: Optional[Callable[[int, float, float], None]] = None) -> dict:
     """AdamW on the token-weighted loss (sum over supervised tokens / their count), cosine with warmup.
 
@@ -113,7 +115,7 @@ def train_plain(model, tokenizer, samples, *, lr: float, batch: int, steps: int 
 
     if not steps and not seconds:
         raise ValueError("give steps or seconds")
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, beta2), weight_decay=0.0)
     rng = random.Random(seed)
     order: list[int] = []
     pad = tokenizer.pad_token_id
@@ -204,7 +206,8 @@ def main(argv=None) -> dict:
 
     stats = train_plain(model, tok, samples, lr=args.lr, batch=args.batch,
                         steps=0 if args.seconds else args.steps, seconds=args.seconds, warmup=args.warmup,
-                        min_lr_frac=args.min_lr_frac, seed=args.seed, eval_every=args.eval_every, on_point=point)
+                        min_lr_frac=args.min_lr_frac, beta2=args.beta2, seed=args.seed,
+                        eval_every=args.eval_every, on_point=point)
     if args.save:
         model.save_pretrained(args.save)
         tok.save_pretrained(args.save)
