@@ -140,18 +140,26 @@ def test_bad_records_follow_on_bad_record(tiny_llama, tmp_path):
         evaluate_model(model, tok, cfg)
 
 
-def test_evaluate_model_on_tiny_t5(tiny_t5_dir, few_heldout):
+def test_evaluate_model_on_tiny_t5(tiny_t5_dir, few_heldout, tmp_path):
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     from chatsft.evaluate import evaluate_model
 
     model = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir)
     tok = AutoTokenizer.from_pretrained(tiny_t5_dir)
+    quiz = tmp_path / "quiz.jsonl"
+    quiz.write_text('{"question": "Which is a pet?", "choices": ["cat", "Oslo", "red"], "answer": 0}\n' * 3)
     cfg = load_config(None, ["model.name_or_path=builtin:tiny-t5", "data.organization=split_turn",
-                             f"data.eval={few_heldout}", "eval.max_examples=2", "eval.max_new_tokens=4"])
-    metrics = evaluate_model(model, tok, cfg)
-    assert set(metrics) == {"heldout/pass@1", "heldout/examples", "eval_loss"}
+                             f"data.eval={few_heldout}", "eval.max_examples=2", "eval.max_new_tokens=4",
+                             f"eval.tasks=[heldout, mc:{quiz}]"])
+    runs = []
+    metrics = evaluate_model(model, tok, cfg, runs=runs)
+    assert set(metrics) == {"heldout/pass@1", "heldout/examples", "mc:quiz/accuracy", "mc:quiz/examples",
+                            "eval_loss"}
     assert metrics["heldout/examples"] == 2 and metrics["eval_loss"] > 0
+    picks = {o[0] for o in runs[1].outputs}
+    assert len(picks) == 1 and picks <= {"A", "B", "C"}  # copies of one question: one pick for all
+    assert metrics["mc:quiz/accuracy"] == (1.0 if picks == {"A"} else 0.0)
 
 
 def test_cli_eval_prints_table(tmp_path, few_heldout, capsys):
