@@ -212,12 +212,12 @@ def main(argv=None) -> dict:
         model.save_pretrained(args.save)
         tok.save_pretrained(args.save)
     after = measure(args.final_examples)
-    summary = {"tag": args.tag, "point": "after", **stats, "before_pass@1": before["heldout/pass@1"], **after}
+    summary = {"tag": args.tag, "point": "after", **stats, "before_pass@1": before["heldout/pass_at_1"], **after}
     print(json.dumps(summary), flush=True)
     wrong = [(ex, out[0]) for ex, out, sc in zip(runs[0].examples, runs[0].outputs, runs[0].scores) if sc[0] < 0.5]
     for ex, out in wrong[: args.show_errors]:
         print(f"wrong {ex.source}: asked {ex.messages[-1].text!r} want {ex.reference!r} got {out!r}")
-    print(f"held-out pass@1: before {before['heldout/pass@1']:.3f}, after {after['heldout/pass@1']:.3f} "
+    print(f"held-out pass@1: before {before['heldout/pass_at_1']:.3f}, after {after['heldout/pass_at_1']:.3f} "
           f"({stats['steps']} steps of {args.batch}, lr {args.lr}, {stats['train_seconds']} s training, "
           f"{args.threads} threads)")
     return summary

@@ -173,7 +173,7 @@ def main(argv=None) -> dict:
             print(json.dumps({"organization": org, **results[org]}), flush=True)
 
     rows = [("steps", "steps"), ("train seconds", "train_seconds"), ("eval loss", "eval_loss"),
-            ("pass@1, final answer", "final_answer/pass@1"), ("pass@1, every answer", "every_answer/pass@1")]
+            ("pass@1, final answer", "final_answer/pass_at_1"), ("pass@1, every answer", "every_answer/pass_at_1")]
     print(f"\n{'':24}{'session':>12}{'split_turn':>12}")
     for label, key in rows:
         cells = [results[o].get(key) for o in ORGS]

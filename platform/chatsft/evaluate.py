@@ -2,9 +2,11 @@
 
 `evaluate_model(model, tokenizer, cfg)` is the one entry the trainer (rank 0,
 every `train.eval_metrics_every` steps) and `chatsft eval` both call. Metric
-names: `eval_loss`, `<task>/pass@k` and `<task>/examples` for generative tasks,
-`<task>/accuracy` for multiple choice, `<task>/skipped` when bad lines were
-skipped under `data.on_bad_record=skip`.
+names: `eval_loss`, `<task>/pass_at_<k>` (pass@k; MLflow refuses '@' in names)
+and `<task>/examples` for generative tasks, `<task>/accuracy` for multiple
+choice, `<task>/skipped` when bad lines were skipped under
+`data.on_bad_record=skip`. Task names are `heldout`, `chat:<file stem>`,
+`mc:<file stem>`, kept to the characters MLflow accepts.
 
 The pieces live in chatsft.eval: tasks (the interface and built-ins),
 generation (batched KV-cache decoding, choice scoring), metrics (normalization,
@@ -96,7 +98,7 @@ def run_task(task: Task, model: Any, tokenizer: Any, template: Optional[ChatTemp
         for k in sorted({1, *cfg.eval.pass_k}):
             if k > opts.num_samples:
                 raise UserError(f"eval.pass_k: k={k} needs eval.num_samples >= {k} (it is {opts.num_samples})")
-            run.metrics[f"{task.name}/pass@{k}"] = mean_pass_at_k(run.scores, k)
+            run.metrics[f"{task.name}/pass_at_{k}"] = mean_pass_at_k(run.scores, k)
     run.metrics[f"{task.name}/examples"] = float(len(examples))
     if skipped:
         run.metrics[f"{task.name}/skipped"] = float(skipped)

@@ -273,8 +273,8 @@ def test_custom_checker_by_dotted_path(tmp_path, tokenizer, monkeypatch):
     finally:
         VOCAB = old
     assert runs[0].outputs == [["it is a cat, surely"], ["Your number is 7."]]  # nothing after <|im_end|>
-    assert metrics["chat:qa/pass@1"] == 1.0
-    assert exact["chat:qa/pass@1"] == 0.5  # exact match after normalization: only the second
+    assert metrics["chat:qa/pass_at_1"] == 1.0
+    assert exact["chat:qa/pass_at_1"] == 0.5  # exact match after normalization: only the second
 
 
 def test_checker_spec_errors():

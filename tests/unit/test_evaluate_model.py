@@ -42,8 +42,9 @@ def test_evaluate_model_on_untrained_tiny_llama(tiny_llama, few_heldout):
     runs = []
     metrics = evaluate_model(model, tok, cfg, runs=runs)
     assert model.training
-    assert set(metrics) == {"heldout/pass@1", "heldout/examples", "eval_loss"}
-    assert 0.0 <= metrics["heldout/pass@1"] <= 1.0
+    assert set(metrics) == {"heldout/pass_at_1", "heldout/examples", "eval_loss"}
+    assert 0.0 <= metrics["heldout/pass_at_1"] <= 1.0
+    _assert_mlflow_names(metrics)
     assert metrics["heldout/examples"] == 3
     # An untrained model over a vocabulary of V tokens: loss near ln(V), certainly finite and positive.
     assert 0.5 * torch.log(torch.tensor(len(tok))).item() < metrics["eval_loss"] < 20
@@ -53,6 +54,23 @@ def test_evaluate_model_on_untrained_tiny_llama(tiny_llama, few_heldout):
     assert run.examples[0].reference == json.loads(few_heldout.read_text().splitlines()[0])["messages"][-1]["content"]
 
 
+def _assert_mlflow_names(metrics):
+    from mlflow.utils.validation import path_not_unique, validate_param_and_metric_name
+
+    for name in metrics:
+        assert validate_param_and_metric_name(name) and not path_not_unique(name), name
+
+
+def test_task_names_are_mlflow_metric_names(tmp_path):
+    from chatsft.eval.tasks import task_from_spec
+
+    odd = tmp_path / "my quiz+v2@x (1).jsonl"
+    odd.write_text('{"question": "q", "choices": ["a", "b"], "answer": 0}\n')
+    task = task_from_spec(f"mc:{odd}", [])
+    assert task.name == "mc:my quiz_v2_x _1_"
+    _assert_mlflow_names({f"{task.name}/accuracy": 0.0, f"{task.name}/pass_at_10": 0.0})
+
+
 def test_pass_at_k_keys_with_sampling(tiny_llama, few_heldout):
     from chatsft.evaluate import evaluate_model
 
@@ -60,8 +78,9 @@ def test_pass_at_k_keys_with_sampling(tiny_llama, few_heldout):
     cfg = load_config(None, [f"data.eval={few_heldout}", "eval.max_examples=2", "eval.max_new_tokens=3",
                              "eval.num_samples=3", "eval.temperature=0.8", "eval.top_k=5", "eval.pass_k=[2,3]"])
     metrics = evaluate_model(model, tok, cfg, eval_loss=False)
-    assert set(metrics) == {"heldout/pass@1", "heldout/pass@2", "heldout/pass@3", "heldout/examples"}
-    assert metrics["heldout/pass@1"] <= metrics["heldout/pass@2"] <= metrics["heldout/pass@3"] <= 1.0
+    assert set(metrics) == {"heldout/pass_at_1", "heldout/pass_at_2", "heldout/pass_at_3", "heldout/examples"}
+    assert metrics["heldout/pass_at_1"] <= metrics["heldout/pass_at_2"] <= metrics["heldout/pass_at_3"] <= 1.0
+    _assert_mlflow_names(metrics)
     from chatsft.config import ConfigError
 
     with pytest.raises(ConfigError, match="eval.pass_k: k=2"):
@@ -154,7 +173,7 @@ def test_evaluate_model_on_tiny_t5(tiny_t5_dir, few_heldout, tmp_path):
                              f"eval.tasks=[heldout, mc:{quiz}]"])
     runs = []
     metrics = evaluate_model(model, tok, cfg, runs=runs)
-    assert set(metrics) == {"heldout/pass@1", "heldout/examples", "mc:quiz/accuracy", "mc:quiz/examples",
+    assert set(metrics) == {"heldout/pass_at_1", "heldout/examples", "mc:quiz/accuracy", "mc:quiz/examples",
                             "eval_loss"}
     assert metrics["heldout/examples"] == 2 and metrics["eval_loss"] > 0
     picks = {o[0] for o in runs[1].outputs}
@@ -169,7 +188,7 @@ def test_cli_eval_prints_table(tmp_path, few_heldout, capsys):
                "eval.max_new_tokens=2", "--model", "builtin:tiny-llama"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "heldout/pass@1" in out and "eval_loss" in out and "reference:" in out
+    assert "heldout/pass_at_1" in out and "eval_loss" in out and "reference:" in out
 
 
 def test_cli_and_job_errors_are_one_line(tmp_path):

@@ -239,8 +239,10 @@ def tasks_from_config(cfg: Any) -> list[Task]:
 
 
 def _stem(path: str) -> str:
+    """The file name without .jsonl, in the characters MLflow allows in a metric name."""
     base = os.path.basename(path.rstrip("/")) or path
     for ext in (".jsonl", ".json"):
         if base.endswith(ext):
-            return base[: -len(ext)]
-    return base
+            base = base[: -len(ext)]
+            break
+    return re.sub(r"[^A-Za-z0-9_.\- ]", "_", base) or "task"
