@@ -7,7 +7,7 @@ held-out split with chatsft's own evaluation code, before and after, with
 points of the learning curve in between. It is the yardstick for configs/tiny.yaml:
 the real `make run` adds Ray, DeepSpeed and two workers on top of the same loss.
 
-    python benchmarks/learnability.py                          # the embedded default, 300 steps of 32
+    python benchmarks/learnability.py                          # the embedded default, 360 steps of 32
     python benchmarks/learnability.py --seconds 150 --eval-every 30   # on the clock, with a curve
     python benchmarks/learnability.py --train my.jsonl --heldout my_eval.jsonl --layers 2 --hidden 256
 
@@ -37,7 +37,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train", default=SAMPLES_TRAIN)
     p.add_argument("--heldout", default=SAMPLES_HELDOUT)
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps (0: train on the clock, see --seconds)")
+    p.add_argument("--steps", type=int, default=360, help="optimizer steps (0: train on the clock, see --seconds)")
     p.add_argument("--seconds", type=float, default=0.0, help="training time budget; replaces --steps")
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--batch", type=int, default=32)
