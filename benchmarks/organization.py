@@ -9,7 +9,7 @@ Printed side by side: held-out eval loss, generative pass@1 on the final answer
 and on every answer, and the per-turn loss weights each organization gives
 (chatsft.data.stats.turn_weights on a few rendered dialogues).
 
-    python benchmarks/organization.py                 # 300 session steps of 32, lr 1e-2, 2 threads
+    python benchmarks/organization.py                 # 360 session steps of 32, lr 1e-2, 2 threads
     python benchmarks/organization.py --steps 100     # quicker, less learned
 
 Eval loss is the same quantity for both: in a causal model a token's loss
@@ -44,7 +44,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train", default="chatsft://samples/train.jsonl")
     p.add_argument("--heldout", default="chatsft://samples/heldout.jsonl")
-    p.add_argument("--steps", type=int, default=300, help="session steps; split-turn gets the same token budget")
+    p.add_argument("--steps", type=int, default=360, help="session steps; split-turn gets the same token budget")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--threads", type=int, default=2)
@@ -177,7 +177,8 @@ def main(argv=None) -> dict:
     print(f"\n{'':24}{'session':>12}{'split_turn':>12}")
     for label, key in rows:
         cells = [results[o].get(key) for o in ORGS]
-        print(f"{label:24}" + "".join(f"{c:>12.4f}" if isinstance(c, float) else f"{str(c):>12}" for c in cells))
+        fmt = ".1f" if key == "train_seconds" else ".4f"
+        print(f"{label:24}" + "".join(f"{c:>12{fmt}}" if isinstance(c, float) else f"{str(c):>12}" for c in cells))
 
     weights = weights_by_turn(args.train, tok, args.dialogues)
     print("\nper-turn loss weights (share of the dialogue's loss each answer gets)")
