@@ -1,18 +1,16 @@
-"""`ray job submit --working-dir . -- python jobs/eval.py CONFIG [--model PATH] [key=value ...]`
+"""`ray job submit --working-dir . -- python jobs/eval.py CONFIG [overrides]`: `chatsft eval` in a Ray job.
 
-The same as `chatsft eval`: the arguments, the one-line errors and the exit
-codes come from chatsft.cli, so the two never drift apart.
+Arguments, one-line errors and exit codes are the CLI's (chatsft.cli.job_main), so
+`ray job status` tells the truth and the two never drift apart.
 """
 
 import os
 import sys
 
 # The job's working dir is the code to run: its platform/ wins over an installed chatsft.
-_PLATFORM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "platform")
-if os.path.isdir(os.path.join(_PLATFORM, "chatsft")):
-    sys.path.insert(0, os.path.abspath(_PLATFORM))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "platform"))
 
-from chatsft.cli import main  # noqa: E402
+from chatsft.cli import job_main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["eval", *sys.argv[1:]]))
+    sys.exit(job_main("eval", sys.argv[1:]))

@@ -122,7 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come after flags (`train cfg.yaml --local train.lr=1e-3`): argparse leaves
+    # the ones after a flag unparsed, so collect them here.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if "=" not in a or a.startswith("-")]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     if args.verb == "keys":
         for key, default, text in describe():
             if key.startswith(args.prefix):
@@ -138,6 +146,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"chatsft {args.verb}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def job_main(verb: str, argv: Sequence[str]) -> int:
+    """`jobs/<verb>.py`: the same verb inside a Ray job. It joins the cluster it was submitted
+    to before anything else, so prepare, train and sweep all run there; exit codes (and so
+    `ray job status`) are the CLI's."""
+    from chatsft.raysetup import ensure_ray
+
+    if verb != "eval":  # eval runs in the job's own process
+        ensure_ray()
+    return main([verb, *argv])
 
 
 def _one_line(e: BaseException) -> str:

@@ -60,6 +60,13 @@ def tracking_uri(cfg: Any) -> str:
     return f"sqlite:///{path / 'mlflow.db'}"
 
 
+def _local_artifacts(uri: str) -> Optional[str]:
+    """A SQLite store keeps its artifacts beside it (MLflow's default is ./mlruns of the CWD)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    return None
+
+
 def check_server(uri: str, timeout: float = 5.0) -> Optional[str]:
     """None if the tracking server answers; else why not. Only http(s) URIs are probed."""
     if not uri.startswith(("http://", "https://")):
@@ -105,7 +112,7 @@ class Tracker:
     retries: int = 4
     backoff: float = 0.5
     failures: list[str] = field(default_factory=list)
-    last_step: int = -1
+    last_step: dict[str, int] = field(default_factory=dict)  # metric -> last step logged
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -125,7 +132,8 @@ class Tracker:
         self._client = MlflowClient(tracking_uri=self.uri)
         try:
             exp = self._client.get_experiment_by_name(self.experiment)
-            exp_id = exp.experiment_id if exp else self._client.create_experiment(self.experiment)
+            exp_id = exp.experiment_id if exp else self._client.create_experiment(
+                self.experiment, artifact_location=_local_artifacts(self.uri))
             if self.run_id is None:
                 tags = dict(self.tags)
                 tags["mlflow.runName"] = self.run_name
@@ -134,7 +142,7 @@ class Tracker:
                 self.run_id = self._client.create_run(exp_id, tags=tags, run_name=self.run_name).info.run_id
             else:
                 self._client.update_run(self.run_id, status="RUNNING")
-                self.last_step = self._last_logged_step()
+                self.last_step = self._last_logged_steps()
         except Exception as e:
             raise UserError(f"tracking.uri: cannot open an MLflow run at {redact('uri', self.uri)}: "
                             f"{_one_line(e)}") from None
@@ -142,11 +150,13 @@ class Tracker:
         self._thread.start()
         return self.run_id
 
-    def finish(self, status: str = "FINISHED", timeout: float = 120.0) -> None:
-        """Flush what is queued (within `timeout`), close the run, report failed calls."""
+    def finish(self, status: Optional[str] = "FINISHED", timeout: float = 120.0) -> None:
+        """Flush what is queued (within `timeout`), end the run with `status` (None: leave it
+        running, for a worker's logger), and report the calls that failed."""
         if self._thread is None:
             return
-        self._submit("set_terminated", lambda c: c.set_terminated(self.run_id, status=status))
+        if status is not None:
+            self._submit("set_terminated", lambda c: c.set_terminated(self.run_id, status=status))
         self._queue.put(None)
         self._thread.join(timeout)
         self._thread = None
@@ -166,22 +176,22 @@ class Tracker:
             chunk = items[i: i + 100]
             self._submit("log_params", lambda c, chunk=chunk: c.log_batch(self.run_id, params=chunk))
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> bool:
-        """Log one step's metrics once; a step at or before the last logged one is skipped."""
-        if step <= self.last_step:
-            return False
-        self.last_step = step
+    def log_metrics(self, metrics: dict[str, float], step: int) -> int:
+        """Log each metric of a step once: a metric already logged at this or a later step is
+        skipped (a restarted worker group re-reports steps). Returns how many were logged."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = []
         for k, v in metrics.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                items.append(Metric(k, float(v), now, step))
-                self.history.setdefault(k, []).append((step, float(v)))
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or step <= self.last_step.get(k, -1):
+                continue
+            self.last_step[k] = step
+            items.append(Metric(k, float(v), now, step))
+            self.history.setdefault(k, []).append((step, float(v)))
         if items:
             self._submit(f"log_metrics@{step}", lambda c: c.log_batch(self.run_id, metrics=items))
-        return True
+        return len(items)
 
     def log_values(self, metrics: dict[str, float], step: int = 0) -> None:
         """Metrics that are not part of the step sequence (data statistics, final scores)."""
@@ -224,16 +234,21 @@ class Tracker:
             self.log_text(json.dumps(stats, indent=2, sort_keys=True), f"data/{split}/stats.json")
 
     def log_model(self, model_dir: str, *, task: str = "text-generation", register_as: Optional[str] = None,
-                  flavor: bool = True) -> None:
-        """The exported HF folder as an MLflow transformers model (or a plain artifact folder)."""
+                  flavor: bool = True, flavor_max_bytes: int = 2 << 30) -> None:
+        """The exported HF folder as an MLflow `transformers` model when it is small enough to
+        load here (MLflow's flavor needs the objects: logging from a checkpoint path is broken
+        with transformers 5), else as a plain artifact folder `model/`."""
 
         def call(client) -> None:
             import mlflow
 
-            mlflow.set_tracking_uri(self.uri)
-            if flavor:
+            size = sum(p.stat().st_size for p in Path(model_dir).rglob("*") if p.is_file())
+            if flavor and size <= flavor_max_bytes:
+                mlflow.set_tracking_uri(self.uri)
                 with mlflow.start_run(run_id=self.run_id):
-                    info = mlflow.transformers.log_model(transformers_model=model_dir, name="model", task=task)
+                    info = mlflow.transformers.log_model(
+                        transformers_model=_load_for_mlflow(model_dir, task), name="model", task=task,
+                        pip_requirements=_pip_requirements())
                 uri = info.model_uri
             else:
                 client.log_artifacts(self.run_id, model_dir, "model")
@@ -272,12 +287,30 @@ class Tracker:
                     else:
                         time.sleep(self.backoff * 2 ** attempt)
 
-    def _last_logged_step(self) -> int:
+    def _last_logged_steps(self) -> dict[str, int]:
         run = self._client.get_run(self.run_id)
-        steps = [-1]
-        for key in run.data.metrics:
-            steps += [m.step for m in self._client.get_metric_history(self.run_id, key)]
-        return max(steps)
+        return {key: max(m.step for m in self._client.get_metric_history(self.run_id, key))
+                for key in run.data.metrics}
+
+
+def _load_for_mlflow(model_dir: str, task: str) -> dict:
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    cls = AutoModelForSeq2SeqLM if task == "text2text-generation" else AutoModelForCausalLM
+    return {"model": cls.from_pretrained(model_dir), "tokenizer": AutoTokenizer.from_pretrained(model_dir)}
+
+
+def _pip_requirements() -> list[str]:
+    # Stated, not inferred: MLflow's inference imports torchvision, which has no CPU wheel here.
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for name in ("torch", "transformers", "tokenizers", "safetensors", "peft"):
+        try:
+            reqs.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            pass
+    return reqs
 
 
 def _param_value(value: Any) -> str:
@@ -358,3 +391,112 @@ def plot_data(rows_dir: str, path: str, max_rows: int = 50_000) -> Optional[str]
 
 def scratch_dir() -> str:
     return tempfile.mkdtemp(prefix="chatsft-mlflow-")
+
+
+# ------------------------------------------------------------ a training run
+
+
+class StepLogger:
+    """Rank 0's per-step metrics -> the run. Picklable: it travels to the Ray worker and opens
+    its own client there; a restarted worker reopens the run and skips steps already logged.
+    (A plain class, not a dataclass: `dataclasses.asdict` of the worker arguments must not
+    turn it into a dict.)"""
+
+    def __init__(self, uri: str, experiment: str, run_name: str, run_id: str) -> None:
+        self.uri, self.experiment, self.run_name, self.run_id = uri, experiment, run_name, run_id
+        self._tracker: Optional[Tracker] = None
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_tracker"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._tracker = None
+
+    def __call__(self, step: int, metrics: dict[str, Any]) -> None:
+        if self._tracker is None:
+            self._tracker = Tracker(self.uri, self.experiment, self.run_name, run_id=self.run_id)
+            try:
+                self._tracker.start()
+            except UserError as e:  # the server went away after preflight: train on, say so
+                print(f"warning: {e}; step metrics are not logged")
+                self._tracker = None
+                return
+        self._tracker.log_metrics(metrics, step)
+
+    def close(self) -> None:
+        if self._tracker is not None:
+            self._tracker.finish(status=None)
+
+
+@dataclass
+class RunRecord:
+    """The driver's side of a training run: config, data, final results, model."""
+
+    cfg: Any
+    tracker: Tracker
+
+    @classmethod
+    def start(cls, cfg: Any, *, run_name: Optional[str] = None, parent_run_id: Optional[str] = None,
+              tags: Optional[dict[str, str]] = None) -> "RunRecord":
+        t = Tracker(tracking_uri(cfg), cfg.tracking.experiment, run_name or cfg.run.name,
+                    parent_run_id=parent_run_id, tags=dict(tags or {}))
+        t.start()
+        t.log_params(cfg.flat())
+        t.log_text(cfg.to_yaml(), "config.yaml")
+        print(f"[chatsft] MLflow run {t.run_id} at {redact('uri', t.uri)} (experiment {cfg.tracking.experiment})")
+        return cls(cfg, t)
+
+    @property
+    def run_id(self) -> str:
+        return self.tracker.run_id
+
+    def step_logger(self) -> StepLogger:
+        t = self.tracker
+        return StepLogger(t.uri, t.experiment, t.run_name, t.run_id)
+
+    def log_data(self, train_dir: str, eval_dir: Optional[str]) -> None:
+        scratch = scratch_dir()
+        for split, folder in (("train", train_dir), ("eval", eval_dir)):
+            if not folder:
+                continue
+            stats_path = os.path.join(folder, "stats.json")
+            if os.path.exists(stats_path):
+                with open(stats_path, encoding="utf-8") as f:
+                    self.tracker.log_data_stats(json.load(f), split, folder)
+            plot = plot_data(folder, os.path.join(scratch, f"data_{split}.png"))
+            if plot:
+                self.tracker.log_artifact(plot, "plots")
+
+    def complete(self, metrics: dict[str, Any], model_dir: Optional[str], checkpoint: Optional[str],
+                 *, seq2seq: bool = False) -> None:
+        t = self.tracker
+        final = {f"final/{k}": v for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        t.log_values(final, step=int(metrics.get("step", 0) or 0))
+        if checkpoint:
+            t.set_tags({"checkpoint": redact("checkpoint", checkpoint)})
+        plot = plot_losses(self._history(), os.path.join(scratch_dir(), "loss.png"))
+        if plot:
+            t.log_artifact(plot, "plots")
+        if model_dir and self.cfg.tracking.log_model and os.path.isdir(model_dir):
+            adapter = os.path.exists(os.path.join(model_dir, "adapter_config.json"))
+            t.set_tags({"model_dir": model_dir})
+            t.log_model(model_dir, task="text2text-generation" if seq2seq else "text-generation",
+                        register_as=self.cfg.tracking.register_as, flavor=not adapter)
+        t.finish("FINISHED")
+
+    def fail(self, error: BaseException) -> None:
+        self.tracker.set_tags({"error": _one_line(error)})
+        self.tracker.finish("FAILED")
+
+    def _history(self) -> dict[str, list[tuple[int, float]]]:
+        """Loss curves as the run holds them (rank 0 logged them, possibly in another process)."""
+        self.tracker.wait()
+        out: dict[str, list[tuple[int, float]]] = {}
+        for key in ("train_loss", "eval_loss"):
+            try:
+                out[key] = [(m.step, m.value) for m in self.tracker._client.get_metric_history(self.run_id, key)]
+            except Exception as e:
+                self.tracker.failures.append(f"history {key}: {_one_line(e)}")
+        return out

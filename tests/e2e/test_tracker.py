@@ -47,13 +47,15 @@ def test_steps_are_logged_once_and_a_reopened_run_continues(mlflow_server):
     t.finish()
     again = Tracker(mlflow_server.uri, "tracker-test", "dedupe", run_id=run_id)
     again.start()
-    assert again.last_step == 3
+    assert again.last_step == {"train_loss": 3}
     for step in (3, 4):
         again.log_metrics({"train_loss": 10.0 - step}, step)
+    again.log_metrics({"eval_loss": 1.0}, 4)  # another metric at an already logged step still goes in
     again.finish()
     client = MlflowClient(mlflow_server.uri)
     history = client.get_metric_history(run_id, "train_loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(run_id, "eval_loss")] == [4]
     run = client.get_run(run_id)
     assert run.data.params["tracking.uri"] == "http://***@host" and run.info.status == "FINISHED"
 

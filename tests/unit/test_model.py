@@ -259,4 +259,4 @@ def test_t5_lora_targets_gated_projections(tiny_t5_dir):
 def test_missing_model_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="model.name_or_path"):
         load_model(cfg_with(f"model.name_or_path={tmp_path}/nowhere", "model.kind=causal",
-                            f"model.tokenizer=builtin:tiny-llama"))
+                            "model.tokenizer=builtin:tiny-llama"))

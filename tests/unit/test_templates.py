@@ -3,13 +3,12 @@
 import copy
 import tempfile
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chatsft.builtin import build_tokenizer
-from chatsft.data.conversation import BadRecord, Message, merge_system, parse_record
+from chatsft.data.conversation import BadRecord, merge_system, parse_record
 from chatsft.data.render import IGNORE, render_conversation
 from chatsft.data.templates import TemplateError, get_template
 

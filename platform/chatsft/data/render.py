@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import accumulate, chain
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -98,22 +99,33 @@ class _Layout:
 def layout(conv: Conversation, template: ChatTemplate) -> _Layout:
     template.check_content(conv.messages)
     segs = template.segments(conv.messages)
-    text_parts, spans, answer_ends = [], [], []
-    pos = 0
-    for s in segs:
-        end = pos + len(s.text)
-        if s.supervised and s.text:
-            if spans and spans[-1][1] == pos and spans[-1][2] == s.answer:
-                spans[-1] = (spans[-1][0], end, s.answer)
+    spans: list[tuple[int, int, int]] = []
+    answer_ends: list[int] = []
+    texts = [s.text for s in segs]
+    ends = list(accumulate(map(len, texts)))  # character end of every segment
+    # The hot loop of prepare: only answer or learned segments matter; the open span is kept in locals.
+    open_start, open_end, open_answer = -1, -1, -2
+    for i, s in enumerate(segs):
+        answer = s.answer
+        supervised = s.supervised
+        if answer < 0 and not supervised:
+            continue
+        end = ends[i]
+        if supervised and texts[i]:
+            pos = end - len(texts[i])
+            if open_end == pos and open_answer == answer:
+                open_end = end  # extends the span that ends here
             else:
-                spans.append((pos, end, s.answer))
-        if s.answer >= 0:
-            while len(answer_ends) <= s.answer:
+                if open_answer != -2:
+                    spans.append((open_start, open_end, open_answer))
+                open_start, open_end, open_answer = pos, end, answer
+        if answer >= 0:
+            while len(answer_ends) <= answer:
                 answer_ends.append(end)
-            answer_ends[s.answer] = end
-        text_parts.append(s.text)
-        pos = end
-    return _Layout("".join(text_parts), spans, answer_ends)
+            answer_ends[answer] = end
+    if open_answer != -2:
+        spans.append((open_start, open_end, open_answer))
+    return _Layout("".join(texts), spans, answer_ends)
 
 
 def render_batch(
@@ -148,27 +160,38 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[tuple[np.ndarray, np.ndarr
     if not getattr(tokenizer, "is_fast", False):
         raise TemplateError(f"model.tokenizer: {getattr(tokenizer, 'name_or_path', '')!r} is a slow "
                             "(Python) tokenizer; chatsft needs a fast (Rust) tokenizer for offsets")
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
-                    return_attention_mask=False)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (backend is not None and backend.truncation is None and backend.padding is None
+            and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False))):
+        # Exactly what tokenizer(texts, add_special_tokens=False) runs, without converting every
+        # encoding into Python lists first (a third of the time of rendering a batch).
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+    else:  # the wrapper resets truncation/padding the backend was saved with
+        encodings = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
+                              return_attention_mask=False).encodings
     result = []
-    for e in enc.encodings:
+    for e in encodings:
         ids = np.asarray(e.ids, dtype=np.int32)
-        offsets = np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2)
-        result.append((ids, offsets))
+        flat = np.fromiter(chain.from_iterable(e.offsets), dtype=np.int64, count=2 * len(ids))
+        result.append((ids, flat.reshape(-1, 2)))
     return result
 
 
 def _samples(source: str, lay: _Layout, ids: np.ndarray, offsets: np.ndarray,
              opts: RenderOptions) -> RenderResult:
-    starts, ends = offsets[:, 0], offsets[:, 1]
+    # Contiguous copies: searchsorted on a strided column would copy it on every call.
+    starts, ends = np.ascontiguousarray(offsets[:, 0]), np.ascontiguousarray(offsets[:, 1])
     n_answers = len(lay.answer_ends)
     answer_of = np.full(len(ids), -1, dtype=np.int32)
-    for a, b, k in lay.spans:
-        first = int(np.searchsorted(ends, a, side="right"))  # first token ending after a
-        last = int(np.searchsorted(starts, b, side="left"))  # first token starting at/after b
-        answer_of[first:last] = k
+    spans = lay.spans
+    # One search for every "first token starting at/after b": span ends, then answer ends.
+    lefts = starts.searchsorted([b for _, b, _ in spans] + lay.answer_ends, side="left").tolist()
+    if spans:
+        firsts = ends.searchsorted([a for a, _, _ in spans], side="right").tolist()  # first token ending after a
+        for first, last, (_, _, k) in zip(firsts, lefts, spans):
+            answer_of[first:last] = k
     # Token count through each answer's end-of-turn token.
-    answer_end_tok = [int(np.searchsorted(starts, e, side="left")) for e in lay.answer_ends]
+    answer_end_tok = lefts[len(spans):]
 
     if opts.organization == Organization.SPLIT_TURN:
         wanted = range(n_answers)
@@ -187,9 +210,13 @@ def _samples(source: str, lay: _Layout, ids: np.ndarray, offsets: np.ndarray,
         owner = answer_of[:end]
         if opts.train_on == TrainOn.ALL_TOKENS:
             keep = np.ones(end, dtype=bool)
+        elif len(learned) == 1:
+            keep = owner == next(iter(learned))
+        elif len(learned) == n_answers:  # owners are -1 or an answer index: every answer is learned
+            keep = owner >= 0
         else:
             keep = np.isin(owner, list(learned))
-        labels = np.where(keep, sample_ids, IGNORE).astype(np.int32)
+        labels = np.where(keep, sample_ids, IGNORE).astype(np.int32, copy=False)
         ends_here = [answer_end_tok[k] for k in sorted(learned) if answer_end_tok[k] <= end]
         sample = Sample(sample_ids, labels, src, owner, eot_supervised=len(ends_here))
         sample, reason = _truncate(sample, ends_here, opts)

@@ -93,3 +93,28 @@ def turn_weights(samples: Iterable[Sample], normalization: Literal["token", "sam
 
 def supervision_ratios(samples: Iterable[Sample]) -> np.ndarray:
     return np.array([s.num_supervised / max(1, len(s.input_ids)) for s in samples])
+
+
+def batch_padded_slots(lengths: Iterable[int], batch_size: int) -> int:
+    """Token slots of the padded tensors when rows are batched in order, each batch padded to its longest row."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    lens = np.asarray(list(lengths), dtype=np.int64)
+    n_full = lens.size // batch_size * batch_size
+    slots = int(lens[:n_full].reshape(-1, batch_size).max(axis=1).sum()) * batch_size if n_full else 0
+    rest = lens[n_full:]
+    if rest.size:
+        slots += int(rest.max()) * rest.size
+    return slots
+
+
+def batch_pad_fraction(lengths: Iterable[int], batch_size: int) -> float:
+    """Padding when rows are batched in the given order and each batch is padded to its longest row.
+
+    This is what the trainer's collator does with a micro-batch: the fraction of
+    the padded (rows x longest) tensors that is padding, over all batches. The
+    last batch may be short; it is padded to its own longest row.
+    """
+    lens = np.asarray(list(lengths), dtype=np.int64)
+    slots = batch_padded_slots(lens, batch_size)
+    return float(1.0 - lens.sum() / slots) if slots else 0.0

@@ -1,0 +1,427 @@
+"""`prepare`: JSONL conversations -> shuffled (optionally packed) Parquet rows, stats and a mask preview.
+
+The graph:
+
+    JsonlLines (raw lines + path:line)        read.py; local files read on the driver's node
+      -> map_batches(Renderer), actors        render.py; parse, validate, render, mixture copies
+      -> blocks kept in the object store      each block carries its batches' stats rows
+      -> stats: one small task per block      counts, bad records (error mode stops here)
+      -> partition tasks, one per block       shuffle.py: range partition on the seeded key
+      -> one task per partition               sort (or pack window by window), write part-NNNNN.parquet
+
+The shuffle after rendering uses plain Ray tasks rather than Dataset.sort:
+the shuffle key is a uniform hash, so fixed key ranges partition it evenly
+without a sampling pass, and the partitions (hence the files) are the same
+whatever the number of blocks; it also saves Ray Data's per-stage start-up,
+which dominated small corpora.
+
+The rendered blocks stay in the object store until they are written (Ray
+spills them to disk when they outgrow it).
+
+Row order is a pure function of the config and seed: every random decision is
+a hash of (seed, path:line) and rows are written in the order of a sort on
+those hashes, so the number of CPUs, actors and blocks never changes a row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from chatsft.config import Config, ConfigError
+from chatsft.data.conversation import BadRecord, Conversation, Message
+from chatsft.data.render import IGNORE, RenderOptions, Sample, render_batch, render_seq2seq
+from chatsft.data.sources import SourceFile, expand_source, is_uri
+from chatsft.data.stats import MaskStats, batch_padded_slots
+from chatsft.data.templates import TemplateError, get_template
+from chatsft.errors import UserError
+from chatsft.pipeline import shuffle
+from chatsft.pipeline.fingerprint import fingerprint
+from chatsft.pipeline.output import Location
+from chatsft.pipeline.render import FileRole, RenderSpec, Renderer
+from chatsft.pipeline.rows import EVAL, SPLITS, TRAIN
+
+USER_ERRORS = (BadRecord, TemplateError, ConfigError, UserError)
+
+
+@dataclass
+class Prepared:
+    """Where the prepared rows are and what stats.json says about them."""
+
+    train_dir: str
+    eval_dir: Optional[str]  # None when there is no eval split
+    train_stats: dict
+    eval_stats: Optional[dict]
+
+
+def prepare(cfg: Config, *, force: bool = False) -> Prepared:
+    """Prepare the rows of `cfg` under <run.output_dir>/data/, or reuse fresh ones (unless force)."""
+    from chatsft.model import load_tokenizer, model_kind
+
+    kind = model_kind(cfg.model)
+    check_config(cfg, kind)
+    files = plan_files(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    preflight(cfg, kind, tokenizer)
+    has_eval = any(r.split == EVAL for _, r in files) or any(r.carve for _, r in files)
+    out = cfg.run.output_dir
+    # Written by tasks whose working directory is not ours: a local folder is made absolute.
+    root = Location(out if is_uri(out) else os.path.abspath(out)).join("data")
+    fp = fingerprint(cfg, kind, [(SPLITS[r.split], f) for f, r in files], tokenizer)
+    if not force:
+        reused = reuse(root, fp, has_eval)
+        if reused is not None:
+            print(f"chatsft prepare: reusing {root.path} (config, tokenizer and sources unchanged)")
+            return reused
+    return _run(cfg, kind, files, tokenizer, root, fp, has_eval)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_config(cfg: Config, kind: str) -> None:
+    if kind == "seq2seq" and cfg.data.packing:
+        raise ConfigError("data.packing: encoder-decoder (seq2seq) models are not packed; "
+                          "set data.packing=false")
+    if cfg.data.eval and cfg.data.eval_fraction > 0:
+        raise ConfigError("data.eval_fraction: set together with data.eval; hold out from train "
+                          "(eval_fraction) or give eval sources (data.eval), not both")
+
+
+def plan_files(cfg: Config) -> list[tuple[SourceFile, FileRole]]:
+    """Every file of every source in config order, with its split and mixture weight."""
+    carve = not cfg.data.eval and cfg.data.eval_fraction > 0
+    out = []
+    for key, sources, split in (("data.train", cfg.data.train, TRAIN), ("data.eval", cfg.data.eval, EVAL)):
+        for i, src in enumerate(sources):
+            found = expand_source(src.path)
+            if not found:
+                raise UserError(f"{key}[{i}].path: no JSONL file matches {src.path!r}")
+            for f in found:
+                out.append((f, FileRole(f.display, split, src.weight, carve and split == TRAIN)))
+    return out
+
+
+def preflight(cfg: Config, kind: str, tokenizer: Any) -> None:
+    """Fail on a config problem (template, tokenizer, organization) here, before any worker starts."""
+    opts = RenderOptions.from_config(cfg.data)
+    probe = Conversation((Message("user", "hi"), Message("assistant", "hello")), "preflight")
+    if kind == "seq2seq":
+        render_seq2seq(probe, tokenizer, opts)
+    else:
+        render_batch([probe], tokenizer, get_template(cfg.data.template, tokenizer), opts)
+
+
+def reuse(root: Location, fp: str, has_eval: bool) -> Optional[Prepared]:
+    text = root.join("prepare.json").read_text()
+    if text is None:
+        return None
+    try:
+        meta = json.loads(text)
+    except ValueError:
+        return None
+    if meta.get("fingerprint") != fp:
+        return None
+    train_stats = _read_json(root.join("train", "stats.json"))
+    eval_stats = _read_json(root.join("eval", "stats.json")) if has_eval else None
+    if train_stats is None or (has_eval and eval_stats is None):
+        return None
+    return Prepared(root.join("train").path, root.join("eval").path if has_eval else None,
+                    train_stats, eval_stats)
+
+
+def _read_json(loc: Location) -> Optional[dict]:
+    text = loc.read_text()
+    try:
+        return json.loads(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def _run(cfg: Config, kind: str, files: list[tuple[SourceFile, FileRole]], tokenizer: Any,
+         root: Location, fp: str, has_eval: bool) -> Prepared:
+    from ray.data import DataContext
+
+    from chatsft.raysetup import ensure_ray
+
+    ensure_ray()
+    ctx = DataContext.get_current()
+    saved = ctx.execution_options.preserve_order
+    # Blocks in order: `take` gives the first records of the files, and sorted blocks are written in order.
+    ctx.execution_options.preserve_order = True
+    try:
+        return _execute(cfg, kind, files, tokenizer, root, fp, has_eval)
+    except USER_ERRORS:
+        raise
+    except Exception as e:  # a user error raised inside a Ray worker comes back wrapped
+        user = _user_error_in(e)
+        if user is not None:
+            raise user from None
+        raise
+    finally:
+        ctx.execution_options.preserve_order = saved
+
+
+def _execute(cfg: Config, kind: str, files: list[tuple[SourceFile, FileRole]], tokenizer: Any,
+             root: Location, fp: str, has_eval: bool) -> Prepared:
+    import ray
+    from ray.data import read_datasource
+
+    from chatsft.pipeline.read import make_datasource
+
+    started = time.time()  # stats.json times the pipeline itself, not Ray's or the tokenizer's start-up
+    data = cfg.data
+    spec = RenderSpec(model=cfg.model, template=getattr(data.template, "value", data.template),
+                      options=RenderOptions.from_config(data), seq2seq=kind == "seq2seq",
+                      seed=cfg.run.seed, eval_fraction=data.eval_fraction,
+                      files=tuple(r for _, r in files), bad_examples=data.bad_examples,
+                      tokenizer=tokenizer if _pickles(tokenizer) else None)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    concurrency = data.map_concurrency or (1, cpus)
+    # Reading lines is I/O and costs little next to rendering them. The read tasks reserve no
+    # CPU: with one render actor per CPU, a read task that waited for a free CPU would wait forever.
+    # Without a CPU to count, their number is capped here instead (a few readers keep up with many
+    # render actors; local reads all run on the driver's node).
+    readers = min(len(files), 64)  # read tasks, each a run of files; a file streams in blocks
+    lines = read_datasource(make_datasource([f for f, _ in files]), num_cpus=0, override_num_blocks=readers,
+                            concurrency=min(readers, max(2, cpus // 4)))
+    rendered = lines.map_batches(Renderer, fn_constructor_args=(spec,), batch_size=data.map_batch_size,
+                                 batch_format="pyarrow", compute=_actor_pool(concurrency), num_cpus=1)
+    # Run the graph and keep its blocks in the object store, in file order (preserve_order).
+    blocks = [ref for bundle in rendered.iter_internal_ref_bundles() for ref in bundle.block_refs]
+    rendered_at = time.time()
+
+    task = ray.remote(num_cpus=0.25)
+    stats, bad = _collect_stats(ray.get([task(shuffle.block_stats).remote(b) for b in blocks]))
+    if bad and data.on_bad_record == "error":
+        fi, ln, split, ex = bad[0]
+        raise BadRecord(ex["reason"], ex["detail"], ex["source"])
+    splits = [TRAIN, EVAL] if has_eval else [TRAIN]
+    for split in splits:
+        if stats[split].samples == 0:
+            raise UserError(_nothing_left(split, stats[split], cfg))
+
+    for loc in (root.join("prepare.json"), root.join("train"), root.join("eval")):
+        loc.remove()  # stale rows must never mix with new ones
+    plans = [shuffle.plan_split(s, stats[s].samples, stats[s].tokens, data.packing, data.pack_window,
+                                data.max_length, cfg.run.seed, root.join(SPLITS[s]).path) for s in splits]
+    for plan in plans:
+        Location(plan.folder).make_dirs()
+    n_parts = sum(p.parts for p in plans)
+    print(f"chatsft prepare: rendered in {rendered_at - started:.1f} s; shuffling"
+          f"{' and packing' if data.packing else ''} into {n_parts} Parquet file(s)", flush=True)
+    cut = task(shuffle.partition_task).options(num_returns=n_parts)
+    pieces = [cut.remote(b, plans) for b in blocks]
+    if n_parts == 1:
+        pieces = [[r] for r in pieces]  # one return: a ref, not a list of refs
+    write = task(shuffle.write_part).options(**_write_placement(root))
+    pending, k = {}, 0
+    for plan in plans:
+        pending[plan.split] = [write.remote(plan, p, *[pc[k + p] for pc in pieces]) for p in range(plan.parts)]
+        k += plan.parts
+    lengths = {s: ray.get(refs) for s, refs in pending.items()}
+    previews = {s: _first_samples(blocks, s, data.preview_samples) for s in splits}
+    now = time.time()
+    seconds = {"seconds": now - started, "seconds_render": rendered_at - started,
+               "seconds_shuffle_write": now - rendered_at}
+    all_tokens = sum(stats[s].tokens for s in splits)
+
+    out: dict[int, dict] = {}
+    for split in splits:
+        folder = root.join(SPLITS[split])
+        inputs = np.concatenate([a for a, _ in lengths[split]])
+        labels = np.concatenate([b for _, b in lengths[split]])
+        d = split_stats(stats[split], int(inputs.size), (inputs, labels), cfg, kind, seconds, all_tokens)
+        folder.join("stats.json").write_text(json.dumps(d, indent=2) + "\n")
+        folder.join("mask_preview.html").write_text(_preview_html(tokenizer, previews[split], kind,
+                                                                  SPLITS[split]))
+        mine = [b[3] for b in bad if b[2] == split][: data.bad_examples]
+        if mine:
+            folder.join("bad_records.jsonl").write_text("".join(json.dumps(b, ensure_ascii=False) + "\n"
+                                                                for b in mine))
+        out[split] = d
+    root.join("prepare.json").write_text(json.dumps(
+        {"fingerprint": fp, "train_dir": root.join("train").path,
+         "eval_dir": root.join("eval").path if has_eval else None,
+         "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n")
+    prepared = Prepared(root.join("train").path, root.join("eval").path if has_eval else None,
+                        out[TRAIN], out.get(EVAL))
+    print(summary(prepared, data.on_bad_record))
+    return prepared
+
+
+def _pickles(obj: Any) -> bool:
+    import pickle
+
+    try:
+        pickle.dumps(obj)
+        return True
+    except Exception:  # e.g. a remote-code tokenizer holding a handle: actors load their own
+        return False
+
+
+def _actor_pool(concurrency: Any) -> Any:
+    from ray.data import ActorPoolStrategy
+
+    if isinstance(concurrency, tuple):
+        return ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1])
+    return ActorPoolStrategy(size=concurrency)
+
+
+def _write_placement(root: Location) -> dict:
+    """A local output folder is on the driver's disk: its files are written there."""
+    if not root.local:
+        return {}
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                  soft=False)}
+
+
+def _first_samples(blocks: list, split: int, n: int) -> list[dict]:
+    """The first n samples of a split in file order (blocks are in file order)."""
+    import ray
+
+    task = ray.remote(num_cpus=0.25)(shuffle.first_samples)
+    out: list[dict] = []
+    for b in blocks:
+        if len(out) >= n:
+            break
+        out += ray.get(task.remote(b, split, n - len(out)))
+    return out
+
+
+def _collect_stats(per_block: list[list[str]]) -> tuple[dict[int, MaskStats], list[list]]:
+    stats = {TRAIN: MaskStats(), EVAL: MaskStats()}
+    bad: list[list] = []
+    for texts in per_block:
+        for text in texts:
+            part = json.loads(text)
+            for split, name in SPLITS.items():
+                stats[split].merge(MaskStats.from_dict(part["stats"][name]))
+            bad.extend(part["bad"])
+    bad.sort(key=lambda b: (b[0], b[1]))  # file order: the first bad record is the one to name
+    return stats, bad
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def split_stats(st: MaskStats, rows: int, lengths: tuple[np.ndarray, np.ndarray], cfg: Config, kind: str,
+                seconds: dict, all_tokens: int) -> dict:
+    """stats.json of one split.
+
+    pad_fraction is the padding the trainer will add: rows are read in their
+    stored order in micro-batches of train.micro_batch_size, and each micro-batch
+    is padded to its longest row; pad_fraction = 1 - tokens / padded slots. For
+    packed rows, pad_fraction_to_max_length is the padding if every row were
+    padded to data.max_length (static shapes). For seq2seq, encoder and decoder
+    tensors are padded separately and both count.
+
+    seconds: wall time of the pipeline for both splits, read through written
+    files (seconds_render: reading and rendering; seconds_shuffle_write: the
+    rest), not counting Ray's or the driver's tokenizer start-up;
+    tokens_per_second: the tokens of both splits over seconds.
+    """
+    mb = cfg.train.micro_batch_size
+    inputs, labels = lengths
+    slots = batch_padded_slots(inputs, mb)
+    tokens = int(inputs.sum())
+    if kind == "seq2seq":
+        slots += batch_padded_slots(labels, mb)
+        tokens += int(labels.sum())
+    d = st.to_dict()
+    d.update({
+        "rows": rows,
+        "packing": bool(cfg.data.packing),
+        "max_length": cfg.data.max_length,
+        "pad_fraction": float(1 - tokens / slots) if slots else 0.0,
+        "pad_micro_batch_size": mb,
+        "pad_definition": f"1 - tokens / slots when rows are read in stored order in micro-batches of "
+                          f"{mb}, each padded to its longest row",
+        **{k: round(v, 3) for k, v in seconds.items()},
+        "tokens_per_second": round(all_tokens / seconds["seconds"], 1) if seconds["seconds"] > 0 else 0.0,
+    })
+    if cfg.data.packing:
+        d["pad_fraction_to_max_length"] = float(1 - tokens / (rows * cfg.data.max_length)) if rows else 0.0
+        d["sequences_per_row"] = st.samples / rows if rows else 0.0
+    return d
+
+
+def _nothing_left(split: int, st: MaskStats, cfg: Config) -> str:
+    key = "data.train" if split == TRAIN else ("data.eval" if cfg.data.eval else "data.eval_fraction")
+    bad = ", ".join(f"{k} {v}" for k, v in sorted(st.bad_by_reason.items())) or "none"
+    return (f"{key}: no {SPLITS[split]} samples left: {st.records_read} records read, {st.records_bad} bad "
+            f"({bad}), {st.dropped_no_supervision} dropped with no supervised token, "
+            f"{st.dropped_too_long} dropped as too long")
+
+
+def _preview_html(tokenizer: Any, rows: list[dict], kind: str, name: str) -> str:
+    from chatsft.data.preview import to_html
+
+    samples = []
+    for r in rows:
+        ids = np.asarray(r["input_ids"], np.int32)
+        labels = np.asarray(r["labels"], np.int32)
+        if kind == "seq2seq":  # show the encoder text as context and the decoder target as learned
+            ids, labels = np.concatenate([ids, labels]), np.concatenate([np.full(len(ids), IGNORE, np.int32),
+                                                                           labels])
+        samples.append(Sample(ids, labels, r["source"], truncated=bool(r["truncated"])))
+    return to_html(tokenizer, samples, title=f"chatsft mask preview: {name} (first records in file order)")
+
+
+def summary(p: Prepared, on_bad_record: str) -> str:
+    """The one-screen report printed at the end."""
+    lines = []
+    for name, folder, st in (("train", p.train_dir, p.train_stats), ("eval", p.eval_dir, p.eval_stats)):
+        if st is None:
+            continue
+        bad = ", ".join(f"{k} {v}" for k, v in st["bad_by_reason"].items()) or "none"
+        lines += [
+            f"{name}: {folder}",
+            f"  records read {st['records_read']:,}   bad {st['records_bad']:,} ({bad})"
+            + ("   [skipped: on_bad_record=skip; examples in bad_records.jsonl]"
+               if st["records_bad"] and on_bad_record == "skip" else ""),
+            f"  samples {st['samples']:,}   rows {st['rows']:,}"
+            + (f" (packed, {st['sequences_per_row']:.1f} per row)" if st["packing"] else "")
+            + f"   tokens {st['tokens']:,}   supervised {st['supervised_tokens']:,} "
+              f"({st['supervision_ratio']:.1%})",
+            f"  truncated {st['truncated_samples']:,}   dropped: no supervised token "
+            f"{st['dropped_no_supervision']:,}, too long {st['dropped_too_long']:,}",
+            f"  pad fraction {st['pad_fraction']:.1%} (micro-batches of {st['pad_micro_batch_size']}, "
+            f"each padded to its longest row)"
+            + (f"; {st['pad_fraction_to_max_length']:.1%} if padded to max_length {st['max_length']}"
+               if st["packing"] else ""),
+        ]
+    t = p.train_stats
+    lines.append(f"done in {t['seconds']:.1f} s, {t['tokens_per_second']:,.0f} tokens/s; "
+                 f"files: *.parquet, stats.json, mask_preview.html")
+    return "\n".join(lines)
+
+
+def _user_error_in(e: BaseException) -> Optional[BaseException]:
+    """The user error (bad record, template, config) behind a Ray task/actor failure, if any."""
+    seen, todo = set(), [e]
+    found = None
+    while todo:
+        x = todo.pop(0)
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, USER_ERRORS):
+            found = x
+            if type(x) in USER_ERRORS:  # the original, not Ray's wrapper that subclasses it
+                return x
+        todo += [getattr(x, "cause", None), x.__cause__, x.__context__]
+    if found is not None:  # only Ray's wrapper survived: keep its last line, the error itself
+        return UserError(str(found).strip().splitlines()[-1])
+    return None

@@ -1,0 +1,118 @@
+"""The seeded global shuffle, packing and writing of one split: a range partition on the shuffle key.
+
+Order keys are uniform hashes, so cutting their range [0, 2**63) into P equal
+parts gives P partitions of about equal size without sampling, and partition
+p holds exactly the samples whose keys fall in its range wherever they were
+rendered. Each partition is sorted (or packed window by window) and written as
+`part-{p:05d}.parquet`: the files, their boundaries and their rows depend only
+on the config and the seed, never on the number of CPUs, actors or blocks.
+
+Packing windows are key ranges too (see keys.window_of), and a partition
+holds whole windows, so a window is packed in one place.
+
+The functions here are plain (tables in, tables out); run.py calls them as Ray tasks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+import numpy as np
+import pyarrow as pa
+
+from chatsft.pipeline.keys import window_of
+from chatsft.pipeline.rows import (PACKED_SORT_KEY, SORT_KEY, pack_window, row_lengths, select_samples,
+                                   select_stats, to_packed, to_unpacked, with_window)
+
+# Tokens per output partition: its ids and labels (8 bytes a token) plus a sort's copy fit in
+# well under a GiB of one task's memory, and files stay a convenient size.
+TOKENS_PER_PART = 32 << 20
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """How one split is cut, packed and written."""
+
+    split: int
+    parts: int
+    packing: bool
+    n_windows: int  # packing windows (1 when not packing)
+    capacity: int  # data.max_length
+    seed: int
+    folder: str  # Location path of the split's folder
+
+
+def plan_split(split: int, samples: int, tokens: int, packing: bool, pack_window_size: int,
+               capacity: int, seed: int, folder: str) -> SplitPlan:
+    """Partition count from exact totals (so the same data always gives the same files)."""
+    parts = max(1, math.ceil(tokens / TOKENS_PER_PART))
+    n_windows = 1
+    if packing:
+        n_windows = max(1, math.ceil(samples / pack_window_size))
+        parts = min(parts, n_windows)  # a partition holds whole windows
+    return SplitPlan(split, parts, packing, n_windows, capacity, seed, folder)
+
+
+def block_stats(table: pa.Table) -> list[str]:
+    """The statistics rows (JSON) of one rendered block."""
+    return select_stats(table)["stats"].to_pylist()
+
+
+def first_samples(table: pa.Table, split: int, n: int) -> list[dict]:
+    """Up to n sample rows of one split from a rendered block, in block order (for the preview)."""
+    return select_samples(table, split).slice(0, n).to_pylist()
+
+
+def _part_of(table: pa.Table, plan: SplitPlan) -> np.ndarray:
+    keys = table["order_key"].to_numpy()
+    if plan.packing:
+        return window_of(keys, plan.n_windows) * plan.parts // plan.n_windows
+    return window_of(keys, plan.parts)
+
+
+def partition(table: pa.Table, plans: list[SplitPlan]) -> list[pa.Table]:
+    """One rendered block -> its samples cut into each plan's parts (plans in order, parts in order)."""
+    out = []
+    for plan in plans:
+        samples = select_samples(table, plan.split)
+        part = _part_of(samples, plan)
+        for p in range(plan.parts):
+            out.append(samples.filter(pa.array(part == p)))
+    return out
+
+
+def partition_task(table: pa.Table, plans: list[SplitPlan]):
+    """`partition` shaped for a Ray task with num_returns = number of parts (one part: the table itself)."""
+    parts = partition(table, plans)
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def reduce_part(pieces: list[pa.Table], plan: SplitPlan) -> "pa.Table | None":
+    """All samples of one partition -> its training rows in stored order."""
+    table = pa.concat_tables(pieces) if pieces else None
+    if table is None or table.num_rows == 0:
+        return None
+    if not plan.packing:
+        return to_unpacked(table.sort_by([(k, "ascending") for k in SORT_KEY]))
+    table = with_window(table, plan.n_windows)
+    packed = []
+    windows = table["window"].to_numpy()
+    for w in np.unique(windows):
+        packed.append(pack_window(table.filter(pa.array(windows == w)), plan.capacity, plan.seed))
+    rows = pa.concat_tables(packed).sort_by([(k, "ascending") for k in PACKED_SORT_KEY])
+    return to_packed(rows)
+
+
+def write_part(plan: SplitPlan, p: int, *pieces: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """Reduce partition p and write it as part-{p:05d}.parquet; return its row lengths (inputs, labels).
+
+    The pieces are positional so that Ray resolves them (one per rendered block).
+    """
+    from chatsft.pipeline.output import Location
+
+    rows = reduce_part(list(pieces), plan)
+    if rows is None:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    Location(plan.folder).join(f"part-{p:05d}.parquet").write_parquet(rows)
+    return row_lengths(rows, "input_ids"), row_lengths(rows, "labels")
+

@@ -1,0 +1,293 @@
+"""`prepare` on a local Ray: rows equal the pure render, nothing lost, packing exact, bad records, mixtures.
+
+One local Ray (2 CPUs) serves the whole module. Every corpus is small: the
+time goes to starting render actors (each loads the tokenizer), not to data.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from chatsft.config import ConfigError, load_config
+from chatsft.data.conversation import REASONS, BadRecord, iter_lines, parse_line
+from chatsft.data.render import render_conversation
+from chatsft.data.sources import PACKAGE_ROOT
+from chatsft.data.templates import get_template
+from chatsft.pipeline import keys, prepare
+
+pytestmark = pytest.mark.slow
+
+SAMPLES = PACKAGE_ROOT / "samples" / "train.jsonl"
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+    from ray.data import DataContext
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+def config(tmp_path, tiny_llama_dir, *overrides):
+    return load_config(None, [f"run.output_dir={tmp_path / 'run'}", f"model.name_or_path={tiny_llama_dir}",
+                              *overrides])
+
+
+def read_rows(folder) -> pa.Table:
+    files = sorted(glob.glob(os.path.join(folder, "*.parquet")))
+    assert files, folder
+    return pa.concat_tables([pq.read_table(f) for f in files])
+
+
+def write_corpus(tmp_path, name, lines: list[bytes]) -> str:
+    path = tmp_path / name
+    path.write_bytes(b"".join(lines))
+    return str(path)
+
+
+def expected_samples(paths, tokenizer, template, **options) -> dict[str, tuple[list, list]]:
+    """source -> (input_ids, labels) as render_conversation gives them, for every good record."""
+    tpl = get_template(template, tokenizer)
+    out = {}
+    for path in paths:
+        for source, raw in iter_lines(open(path, "rb").read(), path):
+            try:
+                result = render_conversation(parse_line(raw, source), tokenizer, tpl, source=source, **options)
+            except BadRecord:
+                continue
+            for s in result.samples:
+                out[s.source] = (s.input_ids.tolist(), s.labels.tolist())
+    return out
+
+
+def sample_corpus(tmp_path) -> list[str]:
+    """Two files of shipped conversations, plus a tool-use record and a record too long to keep whole."""
+    lines = SAMPLES.read_bytes().splitlines(keepends=True)[:60]
+    tool = {"messages": [{"role": "user", "content": "Add 2 and 3."},
+                         {"role": "assistant", "content": [{"type": "text", "text": "Let me compute. "},
+                                                           {"type": "python", "text": "print(2 + 3)"},
+                                                           {"type": "python_output", "text": "5"},
+                                                           {"type": "text", "text": "It is 5."}]}]}
+    long = {"messages": [m for _ in range(6) for m in (
+        {"role": "user", "content": "Tell me again where I live, please, I keep forgetting it."},
+        {"role": "assistant", "content": "You live in Oslo, as you told me at the start of our talk."})]}
+    a = write_corpus(tmp_path, "a.jsonl", lines[:30] + [json.dumps(tool).encode() + b"\n"])
+    b = write_corpus(tmp_path, "b.jsonl", lines[30:] + [json.dumps(long).encode() + b"\n"])
+    return [a, b]
+
+
+def test_rows_equal_render_and_reuse(ray_local, tmp_path, tiny_llama_dir, tokenizer):
+    paths = sample_corpus(tmp_path)
+    cfg = config(tmp_path, tiny_llama_dir, f"data.train=[{paths[0]}, {paths[1]}]", "data.max_length=160")
+    p = prepare(cfg, force=True)
+    rows = read_rows(p.train_dir)
+    assert rows.column_names == ["input_ids", "labels", "source"]
+    assert rows.schema.field("input_ids").type == pa.list_(pa.int32())
+    assert rows.schema.field("source").type == pa.list_(pa.string())
+    expected = expected_samples(paths, tokenizer, "chatml", max_length=160)
+    got = {}
+    for ids, labels, (src,) in zip(rows["input_ids"].to_pylist(), rows["labels"].to_pylist(),
+                                   rows["source"].to_pylist()):
+        assert src not in got  # every record exactly once
+        assert len(ids) <= 160
+        got[src] = (ids, labels)
+    assert got == expected
+    assert p.eval_dir is None and p.eval_stats is None
+    st = p.train_stats
+    assert st["records_read"] == 62 and st["records_bad"] == 0 and st["samples"] == len(expected)
+    assert st["rows"] == rows.num_rows and st["truncated_samples"] >= 1  # the long record was cut
+    assert st["tokens"] == sum(len(v[0]) for v in expected.values())
+    assert st["supervised_tokens"] == sum(sum(t != -100 for t in v[1]) for v in expected.values())
+    for name in ("stats.json", "mask_preview.html"):
+        assert os.path.exists(os.path.join(p.train_dir, name))
+    assert json.load(open(os.path.join(p.train_dir, "stats.json"))) == st
+    assert f"{paths[0]}:1" in open(os.path.join(p.train_dir, "mask_preview.html")).read()
+
+    # prepare() without force reuses fresh rows: nothing is rewritten.
+    marker = os.path.join(tmp_path, "run", "data", "prepare.json")
+    before = os.stat(marker).st_mtime_ns
+    again = prepare(cfg)
+    assert again.train_stats == st and os.stat(marker).st_mtime_ns == before
+
+
+def test_packed_rows_hold_each_sample_once_with_its_own_labels(ray_local, tmp_path, tiny_llama_dir, tokenizer):
+    paths = sample_corpus(tmp_path)
+    cfg = config(tmp_path, tiny_llama_dir, f"data.train=[{paths[0]}, {paths[1]}]", "data.max_length=256",
+                 "data.packing=true", "data.organization=split_turn", "data.pack_window=40")
+    p = prepare(cfg, force=True)
+    rows = read_rows(p.train_dir)
+    assert rows.column_names == ["input_ids", "labels", "position_ids", "source"]
+    expected = expected_samples(paths, tokenizer, "chatml", max_length=256, organization="split_turn")
+    seen = Counter()
+    for ids, labels, pos, sources in zip(*(rows[c].to_pylist() for c in rows.column_names)):
+        assert len(ids) == len(labels) == len(pos) <= 256
+        starts = [i for i, q in enumerate(pos) if q == 0]
+        assert starts[0] == 0 and len(starts) == len(sources)
+        for k, (a, src) in enumerate(zip(starts, sources)):
+            b = starts[k + 1] if k + 1 < len(starts) else len(ids)
+            assert pos[a:b] == list(range(b - a))  # positions restart at each sequence
+            assert (ids[a:b], labels[a:b]) == expected[src]  # unpacked labels, untouched borders
+            seen[src] += 1
+    assert seen == Counter({src: 1 for src in expected})
+    assert any("#turn=2" in s for s in seen)
+    st = p.train_stats
+    assert st["samples"] == len(expected) and st["rows"] == rows.num_rows < len(expected)
+    assert 0 <= st["pad_fraction"] <= st["pad_fraction_to_max_length"] < 0.2
+
+
+# Each line is (bytes, reason or None). Under the `special` template every reason that file
+# content can cause arises except template_error, which only a tokenizer's own (hf) template raises.
+MALFORMED = [
+    (b'\xef\xbb\xbf{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\r\n', None),
+    (b"\r\n", None),
+    (b'{"messages": [{"role": "user", "content": "caf\xe9"}, {"role": "assistant", "content": "x"}]}\n', "invalid_utf8"),
+    (b'{"messages": [\n', "invalid_json"),
+    (b"[1, 2]\n", "not_an_object"),
+    (b'{"msgs": []}\n', "missing_messages"),
+    (b"   \n", None),
+    (b'{"messages": "hi"}\n', "messages_not_a_list"),
+    (b'{"messages": []}\n', "empty_messages"),
+    (b'{"messages": ["hi"]}\n', "message_not_an_object"),
+    (b'{"messages": [{"role": "robot", "content": "hi"}]}\n', "unknown_role"),
+    (b'{"messages": [{"role": "user", "content": 5}]}\n', "bad_content"),
+    (b'{"messages": [{"role": "user", "content": [{"type": "image", "text": "x"}]}]}\n', "bad_part"),
+    (b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}\n', "empty_answer"),
+    (b'{"messages": [{"role": "user", "content": "hi"}]}\n', "no_assistant"),
+    (b'{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]}\n', "bad_order"),
+    (b'{"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}, {"role": "assistant", "content": "c"}]}\n', "unsupported_role"),
+    (b'{"messages": [{"role": "user", "content": "<|user_end|>"}, {"role": "assistant", "content": "c"}]}\n', "control_token_in_content"),
+    (b'{"messages": [{"role": "user", "content": "ok"}, {"role": "assistant", "content": "fine"}]}\r\n', None),
+    (b'{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}', None),  # no final newline
+]
+
+
+def test_malformed_corpus_error_names_the_first_bad_line(ray_local, tmp_path, tiny_llama_dir):
+    good = b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+    first = write_corpus(tmp_path, "first.jsonl", [good] * 5)
+    second = write_corpus(tmp_path, "second.jsonl", [line for line, _ in MALFORMED])
+    cfg = config(tmp_path, tiny_llama_dir, f"data.train=[{first}, {second}]", "data.template=special",
+                 "data.map_batch_size=4")
+    with pytest.raises(BadRecord) as err:
+        prepare(cfg, force=True)
+    assert err.value.source == f"{second}:3" and err.value.reason == "invalid_utf8"
+    assert str(err.value).startswith(f"{second}:3: invalid_utf8: ") and "\n" not in str(err.value)
+
+
+def test_malformed_corpus_skip_counts_every_reason(ray_local, tmp_path, tiny_llama_dir):
+    path = write_corpus(tmp_path, "bad.jsonl", [line for line, _ in MALFORMED])
+    cfg = config(tmp_path, tiny_llama_dir, f"data.train={path}", "data.template=special",
+                 "data.on_bad_record=skip", "data.bad_examples=3", "data.map_batch_size=4")
+    p = prepare(cfg, force=True)
+    expected = Counter(reason for _, reason in MALFORMED if reason)
+    assert set(REASONS) - set(expected) == {"template_error"}  # every other reason is in the corpus
+    st = p.train_stats
+    assert st["bad_by_reason"] == dict(expected) and st["records_bad"] == sum(expected.values())
+    non_blank = [n for n, (line, _) in enumerate(MALFORMED, 1) if line.strip(b"\xef\xbb\xbf \r\n")]
+    assert st["records_read"] == len(non_blank)
+    good = [n for n, (line, reason) in enumerate(MALFORMED, 1) if reason is None and n in non_blank]
+    rows = read_rows(p.train_dir)
+    assert sorted(s for (s,) in rows["source"].to_pylist()) == sorted(f"{path}:{n}" for n in good)
+    bad = [json.loads(x) for x in open(os.path.join(p.train_dir, "bad_records.jsonl"))]
+    assert [(b["source"], b["reason"]) for b in bad] == [
+        (f"{path}:3", "invalid_utf8"), (f"{path}:4", "invalid_json"), (f"{path}:5", "not_an_object")]
+    assert bad[1]["line"] == '{"messages": ['
+
+
+def test_hf_template_error_is_a_counted_bad_record(ray_local, tmp_path, tiny_llama_dir):
+    # A tokenizer whose own chat template refuses non-alternating roles, as many hub templates do.
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    tok_dir = tmp_path / "strict-tokenizer"
+    shutil.copytree(tiny_llama_dir, tok_dir, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok.chat_template = (
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+        "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    tok.save_pretrained(tok_dir)
+    good = b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+    clash = b'{"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "r"}, ' \
+            b'{"role": "assistant", "content": "a"}]}\n'
+    path = write_corpus(tmp_path, "hf.jsonl", [good, clash, good])
+    cfg = config(tmp_path, tiny_llama_dir, f"data.train={path}", "data.template=hf",
+                 f"model.tokenizer={tok_dir}", "data.on_bad_record=skip")
+    p = prepare(cfg, force=True)
+    assert p.train_stats["bad_by_reason"] == {"template_error": 1} and p.train_stats["samples"] == 2
+    bad = [json.loads(x) for x in open(os.path.join(p.train_dir, "bad_records.jsonl"))]
+    assert bad[0]["source"] == f"{path}:2" and "alternate" in bad[0]["detail"]
+
+
+def test_mixture_weights_carve_out_and_determinism(ray_local, tmp_path, tiny_llama_dir):
+    lines = SAMPLES.read_bytes().splitlines(keepends=True)
+    a = write_corpus(tmp_path, "a.jsonl", lines[:40])
+    b = write_corpus(tmp_path, "b.jsonl", lines[40:120])
+    mix = f"data.train=[{{path: {a}, weight: 2.0}}, {{path: {b}, weight: 0.5}}]"
+    runs = []
+    for conc, batch in ((1, 16), (2, 64)):
+        cfg = config(tmp_path / f"c{conc}", tiny_llama_dir, mix, "data.eval_fraction=0.25", "run.seed=7",
+                     f"data.map_concurrency={conc}", f"data.map_batch_size={batch}")
+        p = prepare(cfg, force=True)
+        runs.append((read_rows(p.train_dir), read_rows(p.eval_dir), p))
+    (train, evals, p), (train2, evals2, _) = runs
+    assert train.equals(train2) and evals.equals(evals2)  # same rows, same order, any concurrency
+
+    count = Counter(s for (s,) in train["source"].to_pylist())
+    held = Counter(s for (s,) in evals["source"].to_pylist())
+    every_a = [f"{a}:{n}" for n in range(1, 41)]
+    every_b = [f"{b}:{n}" for n in range(1, 81)]
+    assert set(held) == {s for s in every_a + every_b if keys.in_eval(7, s, 0.25)}
+    assert all(n == 1 for n in held.values()) and not set(held) & set(count)
+    assert 10 <= len(held) <= 50  # about a quarter of 120
+    assert all(count[s] == 2 for s in every_a if s not in held)  # weight 2: every record twice
+    kept_b = {s for s in every_b if s not in held and count[s]}
+    assert all(count[s] == 1 for s in kept_b)
+    assert kept_b == {s for s in every_b if s not in held and keys.unit(7, "weight", s) < 0.5}
+    n_b = sum(1 for s in every_b if s not in held)
+    assert 0.25 * n_b <= len(kept_b) <= 0.75 * n_b  # weight 0.5: about half
+    st = p.train_stats
+    assert st["samples"] == train.num_rows == sum(count.values())
+    assert st["records_read"] + p.eval_stats["records_read"] == 120
+    # the rows are shuffled: neither in file order nor grouped by source file
+    order = [s for (s,) in train["source"].to_pylist()]
+    assert order != sorted(order)
+
+
+def test_seq2seq_refuses_packing(tmp_path, tiny_llama_dir):
+    cfg = config(tmp_path, tiny_llama_dir, "model.kind=seq2seq", "data.packing=true",
+                 "data.organization=split_turn")
+    with pytest.raises(ConfigError, match="data.packing"):
+        prepare(cfg, force=True)
+
+
+def test_job_entry_point_fails_with_one_line(tmp_path, tiny_llama_dir):
+    import subprocess
+    import sys
+
+    path = write_corpus(tmp_path, "c.jsonl", [
+        b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n',
+        b'{"messages": []}\n'])
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"run: {{output_dir: {tmp_path / 'run'}}}\ndata: {{train: {path}}}\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["RAY_ADDRESS"] = "local"  # never join another Ray that happens to run on this machine
+    job = Path(__file__).resolve().parents[2] / "jobs" / "prepare.py"
+    res = subprocess.run([sys.executable, str(job), str(cfg),
+                          f"model.name_or_path={tiny_llama_dir}"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1] == \
+        f"chatsft prepare: error: {path}:2: empty_messages: 'messages' is empty"
