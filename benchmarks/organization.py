@@ -16,9 +16,10 @@ Eval loss is the same quantity for both: in a causal model a token's loss
 depends only on what precedes it, and both renderings put the same history
 before every answer, so the held-out split is rendered once (session) for both.
 
-Training runs through chatsft.train.driver.train(cfg, local=True) when the
-training package is installed (--trainer driver), else through the plain loop
-of benchmarks/learnability.py (--trainer plain) with the same loss definition.
+Training runs through chatsft.train.driver.train(cfg, local=True) (the real
+loop: prepare, DeepSpeed, export; --trainer driver, the default when chatsft.train
+is there), or through the plain loop of benchmarks/learnability.py (--trainer
+plain) with the same loss and hyperparameters.
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ def train_one(org: str, steps: int, args, workdir: str):
                 f"data.train={args.train}", f"data.eval={args.heldout}", f"train.lr={args.lr}",
                 f"train.micro_batch_size={args.batch}", "train.grad_accum=1", f"train.max_steps={steps}",
                 "train.epochs=1000", "train.schedule=cosine", f"train.warmup_steps={max(1, steps // 20)}",
-                "train.min_lr_frac=0.1", "train.precision=fp32", "train.eval_every=0", "train.save_every=0",
+                "train.min_lr_frac=0.1", "train.betas=[0.9,0.95]", "train.weight_decay=0.0", "train.clip_grad=1.0",
+                "train.precision=fp32", "train.eval_every=0", "train.save_every=0",
                 "tracking.enabled=false"])
             t = time.time()
             result = train(cfg, local=True)
