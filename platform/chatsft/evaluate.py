@@ -170,23 +170,14 @@ def _mean(xs: Sequence[float]) -> float:
 
 
 def _token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True) -> tuple[torch.Tensor, int]:
-    """(sum of token losses over supervised tokens, their count); labels shifted once for decoder-only.
+    """(sum of token losses over supervised tokens, their count): the trainer's own definition.
 
-    The training loss divides the same sum by the same count over a whole
-    optimizer step, so eval_loss here and in training are one definition: the
-    trainer's own function is used when chatsft.train.loss is there.
+    Decoder-only labels are shifted once (causal_targets); seq2seq labels are
+    already aligned with the decoder logits. eval_loss = sum / count over the split.
     """
+    from chatsft.train.loss import causal_targets, token_loss
+
     labels = labels.to(logits.device)
-    try:
-        from chatsft.train.loss import causal_targets, token_loss
-    except ImportError:  # the training package is not merged yet: the same definition, here
-        if logits.size(1) != labels.size(1):  # prompt tuning prepends virtual tokens: keep the tail
-            logits = logits[:, -labels.size(1):]
-        if shift:
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        total = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
-                                                  labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
-        return total, int((labels != IGNORE).sum())
     total, count = token_loss(logits, causal_targets(labels) if shift else labels)
     return total, int(count)
 
