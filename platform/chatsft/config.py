@@ -352,7 +352,8 @@ class EvalConfig:
     tasks: list[str] = doc(
         factory=lambda: ["heldout"],
         text="Tasks: `heldout` (generative, the eval split), `chat:PATH` (generative JSONL), "
-        "`mc:PATH` (multiple-choice JSONL).",
+        "`mc:PATH` (multiple-choice JSONL); `heldout@pkg.mod:fn` / `chat:PATH@pkg.mod:fn` score "
+        "with fn(output, reference) instead of exact match.",
     )
     max_examples: int = doc(200, "Examples per task (0: all).")
     batch_size: int = doc(16, "Prompts per generation batch.")
@@ -361,6 +362,19 @@ class EvalConfig:
     top_k: int = doc(0, "Sample from the k most likely tokens; 0: no limit.")
     num_samples: int = doc(1, "Samples per prompt (n of pass@k).")
     pass_k: list[int] = doc(factory=lambda: [1], text="k values for pass@k (each <= num_samples).")
+
+    def _validate(self, where: str) -> None:
+        for name in ("batch_size", "max_new_tokens", "num_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("max_examples", "top_k"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{where}.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.temperature < 0:
+            raise ConfigError(f"{where}.temperature: must be >= 0 (0: greedy), got {self.temperature}")
+        for k in self.pass_k:
+            if not 1 <= k <= self.num_samples:
+                raise ConfigError(f"{where}.pass_k: k={k} must be between 1 and eval.num_samples={self.num_samples}")
 
 
 # ------------------------------------------------------------------------- root

@@ -52,13 +52,27 @@ SLOTS = {
                ["What is my lucky number?", "Which number is mine?", "What number did I tell you?"],
                "Your number is {v}."),
 }
+# Facts told and questions asked per dialogue. Recalling a fact from an earlier
+# turn is what the tiny model has to learn, and it learns it in a sudden jump
+# once it has seen enough recalls; dense dialogues (3-4 facts, 2-3 questions, the
+# facts confirmed in the first answer) make the jump come early and reliably.
+# Measured with benchmarks/learnability.py (batch 32, lr 1e-2, 360 steps):
+# the former 2-4 facts / 1-3 questions left three seeds of four at 0.29-0.32
+# held-out pass@1 after ~470 steps; 3-4 / 2-3 gave 0.62-0.84 (5 seeds); with the
+# confirmation 0.74-0.86 (3 seeds).
+FACTS, QUESTIONS = (3, 4), (2, 3)
+# How the assistant confirms each fact in its first answer (the name is greeted
+# instead). Copying the facts right away gives every dialogue several easy recalls
+# besides the questions, which makes the model learn recall sooner and more surely.
+ECHOES = {"name": None, "city": "you live in {v}", "color": "you like {v}", "pet": "you have a {v}",
+          "food": "you love {v}", "number": "your number is {v}"}
 GREETINGS = ["Hi!", "Hello.", "Hey there.", "Good morning.", ""]
 SYSTEMS = ["You are a helpful assistant with a good memory.", "Answer briefly and remember what the user says."]
 ADD_ONS = ["By the way, {s}", "Oh, and {s}", "One more thing: {s}"]
 
 
 def conversation(rng: random.Random) -> dict:
-    slots = rng.sample(sorted(SLOTS), k=rng.randint(2, 4))
+    slots = rng.sample(sorted(SLOTS), k=rng.randint(*FACTS))
     facts = {s: rng.choice(SLOTS[s][0]) for s in slots}
     late = slots.pop() if len(slots) > 2 and rng.random() < 0.4 else None  # told in a later turn
 
@@ -68,10 +82,13 @@ def conversation(rng: random.Random) -> dict:
     intro = " ".join([rng.choice(GREETINGS)] + [rng.choice(SLOTS[s][1]).format(v=facts[s]) for s in slots])
     messages.append({"role": "user", "content": intro.strip()})
     reply = f"Nice to meet you, {facts['name']}!" if "name" in slots else "Nice to meet you!"
-    messages.append({"role": "assistant", "content": reply + " I will remember that."})
+    echo = [ECHOES[s].format(v=facts[s]) for s in slots if ECHOES[s]]
+    if echo:
+        reply += " So " + ", ".join(echo[:-1]) + (" and " if len(echo) > 1 else "") + echo[-1] + "."
+    messages.append({"role": "assistant", "content": reply})
 
     known = list(slots)
-    asks = rng.randint(1, 3)
+    asks = rng.randint(*QUESTIONS)
     for turn in range(asks):
         if late is not None and turn == 0:
             said = rng.choice(SLOTS[late][1]).format(v=facts[late])

@@ -1,0 +1,1 @@
+"""Evaluation pieces: tasks, generation, metrics (the entry points are in chatsft.evaluate)."""

@@ -1,0 +1,248 @@
+"""Evaluation tasks: a small interface (examples, render, score) and the built-in tasks.
+
+A task is a `Task` of plain functions, no subclassing:
+- `examples()` yields `Example`s (or the exception of an input line that is bad,
+  so the evaluator applies `data.on_bad_record` to every task the same way);
+- `render(example, tokenizer, template)` gives the prompt ids (and for multiple
+  choice the token id of each choice label); `template` is None for
+  encoder-decoder models, whose encoder reads `seq2seq_source(messages)`;
+- `score(example, output)` gives 0..1 for one generated answer (or the chosen label).
+
+Built-ins, named by a spec string in `eval.tasks`:
+- `heldout`          the eval split (`data.eval` sources) as a generative task
+- `chat:PATH`        generative JSONL in the chat format: the dialogue up to its final
+                     assistant turn is the prompt, that answer is the reference
+- `mc:PATH`          multiple-choice JSONL: {"question", "choices": [...], "answer": "B" or index}
+- `...@module:func`  (heldout and chat) score with `func(output, reference) -> float|bool`
+                     instead of exact match after normalization
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import string
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequence, Union
+
+from chatsft.data.conversation import BadRecord, Conversation, Message, iter_lines
+from chatsft.data.render import seq2seq_source
+from chatsft.data.sources import expand_local, read_local, resolve_uri
+from chatsft.data.templates import ChatTemplate
+from chatsft.errors import UserError
+from chatsft.eval.metrics import exact_match
+
+LETTERS = string.ascii_uppercase
+
+
+class BadExample(UserError):
+    """An input line a task cannot use; the message starts with path:line."""
+
+    def __init__(self, source: str, detail: str):
+        self.source, self.detail = source, detail
+        super().__init__(f"{source}: {detail}")
+
+
+@dataclass(frozen=True)
+class Example:
+    source: str  # "path:line"
+    messages: tuple[Message, ...]  # the dialogue the model answers
+    reference: str  # the reference answer, or the correct choice label
+    choices: tuple[str, ...] = ()  # multiple choice: the labels ("A", "B", ...)
+
+
+@dataclass(frozen=True)
+class Rendered:
+    prompt_ids: list[int]
+    choice_ids: tuple[int, ...] = ()  # multiple choice: one token id per label, in label order
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str  # metric prefix: "heldout", "chat:qa", "mc:trivia"
+    kind: Literal["generate", "choice"]
+    examples: Callable[[], Iterable[Union[Example, Exception]]]
+    render: Callable[[Example, Any, Optional[ChatTemplate]], Rendered]
+    score: Callable[[Example, str], float]
+
+
+# ------------------------------------------------------------------- rendering
+
+
+def prompt_ids(messages: Sequence[Message], tokenizer: Any, template: Optional[ChatTemplate]) -> list[int]:
+    """The ids the model reads before its answer, exactly as training renders them."""
+    if template is None:  # encoder-decoder: the encoder input of render_seq2seq
+        return list(tokenizer(seq2seq_source(messages), add_special_tokens=True)["input_ids"])
+    template.check_content(messages)
+    return list(tokenizer(template.prompt(messages), add_special_tokens=False)["input_ids"])
+
+
+def render_generative(example: Example, tokenizer: Any, template: Optional[ChatTemplate]) -> Rendered:
+    return Rendered(prompt_ids(example.messages, tokenizer, template))
+
+
+def choice_token_ids(labels: Sequence[str], tokenizer: Any) -> tuple[int, ...]:
+    """The token a model emits first for each label; they must differ to tell the labels apart."""
+    ids = []
+    for label in labels:
+        toks = tokenizer(label, add_special_tokens=False)["input_ids"]
+        if not toks:
+            raise UserError(f"multiple choice: the tokenizer encodes label {label!r} as nothing")
+        ids.append(int(toks[0]))
+    if len(set(ids)) != len(ids):
+        raise UserError(f"multiple choice: labels {', '.join(labels)} do not start with distinct tokens")
+    return tuple(ids)
+
+
+def render_choice(example: Example, tokenizer: Any, template: Optional[ChatTemplate]) -> Rendered:
+    return Rendered(prompt_ids(example.messages, tokenizer, template),
+                    choice_token_ids(example.choices, tokenizer))
+
+
+def score_label(example: Example, output: str) -> float:
+    return 1.0 if output == example.reference else 0.0
+
+
+# ------------------------------------------------------------------ generative
+
+
+def chat_examples(paths: Sequence[str]) -> Iterator[Union[Example, Exception]]:
+    """The dialogue before the final assistant turn, and that turn's text as the reference."""
+    for path in paths:
+        for item in read_local(path):
+            if isinstance(item, BadRecord):
+                yield item
+                continue
+            yield chat_example(item)
+
+
+def chat_example(conv: Conversation) -> Example:
+    last = max(i for i, m in enumerate(conv.messages) if m.role == "assistant")
+    return Example(conv.source, conv.messages[:last], conv.messages[last].text)
+
+
+def load_checker(spec: str) -> Callable[[str, str], Any]:
+    """`package.module:function` -> the function (called as f(output, reference))."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UserError(f"eval.tasks: checker {spec!r}: expected module:function, e.g. mypkg.checks:exact")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f"eval.tasks: checker {spec!r}: cannot import {module_name}: {e}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise UserError(f"eval.tasks: checker {spec!r}: {module_name} has no function {attr!r}")
+    return fn
+
+
+def checked_score(checker: Callable[[str, str], Any]) -> Callable[[Example, str], float]:
+    def score(example: Example, output: str) -> float:
+        return float(checker(output, example.reference))
+
+    return score
+
+
+def generative_task(name: str, paths: Sequence[str], checker: Optional[str] = None) -> Task:
+    score = checked_score(load_checker(checker)) if checker else (
+        lambda example, output: exact_match(output, example.reference))
+    return Task(name, "generate", lambda: chat_examples(paths), render_generative, score)
+
+
+# ------------------------------------------------------------- multiple choice
+
+
+def choice_examples(path: str) -> Iterator[Union[Example, Exception]]:
+    files = expand_local(path)
+    if not files:
+        raise FileNotFoundError(2, "no such file", resolve_uri(path))
+    for f in files:
+        with open(f, "rb") as fh:
+            data = fh.read()
+        for source, raw in iter_lines(data, f):
+            try:
+                yield choice_example(raw, source)
+            except BadExample as e:
+                yield e
+
+
+def choice_example(raw: bytes, source: str) -> Example:
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadExample(source, f"not a JSON line ({e})") from None
+    if not isinstance(record, dict):
+        raise BadExample(source, "expected an object {question, choices, answer}")
+    question, choices, answer = record.get("question"), record.get("choices"), record.get("answer")
+    if not isinstance(question, str) or not question.strip():
+        raise BadExample(source, "'question' must be a non-empty string")
+    if (not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS)
+            or not all(isinstance(c, str) for c in choices)):
+        raise BadExample(source, f"'choices' must be a list of 2 to {len(LETTERS)} strings")
+    labels = tuple(LETTERS[: len(choices)])
+    if isinstance(answer, bool):
+        answer = None
+    if isinstance(answer, int) and 0 <= answer < len(choices):
+        ref = labels[answer]
+    elif isinstance(answer, str) and answer.strip().upper() in labels:
+        ref = answer.strip().upper()
+    else:
+        raise BadExample(source, f"'answer' must be one of {', '.join(labels)} or an index 0..{len(choices) - 1}, "
+                                 f"got {answer!r}")
+    lines = [question.strip()] + [f"{label}. {text}" for label, text in zip(labels, choices)] + ["Answer:"]
+    return Example(source, (Message("user", "\n".join(lines)),), ref, labels)
+
+
+def choice_task(name: str, path: str) -> Task:
+    return Task(name, "choice", lambda: choice_examples(path), render_choice, score_label)
+
+
+# ---------------------------------------------------------------------- specs
+
+_CHECKER = re.compile(r"^(?P<task>.+)@(?P<checker>[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
+
+
+def task_from_spec(spec: str, eval_sources: Sequence[str]) -> Task:
+    """One `eval.tasks` entry -> a Task (see the module doc for the forms)."""
+    m = _CHECKER.match(spec)
+    body, checker = (m["task"], m["checker"]) if m else (spec, None)
+    if body == "heldout":
+        if not eval_sources:
+            raise UserError("eval.tasks: `heldout` needs held-out data in data.eval "
+                            "(e.g. data.eval=chatsft://samples/heldout.jsonl)")
+        return generative_task("heldout", list(eval_sources), checker)
+    kind, sep, path = body.partition(":")
+    if sep and kind in ("chat", "mc") and path:
+        if not expand_local(path):
+            raise UserError(f"eval.tasks: {spec!r}: no such file {resolve_uri(path)}")
+        name = f"{kind}:{_stem(path)}"
+        if kind == "mc":
+            if checker:
+                raise UserError(f"eval.tasks: {spec!r}: multiple-choice tasks take no checker")
+            return choice_task(name, path)
+        return generative_task(name, [path], checker)
+    raise UserError(f"eval.tasks: unknown task {spec!r}; expected heldout, chat:PATH or mc:PATH "
+                    "(optionally @module:function for a custom checker)")
+
+
+def tasks_from_config(cfg: Any) -> list[Task]:
+    """The tasks of `eval.tasks`; raises UserError for a bad spec before any model is loaded."""
+    sources = [s.path for s in cfg.data.eval]
+    tasks = [task_from_spec(spec, sources) for spec in cfg.eval.tasks]
+    names = [t.name for t in tasks]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UserError(f"eval.tasks: two tasks are named {dup[0]!r}; rename one of the files")
+    return tasks
+
+
+def _stem(path: str) -> str:
+    """The file name without .jsonl, in the characters MLflow allows in a metric name."""
+    base = os.path.basename(path.rstrip("/")) or path
+    for ext in (".jsonl", ".json"):
+        if base.endswith(ext):
+            base = base[: -len(ext)]
+            break
+    return re.sub(r"[^A-Za-z0-9_.\- ]", "_", base) or "task"
