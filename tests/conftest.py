@@ -113,10 +113,12 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.fixture
 def fresh_ray():
-    """A local Ray of 2 CPUs for this test alone (prepare may have left one running)."""
+    """A local Ray of 2 CPUs for this test alone (prepare may have left one running). With the
+    dashboard: Ray Train's placement-group cleaner asks its state API whether a controller is
+    gone, and without it the groups of a trial that Tune stopped are never released."""
     import ray
 
     ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(num_cpus=2, include_dashboard=True)
     yield
     ray.shutdown()

@@ -15,6 +15,8 @@ pass@k).
 
 from __future__ import annotations
 
+import copy
+
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
@@ -249,6 +251,22 @@ def validation_loss(model: Any, tokenizer: Any, cfg: Any, template: Optional[Cha
 
 
 # ------------------------------------------------------------------------ CLI
+
+
+def training_tasks(cfg: Any) -> list[str]:
+    """The `eval.tasks` a training run evaluates, checked before any compute is spent.
+
+    `heldout` is dropped (with a note) when the run has no eval split, so a config
+    that names no eval data still trains; any other bad spec is an error."""
+    specs = list(cfg.eval.tasks)
+    if "heldout" in specs and not cfg.data.eval and cfg.data.eval_fraction <= 0:
+        specs.remove("heldout")
+        print("[chatsft] no eval split (data.eval, data.eval_fraction): the heldout task is skipped")
+    if specs:
+        probe = copy.deepcopy(cfg)
+        probe.eval.tasks = specs
+        tasks_from_config(probe)
+    return specs
 
 
 def format_metrics(metrics: dict[str, float], before: Optional[dict[str, float]] = None, title: str = "") -> str:

@@ -33,15 +33,16 @@ def expand_local(path: str) -> list[str]:
 
 
 def read_local(path: str, limit: Optional[int] = None) -> Iterator[Union[Conversation, BadRecord]]:
-    """Parse a local JSONL file: a Conversation or the BadRecord of each non-blank line."""
-    files = expand_local(path)
+    """Parse the JSONL files of a source spec in this process (inspect, eval, small fixtures):
+    a Conversation or the BadRecord of each non-blank line, named as the pipeline names them."""
+    files = expand_source(path)
     if not files:
         raise FileNotFoundError(2, "no such file", resolve_uri(path))
     n = 0
     for f in files:
-        with open(f, "rb") as fh:
+        with open_stream(f.location, f.local) as fh:
             data = fh.read()
-        for source, raw in iter_lines(data, f):
+        for source, raw in iter_lines(data, f.display):
             if limit is not None and n >= limit:
                 return
             n += 1

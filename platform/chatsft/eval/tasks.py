@@ -145,10 +145,19 @@ def checked_score(checker: Callable[[str, str], Any]) -> Callable[[Example, str]
     return score
 
 
-def generative_task(name: str, paths: Sequence[str], checker: Optional[str] = None) -> Task:
+def generative_task(name: str, paths: Sequence[str], checker: Optional[str] = None,
+                    keep: Optional[Callable[[str], bool]] = None) -> Task:
+    """`keep(source)` picks records (the eval records carved out of train by data.eval_fraction)."""
     score = checked_score(load_checker(checker)) if checker else (
         lambda example, output: exact_match(output, example.reference))
-    return Task(name, "generate", lambda: chat_examples(paths), render_generative, score)
+
+    def examples() -> Iterator[Union[Example, Exception]]:
+        for item in chat_examples(paths):
+            source = item.source if isinstance(item, (Example, BadRecord)) else None
+            if keep is None or source is None or keep(source):
+                yield item
+
+    return Task(name, "generate", examples, render_generative, score)
 
 
 # ------------------------------------------------------------- multiple choice
@@ -204,15 +213,23 @@ def choice_task(name: str, path: str) -> Task:
 _CHECKER = re.compile(r"^(?P<task>.+)@(?P<checker>[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
 
 
-def task_from_spec(spec: str, eval_sources: Sequence[str]) -> Task:
-    """One `eval.tasks` entry -> a Task (see the module doc for the forms)."""
+def task_from_spec(spec: str, eval_sources: Sequence[str],
+                   carve: Optional[tuple[Sequence[str], int, float]] = None) -> Task:
+    """One `eval.tasks` entry -> a Task (see the module doc for the forms). `carve`:
+    (train sources, seed, eval_fraction) when the eval split is carved out of train."""
     m = _CHECKER.match(spec)
     body, checker = (m["task"], m["checker"]) if m else (spec, None)
     if body == "heldout":
-        if not eval_sources:
-            raise UserError("eval.tasks: `heldout` needs held-out data in data.eval "
-                            "(e.g. data.eval=chatsft://samples/heldout.jsonl)")
-        return generative_task("heldout", list(eval_sources), checker)
+        if eval_sources:
+            return generative_task("heldout", list(eval_sources), checker)
+        if carve is not None:
+            from chatsft.pipeline.keys import in_eval
+
+            train_sources, seed, fraction = carve
+            return generative_task("heldout", list(train_sources), checker,
+                                   keep=lambda source: in_eval(seed, source, fraction))
+        raise UserError("eval.tasks: `heldout` needs held-out data: data.eval "
+                        "(e.g. data.eval=chatsft://samples/heldout.jsonl) or data.eval_fraction > 0")
     kind, sep, path = body.partition(":")
     if sep and kind in ("chat", "mc") and path:
         if not expand_local(path):
@@ -230,7 +247,9 @@ def task_from_spec(spec: str, eval_sources: Sequence[str]) -> Task:
 def tasks_from_config(cfg: Any) -> list[Task]:
     """The tasks of `eval.tasks`; raises UserError for a bad spec before any model is loaded."""
     sources = [s.path for s in cfg.data.eval]
-    tasks = [task_from_spec(spec, sources) for spec in cfg.eval.tasks]
+    carve = (([s.path for s in cfg.data.train], cfg.run.seed, cfg.data.eval_fraction)
+             if cfg.data.eval_fraction > 0 else None)
+    tasks = [task_from_spec(spec, sources, carve) for spec in cfg.eval.tasks]
     names = [t.name for t in tasks]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

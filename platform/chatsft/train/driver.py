@@ -69,14 +69,19 @@ def train_tracked(cfg: Config, rows: "Rows", *, tracked: bool, local: bool = Fal
 
 def train_on_rows(cfg: Config, rows: "Rows", *, local: bool = False,
                   callbacks: Optional[list[Callable[[int, dict], None]]] = None,
-                  export: bool = True, ray_callbacks: Optional[list] = None) -> TrainResult:
-    """Train on rows already prepared (tests and benchmarks write their own)."""
+                  export: bool = True, ray_callbacks: Optional[list] = None,
+                  tasks: Optional[list[str]] = None) -> TrainResult:
+    """Train on rows already prepared (tests and benchmarks write their own). `tasks`: the
+    eval.tasks to score during training (default: the config's, checked here)."""
     if rows.train_rows == 0:
         raise UserError(f"data.train: no training rows after prepare ({rows.train_dir})")
     output_dir = storage_path(cfg.run.output_dir)
+    from chatsft.evaluate import training_tasks
+
     args = WorkerArgs(config=cfg.to_dict(), train_dir=rows.train_dir, eval_dir=rows.eval_dir,
                       train_rows=rows.train_rows, eval_rows=rows.eval_rows, output_dir=output_dir,
-                      local=local, export=export, callbacks=list(callbacks or []))
+                      local=local, export=export, callbacks=list(callbacks or []),
+                      tasks=training_tasks(cfg) if tasks is None else list(tasks))
     model_dir = os.path.join(output_dir, "model") if export else None
     if local:
         from chatsft.train.checkpoint import latest_local

@@ -11,6 +11,8 @@ tokens of all micro-batches and workers divided by N, whatever the split.
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 import os
 import random
@@ -54,6 +56,7 @@ class WorkerArgs:
     local: bool = False
     export: bool = True
     callbacks: list[Callable[[int, dict], None]] = field(default_factory=list)  # rank 0, per logged step
+    tasks: list[str] = field(default_factory=list)  # eval.tasks to score: before, every eval_metrics_every, end
 
 
 @dataclass
@@ -105,6 +108,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
         metrics["eval_loss_first"] = eval_loss_first
         progress.line(f"eval loss at start {eval_loss_first:.4f}")
         progress.emit(0, {"eval_loss": eval_loss_first})
+    if args.tasks and state.step == 0 and not any(k.startswith("before/") for k in metrics):
+        before = _task_eval(engine, tokenizer, cfg, args.tasks, ctx)
+        metrics.update({f"before/{k}": v for k, v in before.items()})
+        progress.line("before training: " + _brief(before))
+        progress.emit(0, before)
 
     engine.train()
     fail_at = int(os.environ.get(FAIL_AT, "-1"))
@@ -135,6 +143,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
                 metrics["eval_step"] = metrics["step"] = state.step  # what a sweep scheduler compares
                 progress.emit(state.step, {"eval_loss": metrics["eval_loss"]})
                 engine.train()
+            due_tasks = (args.tasks and tr.eval_metrics_every > 0 and state.step % tr.eval_metrics_every == 0
+                         and state.step < total)
+            if due_tasks:
+                scores = _task_eval(engine, tokenizer, cfg, args.tasks, ctx)
+                metrics.update(scores)
+                progress.line(f"step {state.step}/{total}  " + _brief(scores))
+                progress.emit(state.step, scores)
+                engine.train()
             due_save = tr.save_every > 0 and state.step % tr.save_every == 0 and state.step < total
             if due_save:
                 _save(engine, state, metrics, args, cfg, ctx)
@@ -156,6 +172,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
                       + (f" (start {eval_loss_first:.4f})" if eval_loss_first is not None else ""))
         progress.emit(state.step, {"eval_loss": metrics["eval_loss"]})
         metrics["eval_step"] = state.step
+    if args.tasks:
+        after = _task_eval(engine, tokenizer, cfg, args.tasks, ctx)
+        metrics.update(after)
+        progress.emit(state.step, after)
+        if ctx.rank == 0:
+            from chatsft.evaluate import format_metrics
+
+            before = {k[len("before/"):]: v for k, v in metrics.items() if k.startswith("before/")}
+            say("task evaluation\n" + format_metrics(after, before or None))
     metrics["skipped_steps"] = engine.skipped_steps
     metrics["step"] = state.step
     if steady.mean() is not None:
@@ -453,6 +478,29 @@ def _fail_once() -> None:
             f.write("failed once\n")
         say("test seam: worker exits on purpose")
         os._exit(1)
+
+
+def _task_eval(engine, tokenizer, cfg: Config, tasks: list[str], ctx: _Ctx) -> dict[str, float]:
+    """Generative / multiple-choice tasks on rank 0 (the others wait). Under ZeRO-3 every rank
+    gathers the full parameters for the duration: a collective, so all ranks enter."""
+    from chatsft.evaluate import evaluate_model
+
+    sharded = engine.kind == "deepspeed" and engine.ds.zero_optimization_stage() == 3
+    gather = contextlib.nullcontext()
+    if sharded:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(list(engine.model.parameters()), modifier_rank=None)
+    scores: dict[str, float] = {}
+    with gather:
+        if ctx.rank == 0:
+            scores = evaluate_model(engine.model, tokenizer, cfg, tasks, eval_loss=False)
+    _barrier(ctx)
+    return scores
+
+
+def _brief(scores: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:.3f}" for k, v in scores.items() if not k.endswith(("/examples", "/skipped")))
 
 
 # --------------------------------------------------------------------- export
