@@ -156,6 +156,10 @@ def _summary(result: TrainResult, output_dir: str) -> None:
     loss = f"eval loss {m['eval_loss']:.4f}" if "eval_loss" in m else f"train loss {m.get('train_loss', float('nan')):.4f}"
     print(f"[chatsft] done: step {m.get('step')}, {loss}; checkpoint {result.checkpoint}; model {result.model_dir}",
           flush=True)
+    for key in sorted(k for k in m if k.startswith("before/")):
+        after = key[len("before/"):]
+        if after in m and not after.endswith(("/examples", "/skipped")):
+            print(f"[chatsft] {after}: {m[key]:.4f} before training, {m[after]:.4f} after", flush=True)
 
 
 def _dataset(folder: str):
