@@ -59,10 +59,20 @@ def search_space(cfg: Config) -> dict[str, Any]:
         elif dim.type == "uniform":
             space[key] = tune.uniform(dim.low, dim.high)
         elif dim.type == "choice":
-            space[key] = tune.choice(list(dim.values))
+            space[key] = tune.choice([_number(v) for v in dim.values])
         else:
-            space[key] = tune.grid_search(list(dim.values))
+            space[key] = tune.grid_search([_number(v) for v in dim.values])
     return space
+
+
+def _number(value: Any) -> Any:
+    """PyYAML reads `3e-4` (no dot) as a string; a sweep value that reads as a number is one."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _check_key(cfg: Config, key: str) -> None:
@@ -196,7 +206,9 @@ def _max_steps(cfg: Config, train_rows: int, space: dict) -> int:
     if dim is not None:
         epochs += [int(v) for v in dim.values] or [int(dim.high or 1)]
     G = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.scaling.num_workers
-    return max(total_steps(train_rows, G, e, cfg.train.max_steps) for e in epochs)
+    # One past the longest trial: ASHA stops a trial that reaches max_t at that very report,
+    # which would cut it off before it exports its model.
+    return max(total_steps(train_rows, G, e, cfg.train.max_steps) for e in epochs) + 1
 
 
 def _abs(path: str) -> str:
