@@ -13,6 +13,7 @@ an error (before any compute is spent), unless `tracking.required: false`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -58,6 +59,27 @@ def tracking_uri(cfg: Any) -> str:
     path = Path(out).absolute()
     path.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path / 'mlflow.db'}"
+
+
+@contextlib.contextmanager
+def _fluent_uri(uri: str):
+    """MLflow's fluent API (the only way to log a flavor) needs a global tracking URI, and
+    set_tracking_uri also exports it as $MLFLOW_TRACKING_URI: a later run in the same process
+    would then silently log to this server. Set it for the call and put both back."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    before_env = os.environ.get("MLFLOW_TRACKING_URI")
+    before = tracking_utils._tracking_uri
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri = before
+        if before_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before_env
 
 
 def _local_artifacts(uri: str) -> Optional[str]:
@@ -244,8 +266,7 @@ class Tracker:
 
             size = sum(p.stat().st_size for p in Path(model_dir).rglob("*") if p.is_file())
             if flavor and size <= flavor_max_bytes:
-                mlflow.set_tracking_uri(self.uri)
-                with mlflow.start_run(run_id=self.run_id):
+                with _fluent_uri(self.uri), mlflow.start_run(run_id=self.run_id):
                     info = mlflow.transformers.log_model(
                         transformers_model=_load_for_mlflow(model_dir, task), name="model", task=task,
                         pip_requirements=_pip_requirements())
@@ -255,7 +276,8 @@ class Tracker:
                 uri = f"runs:/{self.run_id}/model"
             client.set_tag(self.run_id, "model_uri", uri)  # where to load it from
             if register_as:
-                mlflow.register_model(uri, register_as)
+                with _fluent_uri(self.uri):
+                    mlflow.register_model(uri, register_as)
 
         self._submit("model", call)
 

@@ -40,8 +40,11 @@ def artifacts(client, run_id, path=""):
     return out
 
 
-def test_a_training_run_holds_params_metrics_stats_preview_plots_and_a_model(tmp_path, mlflow_server):
+def test_a_training_run_holds_params_metrics_stats_preview_plots_and_a_model(tmp_path, mlflow_server, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     result = train(tiny(tmp_path, mlflow_server.uri, "record"), local=True)
+    # Logging the model used MLflow's global URI; a later run in this process must not inherit it.
+    assert "MLFLOW_TRACKING_URI" not in os.environ and not mlflow.get_tracking_uri().startswith("http")
     client = MlflowClient(mlflow_server.uri)
     run = only_run(client, "record")
     assert run.info.run_id == result.run_id and run.info.status == "FINISHED"
@@ -60,6 +63,7 @@ def test_a_training_run_holds_params_metrics_stats_preview_plots_and_a_model(tmp
     assert {"config.yaml", "data/train/stats.json", "data/train/mask_preview.html", "data/eval/stats.json",
             "plots/loss.png", "plots/data_train.png"} <= files
 
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)  # as a user loading runs:/ would
     model = mlflow.transformers.load_model(run.data.tags["model_uri"], return_type="components")
     tok = model["tokenizer"]
     prompt = "<|im_start|>user\nHi! My name is Maya.<|im_end|>\n<|im_start|>assistant\n"
