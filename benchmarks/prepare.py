@@ -5,7 +5,7 @@
 
 Prints, on the same texts:
 1. raw `tokenizer(texts)` batch encode of the rendered texts, and `render_batch`
-   (layout + encode with offsets + masks) in one process: target render <= 1.3x raw.
+   (layout + encode + masks from the char -> token map) in one process: target render <= 1.3x raw.
    Both run single-threaded (TOKENIZERS_PARALLELISM=false, as in a render actor);
    times are the best of several rounds, in process CPU time (robust on a shared
    machine) and in wall time.
@@ -102,16 +102,9 @@ def bench_render(paths: list[str], n: int, rounds: int) -> None:
         for i in range(0, len(texts), batch):
             backend.encode_batch(texts[i:i + batch], add_special_tokens=False)
 
-    def offsets_only():  # what reading token offsets (for the masks) adds to an encode
-        for e in encodings:
-            e.offsets
-
-    encodings = [e for i in range(0, len(texts), batch)
-                 for e in backend.encode_batch(texts[i:i + batch], add_special_tokens=False)]
     raw_t = best(raw, rounds)
     ren_t = best(render, rounds)
     rust_t = best(rust_only, rounds)
-    offs_t = best(offsets_only, rounds)
     lay_t = best(lambda: [layout(c, tpl) for c in convs], rounds)
     print(f"\n1. encode vs render, one process, {len(convs):,} conversations, {tokens:,} tokens "
           f"(batches of {batch}, best of {rounds})")
@@ -120,8 +113,7 @@ def bench_render(paths: list[str], n: int, rounds: int) -> None:
     print(f"   render / raw time: {ren_t[0] / raw_t[0]:.2f}x CPU, {ren_t[1] / raw_t[1]:.2f}x wall   "
           f"(target <= 1.3x)")
     print(f"   CPU s: raw {raw_t[0]:.2f} = Rust encode_batch {rust_t[0]:.2f} + wrapper; render {ren_t[0]:.2f} "
-          f"= that encode + reading offsets {offs_t[0]:.2f} + template layout {lay_t[0]:.2f} + masks/rest "
-          f"{ren_t[0] - rust_t[0] - offs_t[0] - lay_t[0]:.2f}")
+          f"= that encode + template layout {lay_t[0]:.2f} + masks/rest {ren_t[0] - rust_t[0] - lay_t[0]:.2f}")
 
 
 def bench_pipeline(paths: list[str], cpus: int, out: str) -> dict:

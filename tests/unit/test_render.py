@@ -158,3 +158,84 @@ def test_previews_mark_what_is_learned(tok):
     assert "[[Yes<|im_end|>]]" in plain and "[[Again?" not in plain
     page = to_html(tok, [s])
     assert '<span class="sup">Yes&lt;|im_end|&gt;</span>' in page and "d.jsonl:1" in page
+
+
+# --------------------------------------------------- token boundaries of the masks
+
+def _tokenizer_kinds(folder):
+    """Three ways real tokenizers map characters to tokens: byte-level BPE (GPT-2/Llama-3/Qwen),
+    the same with offsets trimmed of spaces (a space then belongs to no token), and
+    SentencePiece-style Metaspace (Llama-2, Mistral, T5: spaces become ▁)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from chatsft.builtin import EOS, PAD, TEMPLATE_TOKENS, UNK, build_tokenizer, sample_texts
+
+    texts = sample_texts()[:300]
+    byte_level = build_tokenizer(folder / "bl", texts=texts, vocab_size=800)
+    trimmed = build_tokenizer(folder / "tr", texts=texts, vocab_size=800)
+    trimmed.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
+    raw = Tokenizer(models.BPE(unk_token=UNK, byte_fallback=False))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    raw.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    raw.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=800, special_tokens=[PAD, EOS, UNK, *TEMPLATE_TOKENS],
+                                                       show_progress=False))
+    metaspace = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token=PAD, eos_token=EOS, unk_token=UNK,
+                                        additional_special_tokens=list(TEMPLATE_TOKENS))
+    return {"byte_level": byte_level, "trimmed_offsets": trimmed, "metaspace": metaspace}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_kinds(tmp_path_factory):
+    return _tokenizer_kinds(tmp_path_factory.mktemp("kinds"))
+
+
+_WORDS = ["Hello", " there", " café", "😀", "  ", "\n", "问答", "x", " 42", "!", "\t"]
+
+
+def test_mask_boundaries_from_the_char_map_equal_those_from_offsets(tokenizer_kinds, monkeypatch):
+    """Masks locate answers through the encoding's char -> token map (fast); the offsets,
+    searched whole, are the reference. They must agree for every kind of tokenizer."""
+    import random
+
+    from chatsft.data import render
+
+    rng = random.Random(0)
+    records = []
+    for _ in range(150):
+        msgs = []
+        for _ in range(rng.randint(1, 3)):
+            for role in ("user", "assistant"):
+                text = "".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 6)))
+                msgs.append({"role": role, "content": text if text.strip() else "ok"})
+        records.append(parse_record({"messages": msgs}))
+    opts = RenderOptions(organization="split_turn")
+    for kind, tok in tokenizer_kinds.items():
+        for template in ("chatml", "llama3", "chatglm2", "special"):
+            tpl = render.get_template(template, tok)
+            fast = render.render_batch(records, tok, tpl, opts)
+            with monkeypatch.context() as m:
+                m.setattr(render, "_token_bounds", lambda enc, n, a, b: render._token_bounds_from_offsets(enc, a, b))
+                reference = render.render_batch(records, tok, tpl, opts)
+            for got, want in zip(fast, reference):
+                assert [(s.source, s.labels.tolist()) for s in got.samples] == \
+                       [(s.source, s.labels.tolist()) for s in want.samples], (kind, template)
+            learned = sum(s.num_supervised for r in fast for s in r.samples)
+            assert learned > 0, (kind, template)
+
+
+def test_token_bounds_at_every_character_equal_a_search_of_the_offsets(tokenizer_kinds):
+    """Every position, not only where templates put boundaries: inside multi-character tokens
+    (a span edge that straddles a token), inside a character split into byte tokens, at the end."""
+    import random
+
+    from chatsft.data.render import _token_bounds, _token_bounds_from_offsets
+
+    rng = random.Random(1)
+    for kind, tok in tokenizer_kinds.items():
+        for _ in range(100):
+            text = "".join(rng.choice(_WORDS + ["<|im_end|>"]) for _ in range(8))
+            enc = tok.backend_tokenizer.encode(text, add_special_tokens=False)
+            starts, ends = list(range(len(text))), list(range(len(text) + 1))
+            assert _token_bounds(enc, len(enc.ids), starts, ends) == \
+                   _token_bounds_from_offsets(enc, starts, ends), (kind, text)

@@ -1,8 +1,8 @@
 """Conversation -> input_ids + labels (the second pure stage).
 
 The template renders text segments that say which characters are learned;
-the whole string is tokenized once (batched, with character offsets), and a
-token is learned when it overlaps a learned character span. Tokenizing the
+the whole string is tokenized once (batched), and a token is learned when it
+overlaps a learned character span. Tokenizing the
 whole string, not piece by piece, is what keeps the ids identical to what the
 model sees at inference (and to `apply_chat_template` for `hf`).
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from itertools import accumulate, chain
+from itertools import accumulate
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -149,17 +149,18 @@ def render_batch(
         if isinstance(lay, BadRecord):
             out.append(lay)
             continue
-        ids, offsets = next(it)
-        out.append(_samples(conv.source, lay, ids, offsets, opts))
+        ids, enc = next(it)
+        out.append(_samples(conv.source, lay, ids, enc, opts))
     return out
 
 
-def _encode(tokenizer: Any, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+def _encode(tokenizer: Any, texts: list[str]) -> list[tuple[np.ndarray, Any]]:
+    """(ids, the tokenizers Encoding) of each text."""
     if not texts:
         return []
     if not getattr(tokenizer, "is_fast", False):
         raise TemplateError(f"model.tokenizer: {getattr(tokenizer, 'name_or_path', '')!r} is a slow "
-                            "(Python) tokenizer; chatsft needs a fast (Rust) tokenizer for offsets")
+                            "(Python) tokenizer; chatsft needs a fast (Rust) tokenizer for its character map")
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if (backend is not None and backend.truncation is None and backend.padding is None
             and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False))):
@@ -169,27 +170,52 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[tuple[np.ndarray, np.ndarr
     else:  # the wrapper resets truncation/padding the backend was saved with
         encodings = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
                               return_attention_mask=False).encodings
-    result = []
-    for e in encodings:
-        ids = np.asarray(e.ids, dtype=np.int32)
-        flat = np.fromiter(chain.from_iterable(e.offsets), dtype=np.int64, count=2 * len(ids))
-        result.append((ids, flat.reshape(-1, 2)))
-    return result
+    return [(np.asarray(e.ids, dtype=np.int32), e) for e in encodings]
 
 
-def _samples(source: str, lay: _Layout, ids: np.ndarray, offsets: np.ndarray,
-             opts: RenderOptions) -> RenderResult:
-    # Contiguous copies: searchsorted on a strided column would copy it on every call.
+def _token_bounds(enc: Any, n: int, starts_at: list[int], ends_at: list[int]) -> tuple[list[int], list[int]]:
+    """For each character a of starts_at, the first token ending after a; for each b of ends_at,
+    the first token starting at or after b. So a token straddling a learned span's edge is learned.
+
+    Asked of the encoding's own char -> token map: a few lookups per answer, where reading every
+    token's offsets into arrays cost more than the masks themselves. A character that maps to
+    no token (a normalizer dropped it, offsets were trimmed) falls back to the offsets.
+    """
+    firsts, lasts = [], []
+    for a in starts_at:
+        t = enc.char_to_token(a)
+        if t is None:
+            return _token_bounds_from_offsets(enc, starts_at, ends_at)
+        firsts.append(t)
+    for b in ends_at:
+        t = enc.char_to_token(b) if b < _text_end(enc, n) else n
+        if t is None:
+            return _token_bounds_from_offsets(enc, starts_at, ends_at)
+        while t < n and enc.token_to_chars(t)[0] < b:  # t straddles b: the next one starts at/after it
+            t += 1
+        lasts.append(t)
+    return firsts, lasts
+
+
+def _text_end(enc: Any, n: int) -> int:
+    return enc.token_to_chars(n - 1)[1] if n else 0
+
+
+def _token_bounds_from_offsets(enc: Any, starts_at: list[int], ends_at: list[int]) -> tuple[list[int], list[int]]:
+    offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
     starts, ends = np.ascontiguousarray(offsets[:, 0]), np.ascontiguousarray(offsets[:, 1])
+    return (ends.searchsorted(starts_at, side="right").tolist(),
+            starts.searchsorted(ends_at, side="left").tolist())
+
+
+def _samples(source: str, lay: _Layout, ids: np.ndarray, enc: Any, opts: RenderOptions) -> RenderResult:
     n_answers = len(lay.answer_ends)
     answer_of = np.full(len(ids), -1, dtype=np.int32)
     spans = lay.spans
-    # One search for every "first token starting at/after b": span ends, then answer ends.
-    lefts = starts.searchsorted([b for _, b, _ in spans] + lay.answer_ends, side="left").tolist()
-    if spans:
-        firsts = ends.searchsorted([a for a, _, _ in spans], side="right").tolist()  # first token ending after a
-        for first, last, (_, _, k) in zip(firsts, lefts, spans):
-            answer_of[first:last] = k
+    firsts, lefts = _token_bounds(enc, len(ids), [a for a, _, _ in spans],
+                                  [b for _, b, _ in spans] + lay.answer_ends)
+    for first, last, (_, _, k) in zip(firsts, lefts, spans):
+        answer_of[first:last] = k
     # Token count through each answer's end-of-turn token.
     answer_end_tok = lefts[len(spans):]
 

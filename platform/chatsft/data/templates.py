@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from chatsft.data.conversation import BadRecord, Message, Part, merge_system
 
@@ -33,8 +33,9 @@ class TemplateError(ValueError):
     """The chat format cannot be used with this tokenizer (a config error, not a record error)."""
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
+    # A tuple, not a frozen dataclass: a dialogue makes dozens and prepare makes them by the
+    # million; a frozen dataclass costs several times more to build.
     text: str
     supervised: bool = False
     answer: int = -1  # index of the assistant answer these characters belong to, -1 for none
