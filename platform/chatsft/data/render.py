@@ -2,9 +2,9 @@
 
 The template renders text segments that say which characters are learned;
 the whole string is tokenized once (batched), and a token is learned when it
-overlaps a learned character span. Tokenizing the
-whole string, not piece by piece, is what keeps the ids identical to what the
-model sees at inference (and to `apply_chat_template` for `hf`).
+overlaps a learned character span. Tokenizing the whole string, not piece by
+piece, is what keeps the ids identical to what the model sees at inference (and
+to `apply_chat_template` for `hf`).
 
 Labels follow the Hugging Face convention: same length as input_ids, unshifted,
 -100 where no loss is taken; the loss shifts them once (train/loss.py).
@@ -168,8 +168,7 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[tuple[np.ndarray, Any]]:
         # encoding into Python lists first (a third of the time of rendering a batch).
         encodings = backend.encode_batch(texts, add_special_tokens=False)
     else:  # the wrapper resets truncation/padding the backend was saved with
-        encodings = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
-                              return_attention_mask=False).encodings
+        encodings = tokenizer(texts, add_special_tokens=False, return_attention_mask=False).encodings
     return [(np.asarray(e.ids, dtype=np.int32), e) for e in encodings]
 
 
@@ -182,23 +181,20 @@ def _token_bounds(enc: Any, n: int, starts_at: list[int], ends_at: list[int]) ->
     no token (a normalizer dropped it, offsets were trimmed) falls back to the offsets.
     """
     firsts, lasts = [], []
+    text_end = enc.token_to_chars(n - 1)[1] if n else 0  # char_to_token has no token past it
     for a in starts_at:
         t = enc.char_to_token(a)
         if t is None:
             return _token_bounds_from_offsets(enc, starts_at, ends_at)
         firsts.append(t)
     for b in ends_at:
-        t = enc.char_to_token(b) if b < _text_end(enc, n) else n
+        t = enc.char_to_token(b) if b < text_end else n
         if t is None:
             return _token_bounds_from_offsets(enc, starts_at, ends_at)
         while t < n and enc.token_to_chars(t)[0] < b:  # t straddles b: the next one starts at/after it
             t += 1
         lasts.append(t)
     return firsts, lasts
-
-
-def _text_end(enc: Any, n: int) -> int:
-    return enc.token_to_chars(n - 1)[1] if n else 0
 
 
 def _token_bounds_from_offsets(enc: Any, starts_at: list[int], ends_at: list[int]) -> tuple[list[int], list[int]]:
