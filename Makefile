@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv run test test-fast bench clean
+.PHONY: venv run lint test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +21,14 @@ venv: $(STAMP)
 run: venv
 	$(BIN)/chatsft train configs/tiny.yaml
 
-test: venv
+# The layers (pyproject.toml, [tool.importlinter]) are part of the test.
+lint: venv
+	$(BIN)/lint-imports
+
+test: venv lint
 	$(BIN)/python -m pytest -q
 
-test-fast: venv
+test-fast: venv lint
 	$(BIN)/python -m pytest -q -m "not slow and not gpu"
 
 clean:

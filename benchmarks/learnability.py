@@ -67,7 +67,7 @@ def build_model(args, workdir: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from chatsft.builtin import build_tokenizer, resolve
-    from chatsft.data.sources import read_local
+    from chatsft.sources import read_local
 
     custom = args.layers or args.hidden or args.heads or args.intermediate or \
         args.train != SAMPLES_TRAIN or args.vocab != 1024
@@ -90,13 +90,30 @@ def build_model(args, workdir: str):
 
 def render_samples(path: str, tokenizer, organization: str = "session"):
     from chatsft.data.render import RenderOptions, render_batch
-    from chatsft.data.sources import read_local
+    from chatsft.sources import read_local
     from chatsft.data.templates import get_template
 
     template = get_template("chatml", tokenizer)
     convs = list(read_local(path))
     return [s for r in render_batch(convs, tokenizer, template, RenderOptions(organization=organization))
             for s in r.samples]
+
+
+def heldout_loss(model, tokenizer, path: str, organization: str = "session") -> float:
+    """eval_loss over the held-out dialogues, by chatsft's own definition (chatsft.eval.loss)."""
+    import numpy as np
+
+    from chatsft.data.schema import Row
+    from chatsft.eval.loss import loss_sums
+
+    rows = [Row(s.input_ids.astype(np.int64), s.labels.astype(np.int64))
+            for s in render_samples(path, tokenizer, organization)]
+    was = model.training
+    model.eval()
+    total, count = loss_sums(lambda inputs: model(**inputs), rows, micro_batch=32,
+                             pad_id=tokenizer.pad_token_id, seq2seq=False, device=model.device)
+    model.train(was)
+    return total / count
 
 
 def train_plain(model, tokenizer, samples, *, lr: float, batch: int, steps: int = 0, seconds: float = 0.0,
@@ -111,7 +128,7 @@ def train_plain(model, tokenizer, samples, *, lr: float, batch: int, steps: int 
     """
     import torch
 
-    from chatsft.evaluate import _token_loss_sum
+    from chatsft.model.loss import causal_targets, token_loss
 
     if not steps and not seconds:
         raise ValueError("give steps or seconds")
@@ -149,7 +166,7 @@ def train_plain(model, tokenizer, samples, *, lr: float, batch: int, steps: int 
             labels[i, : len(s)] = torch.as_tensor(s.labels)
             mask[i, : len(s)] = 1
         tokens += int(mask.sum())
-        total, count = _token_loss_sum(model(input_ids=ids, attention_mask=mask).logits, labels)
+        total, count = token_loss(model(input_ids=ids, attention_mask=mask).logits, causal_targets(labels))
         loss = total / max(1, count)
         for g in opt.param_groups:
             g["lr"] = lr_at(frac)
@@ -175,7 +192,7 @@ def main(argv=None) -> dict:
     import torch
 
     from chatsft.config import load_config
-    from chatsft.evaluate import evaluate_model
+    from chatsft.eval.evaluate import evaluate_model
     from chatsft.eval.tasks import generative_task
 
     torch.set_num_threads(args.threads)
@@ -191,7 +208,9 @@ def main(argv=None) -> dict:
         cfg.eval.max_examples = n
         t = time.time()
         runs.clear()
-        m = evaluate_model(model, tok, cfg, [task], eval_loss=(n == args.final_examples), runs=runs)
+        m = evaluate_model(model, tok, cfg, [task], runs=runs)
+        if n == args.final_examples:
+            m["eval_loss"] = heldout_loss(model, tok, args.heldout)
         return {**m, "eval_seconds": round(time.time() - t, 1)}
 
     head = {"tag": args.tag, "params": sum(p.numel() for p in model.parameters()), "samples": len(samples),

@@ -60,7 +60,7 @@ def parse_args(argv=None):
 def all_answers_task(path: str, dialogues: int):
     """Every assistant answer of the first `dialogues` held-out dialogues as its own generative example."""
     from chatsft.data.conversation import BadRecord
-    from chatsft.data.sources import read_local
+    from chatsft.sources import read_local
     from chatsft.eval.metrics import exact_match
     from chatsft.eval.tasks import Example, Task, render_generative
 
@@ -81,7 +81,7 @@ def weights_by_turn(path: str, tokenizer, n: int) -> dict[str, list[dict[int, Fr
     """turn_weights of the first n dialogues with 3+ answers, per organization and normalization."""
     from chatsft.data.conversation import Conversation
     from chatsft.data.render import render_conversation
-    from chatsft.data.sources import read_local
+    from chatsft.sources import read_local
     from chatsft.data.stats import turn_weights
 
     convs = [c for c in read_local(path) if isinstance(c, Conversation)
@@ -111,7 +111,7 @@ def train_one(org: str, steps: int, args, workdir: str):
             train = None
         if train is not None:
             from chatsft.config import load_config
-            from chatsft.evaluate import load_for_eval
+            from chatsft.eval.evaluate import load_for_eval
 
             cfg = load_config(HERE.parent / "configs" / "tiny.yaml", [
                 f"run.output_dir={workdir}/{org}", f"run.seed={args.seed}", f"data.organization={org}",
@@ -144,9 +144,9 @@ def main(argv=None) -> dict:
 
     from chatsft.builtin import resolve
     from chatsft.config import load_config
-    from chatsft.evaluate import evaluate_model
+    from chatsft.eval.evaluate import evaluate_model
     from chatsft.eval.tasks import generative_task
-    from learnability import render_samples
+    from learnability import heldout_loss, render_samples
 
     torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(resolve("builtin:tiny-llama"))
@@ -169,8 +169,8 @@ def main(argv=None) -> dict:
         for org in ORGS:
             model, mtok, stats = train_one(org, steps[org], args, workdir)
             metrics = evaluate_model(model, mtok, cfg, [generative_task("final_answer", [args.heldout])])
-            metrics.update(evaluate_model(model, mtok, every, [all_answers_task(args.heldout, args.examples)],
-                                          eval_loss=False))
+            metrics["eval_loss"] = heldout_loss(model, mtok, args.heldout)
+            metrics.update(evaluate_model(model, mtok, every, [all_answers_task(args.heldout, args.examples)]))
             results[org] = {**stats, **metrics}
             print(json.dumps({"organization": org, **results[org]}), flush=True)
 

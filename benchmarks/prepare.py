@@ -9,7 +9,7 @@ Prints, on the same texts:
    Both run single-threaded (TOKENIZERS_PARALLELISM=false, as in a render actor);
    times are the best of several rounds, in process CPU time (robust on a shared
    machine) and in wall time.
-2. the Ray Data pipeline end to end (`prepare(cfg, force=True)`: read, render,
+2. the Ray Data pipeline end to end (`prepare(plan, force=True)`: read, render,
    shuffle, write Parquet) in a subprocess pinned to 1 CPU core with
    ray.init(num_cpus=1), and to 2 cores with num_cpus=2: target 2-CPU >= 1.6x.
 3. padding: best-fit-decreasing packing vs per-micro-batch padding on log-normal
@@ -135,6 +135,7 @@ def child(cpus: int, out: str, paths: list[str]) -> None:
 
     from chatsft.config import load_config
     from chatsft.pipeline import prepare
+    from chatsft.plan import RunPlan
 
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     DataContext.get_current().enable_progress_bars = False
@@ -142,7 +143,7 @@ def child(cpus: int, out: str, paths: list[str]) -> None:
     cfg = load_config(None, [f"run.output_dir={out}", f"data.train=[{', '.join(paths)}]",
                              "data.max_length=4096"])
     start = time.perf_counter()
-    p = prepare(cfg, force=True)
+    p = prepare(RunPlan.resolve(cfg), force=True)
     wall = time.perf_counter() - start
     ray.shutdown()
     st = p.train_stats

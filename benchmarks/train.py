@@ -50,11 +50,13 @@ def _cpu_cfg(out: str, steps: int, *extra: str):
 
 
 def _run(cfg, rows, local: bool):
-    from chatsft.train.driver import train_on_rows
+    from chatsft.plan import RunPlan
+    from chatsft.train.driver import Extras, train_on_rows
 
     seen: list[dict] = []
     t0 = time.perf_counter()
-    result = train_on_rows(cfg, rows, local=local, export=False, callbacks=[lambda s, m: seen.append(m)])
+    result = train_on_rows(RunPlan.resolve(cfg, local=local), rows,
+                           Extras(export=False, callbacks=[lambda s, m: seen.append(m)]))
     return result.metrics, seen, time.perf_counter() - t0
 
 
@@ -71,13 +73,15 @@ def _model_only(cfg, train_dir: str, micro: int, batches: int, rounds: int = 3) 
     """(supervised tokens/s, real-token share of the slots) of the model's forward + backward
     alone on the first rows of train_dir: no optimizer, data loading or logging."""
     from chatsft.model import load_model, load_tokenizer
-    from chatsft.train.data import collate, iter_stored_rows, local_batches
-    from chatsft.train.loss import token_loss
+    from chatsft.data.schema import iter_rows
+    from chatsft.model.batch import collate
+    from chatsft.model.loss import token_loss
+    from chatsft.train.data import file_batches
 
     tok = load_tokenizer(cfg.model)
-    model = load_model(cfg, tokenizer=tok)
+    model = load_model(cfg, "causal", tokenizer=tok)
     rows = []
-    for row in iter_stored_rows(local_batches(train_dir)()):
+    for row in iter_rows(file_batches(train_dir)()):
         rows.append(row)
         if len(rows) == micro * batches:
             break
@@ -185,7 +189,8 @@ def gpu_mfu(args) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from chatsft.config import load_config
-    from chatsft.train.driver import Rows, train_on_rows
+    from chatsft.plan import RunPlan
+    from chatsft.train.driver import Extras, Rows, train_on_rows
 
     assert torch.cuda.is_available(), "--gpu-mfu needs a CUDA GPU"
     tmp = tempfile.mkdtemp(prefix="chatsft-mfu-")
@@ -214,8 +219,8 @@ def gpu_mfu(args) -> None:
         f"train.gradient_checkpointing={str(args.checkpointing).lower()}",
         "scaling.num_workers=1", "scaling.use_gpu=true", "tracking.enabled=false"])
     seen: list[dict] = []
-    result = train_on_rows(cfg, Rows(rows_dir, None, G * args.steps, 0), local=True, export=False,
-                           callbacks=[lambda s, m: seen.append(m)])
+    result = train_on_rows(RunPlan.resolve(cfg, local=True), Rows(rows_dir, None, G * args.steps, 0),
+                           Extras(export=False, callbacks=[lambda s, m: seen.append(m)]))
     step = result.metrics["mean_step_time"]
     tokens = G * args.length
     flops_token = 6 * n_matmul + 12 * args.layers * args.hidden * c

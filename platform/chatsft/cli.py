@@ -12,18 +12,17 @@ import argparse
 import sys
 from typing import Callable, Optional, Sequence
 
-from chatsft.config import Config, ConfigError, describe, load_config
+from chatsft.config import Config, describe, load_config
 from chatsft.data.conversation import BadRecord
-from chatsft.data.templates import TemplateError
-from chatsft.errors import UserError
-
-USER_ERRORS = (ConfigError, BadRecord, TemplateError, UserError, FileNotFoundError)
+from chatsft.errors import UserError, user_error_in
+from chatsft.pipeline.run import USER_ERRORS
 
 
 def _prepare(cfg: Config, args: argparse.Namespace) -> None:
     from chatsft.pipeline import prepare
+    from chatsft.plan import RunPlan
 
-    prepare(cfg, force=True)
+    prepare(RunPlan.resolve(cfg), force=True)
 
 
 def _train(cfg: Config, args: argparse.Namespace) -> None:
@@ -39,22 +38,65 @@ def _sweep(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _eval(cfg: Config, args: argparse.Namespace) -> None:
-    from chatsft.evaluate import evaluate_cli
+    """`chatsft eval CONFIG [--model PATH]`: the validation loss over the run's prepared eval
+    rows (prepared if missing or stale) and the eval.tasks scores, as a table."""
+    from chatsft.eval.evaluate import TaskRun, evaluate_model, format_metrics, load_for_eval
+    from chatsft.eval.tasks import tasks_from_config
+    from chatsft.plan import RunPlan
 
-    evaluate_cli(cfg, args.model)
+    plan = RunPlan.resolve(cfg)
+    tasks = tasks_from_config(cfg)  # a bad task spec fails before the model loads
+    path = args.model or plan.model_dir
+    model, tokenizer = load_for_eval(path, cfg)
+    metrics: dict[str, float] = {}
+    if plan.eval_split != "none":
+        metrics["eval_loss"] = _eval_loss(plan, model, tokenizer)
+    runs: list[TaskRun] = []
+    metrics.update(evaluate_model(model, tokenizer, cfg, tasks, runs=runs))
+    for run in runs:
+        for ex, outs, scores in list(zip(run.examples, run.outputs, run.scores))[:3]:
+            mark = "ok " if scores[0] >= 0.5 else "bad"
+            print(f"[{run.task}] {mark} {ex.source}\n    reference: {ex.reference!r}\n    output:    {outs[0]!r}")
+    print(format_metrics(metrics, title=f"eval of {path}"))
+
+
+def _eval_loss(plan, model, tokenizer) -> float:
+    """eval_loss as training measures it: chatsft.eval.loss over the prepared eval rows."""
+    from chatsft.data.schema import iter_rows
+    from chatsft.eval.generation import model_device
+    from chatsft.eval.loss import loss_sums
+    from chatsft.model import load_tokenizer
+    from chatsft.model.batch import decoder_start
+    from chatsft.model.tokenizer import same_vocabulary
+    from chatsft.pipeline import prepare
+    from chatsft.train.data import file_batches
+
+    if not same_vocabulary(tokenizer, load_tokenizer(plan.config.model)):
+        raise UserError(f"eval: the model's tokenizer is not model.name_or_path's "
+                        f"({plan.config.model.name_or_path}), which the eval rows are tokenized with; "
+                        "set model.name_or_path (or model.tokenizer) to the model's own")
+    prepared = prepare(plan)
+    total, count = loss_sums(lambda inputs: model(**inputs), iter_rows(file_batches(prepared.eval_dir)()),
+                             micro_batch=plan.config.train.micro_batch_size,
+                             pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+                             seq2seq=plan.seq2seq, decoder_start=decoder_start(model) if plan.seq2seq else None,
+                             device=model_device(model))
+    return total / count if count else float("nan")
 
 
 def _inspect(cfg: Config, args: argparse.Namespace) -> None:
     """Render the first samples of the first train source and show what each token teaches."""
-    from chatsft.data.preview import to_html, to_terminal, weights_table
-    from chatsft.data.render import RenderOptions, render_conversation
-    from chatsft.data.sources import read_local
+    from chatsft.data.formats import get_format
+    from chatsft.data.preview import as_shown, to_html, to_terminal, weights_table
+    from chatsft.data.render import RenderOptions
     from chatsft.data.stats import sample_stats, turn_weights
-    from chatsft.data.templates import get_template
     from chatsft.model import load_tokenizer
+    from chatsft.plan import RunPlan
+    from chatsft.sources import read_local
 
+    plan = RunPlan.resolve(cfg)
     tokenizer = load_tokenizer(cfg.model)
-    template = get_template(cfg.data.template, tokenizer)
+    fmt = get_format(plan.kind, cfg.data.template, tokenizer)
     opts = RenderOptions.from_config(cfg.data)
     color = sys.stdout.isatty()
     shown = []
@@ -62,20 +104,23 @@ def _inspect(cfg: Config, args: argparse.Namespace) -> None:
         if isinstance(item, BadRecord):
             print(f"bad record: {item.message}")
             continue
-        result = render_conversation(item, tokenizer, template, **vars(opts))
-        print(f"== {item.source}  ({cfg.data.template.value}, {opts.organization.value}, "
-              f"train_on={opts.train_on.value})")
+        (result,) = fmt.render([item], opts)
+        if isinstance(result, BadRecord):
+            print(f"bad record: {result.message}")
+            continue
+        print(f"== {item.source}  ({fmt.name}, {opts.organization.value}, train_on={opts.train_on.value})")
         for s in result.samples:
             st = sample_stats(s)
             print(f"-- {s.source}: {st['tokens']} tokens, {st['supervised']} supervised "
                   f"({st['ratio']:.0%}){', truncated' if s.truncated else ''}")
-            print(to_terminal(tokenizer, s, color=color))
+            print(to_terminal(tokenizer, as_shown(s, plan.seq2seq), color=color))
         for reason, n in result.dropped.items():
             print(f"-- dropped {n} sample(s): {reason}")
-        print(weights_table(turn_weights(result.samples, "token"), "per-turn loss weight, token mean (trained)"))
-        print(weights_table(turn_weights(result.samples, "sample"), "per-turn loss weight, per-sample mean"))
+        if not plan.seq2seq:  # a seq2seq sample is one answer: there are no turns to weigh
+            print(weights_table(turn_weights(result.samples, "token"), "per-turn loss weight, token mean (trained)"))
+            print(weights_table(turn_weights(result.samples, "sample"), "per-turn loss weight, per-sample mean"))
         print()
-        shown += result.samples
+        shown += [as_shown(s, plan.seq2seq) for s in result.samples]
     if args.html:
         with open(args.html, "w", encoding="utf-8") as f:
             f.write(to_html(tokenizer, shown))
@@ -83,9 +128,10 @@ def _inspect(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _export(cfg: Config, args: argparse.Namespace) -> None:
+    from chatsft.plan import RunPlan
     from chatsft.train.export import export_cli
 
-    export_cli(cfg, checkpoint=args.checkpoint, out=args.out, adapter_only=args.adapter_only)
+    export_cli(RunPlan.resolve(cfg), checkpoint=args.checkpoint, out=args.out, adapter_only=args.adapter_only)
 
 
 VERBS: dict[str, tuple[Callable, str]] = {
@@ -116,8 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the latest)")
             p.add_argument("--out", default=None, help="output folder (default: <run.output_dir>/model)")
             p.add_argument("--adapter-only", action="store_true", help="PEFT: write the adapter, not merged")
-    keys = sub.add_parser("keys", help="list every config key with its default and meaning")
-    keys.add_argument("prefix", nargs="?", default="", help="only keys under this section")
+    keys = sub.add_parser("keys", help="list every config key with its default and meaning",
+                          description="chatsft keys [PREFIX | CONFIG.yaml [PREFIX]] [overrides]: every config "
+                                      "key with its default and meaning; with a config, its value beside the default")
+    keys.add_argument("args", nargs="*", help="a key prefix (train, train.lr), a config file, or both; overrides")
     return parser
 
 
@@ -132,20 +180,64 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     if args.verb == "keys":
-        for key, default, text in describe():
-            if key.startswith(args.prefix):
-                print(f"{key} = {default}\n    {text}")
+        try:
+            print(keys_listing([*args.args, *extra]))
+        except BrokenPipeError:  # `chatsft keys | head`
+            sys.stderr.close()
+        except USER_ERRORS as e:
+            print(f"chatsft keys: error: {_one_line(e)}", file=sys.stderr)
+            return 2
         return 0
     try:
         cfg = load_config(args.config, args.overrides)
         VERBS[args.verb][0](cfg, args)
-    except USER_ERRORS as e:
-        print(f"chatsft {args.verb}: error: {_one_line(e)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"chatsft {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        # A user error raised inside a Ray task, actor or training worker reaches us wrapped.
+        user = user_error_in(e, USER_ERRORS)
+        if user is None:
+            raise
+        print(f"chatsft {args.verb}: error: {_one_line(user)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def keys_listing(args: Sequence[str]) -> str:
+    """`chatsft keys [PREFIX | CONFIG.yaml [PREFIX]] [key=value ...]`: every key under PREFIX with its
+    default and meaning; with a config, the value it gives each key beside the default (`*` marks
+    a changed one). A prefix that matches no key is an error that names the closest keys."""
+    import difflib
+
+    from chatsft.config import CONFIG_SUFFIXES
+
+    config = next((a for a in args if a.endswith(CONFIG_SUFFIXES) and "=" not in a), None)
+    overrides = [a for a in args if "=" in a]
+    prefixes = [a for a in args if a != config and "=" not in a]
+    if len(prefixes) > 1:
+        raise UserError(f"one prefix at a time, got {', '.join(prefixes)}")
+    prefix = prefixes[0] if prefixes else ""
+    rows = describe()
+    names = [key for key, _, _ in rows]
+    chosen = [r for r in rows if not prefix or r[0] == prefix or r[0].startswith(prefix + ".")]
+    if not chosen:
+        sections = sorted({n.rsplit(".", 1)[0] for n in names} | set(names))
+        near = difflib.get_close_matches(prefix, sections, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(near)}?" if near else "; `chatsft keys` lists them all"
+        raise UserError(f"no config key starts with {prefix!r}{hint}")
+    if config is None and not overrides:
+        return "\n".join(f"{key} = {default}\n    {text}" for key, default, text in chosen)
+    values = load_config(config, overrides).flat()
+    out = []
+    for key, default, text in chosen:
+        value = repr(values[key]) if key in values else default
+        mark = "*" if value != default else " "
+        out.append(f"{mark} {key} = {value}" + (f"   (default {default})" if value != default else "")
+                   + f"\n      {text}")
+    where = config or "the defaults"
+    return f"# {where}{' with ' + ' '.join(overrides) if overrides else ''}; * marks a value that is not the " \
+           f"default\n" + "\n".join(out)
 
 
 def job_main(verb: str, argv: Sequence[str]) -> int:
@@ -154,7 +246,7 @@ def job_main(verb: str, argv: Sequence[str]) -> int:
     `ray job status`) are the CLI's."""
     from chatsft.raysetup import ensure_ray
 
-    if verb != "eval":  # eval runs in the job's own process
+    if verb != "eval":  # eval joins only if its rows must be prepared (prepare joins then)
         ensure_ray()
     return main([verb, *argv])
 

@@ -188,6 +188,22 @@ class MethodConfig:
         "merged", "PEFT export: adapter merged into the weights, or the adapter alone."
     )
 
+    def _validate(self, where: str) -> None:
+        # Options of a method that is not the one trained would be silently ignored: a recipe
+        # for LoRA run with method.name=full must not train and export a full model unsaid.
+        uses = {"full": (), "lora": ("lora",), "qlora": ("lora", "quant"), "prompt_tuning": ("prompt_tuning",)}
+        for section in ("lora", "quant", "prompt_tuning"):
+            if section in uses[self.name]:
+                continue
+            changed = _changed(getattr(self, section), type(getattr(self, section))())
+            if changed:
+                key = f"{where}.{section}.{changed[0]}"
+                raise ConfigError(f"{key} is set but {where}.name={self.name} does not use "
+                                  f"{where}.{section}.*; remove it or pick the method it belongs to")
+        if self.export == "adapter" and self.name == "full":
+            raise ConfigError(f"{where}.export=adapter: full fine-tuning has no adapter to export; "
+                              f"use {where}.export=merged (a full model) or a PEFT method")
+
 
 # ------------------------------------------------------------------------- train
 
@@ -249,6 +265,12 @@ class TrainConfig:
     eval_metrics_every: int = doc(0, "Steps between task evaluations (see eval); 0: only at the end.")
     save_every: int = doc(0, "Steps between checkpoints; 0: only at the end.")
     keep_checkpoints: int = doc(2, "Checkpoints kept by Ray Train.")
+    resume: Literal["auto", "never"] = doc(
+        "auto",
+        "auto: resume the latest checkpoint in the run's folder when it is this run (same rows, model, "
+        "method and rows per step; changed optimization settings apply from the resumed step), refuse "
+        "otherwise; never: move old checkpoints, model and result.json to archive/ and start fresh.",
+    )
     deepspeed: DeepSpeedConfig = doc(factory=DeepSpeedConfig, text="DeepSpeed engine options.")
 
     def _validate(self, where: str) -> None:
@@ -392,9 +414,17 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
-    @property
-    def output_dir(self) -> str:
-        return self.run.output_dir
+    def _validate(self, where: str) -> None:
+        """Rules across sections, checked when the config loads: they need no data and no model."""
+        if self.data.eval and self.data.eval_fraction > 0:
+            raise ConfigError("data.eval_fraction: set together with data.eval; hold out from train "
+                              "(eval_fraction) or give eval sources (data.eval), not both")
+        if self.method.name == "prompt_tuning" and self.data.packing:
+            raise ConfigError("method.name=prompt_tuning: does not work with data.packing=true (the virtual "
+                              "tokens are prepended once per row, not per packed sequence)")
+        if self.train.precision == "fp16" and not self.train.deepspeed.enabled:
+            raise ConfigError("train.precision=fp16: needs train.deepspeed.enabled=true (loss scaling); "
+                              "use bf16 without DeepSpeed")
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
@@ -418,6 +448,9 @@ class Config:
 
 
 # ---------------------------------------------------------------------- loading
+
+
+CONFIG_SUFFIXES = (".yaml", ".yml")
 
 
 def load_config(path: Optional[Union[str, Path]] = None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -458,6 +491,11 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
+    set_key(raw, key, value, what=f"override {item!r}")
+
+
+def set_key(raw: dict[str, Any], key: str, value: Any, what: str = "") -> None:
+    """Set dotted `key` in a raw (plain) config dict, making sections on the way."""
     node = raw
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -465,7 +503,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+            raise ConfigError(f"{what or key}: {'.'.join(parts[: i + 1])} is not a section")
         node = child
     node[parts[-1]] = value
 
@@ -584,6 +622,11 @@ def _to_plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _to_plain(v) for k, v in value.items()}
     return value
+
+
+def _changed(value: Any, default: Any) -> list[str]:
+    """The fields of dataclass `value` that differ from `default`'s."""
+    return [f.name for f in dataclasses.fields(value) if getattr(value, f.name) != getattr(default, f.name)]
 
 
 def _join(where: str, key: str) -> str:

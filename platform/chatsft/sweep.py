@@ -12,13 +12,13 @@ the sweep, a child run per trial, the best trial tagged.
 from __future__ import annotations
 
 import math
-import os
-import shutil
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from chatsft.config import Config, apply_override, from_dict
+from chatsft import storage
+from chatsft.config import Config, from_dict, set_key
 from chatsft.errors import UserError
+from chatsft.plan import RunPlan
 
 
 @dataclass
@@ -44,16 +44,17 @@ class SweepResult:
     parent_run_id: Optional[str]
 
 
-def search_space(cfg: Config) -> dict[str, Any]:
+def search_space(plan: RunPlan) -> dict[str, Any]:
     """sweep.space -> Tune's param space, keyed by the dotted config key."""
     from ray import tune
 
+    cfg = plan.config
     if not cfg.sweep.space:
         raise UserError("sweep.space: empty; name at least one key, e.g. "
                         "sweep.space={train.lr: {type: loguniform, low: 1e-5, high: 1e-3}}")
     space = {}
     for key, dim in cfg.sweep.space.items():
-        _check_key(cfg, key)
+        _check_key(plan, key)
         if dim.type == "loguniform":
             space[key] = tune.loguniform(dim.low, dim.high)
         elif dim.type == "uniform":
@@ -75,9 +76,10 @@ def _number(value: Any) -> Any:
     return value
 
 
-def _check_key(cfg: Config, key: str) -> None:
+def _check_key(plan: RunPlan, key: str) -> None:
+    cfg = plan.config
     try:
-        trial_config(cfg, {key: _probe_value(cfg, key)}, "probe")
+        trial_config(plan, {key: _number(_probe_value(cfg, key))}, "probe")
     except Exception as e:
         raise UserError(f"sweep.space.{key}: {e}") from None
 
@@ -87,77 +89,70 @@ def _probe_value(cfg: Config, key: str) -> Any:
     return dim.values[0] if dim.values else dim.low
 
 
-def trial_config(base: Config, params: dict[str, Any], trial: str) -> Config:
+def trial_config(base: RunPlan, params: dict[str, Any], trial: str) -> Config:
     """The base config with the trial's values; each trial writes under trials/<trial> and
     records in the sweep's MLflow store (not a store of its own under its output dir)."""
-    from chatsft.tracking import tracking_uri
-
-    raw = base.to_dict()
-    if base.tracking.enabled:
-        raw["tracking"]["uri"] = tracking_uri(base)
+    raw = base.config.to_dict()
+    if base.tracking_uri:
+        raw["tracking"]["uri"] = base.tracking_uri
     for key, value in params.items():
-        apply_override(raw, f"{key}={_yaml(value)}")
-    raw["run"]["name"] = f"{base.run.name}-{trial}"
-    raw["run"]["output_dir"] = _join(base.run.output_dir, "trials", trial)
+        set_key(raw, key, value)
+    raw["run"]["name"] = f"{base.config.run.name}-{trial}"
+    raw["run"]["output_dir"] = storage.join(base.output_dir, "trials", trial)
     return from_dict(Config, raw)
 
 
-def _yaml(value: Any) -> str:
-    import yaml
-
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-
-
-def _join(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *parts]) if "://" in root else os.path.join(root, *parts)
-
-
-def max_concurrent(cfg: Config) -> int:
+def max_concurrent(plan: RunPlan) -> int:
     """Trials at once: what the cluster fits given each trial's workers (unless set)."""
     import ray
 
+    cfg = plan.config
     if cfg.sweep.max_concurrent:
         return cfg.sweep.max_concurrent
-    sc = cfg.scaling
-    per_worker = dict(sc.resources_per_worker) or {"CPU": 1.0}
-    if sc.use_gpu:
-        per_worker.setdefault("GPU", 1.0)
     total = ray.cluster_resources()
-    fits = min(int(total.get(k, 0) // (v * sc.num_workers)) for k, v in per_worker.items() if v > 0)
+    need = plan.workers
+    fits = min(int(total.get(k, 0) // (v * need)) for k, v in plan.worker_resources.items() if v > 0)
     if fits < 1:
-        raise UserError(f"scaling: one trial needs {sc.num_workers} x {per_worker}, the cluster has {total}")
+        raise UserError(f"scaling: one trial needs {need} x {plan.worker_resources}, the cluster has {total}")
     return fits
+
+
+def check_sweep(plan: RunPlan) -> None:
+    """What a sweep needs of the config, checked before any data is prepared."""
+    cfg = plan.config
+    if cfg.sweep.metric == "eval_loss" and plan.eval_split == "none":
+        raise UserError("sweep.metric=eval_loss needs an eval split: set data.eval or data.eval_fraction")
+    if cfg.train.eval_every <= 0:
+        raise UserError("train.eval_every: a sweep needs evaluations during training (> 0) so the "
+                        "scheduler can compare trials before they end")
 
 
 def sweep(cfg: Config) -> SweepResult:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from chatsft.tracking import RunRecord, preflight
     from chatsft.raysetup import ensure_ray
-    from chatsft.train.driver import prepared_rows
+    from chatsft.tracking import RunRecord, preflight
+    from chatsft.train.driver import check_storage, prepared_rows
 
-    tracked = preflight(cfg)
+    plan = RunPlan.resolve(cfg)
+    check_sweep(plan)
+    space = search_space(plan)
+    tracked = preflight(cfg, plan.tracking_uri)
     ensure_ray()
-    space = search_space(cfg)
-    rows = prepared_rows(cfg)  # once, shared by every trial
-    if cfg.sweep.metric == "eval_loss" and not rows.eval_rows:
-        raise UserError("sweep.metric=eval_loss needs an eval split: set data.eval or data.eval_fraction")
-    if cfg.train.eval_every <= 0:
-        raise UserError("train.eval_every: a sweep needs evaluations during training (> 0) so the "
-                        "scheduler can compare trials before they end")
-    parent = RunRecord.start(cfg, run_name=f"{cfg.run.name}-sweep", tags={"chatsft.kind": "sweep"}) \
-        if tracked else None
+    check_storage(plan)
+    rows = prepared_rows(plan)  # once, shared by every trial
+    parent = RunRecord.start(cfg, plan.tracking_uri, run_name=f"{cfg.run.name}-sweep",
+                             tags={"chatsft.kind": "sweep"}) if tracked else None
     if parent is not None:
         parent.log_data(rows.train_dir, rows.eval_dir)
 
     metric, mode = cfg.sweep.metric, cfg.sweep.mode
     scheduler = (ASHAScheduler(time_attr="step", grace_period=cfg.sweep.grace_period * cfg.train.eval_every,
                                reduction_factor=cfg.sweep.reduction_factor,
-                               max_t=_max_steps(cfg, rows.train_rows, space))
+                               max_t=_max_steps(plan, rows.train_rows))
                  if cfg.sweep.scheduler == "asha" else FIFOScheduler())
-    base = cfg.to_dict()
-    trainable = tune.with_parameters(_run_trial, base=base, rows=rows, tracked=tracked,
+    trainable = tune.with_parameters(_run_trial, base=plan, rows=rows, tracked=tracked,
                                      parent_run_id=parent.run_id if parent else None)
     # The trial function only drives its TorchTrainer; the workers hold the CPUs and GPUs.
     # Tune wants a non-empty request: a little memory, so trials never keep workers waiting.
@@ -167,10 +162,10 @@ def sweep(cfg: Config) -> SweepResult:
         param_space=space,
         tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler,
                                     num_samples=cfg.sweep.num_samples,
-                                    max_concurrent_trials=max_concurrent(cfg),
+                                    max_concurrent_trials=max_concurrent(plan),
                                     trial_name_creator=_name, trial_dirname_creator=_name),
         run_config=tune.RunConfig(name=f"{cfg.run.name}-sweep",
-                                  storage_path=_abs(_join(cfg.run.output_dir, "tune")),
+                                  storage_path=storage.join(plan.output_dir, "tune"),
                                   verbose=1),
     )
     grid = tuner.fit()
@@ -179,12 +174,11 @@ def sweep(cfg: Config) -> SweepResult:
     best = (min if mode == "min" else max)(ok, key=lambda t: t.best) if ok else None
     result = SweepResult(outcomes, best, None, None, None, parent.run_id if parent else None)
     if best is not None:
-        result.best_config = trial_config(cfg, best.params, best.name)
+        result.best_config = trial_config(plan, best.params, best.name)
         result.best_checkpoint = best.checkpoint
-        if best.model_dir and os.path.isdir(best.model_dir):
-            result.best_model_dir = _join(cfg.run.output_dir, "best", "model")
-            shutil.rmtree(result.best_model_dir, ignore_errors=True)
-            shutil.copytree(best.model_dir, result.best_model_dir)
+        if best.model_dir and storage.is_dir(best.model_dir):
+            result.best_model_dir = storage.join(plan.output_dir, "best", "model")
+            storage.publish_dir(best.model_dir, result.best_model_dir)
     print(table(outcomes, best, metric))
     if best is not None:
         print(f"[chatsft] best trial {best.name}: {metric} {best.best:.4f} with "
@@ -197,37 +191,35 @@ def sweep(cfg: Config) -> SweepResult:
     return result
 
 
-def _max_steps(cfg: Config, train_rows: int, space: dict) -> int:
+def _max_steps(plan: RunPlan, train_rows: int) -> int:
     """ASHA's horizon: the longest trial, counting the largest epochs in the space."""
     from chatsft.train.schedule import total_steps
 
+    cfg = plan.config
     epochs = [cfg.train.epochs]
     dim = cfg.sweep.space.get("train.epochs")
     if dim is not None:
-        epochs += [int(v) for v in dim.values] or [int(dim.high or 1)]
-    G = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.scaling.num_workers
+        epochs += [int(_number(v)) for v in dim.values] or [int(dim.high or 1)]
     # One past the longest trial: ASHA stops a trial that reaches max_t at that very report,
     # which would cut it off before it exports its model.
-    return max(total_steps(train_rows, G, e, cfg.train.max_steps) for e in epochs) + 1
-
-
-def _abs(path: str) -> str:
-    return path if "://" in path else os.path.abspath(path)
+    return max(total_steps(train_rows, plan.global_batch, e, cfg.train.max_steps) for e in epochs) + 1
 
 
 # ------------------------------------------------------------------ the trial
 
 
-def _run_trial(params: dict[str, Any], *, base: dict, rows: Any, tracked: bool,
+def _run_trial(params: dict[str, Any], *, base: RunPlan, rows: Any, tracked: bool,
                parent_run_id: Optional[str]) -> None:
     """One trial: its config, a child MLflow run, and a TorchTrainer whose evaluations go to Tune."""
     from ray import tune
 
-    from chatsft.train.driver import train_tracked
+    from chatsft.train.driver import Extras, train_tracked
 
     trial = tune.get_context().get_trial_name()
-    cfg = trial_config(from_dict(Config, base), params, trial)
-    result = train_tracked(cfg, rows, tracked=tracked, ray_callbacks=[_EvalsToTune(cfg.sweep.metric)],
+    plan = RunPlan.resolve(trial_config(base, params, trial))
+    cfg = plan.config
+    result = train_tracked(plan, rows, tracked=tracked,
+                           extras=Extras(ray_callbacks=[_EvalsToTune(cfg.sweep.metric)]),
                            parent_run_id=parent_run_id, run_name=cfg.run.name, log_data=False)
     # The last word for the table: where the model and the MLflow run are.
     tune.report({"step": result.metrics.get("step", 0), "model_dir": result.model_dir or "", "trial_finished": True,
@@ -277,7 +269,7 @@ def _outcome(r: Any, metric: str, mode: str) -> TrialOutcome:
     m = r.metrics or {}
     done = bool(m.get("trial_finished"))
     status = "ERROR" if r.error else ("TERMINATED" if done else "STOPPED")
-    name = os.path.basename(r.path) if r.path else "?"
+    name = storage.basename(r.path) if r.path else "?"
     checkpoints = [] if df is None or "checkpoint_path" not in df else list(df["checkpoint_path"].dropna())
     steps = int(df["step"].max()) if df is not None and "step" in df and len(df) else 0
     return TrialOutcome(name=name, params=dict(r.config), status=status, best=best,

@@ -1,9 +1,13 @@
 """MLflow: one run per training (a parent run per sweep), logged once, by step.
 
-Who logs: the driver side only — the Ray Train controller through
-`MLflowCallback`, or the `--local` loop — never every worker. Steps already
-logged are not logged again, so a worker group restarted from a checkpoint
-continues the same run without duplicates.
+Who logs: the driver opens the run (`RunRecord`: config, data statistics,
+final results, the model); per-step metrics come from rank 0 of the training
+workers only (`StepLogger`, a callback of the loop). Steps already logged are
+not logged again, so a worker group restarted from a checkpoint continues the
+same run without duplicates.
+
+This module is a leaf: it knows MLflow, the config and the storage, nothing of
+the pipeline or the trainer; the caller resolves the tracking URI (RunPlan).
 
 Logging never stops training: calls go through a background thread that
 retries transient failures and, when the server stays away, drops the call,
@@ -19,7 +23,6 @@ import logging
 import os
 import queue
 import re
-import tempfile
 import threading
 import time
 import urllib.error
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from chatsft import storage
 from chatsft.errors import UserError
 
 log = logging.getLogger("chatsft.tracking")
@@ -45,20 +49,6 @@ def redact(key: str, value: Any) -> Any:
         value = _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}***@", value)
         value = _QUERY_SECRET.sub(r"\1***", value)
     return value
-
-
-def tracking_uri(cfg: Any) -> str:
-    """tracking.uri, else $MLFLOW_TRACKING_URI, else a SQLite store in run.output_dir."""
-    if cfg.tracking.uri:
-        return cfg.tracking.uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    out = cfg.run.output_dir
-    if "://" in out:  # a cloud output dir has no place for SQLite: keep the store beside the job
-        out = "."
-    path = Path(out).absolute()
-    path.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path / 'mlflow.db'}"
 
 
 @contextlib.contextmanager
@@ -104,11 +94,11 @@ def check_server(uri: str, timeout: float = 5.0) -> Optional[str]:
         return str(getattr(e, "reason", e))
 
 
-def preflight(cfg: Any) -> bool:
-    """Check the tracking server before compute is spent. Returns whether to track."""
-    if not cfg.tracking.enabled:
+def preflight(cfg: Any, uri: Optional[str]) -> bool:
+    """Check the tracking server before compute is spent. Returns whether to track
+    (`uri` is the run's resolved tracking URI, None when tracking is off)."""
+    if not cfg.tracking.enabled or uri is None:
         return False
-    uri = tracking_uri(cfg)
     problem = check_server(uri)
     if problem is None:
         return True
@@ -151,6 +141,8 @@ class Tracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         from mlflow.tracking import MlflowClient
 
+        if self.uri.startswith("sqlite:///"):  # the store's folder (the run's output dir) may not exist yet
+            Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         self._client = MlflowClient(tracking_uri=self.uri)
         try:
             exp = self._client.get_experiment_by_name(self.experiment)
@@ -229,14 +221,22 @@ class Tracker:
         for k, v in tags.items():
             self._submit(f"tag {k}", lambda c, k=k, v=v: c.set_tag(self.run_id, k, str(v)))
 
-    def log_artifact(self, path: str, artifact_path: Optional[str] = None) -> None:
-        if os.path.isdir(path):
-            self._submit(f"artifacts {path}", lambda c: c.log_artifacts(self.run_id, path, artifact_path))
-        else:
-            self._submit(f"artifact {path}", lambda c: c.log_artifact(self.run_id, path, artifact_path))
-
     def log_text(self, text: str, artifact_file: str) -> None:
         self._submit(f"text {artifact_file}", lambda c: c.log_text(self.run_id, text, artifact_file))
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        """A matplotlib figure as a PNG artifact (MLflow writes and removes its own temp file);
+        the figure is closed once it is sent."""
+
+        def call(client) -> None:
+            import matplotlib.pyplot as plt
+
+            try:
+                client.log_figure(self.run_id, figure, artifact_file)
+            finally:
+                plt.close(figure)
+
+        self._submit(f"figure {artifact_file}", call)
 
     def log_data_stats(self, stats: dict, split: str, folder: Optional[str] = None) -> None:
         """stats.json of a prepared split: numbers as metrics, the file and the preview as artifacts."""
@@ -249,9 +249,9 @@ class Tracker:
         self.log_values(flat)
         if folder:
             for name in ("stats.json", "mask_preview.html", "bad_records.jsonl"):
-                p = os.path.join(folder, name)
-                if os.path.exists(p):
-                    self.log_artifact(p, f"data/{split}")
+                text = storage.read_text(storage.join(folder, name))
+                if text is not None:
+                    self.log_text(text, f"data/{split}/{name}")
         else:
             self.log_text(json.dumps(stats, indent=2, sort_keys=True), f"data/{split}/stats.json")
 
@@ -262,24 +262,34 @@ class Tracker:
         with transformers 5), else as a plain artifact folder `model/`."""
 
         def call(client) -> None:
-            import mlflow
-
-            size = sum(p.stat().st_size for p in Path(model_dir).rglob("*") if p.is_file())
-            if flavor and size <= flavor_max_bytes:
-                with _fluent_uri(self.uri), mlflow.start_run(run_id=self.run_id):
-                    info = mlflow.transformers.log_model(
-                        transformers_model=_load_for_mlflow(model_dir, task), name="model", task=task,
-                        pip_requirements=_pip_requirements())
-                uri = info.model_uri
-            else:
-                client.log_artifacts(self.run_id, model_dir, "model")
-                uri = f"runs:/{self.run_id}/model"
+            with storage.scratch("chatsft-mlflow-model-") as tmp:
+                local = model_dir
+                if storage.is_uri(model_dir):  # MLflow reads the folder from local disk
+                    storage.copy_tree(model_dir, tmp)
+                    local = tmp
+                uri = log(client, local)
             client.set_tag(self.run_id, "model_uri", uri)  # where to load it from
             if register_as:
+                import mlflow
+
                 with _fluent_uri(self.uri):
                     mlflow.register_model(uri, register_as)
 
+        def log(client, local: str) -> str:
+            import mlflow
+
+            size = sum(p.stat().st_size for p in Path(local).rglob("*") if p.is_file())
+            if flavor and size <= flavor_max_bytes:
+                with _fluent_uri(self.uri), mlflow.start_run(run_id=self.run_id):
+                    info = mlflow.transformers.log_model(
+                        transformers_model=_load_for_mlflow(local, task), name="model", task=task,
+                        pip_requirements=_pip_requirements())
+                return info.model_uri
+            client.log_artifacts(self.run_id, local, "model")
+            return f"runs:/{self.run_id}/model"
+
         self._submit("model", call)
+
 
     def wait(self, timeout: float = 120.0) -> None:
         """Block until what is queued so far has been sent (or dropped)."""
@@ -356,17 +366,21 @@ def _one_line(e: BaseException) -> str:
 # ---------------------------------------------------------------------- plots
 
 
-def plot_losses(history: dict[str, list[tuple[int, float]]], path: str) -> Optional[str]:
-    """Train and eval loss by step in one PNG."""
-    series = {k: v for k, v in history.items() if k in ("train_loss", "eval_loss") and v}
-    if not series:
-        return None
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    return plt
+
+
+def plot_losses(history: dict[str, list[tuple[int, float]]]) -> Optional[Any]:
+    """Train and eval loss by step in one figure."""
+    series = {k: v for k, v in history.items() if k in ("train_loss", "eval_loss") and v}
+    if not series:
+        return None
+    fig, ax = _pyplot().subplots(figsize=(7, 4))
     for key, points in series.items():
         xs, ys = zip(*sorted(points))
         ax.plot(xs, ys, marker="o" if key == "eval_loss" else None, label=key)
@@ -375,52 +389,38 @@ def plot_losses(history: dict[str, list[tuple[int, float]]], path: str) -> Optio
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def plot_data(rows_dir: str, path: str, max_rows: int = 50_000) -> Optional[str]:
+def plot_data(rows_dir: str, max_rows: int = 50_000) -> Optional[Any]:
     """Distributions of per-row supervision ratio and length, read from the prepared Parquet rows."""
-    import glob
-
     import numpy as np
-    import pyarrow.parquet as pq
 
-    files = sorted(glob.glob(os.path.join(rows_dir, "*.parquet")))
+    from chatsft.data.schema import IGNORE
+
+    files = storage.list_files(rows_dir, suffix=".parquet")
     if not files:
         return None
     lengths, ratios = [], []
     for f in files:
-        table = pq.read_table(f, columns=["input_ids", "labels"])
-        for ids, labels in zip(table.column("input_ids").to_pylist(), table.column("labels").to_pylist()):
+        table = storage.read_parquet(f.path, columns=["input_ids", "labels"])
+        for labels in table.column("labels").to_pylist():
             lab = np.asarray(labels)
-            lengths.append(len(ids))
-            ratios.append(float((lab != -100).mean()) if len(lab) else 0.0)
+            lengths.append(len(lab))
+            ratios.append(float((lab != IGNORE).mean()) if len(lab) else 0.0)
             if len(lengths) >= max_rows:
                 break
         if len(lengths) >= max_rows:
             break
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a, b) = _pyplot().subplots(1, 2, figsize=(10, 4))
     a.hist(ratios, bins=40)
     a.set_xlabel("supervised tokens / tokens (per row)")
     a.set_ylabel("rows")
     b.hist(lengths, bins=40)
     b.set_xlabel("tokens per row")
-    fig.suptitle(f"{len(lengths)} rows of {os.path.basename(os.path.normpath(rows_dir))}")
+    fig.suptitle(f"{len(lengths)} rows of {storage.basename(rows_dir)}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def scratch_dir() -> str:
-    return tempfile.mkdtemp(prefix="chatsft-mlflow-")
+    return fig
 
 
 # ------------------------------------------------------------ a training run
@@ -467,9 +467,9 @@ class RunRecord:
     tracker: Tracker
 
     @classmethod
-    def start(cls, cfg: Any, *, run_name: Optional[str] = None, parent_run_id: Optional[str] = None,
+    def start(cls, cfg: Any, uri: str, *, run_name: Optional[str] = None, parent_run_id: Optional[str] = None,
               tags: Optional[dict[str, str]] = None) -> "RunRecord":
-        t = Tracker(tracking_uri(cfg), cfg.tracking.experiment, run_name or cfg.run.name,
+        t = Tracker(uri, cfg.tracking.experiment, run_name or cfg.run.name,
                     parent_run_id=parent_run_id, tags=dict(tags or {}))
         t.start()
         t.log_params(cfg.flat())
@@ -486,17 +486,15 @@ class RunRecord:
         return StepLogger(t.uri, t.experiment, t.run_name, t.run_id)
 
     def log_data(self, train_dir: str, eval_dir: Optional[str]) -> None:
-        scratch = scratch_dir()
         for split, folder in (("train", train_dir), ("eval", eval_dir)):
             if not folder:
                 continue
-            stats_path = os.path.join(folder, "stats.json")
-            if os.path.exists(stats_path):
-                with open(stats_path, encoding="utf-8") as f:
-                    self.tracker.log_data_stats(json.load(f), split, folder)
-            plot = plot_data(folder, os.path.join(scratch, f"data_{split}.png"))
-            if plot:
-                self.tracker.log_artifact(plot, "plots")
+            text = storage.read_text(storage.join(folder, "stats.json"))
+            if text is not None:
+                self.tracker.log_data_stats(json.loads(text), split, folder)
+            fig = plot_data(folder)
+            if fig is not None:
+                self.tracker.log_figure(fig, f"plots/data_{split}.png")
 
     def complete(self, metrics: dict[str, Any], model_dir: Optional[str], checkpoint: Optional[str],
                  *, seq2seq: bool = False) -> None:
@@ -506,15 +504,21 @@ class RunRecord:
         t.log_values(final, step=int(metrics.get("step", 0) or 0))
         if checkpoint:
             t.set_tags({"checkpoint": redact("checkpoint", checkpoint)})
-        plot = plot_losses(self._history(), os.path.join(scratch_dir(), "loss.png"))
-        if plot:
-            t.log_artifact(plot, "plots")
-        if model_dir and self.cfg.tracking.log_model and os.path.isdir(model_dir):
-            adapter = os.path.exists(os.path.join(model_dir, "adapter_config.json"))
+        fig = plot_losses(self._history())
+        if fig is not None:
+            t.log_figure(fig, "plots/loss.png")
+        if model_dir and self.cfg.tracking.log_model and storage.is_dir(model_dir):
+            adapter = storage.exists(storage.join(model_dir, "adapter_config.json"))
             t.set_tags({"model_dir": model_dir})
             t.log_model(model_dir, task="text2text-generation" if seq2seq else "text-generation",
                         register_as=self.cfg.tracking.register_as, flavor=not adapter)
         t.finish("FINISHED")
+
+    def log_resume(self, resume: dict) -> None:
+        """A resumed run: where from, and the settings that changed (applied from that step)."""
+        self.tracker.set_tags({"resumed_from": resume["checkpoint"], "resumed_at_step": resume["step"],
+                               "resume_changed": ", ".join(resume["changed"]) or "nothing"})
+        self.tracker.log_text(json.dumps(resume, indent=2, default=str), "resume.json")
 
     def fail(self, error: BaseException) -> None:
         self.tracker.set_tags({"error": _one_line(error)})

@@ -5,7 +5,8 @@ from mlflow.tracking import MlflowClient
 
 from chatsft.config import load_config
 from chatsft.errors import UserError
-from chatsft.tracking import Tracker, check_server, preflight, redact, tracking_uri
+from chatsft.plan import tracking_uri
+from chatsft.tracking import Tracker, check_server, preflight, redact
 
 pytestmark = pytest.mark.slow
 
@@ -33,9 +34,9 @@ def test_unreachable_server_is_a_clear_error_before_compute(tmp_path):
     assert check_server(uri) is not None
     cfg = load_config(None, [f"tracking.uri={uri}"])
     with pytest.raises(UserError, match=r"tracking.uri: MLflow server http://\*\*\*@127.0.0.1:\d+ is unreachable"):
-        preflight(cfg)
-    assert preflight(load_config(None, [f"tracking.uri={uri}", "tracking.required=false"])) is False
-    assert preflight(load_config(None, ["tracking.enabled=false"])) is False
+        preflight(cfg, uri)
+    assert preflight(load_config(None, [f"tracking.uri={uri}", "tracking.required=false"]), uri) is False
+    assert preflight(load_config(None, ["tracking.enabled=false"]), None) is False
 
 
 def test_steps_are_logged_once_and_a_reopened_run_continues(mlflow_server):

@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 
 from chatsft.config import load_config
 from chatsft.train.driver import train
-from chatsft.train.loop import FAIL_AT, FAIL_MARKER
+from tests.faults import ExitOnce
 
 pytestmark = pytest.mark.slow
 
@@ -75,13 +75,12 @@ def test_a_restarted_run_logs_each_step_exactly_once(tmp_path, mlflow_server, mo
     import ray
 
     marker = tmp_path / "failed-once"
-    monkeypatch.setenv(FAIL_AT, "7")  # after the step-6 checkpoint: step 7 runs twice
-    monkeypatch.setenv(FAIL_MARKER, str(marker))
-    ray.shutdown()  # a Ray started before the variables were set would not pass them on
+    ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False)
     try:
+        # dies after step 7, past the step-6 checkpoint: step 7 runs twice
         result = train(tiny(tmp_path, mlflow_server.uri, "restart", "train.log_every=1",
-                            "train.save_every=6", "scaling.max_failures=1"))
+                            "train.save_every=6", "scaling.max_failures=1"), hooks=[ExitOnce(7, marker)])
     finally:
         ray.shutdown()
     assert marker.exists(), "the worker was never killed"

@@ -19,9 +19,11 @@ import pytest
 from chatsft.config import ConfigError, load_config
 from chatsft.data.conversation import REASONS, BadRecord, iter_lines, parse_line
 from chatsft.data.render import render_conversation
-from chatsft.data.sources import PACKAGE_ROOT
+from chatsft.sources import PACKAGE_ROOT
 from chatsft.data.templates import get_template
-from chatsft.pipeline import keys, prepare
+from chatsft.data import keys
+from chatsft.pipeline import prepare
+from chatsft.plan import RunPlan
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +94,7 @@ def sample_corpus(tmp_path) -> list[str]:
 def test_rows_equal_render_and_reuse(ray_local, tmp_path, tiny_llama_dir, tokenizer):
     paths = sample_corpus(tmp_path)
     cfg = config(tmp_path, tiny_llama_dir, f"data.train=[{paths[0]}, {paths[1]}]", "data.max_length=160")
-    p = prepare(cfg, force=True)
+    p = prepare(RunPlan.resolve(cfg), force=True)
     rows = read_rows(p.train_dir)
     assert rows.column_names == ["input_ids", "labels", "source"]
     assert rows.schema.field("input_ids").type == pa.list_(pa.int32())
@@ -119,7 +121,7 @@ def test_rows_equal_render_and_reuse(ray_local, tmp_path, tiny_llama_dir, tokeni
     # prepare() without force reuses fresh rows: nothing is rewritten.
     marker = os.path.join(tmp_path, "run", "data", "prepare.json")
     before = os.stat(marker).st_mtime_ns
-    again = prepare(cfg)
+    again = prepare(RunPlan.resolve(cfg))
     assert again.train_stats == st and os.stat(marker).st_mtime_ns == before
 
 
@@ -127,7 +129,7 @@ def test_packed_rows_hold_each_sample_once_with_its_own_labels(ray_local, tmp_pa
     paths = sample_corpus(tmp_path)
     cfg = config(tmp_path, tiny_llama_dir, f"data.train=[{paths[0]}, {paths[1]}]", "data.max_length=256",
                  "data.packing=true", "data.organization=split_turn", "data.pack_window=40")
-    p = prepare(cfg, force=True)
+    p = prepare(RunPlan.resolve(cfg), force=True)
     rows = read_rows(p.train_dir)
     assert rows.column_names == ["input_ids", "labels", "position_ids", "source"]
     expected = expected_samples(paths, tokenizer, "chatml", max_length=256, organization="split_turn")
@@ -181,7 +183,7 @@ def test_malformed_corpus_error_names_the_first_bad_line(ray_local, tmp_path, ti
     cfg = config(tmp_path, tiny_llama_dir, f"data.train=[{first}, {second}]", "data.template=special",
                  "data.map_batch_size=4")
     with pytest.raises(BadRecord) as err:
-        prepare(cfg, force=True)
+        prepare(RunPlan.resolve(cfg), force=True)
     assert err.value.source == f"{second}:3" and err.value.reason == "invalid_utf8"
     assert str(err.value).startswith(f"{second}:3: invalid_utf8: ") and "\n" not in str(err.value)
 
@@ -190,7 +192,7 @@ def test_malformed_corpus_skip_counts_every_reason(ray_local, tmp_path, tiny_lla
     path = write_corpus(tmp_path, "bad.jsonl", [line for line, _ in MALFORMED])
     cfg = config(tmp_path, tiny_llama_dir, f"data.train={path}", "data.template=special",
                  "data.on_bad_record=skip", "data.bad_examples=3", "data.map_batch_size=4")
-    p = prepare(cfg, force=True)
+    p = prepare(RunPlan.resolve(cfg), force=True)
     expected = Counter(reason for _, reason in MALFORMED if reason)
     assert set(REASONS) - set(expected) == {"template_error"}  # every other reason is in the corpus
     st = p.train_stats
@@ -227,7 +229,7 @@ def test_hf_template_error_is_a_counted_bad_record(ray_local, tmp_path, tiny_lla
     path = write_corpus(tmp_path, "hf.jsonl", [good, clash, good])
     cfg = config(tmp_path, tiny_llama_dir, f"data.train={path}", "data.template=hf",
                  f"model.tokenizer={tok_dir}", "data.on_bad_record=skip")
-    p = prepare(cfg, force=True)
+    p = prepare(RunPlan.resolve(cfg), force=True)
     assert p.train_stats["bad_by_reason"] == {"template_error": 1} and p.train_stats["samples"] == 2
     bad = [json.loads(x) for x in open(os.path.join(p.train_dir, "bad_records.jsonl"))]
     assert bad[0]["source"] == f"{path}:2" and "alternate" in bad[0]["detail"]
@@ -242,7 +244,7 @@ def test_mixture_weights_carve_out_and_determinism(ray_local, tmp_path, tiny_lla
     for conc, batch in ((1, 16), (2, 64)):
         cfg = config(tmp_path / f"c{conc}", tiny_llama_dir, mix, "data.eval_fraction=0.25", "run.seed=7",
                      f"data.map_concurrency={conc}", f"data.map_batch_size={batch}")
-        p = prepare(cfg, force=True)
+        p = prepare(RunPlan.resolve(cfg), force=True)
         runs.append((read_rows(p.train_dir), read_rows(p.eval_dir), p))
     (train, evals, p), (train2, evals2, _) = runs
     assert train.equals(train2) and evals.equals(evals2)  # same rows, same order, any concurrency
@@ -272,7 +274,7 @@ def test_seq2seq_refuses_packing(tmp_path, tiny_llama_dir):
     cfg = config(tmp_path, tiny_llama_dir, "model.kind=seq2seq", "data.packing=true",
                  "data.organization=split_turn")
     with pytest.raises(ConfigError, match="data.packing"):
-        prepare(cfg, force=True)
+        prepare(RunPlan.resolve(cfg), force=True)
 
 
 def test_job_entry_point_fails_with_one_line(tmp_path, tiny_llama_dir):

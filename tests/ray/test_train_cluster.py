@@ -5,8 +5,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from chatsft.train.driver import train_on_rows
-from trainkit import Timer, rows_for, tiny_cfg
+from trainkit import Timer, rows_for, tiny_cfg, train_rows
 
 
 @pytest.mark.slow
@@ -23,7 +22,7 @@ def test_two_nodes_zero3(tmp_path):
     try:
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         with Timer():
-            result = train_on_rows(cfg, rows, local=False)
+            result = train_rows(cfg, rows, local=False)
     finally:
         ray.shutdown()
         cluster.shutdown()

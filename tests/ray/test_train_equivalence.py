@@ -10,8 +10,7 @@ the accumulation steps or by the workers) scales it and fails the comparison.
 import pytest
 import ray
 
-from chatsft.train.driver import train_on_rows
-from trainkit import Timer, rows_for, tiny_cfg, weights
+from trainkit import Timer, rows_for, tiny_cfg, train_rows, weights
 
 LINEAR_STEP = ["train.lr=1e6", "train.eps=1e6", "train.clip_grad=0", "train.weight_decay=0",
                "train.max_steps=1", "train.schedule=constant"]
@@ -20,7 +19,7 @@ LINEAR_STEP = ["train.lr=1e6", "train.eps=1e6", "train.clip_grad=0", "train.weig
 def gradient(tmp_path, name, tiny_llama_dir, rows, *overrides, local=True):
     cfg = tiny_cfg(tmp_path / name, *LINEAR_STEP, *overrides)
     with Timer():
-        result = train_on_rows(cfg, rows, local=local)
+        result = train_rows(cfg, rows, local=local)
     assert result.metrics["step"] == 1
     before, after = weights(tiny_llama_dir), weights(result.model_dir)
     return {k: after[k] - before[k] for k in before if k in after}

@@ -9,10 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import chatsft.train.loss as loss_module
-from chatsft.train.driver import Rows, train_on_rows
+import chatsft.model.loss as loss_module
+from chatsft.plan import RunPlan
+from chatsft.train.driver import Extras, Rows
 from chatsft.train.export import export_cli
-from trainkit import Timer, rows_for, tiny_cfg, weights
+from trainkit import Timer, rows_for, tiny_cfg, train_rows, weights
 
 
 @pytest.mark.slow
@@ -21,7 +22,7 @@ def test_t5_trains_on_seq2seq_rows(tmp_path):
                    "train.max_steps=10", "train.micro_batch_size=8", "train.lr=3e-3", "train.log_every=5")
     rows = rows_for(cfg, str(tmp_path), train_limit=40, eval_limit=10)
     with Timer():
-        m = train_on_rows(cfg, rows, local=True).metrics
+        m = train_rows(cfg, rows, local=True).metrics
     assert m["eval_loss"] < m["eval_loss_first"] - 0.5, m
 
 
@@ -31,7 +32,7 @@ def test_lora_trains_and_exports_merged(tmp_path, tiny_llama_dir):
                    "train.micro_batch_size=8", "train.log_every=4")
     rows = rows_for(cfg, str(tmp_path), train_limit=64, eval_limit=16)
     with Timer():
-        result = train_on_rows(cfg, rows, local=True)
+        result = train_rows(cfg, rows, local=True)
     m = result.metrics
     assert m["eval_loss"] < m["eval_loss_first"] - 0.2, m
     merged, base = weights(result.model_dir), weights(tiny_llama_dir)
@@ -58,7 +59,7 @@ def test_steps_without_supervised_tokens_are_skipped_cleanly(tmp_path, tiny_llam
     # 4 steps of 2 rows (micro 1 x accum 2): one step holds the supervised row
     cfg = tiny_cfg(tmp_path, "train.micro_batch_size=1", "train.grad_accum=2", "train.log_every=1")
     seen = []
-    result = train_on_rows(cfg, rows, local=True, callbacks=[lambda step, m: seen.append(m)])
+    result = train_rows(cfg, rows, local=True, extras=Extras(callbacks=[lambda step, m: seen.append(m)]))
     assert result.metrics["step"] == 4
     assert result.metrics["empty_steps"] == 3 and result.metrics["skipped_steps"] == 0
     for m in seen:
@@ -84,7 +85,7 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path, monkeypatch, engine):
     cfg = tiny_cfg(tmp_path, f"train.{engine}", "train.max_steps=4", "train.micro_batch_size=2",
                    "train.grad_accum=2")  # call 3 = step 2's first micro-batch
     rows = rows_for(cfg, str(tmp_path), train_limit=16, eval_limit=0)
-    result = train_on_rows(cfg, rows, local=True)
+    result = train_rows(cfg, rows, local=True)
     assert result.metrics["skipped_steps"] == 1, result.metrics
     assert all(torch.isfinite(t).all() for t in weights(result.model_dir).values())
 
@@ -93,8 +94,8 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path, monkeypatch, engine):
 def test_export_cli_rebuilds_the_model_from_the_checkpoint(tmp_path):
     cfg = tiny_cfg(tmp_path, "train.max_steps=3")
     rows = rows_for(cfg, str(tmp_path), train_limit=16, eval_limit=0)
-    result = train_on_rows(cfg, rows, local=True)
-    out = export_cli(cfg, out=str(tmp_path / "exported"))
+    result = train_rows(cfg, rows, local=True)
+    out = export_cli(RunPlan.resolve(cfg, local=True), out=str(tmp_path / "exported"))
     a, b = weights(result.model_dir), weights(out)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)

@@ -7,9 +7,9 @@ import pytest
 import ray
 import torch
 
-from chatsft.train.driver import train_on_rows
-from chatsft.train.loop import FAIL_AT, FAIL_MARKER
-from trainkit import Timer, rows_for, tiny_cfg, weights
+from chatsft.train.driver import Extras
+from tests.faults import ExitOnce
+from trainkit import Timer, rows_for, tiny_cfg, train_rows, weights
 
 RUN = ["train.max_steps=6", "train.save_every=2", "train.micro_batch_size=2", "train.grad_accum=2",
        "train.schedule=cosine", "train.warmup_steps=2", "scaling.max_failures=1", "train.keep_checkpoints=2"]
@@ -20,18 +20,17 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     cfg = tiny_cfg(tmp_path / "straight", *RUN)
     rows = rows_for(cfg, str(tmp_path), train_limit=40, eval_limit=8)
     with Timer():
-        straight = train_on_rows(cfg, rows, local=True)
+        straight = train_rows(cfg, rows, local=True)
     assert straight.metrics["step"] == 6
 
     marker = tmp_path / "failed-once"
-    # the worker exits (os._exit) after step 3; the latest checkpoint is step 2
-    monkeypatch.setenv(FAIL_AT, "3")
-    monkeypatch.setenv(FAIL_MARKER, str(marker))
     ray.shutdown()  # prepare in an earlier test may have left a Ray running
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         with Timer():
-            resumed = train_on_rows(tiny_cfg(tmp_path / "killed", *RUN), rows, local=False)
+            # the worker exits (os._exit) after step 3; the latest checkpoint is step 2
+            resumed = train_rows(tiny_cfg(tmp_path / "killed", *RUN), rows, local=False,
+                                 extras=Extras(hooks=[ExitOnce(3, marker)]))
     finally:
         ray.shutdown()
     assert marker.exists(), "the worker was never killed"

@@ -7,8 +7,9 @@ import time
 from typing import Any, Optional
 
 from chatsft.config import Config, load_config
-from chatsft.train.driver import Rows
+from chatsft.plan import RunPlan
 from chatsft.train.data import count_rows, parquet_files
+from chatsft.train.driver import Extras, Rows, TrainResult, train_on_rows
 
 
 def tiny_cfg(tmp, *overrides: str):
@@ -21,6 +22,11 @@ def tiny_cfg(tmp, *overrides: str):
         "train.deepspeed.stage=2", "scaling.num_workers=1", "tracking.enabled=false",
     ]
     return load_config(None, base + list(overrides))
+
+
+def train_rows(cfg: Config, rows: Rows, *, local: bool, extras: Optional[Extras] = None) -> TrainResult:
+    """Train on rows written by the test (the driver's train() prepares its own)."""
+    return train_on_rows(RunPlan.resolve(cfg, local=local), rows, extras)
 
 
 def rows_for(cfg, tmp, *, train_limit: int = 64, eval_limit: int = 16, name: str = "rows") -> Rows:
@@ -68,23 +74,23 @@ def write_rows(cfg: Config, paths: list[str], tokenizer: Any, out_dir: str, *, s
     import pyarrow.parquet as pq
 
     from chatsft.data.conversation import BadRecord
-    from chatsft.data.render import RenderOptions, render_conversation, render_seq2seq
-    from chatsft.data.sources import read_local
-    from chatsft.data.templates import get_template
-    from chatsft.model import model_kind
+    from chatsft.data.formats import get_format
+    from chatsft.data.render import RenderOptions
+    from chatsft.sources import read_local
 
     opts = RenderOptions.from_config(cfg.data)
-    seq2seq = model_kind(cfg.model) == "seq2seq"
-    template = None if seq2seq else get_template(cfg.data.template, tokenizer)
+    plan = RunPlan.resolve(cfg)
+    seq2seq = plan.seq2seq
+    fmt = get_format(plan.kind, cfg.data.template, tokenizer)
     samples = []
     for path in paths:
         for conv in read_local(path, limit=limit):
             if isinstance(conv, BadRecord):
                 raise conv
-            if seq2seq:
-                samples += render_seq2seq(conv, tokenizer, opts).samples
-            else:
-                samples += render_conversation(conv, tokenizer, template, **vars(opts)).samples
+            (result,) = fmt.render([conv], opts)
+            if isinstance(result, BadRecord):
+                raise result
+            samples += result.samples
     order = np.random.default_rng(seed).permutation(len(samples))
     samples = [samples[i] for i in order]
     rows: dict[str, list] = {"input_ids": [], "labels": [], "source": []}

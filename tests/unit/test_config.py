@@ -25,7 +25,7 @@ def test_overrides_are_typed(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  lr: 3e-4\n")  # PyYAML reads this as a string
     cfg = load_config(f, ["train.epochs=3", "data.packing=true", "data.train_on=last_assistant",
-                          "scaling.resources_per_worker={CPU: 2, GPU: 1}", "method.lora.target_modules=[q_proj]"])
+                          "scaling.resources_per_worker={CPU: 2, GPU: 1}", "method.name=lora", "method.lora.target_modules=[q_proj]"])
     assert cfg.train.lr == 3e-4 and cfg.train.epochs == 3 and cfg.data.packing is True
     assert cfg.data.train_on is TrainOn.LAST_ASSISTANT
     assert cfg.scaling.resources_per_worker == {"CPU": 2.0, "GPU": 1.0}

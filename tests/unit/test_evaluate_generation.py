@@ -11,9 +11,9 @@ import torch
 
 from chatsft.config import load_config
 from chatsft.data.conversation import Message
-from chatsft.data.templates import get_template
+from chatsft.data.formats import get_format
 from chatsft.eval.generation import GenerationOptions, choose, cut_at_stop, generate, pick_next
-from chatsft.eval.tasks import LETTERS, choice_token_ids, prompt_ids
+from chatsft.eval.tasks import LETTERS, choice_token_ids
 
 VOCAB = 64
 PAD, EOS, EOT = 0, 1, 2
@@ -178,7 +178,7 @@ def test_choose_restricts_argmax_to_choice_tokens():
 
 def test_multiple_choice_task_accuracy_on_hand_set_logits(tmp_path, tokenizer):
     """End to end through evaluate_model: MC JSONL -> chat-template prompts -> restricted argmax -> accuracy."""
-    from chatsft.evaluate import evaluate_model
+    from chatsft.eval.evaluate import evaluate_model
 
     items = [
         {"question": "2 + 2?", "choices": ["3", "4", "5"], "answer": "B"},
@@ -188,7 +188,7 @@ def test_multiple_choice_task_accuracy_on_hand_set_logits(tmp_path, tokenizer):
     path = tmp_path / "quiz.jsonl"
     path.write_text("".join(json.dumps(i) + "\n" for i in items))
     cfg = load_config(None, [f"eval.tasks=[mc:{path}]", "eval.batch_size=2"])
-    template = get_template("chatml", tokenizer)
+    fmt = get_format("causal", "chatml", tokenizer)
     letters = choice_token_ids(LETTERS[:4], tokenizer)
     vocab = len(tokenizer)
     global VOCAB
@@ -199,13 +199,13 @@ def test_multiple_choice_task_accuracy_on_hand_set_logits(tmp_path, tokenizer):
         for item, pick in zip(items, picked):
             text = "\n".join([item["question"]] + [f"{LETTERS[i]}. {c}" for i, c in enumerate(item["choices"])]
                              + ["Answer:"])
-            ids = prompt_ids((Message("user", text),), tokenizer, template)
+            ids = fmt.prompt_ids((Message("user", text),))
             assert tokenizer.decode(ids).endswith("Answer:<|im_end|>\n<|im_start|>assistant\n")
             logits = torch.zeros(vocab)
             logits[letters[LETTERS.index(pick)]] = 3.0
             logits[tokenizer.convert_tokens_to_ids("<|im_end|>")] = 10.0  # not a choice: ignored
             table[tuple(ids)] = logits
-        metrics = evaluate_model(FixedLogits(table), tokenizer, cfg, eval_loss=False)
+        metrics = evaluate_model(FixedLogits(table), tokenizer, cfg)
     finally:
         VOCAB = old
     assert metrics == {"mc:quiz/accuracy": pytest.approx(1 / 3), "mc:quiz/examples": 3.0}
@@ -224,7 +224,7 @@ def test_choice_tokens_must_be_distinct(tokenizer):
 
 def test_custom_checker_by_dotted_path(tmp_path, tokenizer, monkeypatch):
     """chat:PATH@module:function scores with the user's function; the answer is cut at <|im_end|>."""
-    from chatsft.evaluate import evaluate_model
+    from chatsft.eval.evaluate import evaluate_model
 
     (tmp_path / "mychecks.py").write_text(
         "def contains(output, reference):\n    return reference.split()[-1].strip('.') in output\n")
@@ -238,12 +238,12 @@ def test_custom_checker_by_dotted_path(tmp_path, tokenizer, monkeypatch):
     path = tmp_path / "qa.jsonl"
     path.write_text("".join(json.dumps({"messages": [{"role": r, "content": c} for r, c in d]}) + "\n"
                             for d in dialogues))
-    template = get_template("chatml", tokenizer)
+    fmt = get_format("causal", "chatml", tokenizer)
     eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
     replies = ["it is a cat, surely", "Your number is 7."]  # loose but right; exact
     scripts, keys = {}, []
     for d, reply in zip(dialogues, replies):
-        ids = prompt_ids(tuple(Message(r, c) for r, c in d[:-1]), tokenizer, template)
+        ids = fmt.prompt_ids(tuple(Message(r, c) for r, c in d[:-1]))
         keys.append(ids[0])
         scripts[tuple(ids)] = tokenizer(reply, add_special_tokens=False)["input_ids"] + [eot] + \
             tokenizer(" junk after the end", add_special_tokens=False)["input_ids"]
@@ -265,11 +265,11 @@ def test_custom_checker_by_dotted_path(tmp_path, tokenizer, monkeypatch):
         runs = []
         cfg = load_config(None, [f"eval.tasks=[chat:{path}@mychecks:contains, chat:{path}]", "eval.batch_size=1"])
         with pytest.raises(Exception, match="two tasks are named"):
-            evaluate_model(PromptScript({}), tokenizer, cfg, eval_loss=False)
+            evaluate_model(PromptScript({}), tokenizer, cfg)
         cfg = load_config(None, [f"eval.tasks=[chat:{path}@mychecks:contains]", "eval.batch_size=2"])
-        metrics = evaluate_model(PromptScript({}), tokenizer, cfg, eval_loss=False, runs=runs)
+        metrics = evaluate_model(PromptScript({}), tokenizer, cfg, runs=runs)
         exact = evaluate_model(PromptScript({}), tokenizer, load_config(None, [f"eval.tasks=[chat:{path}]"]),
-                               eval_loss=False)
+                               )
     finally:
         VOCAB = old
     assert runs[0].outputs == [["it is a cat, surely"], ["Your number is 7."]]  # nothing after <|im_end|>

@@ -5,7 +5,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from chatsft.train.loss import IGNORE, causal_targets, token_loss
+from chatsft.data.schema import IGNORE
+from chatsft.model.loss import causal_targets, token_loss
 
 
 def test_causal_targets_shift_once():

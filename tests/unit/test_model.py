@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from chatsft.config import load_config
+from chatsft.config import ConfigError, load_config
 from chatsft.errors import UserError
 from chatsft.model import (
     attn_implementation,
@@ -65,7 +65,7 @@ def test_attention_auto_is_transformers_default_without_cuda_and_explicit_passes
 
 
 def test_full_model_loads_trainable_in_train_mode(tiny_llama_dir):
-    model = load_model(cfg_with("method.name=full"))
+    model = load_model(cfg_with("method.name=full"), "causal")
     assert model.training and model.dtype == load_dtype(load_config(None, ["method.name=full"]))
     assert all(p.requires_grad for p in model.parameters())
     assert model.config.use_cache is False
@@ -79,7 +79,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama_dir):
     grads = []
     for ckpt in ("false", "true"):
         model = load_model(cfg_with("method.name=full", f"train.gradient_checkpointing={ckpt}",
-                                    "model.attn_implementation=eager"))
+                                    "model.attn_implementation=eager"), "causal")
         model.eval()  # no dropout, so both runs compute the same function
         ids = ids_for(model) if ids is None else ids
         model(input_ids=ids, labels=ids).loss.backward()
@@ -95,7 +95,7 @@ def test_tokenizer_larger_than_embeddings_grows_the_matrix(tiny_llama_dir):
     tok = load_tokenizer(cfg.model)
     before = len(tok)
     tok.add_special_tokens({"additional_special_tokens": ["<|new_a|>", "<|new_b|>"]})
-    model = load_model(cfg, tokenizer=tok)
+    model = load_model(cfg, "causal", tokenizer=tok)
     assert len(tok) == before + 2
     assert model.get_input_embeddings().weight.shape[0] == len(tok)
     assert model.get_output_embeddings().weight.shape[0] == len(tok)
@@ -112,7 +112,7 @@ def test_tokenizer_larger_than_embeddings_grows_the_matrix(tiny_llama_dir):
 
 
 def test_lora_wraps_with_all_projections_and_only_adapters_train(tiny_llama_dir):
-    model = load_model(cfg_with("method.name=lora", "method.lora.r=4", "method.lora.alpha=8"))
+    model = load_model(cfg_with("method.name=lora", "method.lora.r=4", "method.lora.alpha=8"), "causal")
     conf = model.peft_config["default"]
     assert set(conf.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                         "down_proj"}
@@ -124,7 +124,7 @@ def test_lora_wraps_with_all_projections_and_only_adapters_train(tiny_llama_dir)
 
 
 def test_lora_with_checkpointing_gets_gradients(tiny_llama_dir):
-    model = load_model(cfg_with("method.name=lora", "train.gradient_checkpointing=true"))
+    model = load_model(cfg_with("method.name=lora", "train.gradient_checkpointing=true"), "causal")
     for n, p in model.named_parameters():
         if "lora_A" in n:
             torch.nn.init.normal_(p, std=0.1)
@@ -137,10 +137,10 @@ def test_lora_with_checkpointing_gets_gradients(tiny_llama_dir):
 
 
 def test_explicit_target_modules_and_a_bad_name(tiny_llama_dir):
-    model = load_model(cfg_with("method.name=lora", "method.lora.target_modules=[q_proj, v_proj]"))
+    model = load_model(cfg_with("method.name=lora", "method.lora.target_modules=[q_proj, v_proj]"), "causal")
     assert set(model.peft_config["default"].target_modules) == {"q_proj", "v_proj"}
     with pytest.raises(UserError, match="method.lora.target_modules"):
-        load_model(cfg_with("method.name=lora", "method.lora.target_modules=[no_such_layer]"))
+        load_model(cfg_with("method.name=lora", "method.lora.target_modules=[no_such_layer]"), "causal")
 
 
 def test_default_targets_t5_gpt2_and_fallback(tiny_t5_dir, tmp_path):
@@ -168,7 +168,7 @@ def test_default_targets_t5_gpt2_and_fallback(tiny_t5_dir, tmp_path):
 def test_qlora_without_cuda_is_refused_in_one_line(tiny_llama_dir, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError) as e:
-        load_model(cfg_with("method.name=qlora"))
+        load_model(cfg_with("method.name=qlora"), "causal")
     msg = str(e.value)
     assert "\n" not in msg and "method.name=qlora" in msg and "CUDA GPU" in msg
 
@@ -177,15 +177,15 @@ def test_qlora_without_bitsandbytes_says_what_to_install(tiny_llama_dir, monkeyp
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import raises ImportError
     with pytest.raises(UserError, match=r"pip install chatsft\[qlora\]"):
-        load_model(cfg_with("method.name=qlora"))
+        load_model(cfg_with("method.name=qlora"), "causal")
 
 
 # ------------------------------------------------------------------ prompt tuning
 
 
 def test_prompt_tuning_prepends_virtual_tokens_and_changes_the_output(tiny_llama_dir):
-    base = load_model(cfg_with("method.name=full")).eval()
-    model = load_model(cfg_with("method.name=prompt_tuning", "method.prompt_tuning.num_virtual_tokens=5"))
+    base = load_model(cfg_with("method.name=full"), "causal").eval()
+    model = load_model(cfg_with("method.name=prompt_tuning", "method.prompt_tuning.num_virtual_tokens=5"), "causal")
     model.eval()
     assert num_virtual_tokens(model) == 5
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -207,7 +207,7 @@ def test_prompt_tuning_init_text_copies_the_text_embeddings(tiny_llama_dir):
     cfg = cfg_with("method.name=prompt_tuning", "method.prompt_tuning.num_virtual_tokens=7",
                    "method.prompt_tuning.init_text='Answer kindly'")
     tok = load_tokenizer(cfg.model)
-    model = load_model(cfg, tokenizer=tok)
+    model = load_model(cfg, "causal", tokenizer=tok)
     text_ids = tok("Answer kindly", add_special_tokens=False)["input_ids"]
     want = [(text_ids * 7)[i] for i in range(7)]
     table = model.prompt_encoder["default"].embedding.weight
@@ -216,19 +216,26 @@ def test_prompt_tuning_init_text_copies_the_text_embeddings(tiny_llama_dir):
 
 def test_p_tuning_and_seq2seq_prompt_tuning(tiny_t5_dir):
     pt = load_model(cfg_with("method.name=prompt_tuning", "method.prompt_tuning.variant=p_tuning",
-                             "method.prompt_tuning.num_virtual_tokens=4"))
+                             "method.prompt_tuning.num_virtual_tokens=4"), "causal")
     assert type(pt.prompt_encoder["default"]).__name__ == "PromptEncoder"
     t5 = load_model(cfg_with("model.name_or_path=builtin:tiny-t5", "method.name=prompt_tuning",
-                             "method.prompt_tuning.num_virtual_tokens=4"))
+                             "method.prompt_tuning.num_virtual_tokens=4"), "seq2seq")
     assert num_virtual_tokens(t5) == 0  # the prompt goes to the encoder; decoder logits unchanged
     ids = ids_for(t5, length=6)
     out = t5(input_ids=ids, labels=ids[:, :3].clone())
     assert out.logits.shape[1] == 3 and torch.isfinite(out.loss)
 
 
-def test_prompt_tuning_refuses_packed_rows(tiny_llama_dir):
-    with pytest.raises(UserError, match="data.packing"):
-        load_model(cfg_with("method.name=prompt_tuning", "data.packing=true"))
+def test_prompt_tuning_refuses_packed_rows_when_the_config_loads():
+    with pytest.raises(ConfigError, match="method.name=prompt_tuning.*data.packing"):
+        cfg_with("method.name=prompt_tuning", "data.packing=true")
+
+
+def test_a_tokenizer_only_folder_names_model_kind(tmp_path, tokenizer):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    with pytest.raises(UserError, match="model.kind"):
+        model_kind(cfg_with(f"model.name_or_path={tmp_path / 'tok'}").model)
+    assert model_kind(cfg_with(f"model.name_or_path={tmp_path / 'tok'}", "model.kind=causal").model) == "causal"
 
 
 # ------------------------------------------------------------------ T5
@@ -237,7 +244,7 @@ def test_prompt_tuning_refuses_packed_rows(tiny_llama_dir):
 def test_tiny_t5_loads_as_seq2seq_and_gives_a_finite_loss(tiny_t5_dir):
     cfg = cfg_with("model.name_or_path=builtin:tiny-t5", "method.name=full")
     assert model_kind(cfg.model) == "seq2seq"
-    model = load_model(cfg)
+    model = load_model(cfg, "seq2seq")
     assert model.config.is_encoder_decoder and model.training
     tok = load_tokenizer(cfg.model)
     enc = tok(["what is two plus two?", "name a colour"], padding=True, return_tensors="pt")
@@ -250,7 +257,7 @@ def test_tiny_t5_loads_as_seq2seq_and_gives_a_finite_loss(tiny_t5_dir):
 
 
 def test_t5_lora_targets_gated_projections(tiny_t5_dir):
-    model = load_model(cfg_with("model.name_or_path=builtin:tiny-t5", "method.name=lora"))
+    model = load_model(cfg_with("model.name_or_path=builtin:tiny-t5", "method.name=lora"), "seq2seq")
     assert model.peft_config["default"].task_type == "SEQ_2_SEQ_LM"
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any(".wi_0.lora_A" in n for n in names) and any(".EncDecAttention.q.lora_A" in n for n in names)
@@ -259,4 +266,4 @@ def test_t5_lora_targets_gated_projections(tiny_t5_dir):
 def test_missing_model_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="model.name_or_path"):
         load_model(cfg_with(f"model.name_or_path={tmp_path}/nowhere", "model.kind=causal",
-                            "model.tokenizer=builtin:tiny-llama"))
+                            "model.tokenizer=builtin:tiny-llama"), "causal")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from chatsft.config import load_config
-from chatsft.model import _merge_into_fresh_base, export_model, load_exported, load_model, load_tokenizer
+from chatsft.model import export_model, load_exported, load_model, load_tokenizer
+from chatsft.model.export import _merge_into_fresh_base
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +42,7 @@ def sample_ids(tok, texts=("<|im_start|>user\nhello there<|im_end|>\n", "how are
 def lora(cfg_extra=(), tokenizer=None):
     cfg = load_config(None, ["method.name=lora", "method.lora.r=4", *cfg_extra])
     tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
-    model = load_model(cfg, tokenizer=tok)
+    model = load_model(cfg, "causal", tokenizer=tok)
     randomize_lora(model)
     return model.eval(), tok
 
@@ -117,7 +118,7 @@ def test_merge_into_a_reloaded_base_matches(tiny_llama_dir, tmp_path):
 def test_full_export_loads_and_generates(tiny_llama_dir, tmp_path):
     cfg = load_config(None, ["method.name=full"])
     tok = load_tokenizer(cfg.model)
-    model = load_model(cfg, tokenizer=tok).eval()
+    model = load_model(cfg, "causal", tokenizer=tok).eval()
     assert model.config.use_cache is False
     out = export_model(model, tok, str(tmp_path / "full"), merged=True, stop_tokens=["<|im_end|>"])
     assert model.config.use_cache is False  # the caller's model is left as it was
@@ -145,14 +146,14 @@ def test_stop_token_must_be_one_token(tiny_llama_dir, tmp_path):
     cfg = load_config(None, ["method.name=full"])
     tok = load_tokenizer(cfg.model)
     with pytest.raises(UserError, match="stop token"):
-        export_model(load_model(cfg, tokenizer=tok), tok, str(tmp_path / "x"), merged=True,
+        export_model(load_model(cfg, "causal", tokenizer=tok), tok, str(tmp_path / "x"), merged=True,
                      stop_tokens=["not a token"])
 
 
 def test_prompt_tuning_export_writes_the_adapter_even_when_merged_is_asked(tiny_llama_dir, tmp_path, capfd):
     cfg = load_config(None, ["method.name=prompt_tuning", "method.prompt_tuning.num_virtual_tokens=4"])
     tok = load_tokenizer(cfg.model)
-    model = load_model(cfg, tokenizer=tok).eval()
+    model = load_model(cfg, "causal", tokenizer=tok).eval()
     with torch.no_grad():
         model.prompt_encoder["default"].embedding.weight.normal_()
     ids = sample_ids(tok)["input_ids"][:1]
@@ -167,7 +168,7 @@ def test_t5_full_and_adapter_exports_generate(tiny_t5_dir, tmp_path):
     for method in ("full", "lora"):
         cfg = load_config(None, ["model.name_or_path=builtin:tiny-t5", f"method.name={method}"])
         tok = load_tokenizer(cfg.model)
-        model = load_model(cfg, tokenizer=tok).eval()
+        model = load_model(cfg, "seq2seq", tokenizer=tok).eval()
         if method == "lora":
             randomize_lora(model)
         enc = tok(["what is two plus two?"], return_tensors="pt")

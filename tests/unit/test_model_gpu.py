@@ -19,7 +19,7 @@ pytestmark = [
 
 def test_gpu_defaults_bf16_base_fp32_adapter_and_packing(tiny_llama_dir):
     cfg = load_config(None, ["method.name=lora"])
-    model = load_model(cfg).cuda().eval()
+    model = load_model(cfg, "causal").cuda().eval()
     base_w = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
     lora_w = model.get_base_model().model.layers[0].self_attn.q_proj.lora_A["default"].weight
     assert base_w.dtype == torch.bfloat16 and lora_w.dtype == torch.float32
@@ -44,7 +44,7 @@ def test_qlora_trains_and_exports(tiny_llama_dir, tmp_path):
     cfg = load_config(None, ["method.name=qlora", "train.gradient_checkpointing=true", "method.lora.r=8",
                              "train.deepspeed.enabled=false"])
     tok = load_tokenizer(cfg.model)
-    model = load_model(cfg, tokenizer=tok)
+    model = load_model(cfg, "causal", tokenizer=tok)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     assert next(model.parameters()).device.type == "cuda"
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from chatsft.config import load_config
-from chatsft.model import load_model, param_groups
+from chatsft.model import load_model
+from chatsft.train.optim import param_groups
 
 LR_GROUPS = ("train.lr=1e-3", "train.weight_decay=0.1", "train.lr_groups.embeddings=0.5",
              "train.lr_groups.head=0.25", "train.lr_groups.matrices=0.125")
@@ -54,7 +55,7 @@ def by_name(groups):
 
 def test_tied_full_model_has_no_head_group(tiny_llama_dir):
     cfg = load_config(None, ["method.name=full", *LR_GROUPS])
-    model = load_model(cfg)
+    model = load_model(cfg, "causal")
     groups = param_groups(model, cfg.train)
     check_partition(model, groups)
     g = by_name(groups)
@@ -68,7 +69,7 @@ def test_tied_full_model_has_no_head_group(tiny_llama_dir):
 
 def test_untied_head_gets_its_own_lr(untied_llama_dir):
     cfg = load_config(None, [f"model.name_or_path={untied_llama_dir}", "method.name=full", *LR_GROUPS])
-    model = load_model(cfg)
+    model = load_model(cfg, "causal")
     assert model.lm_head.weight is not model.get_input_embeddings().weight
     groups = param_groups(model, cfg.train)
     check_partition(model, groups)
@@ -80,7 +81,7 @@ def test_untied_head_gets_its_own_lr(untied_llama_dir):
 def test_unset_groups_fall_back_to_train_lr(untied_llama_dir):
     cfg = load_config(None, [f"model.name_or_path={untied_llama_dir}", "method.name=full", "train.lr=3e-4",
                              "train.lr_groups.head=1e-5"])
-    groups = by_name(param_groups(load_model(cfg), cfg.train))
+    groups = by_name(param_groups(load_model(cfg, "causal"), cfg.train))
     assert groups["head/decay"]["lr"] == 1e-5
     assert groups["embeddings/decay"]["lr"] == groups["matrices/decay"]["lr"] == 3e-4
     assert groups["matrices/decay"]["weight_decay"] == 0.0  # train.weight_decay defaults to 0
@@ -89,7 +90,7 @@ def test_unset_groups_fall_back_to_train_lr(untied_llama_dir):
 def test_lora_with_saved_embeddings_and_head(untied_llama_dir):
     cfg = load_config(None, [f"model.name_or_path={untied_llama_dir}", "method.name=lora",
                              "method.lora.modules_to_save=[embed_tokens, lm_head]", *LR_GROUPS])
-    model = load_model(cfg)
+    model = load_model(cfg, "causal")
     groups = param_groups(model, cfg.train)
     check_partition(model, groups)
     g = by_name(groups)
@@ -103,7 +104,7 @@ def test_lora_with_saved_embeddings_and_head(untied_llama_dir):
 
 def test_lora_only_matrices_and_frozen_base_left_out(tiny_llama_dir):
     cfg = load_config(None, ["method.name=lora", *LR_GROUPS])
-    model = load_model(cfg)
+    model = load_model(cfg, "causal")
     groups = param_groups(model, cfg.train)
     check_partition(model, groups)
     assert [g["name"] for g in groups] == ["matrices/decay"]
@@ -111,7 +112,7 @@ def test_lora_only_matrices_and_frozen_base_left_out(tiny_llama_dir):
 
 def test_t5_shared_embeddings_counted_once(tiny_t5_dir):
     cfg = load_config(None, ["model.name_or_path=builtin:tiny-t5", "method.name=full", *LR_GROUPS])
-    model = load_model(cfg)
+    model = load_model(cfg, "seq2seq")
     groups = param_groups(model, cfg.train)
     check_partition(model, groups)
     g = by_name(groups)
@@ -128,7 +129,7 @@ def test_zero3_partitioned_shapes_are_read_from_ds_shape(tiny_llama_dir):
     # ZeRO-3 replaces a parameter's data with an empty flat shard and keeps its shape
     # in ds_shape; a 2-D weight must still be decayed.
     cfg = load_config(None, ["method.name=full", "train.weight_decay=0.1"])
-    model = load_model(cfg)
+    model = load_model(cfg, "causal")
     w = model.model.layers[0].self_attn.q_proj.weight
     shape = tuple(w.shape)
     w.data = torch.empty(0)
@@ -143,7 +144,7 @@ def test_new_token_rows_of_a_lora_model_are_embeddings(untied_llama_dir):
     cfg = load_config(None, [f"model.name_or_path={untied_llama_dir}", "method.name=lora", *LR_GROUPS])
     tok = load_tokenizer(cfg.model)
     tok.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
-    model = load_model(cfg, tokenizer=tok)
+    model = load_model(cfg, "causal", tokenizer=tok)
     groups = param_groups(model, cfg.train)
     check_partition(model, groups)
     g = by_name(groups)

@@ -31,7 +31,7 @@ def packed_row(parts):
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_packed_logits_equal_unpacked(tiny_llama_dir, attn):
-    model = load_model(load_config(None, ["method.name=full", f"model.attn_implementation={attn}"])).eval()
+    model = load_model(load_config(None, ["method.name=full", f"model.attn_implementation={attn}"]), "causal").eval()
     assert model.config._attn_implementation == attn
     vocab = model.get_input_embeddings().num_embeddings
     # Two rows: [9, 6, 1] and [5, 11] tokens (a 1-token sequence is its own segment too).
@@ -54,7 +54,7 @@ def test_packed_logits_equal_unpacked(tiny_llama_dir, attn):
 def test_packed_gradients_equal_unpacked(tiny_llama_dir):
     """The loss gradient of a packed row is the sum of the per-sequence gradients."""
     cfg = load_config(None, ["method.name=full", "model.attn_implementation=sdpa"])
-    model = load_model(cfg).eval()
+    model = load_model(cfg, "causal").eval()
     vocab = model.get_input_embeddings().num_embeddings
     parts = seqs(vocab, [7, 10], seed=3)
 

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from chatsft.data.render import render_conversation
-from chatsft.data.sources import read_local
-from chatsft.train.data import Row, collate
-from chatsft.train.loss import token_loss
+from chatsft.sources import read_local
+from chatsft.data.schema import Row
+from chatsft.model.batch import collate
+from chatsft.model.loss import token_loss
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

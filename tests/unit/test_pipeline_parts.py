@@ -13,10 +13,10 @@ import pytest
 
 from chatsft.config import load_config
 from chatsft.data.render import RenderOptions
-from chatsft.data.sources import PACKAGE_ROOT, SourceFile
-from chatsft.data.templates import get_template
-from chatsft.pipeline import keys
-from chatsft.pipeline.fingerprint import fingerprint
+from chatsft.sources import PACKAGE_ROOT, SourceFile
+from chatsft.data.formats import get_format
+from chatsft.data import keys
+from chatsft.pipeline.fingerprint import fingerprint, rows_identity
 from chatsft.pipeline.read import group_files
 from chatsft.pipeline.render import FileRole, RenderSpec, render_lines
 from chatsft.pipeline.rows import EVAL, STATS, TRAIN
@@ -57,15 +57,15 @@ def test_group_files_keeps_order_and_bounds():
 def spec_for(tmp_model, **kw):
     cfg = load_config(None, [f"model.name_or_path={tmp_model}"])
     files = (FileRole("a.jsonl", TRAIN, 1.5, True), FileRole("b.jsonl", EVAL, 1.0, False))
-    base = dict(model=cfg.model, template="chatml", options=RenderOptions(max_length=128), seq2seq=False,
+    base = dict(model=cfg.model, template="chatml", options=RenderOptions(max_length=128), kind="causal",
                 seed=5, eval_fraction=0.2, files=files, bad_examples=2)
     base.update(kw)
     return RenderSpec(**base)
 
 
 def render_chunks(spec, tokenizer, chunks):
-    template = get_template(spec.template, tokenizer)
-    return [render_lines(spec, tokenizer, template, [fi for fi, _, _ in c], [ln for _, ln, _ in c],
+    fmt = get_format(spec.kind, spec.template, tokenizer)
+    return [render_lines(spec, fmt, [fi for fi, _, _ in c], [ln for _, ln, _ in c],
                          [raw for _, _, raw in c]) for c in chunks]
 
 
@@ -119,7 +119,7 @@ def test_fingerprint_tracks_what_shapes_the_rows(tmp_path, tokenizer):
     base = load_config(None, [])
 
     def fp(cfg, files=(("train", f),)):
-        return fingerprint(cfg, "causal", list(files), tokenizer)
+        return fingerprint(rows_identity(cfg, "causal", list(files), tokenizer))
 
     ref = fp(base)
     assert fp(load_config(None, [])) == ref
@@ -138,10 +138,10 @@ def test_seq2seq_rows_hold_encoder_input_and_decoder_labels(tiny_llama_dir, toke
     from chatsft.data.render import render_seq2seq
 
     opts = RenderOptions(organization=Organization.SPLIT_TURN, max_length=48, max_target_length=12)
-    spec = spec_for(tiny_llama_dir, seq2seq=True, options=opts, eval_fraction=0.0,
+    spec = spec_for(tiny_llama_dir, kind="seq2seq", options=opts, eval_fraction=0.0,
                     files=(FileRole("a.jsonl", TRAIN, 1.0, False),))
     items = [(0, n, raw) for n, raw in enumerate(LINES[:20], 1)]
-    block = render_lines(spec, tokenizer, None, [0] * 20, list(range(1, 21)), [r for _, _, r in items])
+    block = render_lines(spec, get_format("seq2seq", "chatml", tokenizer), [0] * 20, list(range(1, 21)), [r for _, _, r in items])
     plan = plan_split(TRAIN, 100, 1000, False, 16, 48, spec.seed, "unused")
     rows = reduce_part(partition(block, [plan]), plan)
     assert rows.column_names == ["input_ids", "labels", "source"]
@@ -157,10 +157,27 @@ def test_seq2seq_rows_hold_encoder_input_and_decoder_labels(tiny_llama_dir, toke
 
 def test_user_errors_come_out_of_ray_wrappers():
     from chatsft.data.templates import TemplateError
-    from chatsft.pipeline.run import _user_error_in
+    from chatsft.errors import user_error_in
+    from chatsft.pipeline.run import USER_ERRORS
 
     original = TemplateError("data.template=hf: no chat_template")
     wrapper = RuntimeError("ray::MapWorker ... traceback ...")
     wrapper.__cause__ = original
-    assert _user_error_in(wrapper) is original
-    assert _user_error_in(RuntimeError("a bug")) is None
+    assert user_error_in(wrapper, USER_ERRORS) is original
+    assert user_error_in(RuntimeError("a bug"), USER_ERRORS) is None
+
+
+def test_user_errors_come_out_of_ray_train_failures():
+    from ray.exceptions import RayTaskError
+    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
+
+    from chatsft.errors import UserError, user_error_in
+    from chatsft.pipeline.run import USER_ERRORS
+
+    worker = UserError("model.name_or_path=x: cannot load")
+    task = RayTaskError("train_fn", "traceback text", worker).as_instanceof_cause()
+    assert user_error_in(task, USER_ERRORS) is worker  # the original, not Ray's subclassing wrapper
+    group = WorkerGroupError("Training failed", {1: task})
+    assert user_error_in(group, USER_ERRORS) is worker
+    assert user_error_in(ControllerError(worker), USER_ERRORS) is worker
+    assert user_error_in(WorkerGroupError("Training failed", {0: RuntimeError("oom")}), USER_ERRORS) is None

@@ -1,7 +1,7 @@
 import json
 
 from chatsft.data.conversation import parse_line
-from chatsft.data.sources import read_local
+from chatsft.sources import read_local
 from chatsft.samples import generate
 
 

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chatsft.data.conversation import iter_lines
-from chatsft.data.sources import expand_source, iter_stream_lines
+from chatsft.data.conversation import iter_stream_lines
+from chatsft.sources import expand_source
 
 pieces = st.lists(st.sampled_from([b"\n", b"\r\n", b" ", b"{}", b"\xef\xbb\xbf", b"\xff", b"ab", b"\r"]),
                   max_size=40)

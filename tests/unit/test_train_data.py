@@ -5,8 +5,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from chatsft.train.data import (EMPTY, IGNORE, Row, collate, epoch_rows, global_batches, iter_stored_rows,
-                                local_batches, worker_micro_batches)
+from chatsft.data.order import epoch_rows, global_batches, worker_micro_batches
+from chatsft.data.schema import EMPTY, IGNORE, Row, iter_rows
+from chatsft.model.batch import collate
+from chatsft.train.data import file_batches
 
 
 def rows(n):
@@ -71,7 +73,7 @@ def test_parquet_rows_round_trip(tmp_path):
         "source": pa.array([["a:1", "a:2"], ["a:3"]], type=pa.list_(pa.string())),
     })
     pq.write_table(table, tmp_path / "part-00000.parquet")
-    got = list(iter_stored_rows(local_batches(str(tmp_path))()))
+    got = list(iter_rows(file_batches(str(tmp_path))()))
     assert [r.input_ids.tolist() for r in got] == [[1, 2, 3], [4, 5]]
     assert [r.position_ids.tolist() for r in got] == [[0, 1, 0], [0, 1]]
 

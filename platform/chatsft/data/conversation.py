@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Iterator, Sequence, Union
+from typing import BinaryIO, Iterable, Iterator, Sequence, Union
 
 ROLES = ("system", "user", "assistant", "tool")
 PART_TYPES = ("text", "python", "python_output")
@@ -177,3 +177,46 @@ def merge_system(messages: Sequence[Message]) -> tuple[Message, ...]:
             rest[k] = Message("user", f"{prefix}\n\n{m.text}")
             return tuple(rest)
     return (Message("user", prefix), *rest)
+
+
+def iter_stream_lines(chunks: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw line) of each non-blank line of a byte stream read in chunks.
+
+    The same lines as `conversation.iter_lines` on the whole file (a leading BOM
+    and CRLF endings tolerated, blank lines skipped but counted), without holding
+    the file in memory.
+    """
+    bom = b"\xef\xbb\xbf"
+    n = 0
+    carry = b""
+    head = True  # the BOM check waits until the first 3 bytes are in
+    for chunk in chunks:
+        data = carry + chunk if carry else chunk
+        if head:
+            if len(data) < 3:
+                carry = data
+                continue
+            if data.startswith(bom):
+                data = data[3:]
+            head = False
+        lines = data.split(b"\n")
+        carry = lines.pop()
+        for raw in lines:
+            n += 1
+            raw = raw.rstrip(b"\r")
+            if raw.strip():
+                yield n, raw
+    # End of stream: a file shorter than a BOM was never split; the last line has no newline.
+    for raw in carry.split(b"\n"):
+        n += 1
+        raw = raw.rstrip(b"\r")
+        if raw.strip():
+            yield n, raw
+
+
+def read_chunks(stream: BinaryIO, size: int = 1 << 22) -> Iterator[bytes]:
+    while True:
+        chunk = stream.read(size)
+        if not chunk:
+            return
+        yield bytes(chunk)

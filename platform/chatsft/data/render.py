@@ -21,9 +21,8 @@ import numpy as np
 
 from chatsft.data.options import Organization, TrainOn, Truncation
 from chatsft.data.conversation import BadRecord, Conversation, Message, parse_record
+from chatsft.data.schema import IGNORE
 from chatsft.data.templates import ChatTemplate, TemplateError, get_template
-
-IGNORE = -100
 
 
 @dataclass
@@ -172,6 +171,9 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[tuple[np.ndarray, Any]]:
     return [(np.asarray(e.ids, dtype=np.int32), e) for e in encodings]
 
 
+MAP_LOOKUPS = 64  # boundaries of one encoding found with char_to_token; above, with its offsets
+
+
 def _token_bounds(enc: Any, n: int, starts_at: list[int], ends_at: list[int]) -> tuple[list[int], list[int]]:
     """For each character a of starts_at, the first token ending after a; for each b of ends_at,
     the first token starting at or after b. So a token straddling a learned span's edge is learned.
@@ -180,6 +182,10 @@ def _token_bounds(enc: Any, n: int, starts_at: list[int], ends_at: list[int]) ->
     token's offsets into arrays cost more than the masks themselves. A character that maps to
     no token (a normalizer dropped it, offsets were trimmed) falls back to the offsets.
     """
+    if len(starts_at) + len(ends_at) > MAP_LOOKUPS:
+        # A lookup in the map costs time in the length of the encoding: for a long dialogue
+        # (many answers) one pass over the offsets is linear where the lookups would be quadratic.
+        return _token_bounds_from_offsets(enc, starts_at, ends_at)
     firsts, lasts = [], []
     text_end = enc.token_to_chars(n - 1)[1] if n else 0  # char_to_token has no token past it
     for a in starts_at:
@@ -227,7 +233,15 @@ def _samples(source: str, lay: _Layout, ids: np.ndarray, enc: Any, opts: RenderO
         pieces = [(len(ids), learned, source)]
 
     result = RenderResult([])
+    limit = opts.max_length
     for end, learned, src in pieces:
+        if (opts.organization == Organization.SPLIT_TURN and limit is not None and end > limit
+                and opts.truncation != Truncation.RIGHT):
+            # The answer of this split-turn sample ends past max_length: cut by turns it keeps
+            # nothing to learn, dropped it is too long; say so without building its arrays (a
+            # long dialogue would otherwise cost time in the square of its length).
+            result.dropped["too_long" if opts.truncation == Truncation.DROP else "no_supervision"] += 1
+            continue
         sample_ids = ids[:end]
         owner = answer_of[:end]
         if opts.train_on == TrainOn.ALL_TOKENS:

@@ -9,7 +9,8 @@ from typing import Iterable, Literal
 
 import numpy as np
 
-from chatsft.data.render import IGNORE, Sample
+from chatsft.data.render import Sample
+from chatsft.data.schema import IGNORE
 
 
 @dataclass
@@ -89,10 +90,6 @@ def turn_weights(samples: Iterable[Sample], normalization: Literal["token", "sam
             weights[k] += Fraction(n, total_tokens) if normalization == "token" else Fraction(n, size)
     total = sum(weights.values())
     return {k: weights[k] / total for k in sorted(weights)} if total else {}
-
-
-def supervision_ratios(samples: Iterable[Sample]) -> np.ndarray:
-    return np.array([s.num_supervised / max(1, len(s.input_ids)) for s in samples])
 
 
 def batch_padded_slots(lengths: Iterable[int], batch_size: int) -> int:

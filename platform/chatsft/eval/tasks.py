@@ -3,9 +3,9 @@
 A task is a `Task` of plain functions, no subclassing:
 - `examples()` yields `Example`s (or the exception of an input line that is bad,
   so the evaluator applies `data.on_bad_record` to every task the same way);
-- `render(example, tokenizer, template)` gives the prompt ids (and for multiple
-  choice the token id of each choice label); `template` is None for
-  encoder-decoder models, whose encoder reads `seq2seq_source(messages)`;
+- `render(example, fmt)` gives the prompt ids exactly as training renders them
+  (`fmt`: the model's chat.data.formats Format, bound to its tokenizer) and, for
+  multiple choice, the token id of each choice label;
 - `score(example, output)` gives 0..1 for one generated answer (or the chosen label).
 
 Built-ins, named by a spec string in `eval.tasks`:
@@ -28,9 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequence, Union
 
 from chatsft.data.conversation import BadRecord, Conversation, Message, iter_lines
-from chatsft.data.render import seq2seq_source
-from chatsft.data.sources import expand_local, read_local, resolve_uri
-from chatsft.data.templates import ChatTemplate
+from chatsft.sources import expand_local, read_local, resolve_uri
 from chatsft.errors import UserError
 from chatsft.eval.metrics import exact_match
 
@@ -64,23 +62,15 @@ class Task:
     name: str  # metric prefix: "heldout", "chat:qa", "mc:trivia"
     kind: Literal["generate", "choice"]
     examples: Callable[[], Iterable[Union[Example, Exception]]]
-    render: Callable[[Example, Any, Optional[ChatTemplate]], Rendered]
+    render: Callable[[Example, Any], Rendered]  # (example, format) -> prompt ids
     score: Callable[[Example, str], float]
 
 
 # ------------------------------------------------------------------- rendering
 
 
-def prompt_ids(messages: Sequence[Message], tokenizer: Any, template: Optional[ChatTemplate]) -> list[int]:
-    """The ids the model reads before its answer, exactly as training renders them."""
-    if template is None:  # encoder-decoder: the encoder input of render_seq2seq
-        return list(tokenizer(seq2seq_source(messages), add_special_tokens=True)["input_ids"])
-    template.check_content(messages)
-    return list(tokenizer(template.prompt(messages), add_special_tokens=False)["input_ids"])
-
-
-def render_generative(example: Example, tokenizer: Any, template: Optional[ChatTemplate]) -> Rendered:
-    return Rendered(prompt_ids(example.messages, tokenizer, template))
+def render_generative(example: Example, fmt: Any) -> Rendered:
+    return Rendered(fmt.prompt_ids(example.messages))
 
 
 def choice_token_ids(labels: Sequence[str], tokenizer: Any) -> tuple[int, ...]:
@@ -96,9 +86,8 @@ def choice_token_ids(labels: Sequence[str], tokenizer: Any) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def render_choice(example: Example, tokenizer: Any, template: Optional[ChatTemplate]) -> Rendered:
-    return Rendered(prompt_ids(example.messages, tokenizer, template),
-                    choice_token_ids(example.choices, tokenizer))
+def render_choice(example: Example, fmt: Any) -> Rendered:
+    return Rendered(fmt.prompt_ids(example.messages), choice_token_ids(example.choices, fmt.tokenizer))
 
 
 def score_label(example: Example, output: str) -> float:
@@ -223,7 +212,7 @@ def task_from_spec(spec: str, eval_sources: Sequence[str],
         if eval_sources:
             return generative_task("heldout", list(eval_sources), checker)
         if carve is not None:
-            from chatsft.pipeline.keys import in_eval
+            from chatsft.data.keys import in_eval
 
             train_sources, seed, fraction = carve
             return generative_task("heldout", list(train_sources), checker,

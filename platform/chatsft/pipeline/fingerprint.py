@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from chatsft.data.sources import SourceFile
+from chatsft.sources import SourceFile
 
 VERSION = 1
 # Keys that change how the work is spread, never what it produces. (train.micro_batch_size,
@@ -36,18 +36,24 @@ def tokenizer_digest(tokenizer: Any) -> str:
 
 
 def code_digest() -> str:
-    """The source of chatsft.data, chatsft.pipeline and chatsft.model: new code, new rows."""
+    """The code that shapes rows: chatsft.data, chatsft.pipeline, chatsft.sources and the
+    tokenizer loading of chatsft.model (not the rest of the model code: editing LoRA or
+    export never marks prepared rows stale)."""
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
-    for f in sorted([*(root / "data").glob("*.py"), *(root / "pipeline").glob("*.py"), root / "model.py"]):
+    shaping = [*(root / "data").glob("*.py"), *(root / "pipeline").glob("*.py"), root / "sources.py",
+               root / "model" / "tokenizer.py"]
+    for f in sorted(shaping):
         h.update(f.name.encode())
         h.update(f.read_bytes())
     return h.hexdigest()
 
 
-def fingerprint(cfg: Any, kind: str, files: Sequence[tuple[str, SourceFile]], tokenizer: Any) -> str:
+def rows_identity(cfg: Any, kind: str, files: Sequence[tuple[str, SourceFile]], tokenizer: Any) -> dict:
+    """Everything that shapes the prepared rows, as plain data (checkpoints keep it too, so a
+    resumed run can say what changed)."""
     data = {k: v for k, v in cfg.to_dict()["data"].items() if k not in _NOT_SHAPING}
-    payload = {
+    return {
         "version": VERSION,
         "seed": cfg.run.seed,
         "data": data,
@@ -58,4 +64,7 @@ def fingerprint(cfg: Any, kind: str, files: Sequence[tuple[str, SourceFile]], to
         "files": [[split, f.display, f.size, f.mtime_ns] for split, f in files],
         "code": code_digest(),
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fingerprint(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()

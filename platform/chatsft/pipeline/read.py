@@ -20,7 +20,9 @@ from typing import Iterator, Optional, Sequence
 
 import pyarrow as pa
 
-from chatsft.data.sources import SourceFile, iter_stream_lines, open_stream, read_chunks
+from chatsft import storage
+from chatsft.data.conversation import iter_stream_lines, read_chunks
+from chatsft.sources import SourceFile
 
 LINES_PER_BLOCK = 4096
 BYTES_PER_BLOCK = 16 << 20
@@ -35,7 +37,7 @@ def read_lines(files: Sequence[SourceFile], indices: Sequence[int]) -> Iterator[
         nums: list[int] = []
         raws: list[bytes] = []
         size = 0
-        with open_stream(f.location, f.local) as stream:
+        with storage.open_stream(f.location) as stream:
             for n, raw in iter_stream_lines(read_chunks(stream)):
                 nums.append(n)
                 raws.append(raw)

@@ -1,6 +1,6 @@
 """The render stage: raw JSONL lines -> samples (one actor class for Ray Data's map_batches).
 
-Each actor loads the tokenizer and binds the chat template once, then renders
+Each actor loads the tokenizer and binds the format (chat template or seq2seq) once, then renders
 batches of lines with one batched tokenizer call (`render_batch`). Per line it
 decides, from the seed and the line's `path:line` alone, whether the record is
 held out for eval and how many mixture copies it gets; so the result does not
@@ -19,9 +19,9 @@ import numpy as np
 import pyarrow as pa
 
 from chatsft.data.conversation import BadRecord, Conversation, parse_line
-from chatsft.data.render import RenderOptions, layout, render_batch, render_seq2seq
+from chatsft.data.render import RenderOptions
 from chatsft.data.stats import MaskStats
-from chatsft.pipeline import keys
+from chatsft.data import keys
 from chatsft.pipeline.rows import EVAL, RENDERED, SAMPLE, SPLITS, TRAIN, list_array, stats_row
 
 RAW_SHOWN = 300  # bytes of a bad line kept for bad_records.jsonl
@@ -40,9 +40,9 @@ class RenderSpec:
     """Everything a render actor needs; small and picklable (shipped once per actor)."""
 
     model: Any  # config.ModelConfig
-    template: str
+    template: str  # data.template (a seq2seq model has no chat template: `kind` decides)
     options: RenderOptions
-    seq2seq: bool
+    kind: str  # "causal" or "seq2seq"
     seed: int
     eval_fraction: float
     files: tuple[FileRole, ...]
@@ -58,20 +58,20 @@ class Renderer:
     def __init__(self, spec: RenderSpec):
         # One process per CPU: the Rust tokenizer's own thread pool would only oversubscribe it.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        from chatsft.data.templates import get_template
+        from chatsft.data.formats import get_format
         from chatsft.model import load_tokenizer
 
         self.spec = spec
         self.tokenizer = spec.tokenizer if spec.tokenizer is not None else load_tokenizer(spec.model)
-        self.template = None if spec.seq2seq else get_template(spec.template, self.tokenizer)
+        self.format = get_format(spec.kind, spec.template, self.tokenizer)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return render_lines(self.spec, self.tokenizer, self.template,
+        return render_lines(self.spec, self.format,
                             batch["file_idx"].to_pylist(), batch["line"].to_pylist(),
                             batch["raw"].to_pylist())
 
 
-def render_lines(spec: RenderSpec, tokenizer: Any, template: Any, file_idx: list[int],
+def render_lines(spec: RenderSpec, fmt: Any, file_idx: list[int],
                  lines: list[int], raws: list[bytes]) -> pa.Table:
     """Render one batch of lines (pure given the tokenizer): sample rows plus one statistics row."""
     stats = {TRAIN: MaskStats(), EVAL: MaskStats()}
@@ -107,20 +107,11 @@ def render_lines(spec: RenderSpec, tokenizer: Any, template: Any, file_idx: list
 
     for conv, fi, ln, split in skipped:  # a sampled-out record is still checked, so errors show
         try:
-            if not spec.seq2seq:
-                layout(conv, template)
+            fmt.check(conv)
         except BadRecord as e:
             add_bad(e.at(conv.source), fi, ln, split, raw_of[(fi, ln)])
 
-    if spec.seq2seq:
-        outcomes = []
-        for conv, *_ in todo:
-            try:
-                outcomes.append(render_seq2seq(conv, tokenizer, spec.options))
-            except BadRecord as e:
-                outcomes.append(e.at(conv.source))
-    else:
-        outcomes = render_batch([t[0] for t in todo], tokenizer, template, spec.options)
+    outcomes = fmt.render([t[0] for t in todo], spec.options)
 
     cols: dict[str, list] = {k: [] for k in ("split", "file_idx", "line", "sub", "copy", "order_key",
                                              "source", "truncated")}
@@ -133,7 +124,7 @@ def render_lines(spec: RenderSpec, tokenizer: Any, template: Any, file_idx: list
         st = stats[split]
         st.add_dropped(Counter({r: n * n_copies for r, n in outcome.dropped.items()}))
         for sub, s in enumerate(outcome.samples):
-            if not spec.seq2seq and limit is not None and len(s) > limit:
+            if limit is not None and len(s) > limit:
                 raise AssertionError(f"{s.source}: {len(s)} tokens after truncation to {limit}")
             for c in range(n_copies):
                 st.add_sample(s)

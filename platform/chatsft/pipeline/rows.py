@@ -16,13 +16,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from chatsft.data.packing import best_fit_decreasing
-from chatsft.pipeline.keys import row_key, window_of
+from chatsft.data.keys import row_key, window_of
+from chatsft.data.schema import IDS, PACKED, UNPACKED
 
 SAMPLE, STATS = 0, 1
 TRAIN, EVAL = 0, 1
 SPLITS = {TRAIN: "train", EVAL: "eval"}
 
-IDS = pa.list_(pa.int32())
 RENDERED = pa.schema([
     ("kind", pa.int8()),
     ("split", pa.int8()),
@@ -40,9 +40,6 @@ RENDERED = pa.schema([
 # The total order of samples: the shuffle key, then provenance to break (astronomically rare) ties.
 SORT_KEY = ["order_key", "file_idx", "line", "sub", "copy"]
 
-UNPACKED = pa.schema([("input_ids", IDS), ("labels", IDS), ("source", pa.list_(pa.string()))])
-PACKED = pa.schema([("input_ids", IDS), ("labels", IDS), ("position_ids", IDS),
-                    ("source", pa.list_(pa.string()))])
 # Packed rows before they are ordered: their shuffle key, window and bin (see pack_window).
 _PACKED_KEYED = pa.schema([("row_key", pa.int64()), ("window", pa.int64()), ("bin", pa.int32()),
                            *[(f.name, f.type) for f in PACKED]])
@@ -77,7 +74,7 @@ def select_stats(table: pa.Table) -> pa.Table:
 
 
 def to_unpacked(table: pa.Table) -> pa.Table:
-    """Sorted samples -> training rows of one sample each (columns of design.md)."""
+    """Sorted samples -> training rows of one sample each (chatsft.data.schema)."""
     sources = table["source"].combine_chunks()
     offsets = pa.array(np.arange(len(sources) + 1, dtype=np.int32))
     return pa.Table.from_arrays(

@@ -26,27 +26,30 @@ those hashes, so the number of CPUs, actors and blocks never changes a row.
 from __future__ import annotations
 
 import json
-import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 
+from chatsft import storage
 from chatsft.config import Config, ConfigError
 from chatsft.data.conversation import BadRecord, Conversation, Message
-from chatsft.data.render import IGNORE, RenderOptions, Sample, render_batch, render_seq2seq
-from chatsft.data.sources import SourceFile, expand_source, is_uri
+from chatsft.data.formats import get_format
+from chatsft.data.render import RenderOptions, Sample
 from chatsft.data.stats import MaskStats, batch_padded_slots
-from chatsft.data.templates import TemplateError, get_template
-from chatsft.errors import UserError
+from chatsft.data.templates import TemplateError
+from chatsft.errors import UserError, user_error_in
 from chatsft.pipeline import shuffle
-from chatsft.pipeline.fingerprint import fingerprint
-from chatsft.pipeline.output import Location
+from chatsft.pipeline.fingerprint import fingerprint, rows_identity
 from chatsft.pipeline.render import FileRole, RenderSpec, Renderer
 from chatsft.pipeline.rows import EVAL, SPLITS, TRAIN
+from chatsft.plan import RunPlan
+from chatsft.sources import SourceFile, expand_source
 
-USER_ERRORS = (BadRecord, TemplateError, ConfigError, UserError)
+# What a user can cause, as opposed to a bug: the CLI prints these in one line.
+USER_ERRORS = (BadRecord, TemplateError, ConfigError, UserError, FileNotFoundError)
 
 
 @dataclass
@@ -59,38 +62,50 @@ class Prepared:
     eval_stats: Optional[dict]
 
 
-def prepare(cfg: Config, *, force: bool = False) -> Prepared:
-    """Prepare the rows of `cfg` under <run.output_dir>/data/, or reuse fresh ones (unless force)."""
-    from chatsft.model import load_tokenizer, model_kind
+@dataclass
+class Checked:
+    """What `check` found, for `prepare` to go on from: the files, the tokenizer and format,
+    and the identity of the rows they make (the fingerprint's payload; checkpoints keep it)."""
 
-    kind = model_kind(cfg.model)
-    check_config(cfg, kind)
+    files: list[tuple[SourceFile, FileRole]]
+    tokenizer: Any
+    fmt: Any
+    opts: RenderOptions
+    identity: dict
+
+
+def check(plan: RunPlan) -> Checked:
+    """Everything that can be told without Ray and without writing a file: the sources exist
+    and are not empty, the format renders with this tokenizer, an answer fits in max_length,
+    the first records of each split are good. Seconds, whatever the corpus."""
+    from chatsft.model import load_tokenizer
+
+    cfg = plan.config
     files = plan_files(cfg)
     tokenizer = load_tokenizer(cfg.model)
-    preflight(cfg, kind, tokenizer)
-    has_eval = any(r.split == EVAL for _, r in files) or any(r.carve for _, r in files)
-    out = cfg.run.output_dir
-    # Written by tasks whose working directory is not ours: a local folder is made absolute.
-    root = Location(out if is_uri(out) else os.path.abspath(out)).join("data")
-    fp = fingerprint(cfg, kind, [(SPLITS[r.split], f) for f, r in files], tokenizer)
+    opts = RenderOptions.from_config(cfg.data)
+    fmt = get_format(plan.kind, cfg.data.template, tokenizer)
+    preflight(plan, fmt, opts)
+    early_records(plan, files, fmt, opts)
+    identity = rows_identity(cfg, plan.kind, [(SPLITS[r.split], f) for f, r in files], tokenizer)
+    return Checked(files, tokenizer, fmt, opts, identity)
+
+
+def prepare(plan: RunPlan, *, force: bool = False, checked: Optional[Checked] = None) -> Prepared:
+    """Prepare the rows of the run under <run.output_dir>/data/, or reuse fresh ones (unless force).
+    `checked`: `check(plan)`'s result, when the caller ran it already."""
+    checked = checked or check(plan)
+    root = plan.data_dir
+    fp = fingerprint(checked.identity)
     if not force:
-        reused = reuse(root, fp, has_eval)
+        reused = reuse(root, fp, plan.eval_split != "none")
         if reused is not None:
-            print(f"chatsft prepare: reusing {root.path} (config, tokenizer and sources unchanged)")
+            print(f"chatsft prepare: reusing {root} (config, tokenizer and sources unchanged)")
             return reused
-    return _run(cfg, kind, files, tokenizer, root, fp, has_eval)
+    return _run(plan, checked.files, checked.tokenizer, checked.opts, root, fp)
 
 
 # --------------------------------------------------------------------------- checks
-
-
-def check_config(cfg: Config, kind: str) -> None:
-    if kind == "seq2seq" and cfg.data.packing:
-        raise ConfigError("data.packing: encoder-decoder (seq2seq) models are not packed; "
-                          "set data.packing=false")
-    if cfg.data.eval and cfg.data.eval_fraction > 0:
-        raise ConfigError("data.eval_fraction: set together with data.eval; hold out from train "
-                          "(eval_fraction) or give eval sources (data.eval), not both")
 
 
 def plan_files(cfg: Config) -> list[tuple[SourceFile, FileRole]]:
@@ -104,39 +119,88 @@ def plan_files(cfg: Config) -> list[tuple[SourceFile, FileRole]]:
                 raise UserError(f"{key}[{i}].path: no JSONL file matches {src.path!r}")
             for f in found:
                 out.append((f, FileRole(f.display, split, src.weight, carve and split == TRAIN)))
+    for key, split in (("data.train", TRAIN), ("data.eval", EVAL)):
+        mine = [f for f, r in out if r.split == split]
+        empty = [f.display for f in mine if f.size == 0]
+        if mine and len(empty) == len(mine):
+            raise UserError(f"{key}: {_names(empty)} {'is' if len(empty) == 1 else 'are'} empty (0 bytes): "
+                            "no records to learn from")
+        if empty:
+            print(f"chatsft prepare: note: {_names(empty)} {'is' if len(empty) == 1 else 'are'} empty (0 bytes)")
     return out
 
 
-def preflight(cfg: Config, kind: str, tokenizer: Any) -> None:
-    """Fail on a config problem (template, tokenizer, organization) here, before any worker starts."""
-    opts = RenderOptions.from_config(cfg.data)
+def _names(paths: list[str], most: int = 3) -> str:
+    shown = ", ".join(paths[:most])
+    return shown + (f" and {len(paths) - most} more" if len(paths) > most else "")
+
+
+EARLY_RECORDS = 256  # records of each split's first file rendered on the driver before Ray starts
+
+
+def preflight(plan: RunPlan, fmt: Any, opts: RenderOptions) -> None:
+    """Fail on a config problem (template, tokenizer, a max_length no answer fits) here,
+    before any worker starts."""
     probe = Conversation((Message("user", "hi"), Message("assistant", "hello")), "preflight")
-    if kind == "seq2seq":
-        render_seq2seq(probe, tokenizer, opts)
-    else:
-        render_batch([probe], tokenizer, get_template(cfg.data.template, tokenizer), opts)
+    (result,) = fmt.render([probe], opts)
+    if isinstance(result, BadRecord):
+        raise TemplateError(f"data.template={plan.config.data.template.value}: it cannot render even a "
+                            f"one-word exchange ({result.reason}: {result.detail})")
+    if not result.samples:
+        # The shortest dialogue there is: if its answer does not fit, no record's does.
+        (whole,) = fmt.render([probe], RenderOptions(opts.organization, opts.train_on))[0].samples
+        raise ConfigError(f"data.max_length={opts.max_length}: no answer can fit; the shortest possible exchange "
+                          f"(one word each) takes {len(whole)} tokens in the {fmt.name} format")
 
 
-def reuse(root: Location, fp: str, has_eval: bool) -> Optional[Prepared]:
-    text = root.join("prepare.json").read_text()
-    if text is None:
+def early_records(plan: RunPlan, files: list[tuple[SourceFile, FileRole]], fmt: Any, opts: RenderOptions) -> None:
+    """Render the first records of each split's first file here, before Ray starts: under
+    on_bad_record=error the first bad record of the corpus, if it is among them, stops the run
+    in seconds (the first file comes first in file order); a first batch in which nothing at
+    all can be learned gets a warning that names the file and the reasons."""
+    from chatsft.data.conversation import iter_stream_lines, parse_line, read_chunks
+
+    for split in (TRAIN, EVAL):
+        first = next((f for f, r in files if r.split == split and f.size > 0), None)
+        if first is None:
+            continue
+        convs, bad = [], []
+        with storage.open_stream(first.location) as stream:
+            for n, raw in iter_stream_lines(read_chunks(stream, 1 << 16)):
+                try:
+                    convs.append(parse_line(raw, f"{first.display}:{n}"))
+                except BadRecord as e:
+                    bad.append(e)
+                if len(convs) + len(bad) >= EARLY_RECORDS:
+                    break
+        outcomes = fmt.render(convs, opts)
+        bad += [o for o in outcomes if isinstance(o, BadRecord)]
+        if bad and plan.config.data.on_bad_record == "error":
+            raise min(bad, key=lambda e: int(e.source.rsplit(":", 1)[1]))
+        results = [o for o in outcomes if not isinstance(o, BadRecord)]
+        if convs and not any(r.samples for r in results):
+            reasons = Counter(e.reason for e in bad)
+            for r in results:
+                reasons.update(r.dropped)
+            print(f"chatsft prepare: warning: none of the first {len(convs) + len(bad)} records of {first.display} "
+                  f"gives a sample to learn from ({', '.join(f'{k} {v}' for k, v in reasons.most_common())})",
+                  flush=True)
+
+
+def reuse(root: str, fp: str, has_eval: bool) -> Optional[Prepared]:
+    meta = _read_json(storage.join(root, "prepare.json"))
+    if meta is None or meta.get("fingerprint") != fp:
         return None
-    try:
-        meta = json.loads(text)
-    except ValueError:
-        return None
-    if meta.get("fingerprint") != fp:
-        return None
-    train_stats = _read_json(root.join("train", "stats.json"))
-    eval_stats = _read_json(root.join("eval", "stats.json")) if has_eval else None
+    train_stats = _read_json(storage.join(root, "train", "stats.json"))
+    eval_stats = _read_json(storage.join(root, "eval", "stats.json")) if has_eval else None
     if train_stats is None or (has_eval and eval_stats is None):
         return None
-    return Prepared(root.join("train").path, root.join("eval").path if has_eval else None,
+    return Prepared(storage.join(root, "train"), storage.join(root, "eval") if has_eval else None,
                     train_stats, eval_stats)
 
 
-def _read_json(loc: Location) -> Optional[dict]:
-    text = loc.read_text()
+def _read_json(path: str) -> Optional[dict]:
+    text = storage.read_text(path)
     try:
         return json.loads(text) if text is not None else None
     except ValueError:
@@ -146,8 +210,8 @@ def _read_json(loc: Location) -> Optional[dict]:
 # ----------------------------------------------------------------------------- run
 
 
-def _run(cfg: Config, kind: str, files: list[tuple[SourceFile, FileRole]], tokenizer: Any,
-         root: Location, fp: str, has_eval: bool) -> Prepared:
+def _run(plan: RunPlan, files: list[tuple[SourceFile, FileRole]], tokenizer: Any, opts: RenderOptions,
+         root: str, fp: str) -> Prepared:
     from ray.data import DataContext
 
     from chatsft.raysetup import ensure_ray
@@ -158,11 +222,11 @@ def _run(cfg: Config, kind: str, files: list[tuple[SourceFile, FileRole]], token
     # Blocks in order: `take` gives the first records of the files, and sorted blocks are written in order.
     ctx.execution_options.preserve_order = True
     try:
-        return _execute(cfg, kind, files, tokenizer, root, fp, has_eval)
+        return _execute(plan, files, tokenizer, opts, root, fp)
     except USER_ERRORS:
         raise
     except Exception as e:  # a user error raised inside a Ray worker comes back wrapped
-        user = _user_error_in(e)
+        user = user_error_in(e, USER_ERRORS)
         if user is not None:
             raise user from None
         raise
@@ -170,17 +234,18 @@ def _run(cfg: Config, kind: str, files: list[tuple[SourceFile, FileRole]], token
         ctx.execution_options.preserve_order = saved
 
 
-def _execute(cfg: Config, kind: str, files: list[tuple[SourceFile, FileRole]], tokenizer: Any,
-             root: Location, fp: str, has_eval: bool) -> Prepared:
+def _execute(plan: RunPlan, files: list[tuple[SourceFile, FileRole]], tokenizer: Any, opts: RenderOptions,
+             root: str, fp: str) -> Prepared:
     import ray
     from ray.data import read_datasource
 
     from chatsft.pipeline.read import make_datasource
 
     started = time.time()  # stats.json times the pipeline itself, not Ray's or the tokenizer's start-up
+    cfg, kind, has_eval = plan.config, plan.kind, plan.eval_split != "none"
     data = cfg.data
     spec = RenderSpec(model=cfg.model, template=getattr(data.template, "value", data.template),
-                      options=RenderOptions.from_config(data), seq2seq=kind == "seq2seq",
+                      options=opts, kind=plan.kind,
                       seed=cfg.run.seed, eval_fraction=data.eval_fraction,
                       files=tuple(r for _, r in files), bad_examples=data.bad_examples,
                       tokenizer=tokenizer if _pickles(tokenizer) else None)
@@ -207,14 +272,15 @@ def _execute(cfg: Config, kind: str, files: list[tuple[SourceFile, FileRole]], t
     splits = [TRAIN, EVAL] if has_eval else [TRAIN]
     for split in splits:
         if stats[split].samples == 0:
-            raise UserError(_nothing_left(split, stats[split], cfg))
+            raise UserError(_nothing_left(split, stats[split], cfg,
+                                          [f.display for f, r in files if r.split == split or r.carve]))
 
-    for loc in (root.join("prepare.json"), root.join("train"), root.join("eval")):
-        loc.remove()  # stale rows must never mix with new ones
+    for name in ("prepare.json", "train", "eval"):
+        storage.remove(storage.join(root, name))  # stale rows must never mix with new ones
     plans = [shuffle.plan_split(s, stats[s].samples, stats[s].tokens, data.packing, data.pack_window,
-                                data.max_length, cfg.run.seed, root.join(SPLITS[s]).path) for s in splits]
-    for plan in plans:
-        Location(plan.folder).make_dirs()
+                                data.max_length, cfg.run.seed, storage.join(root, SPLITS[s])) for s in splits]
+    for split_plan in plans:
+        storage.make_dirs(split_plan.folder)
     n_parts = sum(p.parts for p in plans)
     print(f"chatsft prepare: rendered in {rendered_at - started:.1f} s; shuffling"
           f"{' and packing' if data.packing else ''} into {n_parts} Parquet file(s)", flush=True)
@@ -224,9 +290,9 @@ def _execute(cfg: Config, kind: str, files: list[tuple[SourceFile, FileRole]], t
         pieces = [[r] for r in pieces]  # one return: a ref, not a list of refs
     write = task(shuffle.write_part).options(**_write_placement(root))
     pending, k = {}, 0
-    for plan in plans:
-        pending[plan.split] = [write.remote(plan, p, *[pc[k + p] for pc in pieces]) for p in range(plan.parts)]
-        k += plan.parts
+    for sp in plans:
+        pending[sp.split] = [write.remote(sp, p, *[pc[k + p] for pc in pieces]) for p in range(sp.parts)]
+        k += sp.parts
     lengths = {s: ray.get(refs) for s, refs in pending.items()}
     previews = {s: _first_samples(blocks, s, data.preview_samples) for s in splits}
     now = time.time()
@@ -236,24 +302,24 @@ def _execute(cfg: Config, kind: str, files: list[tuple[SourceFile, FileRole]], t
 
     out: dict[int, dict] = {}
     for split in splits:
-        folder = root.join(SPLITS[split])
+        folder = storage.join(root, SPLITS[split])
         inputs = np.concatenate([a for a, _ in lengths[split]])
         labels = np.concatenate([b for _, b in lengths[split]])
         d = split_stats(stats[split], int(inputs.size), (inputs, labels), cfg, kind, seconds, all_tokens)
-        folder.join("stats.json").write_text(json.dumps(d, indent=2) + "\n")
-        folder.join("mask_preview.html").write_text(_preview_html(tokenizer, previews[split], kind,
-                                                                  SPLITS[split]))
+        storage.write_text(storage.join(folder, "stats.json"), json.dumps(d, indent=2) + "\n")
+        storage.write_text(storage.join(folder, "mask_preview.html"),
+                           _preview_html(tokenizer, previews[split], kind, SPLITS[split]))
         mine = [b[3] for b in bad if b[2] == split][: data.bad_examples]
         if mine:
-            folder.join("bad_records.jsonl").write_text("".join(json.dumps(b, ensure_ascii=False) + "\n"
-                                                                for b in mine))
+            storage.write_text(storage.join(folder, "bad_records.jsonl"),
+                               "".join(json.dumps(b, ensure_ascii=False) + "\n" for b in mine))
         out[split] = d
-    root.join("prepare.json").write_text(json.dumps(
-        {"fingerprint": fp, "train_dir": root.join("train").path,
-         "eval_dir": root.join("eval").path if has_eval else None,
+    train_dir = storage.join(root, "train")
+    eval_dir = storage.join(root, "eval") if has_eval else None
+    storage.write_text(storage.join(root, "prepare.json"), json.dumps(
+        {"fingerprint": fp, "train_dir": train_dir, "eval_dir": eval_dir,
          "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n")
-    prepared = Prepared(root.join("train").path, root.join("eval").path if has_eval else None,
-                        out[TRAIN], out.get(EVAL))
+    prepared = Prepared(train_dir, eval_dir, out[TRAIN], out.get(EVAL))
     print(summary(prepared, data.on_bad_record))
     return prepared
 
@@ -276,9 +342,9 @@ def _actor_pool(concurrency: Any) -> Any:
     return ActorPoolStrategy(size=concurrency)
 
 
-def _write_placement(root: Location) -> dict:
+def _write_placement(root: str) -> dict:
     """A local output folder is on the driver's disk: its files are written there."""
-    if not root.local:
+    if not storage.is_local(root):
         return {}
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -357,25 +423,20 @@ def split_stats(st: MaskStats, rows: int, lengths: tuple[np.ndarray, np.ndarray]
     return d
 
 
-def _nothing_left(split: int, st: MaskStats, cfg: Config) -> str:
+def _nothing_left(split: int, st: MaskStats, cfg: Config, paths: list[str]) -> str:
     key = "data.train" if split == TRAIN else ("data.eval" if cfg.data.eval else "data.eval_fraction")
     bad = ", ".join(f"{k} {v}" for k, v in sorted(st.bad_by_reason.items())) or "none"
-    return (f"{key}: no {SPLITS[split]} samples left: {st.records_read} records read, {st.records_bad} bad "
+    return (f"{key} ({_names(paths)}): no {SPLITS[split]} samples left: {st.records_read} records read, "
+            f"{st.records_bad} bad "
             f"({bad}), {st.dropped_no_supervision} dropped with no supervised token, "
             f"{st.dropped_too_long} dropped as too long")
 
 
 def _preview_html(tokenizer: Any, rows: list[dict], kind: str, name: str) -> str:
-    from chatsft.data.preview import to_html
+    from chatsft.data.preview import as_shown, to_html
 
-    samples = []
-    for r in rows:
-        ids = np.asarray(r["input_ids"], np.int32)
-        labels = np.asarray(r["labels"], np.int32)
-        if kind == "seq2seq":  # show the encoder text as context and the decoder target as learned
-            ids, labels = np.concatenate([ids, labels]), np.concatenate([np.full(len(ids), IGNORE, np.int32),
-                                                                           labels])
-        samples.append(Sample(ids, labels, r["source"], truncated=bool(r["truncated"])))
+    samples = [as_shown(Sample(np.asarray(r["input_ids"], np.int32), np.asarray(r["labels"], np.int32),
+                               r["source"], truncated=bool(r["truncated"])), kind == "seq2seq") for r in rows]
     return to_html(tokenizer, samples, title=f"chatsft mask preview: {name} (first records in file order)")
 
 
@@ -406,22 +467,3 @@ def summary(p: Prepared, on_bad_record: str) -> str:
     lines.append(f"done in {t['seconds']:.1f} s, {t['tokens_per_second']:,.0f} tokens/s; "
                  f"files: *.parquet, stats.json, mask_preview.html")
     return "\n".join(lines)
-
-
-def _user_error_in(e: BaseException) -> Optional[BaseException]:
-    """The user error (bad record, template, config) behind a Ray task/actor failure, if any."""
-    seen, todo = set(), [e]
-    found = None
-    while todo:
-        x = todo.pop(0)
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
-        if isinstance(x, USER_ERRORS):
-            found = x
-            if type(x) in USER_ERRORS:  # the original, not Ray's wrapper that subclasses it
-                return x
-        todo += [getattr(x, "cause", None), x.__cause__, x.__context__]
-    if found is not None:  # only Ray's wrapper survived: keep its last line, the error itself
-        return UserError(str(found).strip().splitlines()[-1])
-    return None

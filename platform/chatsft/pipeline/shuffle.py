@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from chatsft.pipeline.keys import window_of
-from chatsft.pipeline.rows import (PACKED_SORT_KEY, SORT_KEY, pack_window, row_lengths, select_samples,
-                                   select_stats, to_packed, to_unpacked, with_window)
+from chatsft.data.keys import window_of
+from chatsft.pipeline.rows import (PACKED_SORT_KEY, RENDERED, SORT_KEY, pack_window, row_lengths,
+                                   select_samples, select_stats, to_packed, to_unpacked, with_window)
 
 # Tokens per output partition: its ids and labels (8 bytes a token) plus a sort's copy fit in
 # well under a GiB of one task's memory, and files stay a convenient size.
@@ -39,7 +39,7 @@ class SplitPlan:
     n_windows: int  # packing windows (1 when not packing)
     capacity: int  # data.max_length
     seed: int
-    folder: str  # Location path of the split's folder
+    folder: str  # the split's folder (absolute local path or URI)
 
 
 def plan_split(split: int, samples: int, tokens: int, packing: bool, pack_window_size: int,
@@ -53,14 +53,19 @@ def plan_split(split: int, samples: int, tokens: int, packing: bool, pack_window
     return SplitPlan(split, parts, packing, n_windows, capacity, seed, folder)
 
 
+def _schema(table: pa.Table) -> pa.Table:
+    # Ray Data may hand over a block of no rows without columns (an empty input file)
+    return table if table.num_rows else RENDERED.empty_table()
+
+
 def block_stats(table: pa.Table) -> list[str]:
     """The statistics rows (JSON) of one rendered block."""
-    return select_stats(table)["stats"].to_pylist()
+    return select_stats(_schema(table))["stats"].to_pylist()
 
 
 def first_samples(table: pa.Table, split: int, n: int) -> list[dict]:
     """Up to n sample rows of one split from a rendered block, in block order (for the preview)."""
-    return select_samples(table, split).slice(0, n).to_pylist()
+    return select_samples(_schema(table), split).slice(0, n).to_pylist()
 
 
 def _part_of(table: pa.Table, plan: SplitPlan) -> np.ndarray:
@@ -73,6 +78,7 @@ def _part_of(table: pa.Table, plan: SplitPlan) -> np.ndarray:
 def partition(table: pa.Table, plans: list[SplitPlan]) -> list[pa.Table]:
     """One rendered block -> its samples cut into each plan's parts (plans in order, parts in order)."""
     out = []
+    table = _schema(table)
     for plan in plans:
         samples = select_samples(table, plan.split)
         part = _part_of(samples, plan)
@@ -108,11 +114,11 @@ def write_part(plan: SplitPlan, p: int, *pieces: pa.Table) -> tuple[np.ndarray, 
 
     The pieces are positional so that Ray resolves them (one per rendered block).
     """
-    from chatsft.pipeline.output import Location
+    from chatsft import storage
 
     rows = reduce_part(list(pieces), plan)
     if rows is None:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    Location(plan.folder).join(f"part-{p:05d}.parquet").write_parquet(rows)
+    storage.write_parquet(storage.join(plan.folder, f"part-{p:05d}.parquet"), rows)
     return row_lengths(rows, "input_ids"), row_lengths(rows, "labels")
 

@@ -9,17 +9,17 @@ very next global batch.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import random
 import re
-import shutil
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import numpy as np
 import torch
+
+from chatsft import storage
 
 STATE = "train_state_rank{rank}.json"
 CHECKPOINT_RE = re.compile(r"checkpoint_(\d+)$")
@@ -63,44 +63,45 @@ def write_state(folder: str, rank: int, state: TrainState) -> None:
 
 
 def read_state(folder: str, rank: int) -> tuple[TrainState, Optional[dict[str, Any]]]:
-    """The loop state, and this rank's RNG (None when the checkpoint had fewer ranks)."""
-    path = os.path.join(folder, STATE.format(rank=rank))
-    if not os.path.exists(path):
-        path = os.path.join(folder, STATE.format(rank=0))
-        with open(path, encoding="utf-8") as f:
-            return TrainState(**json.load(f)["state"]), None
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    """The loop state, and this rank's RNG (None when the checkpoint had fewer ranks).
+    `folder` may be a URI."""
+    text = storage.read_text(storage.join(folder, STATE.format(rank=rank)))
+    if text is None:
+        text = storage.read_text(storage.join(folder, STATE.format(rank=0)))
+        if text is None:
+            raise FileNotFoundError(2, "no train state in the checkpoint", folder)
+        return TrainState(**json.loads(text)["state"]), None
+    data = json.loads(text)
     return TrainState(**data["state"]), data["rng"]
+
+
+def read_state_at(folder: str) -> tuple[TrainState, Optional[dict[str, Any]]]:
+    return read_state(folder, 0)
 
 
 def checkpoint_name(step: int) -> str:
     return f"checkpoint_{step:06d}"
 
 
-def latest_local(folder: str) -> Optional[str]:
-    """The newest complete checkpoint folder under `folder` (local mode), or None."""
+def _complete(folders: list[str]) -> list[tuple[int, str]]:
+    """(step, folder) of the checkpoint folders whose rank-0 state was written (it is written last)."""
     found = []
-    for path in glob.glob(os.path.join(folder, "checkpoint_*")):
-        m = CHECKPOINT_RE.search(path)
-        if m and os.path.exists(os.path.join(path, STATE.format(rank=0))):
+    for path in folders:
+        m = CHECKPOINT_RE.search(path.rstrip("/"))
+        if m and storage.exists(storage.join(path, STATE.format(rank=0))):
             found.append((int(m.group(1)), path))
-    return max(found)[1] if found else None
+    return sorted(found)
 
 
-def prune_local(folder: str, keep: int) -> None:
-    found = sorted(p for p in glob.glob(os.path.join(folder, "checkpoint_*")) if CHECKPOINT_RE.search(p))
-    for path in found[:-keep] if keep > 0 else []:
-        shutil.rmtree(path, ignore_errors=True)
+def latest(folder: str) -> Optional[str]:
+    """The newest complete checkpoint under a run's checkpoint folder (local or URI), or None."""
+    found = _complete(storage.list_dirs(folder))
+    return found[-1][1] if found else None
 
 
-def find_latest(output_dir: str, run_name: str) -> Optional[str]:
-    """The latest checkpoint of a run, from Ray Train's storage or from --local mode."""
-    candidates = []
-    for folder in (os.path.join(output_dir, run_name), os.path.join(output_dir, "checkpoints")):
-        for path in glob.glob(os.path.join(folder, "checkpoint_*")):
-            if os.path.exists(os.path.join(path, STATE.format(rank=0))):
-                with open(os.path.join(path, STATE.format(rank=0)), encoding="utf-8") as f:
-                    step = json.load(f)["state"]["step"]
-                candidates.append((step, os.path.getmtime(path), path))
-    return max(candidates)[2] if candidates else None
+def prune(folder: str, keep: int) -> None:
+    """Remove all but the newest `keep` checkpoints (0 keeps all)."""
+    if keep <= 0:
+        return
+    for _, path in _complete(storage.list_dirs(folder))[:-keep]:
+        storage.remove(path)

@@ -3,14 +3,19 @@
 
 from __future__ import annotations
 
-import os
-from dataclasses import asdict, dataclass
+import json
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from chatsft import storage
 from chatsft.config import Config
 from chatsft.errors import UserError
-from chatsft.train.data import COLUMNS, count_rows, parquet_files
-from chatsft.train.loop import WorkerArgs, train_loop_per_worker
+from chatsft.plan import RunPlan
+from chatsft.train.data import count_rows, parquet_files
+from chatsft.train.loop import StepHook, WorkerArgs, run_local, train_loop_per_worker
+from chatsft.train.progress import say
+from chatsft.train.resume import Resume
+from chatsft.train.resume import check as check_resume
 
 
 @dataclass
@@ -19,6 +24,7 @@ class TrainResult:
     checkpoint: Optional[str]  # the latest checkpoint folder
     model_dir: Optional[str]  # the exported Hugging Face folder
     run_id: Optional[str] = None  # the MLflow run, when tracked
+    resume: Optional[Resume] = None  # fresh, or resumed from where with what changed
 
 
 @dataclass
@@ -29,79 +35,99 @@ class Rows:
     eval_rows: int
 
 
-def train(cfg: Config, local: bool = False, *,
-          callbacks: Optional[list[Callable[[int, dict], None]]] = None) -> TrainResult:
+@dataclass
+class Extras:
+    """What callers other than `chatsft train` add to a run: callbacks, Ray Train callbacks,
+    task list (default: the config's eval.tasks) and per-step hooks (tests)."""
+
+    callbacks: list[Callable[[int, dict], None]] = field(default_factory=list)
+    ray_callbacks: list = field(default_factory=list)
+    tasks: Optional[list[str]] = None
+    hooks: list[StepHook] = field(default_factory=list)
+    export: bool = True
+    resume: Optional[Resume] = None  # checked by the caller; None: checked here (rows unknown)
+
+
+def train(cfg: Config, local: bool = False, *, callbacks: Optional[list[Callable[[int, dict], None]]] = None,
+          hooks: Optional[list[StepHook]] = None) -> TrainResult:
     """Check tracking, prepare the rows (if missing or stale), train, export, record it in MLflow.
 
-    `callbacks(step, metrics)` run on rank 0. The tracking server is checked before any
-    compute is spent; once training runs, tracking problems never stop it."""
+    `callbacks(step, metrics)` run on rank 0, `hooks(step, runtime)` on every rank after every
+    step. The tracking server is checked before any compute is spent; once training runs,
+    tracking problems never stop it."""
     from chatsft.tracking import preflight
 
-    tracked = preflight(cfg)
-    return train_tracked(cfg, prepared_rows(cfg), tracked=tracked, local=local, callbacks=callbacks)
+    from chatsft.pipeline.run import check
+
+    plan = RunPlan.resolve(cfg, local=local)
+    tracked = preflight(cfg, plan.tracking_uri)
+    checked = check(plan)  # the data and format, in seconds, before Ray starts
+    if not local:
+        check_storage(plan)
+    # Before prepare: a refused run leaves every file of the old one as it was.
+    resume = check_resume(plan, checked.identity)
+    say(resume.describe())
+    extras = Extras(callbacks=list(callbacks or []), hooks=list(hooks or []), resume=resume)
+    return train_tracked(plan, prepared_rows(plan, checked), tracked=tracked, extras=extras)
 
 
-def train_tracked(cfg: Config, rows: "Rows", *, tracked: bool, local: bool = False,
-                  callbacks: Optional[list[Callable[[int, dict], None]]] = None,
-                  ray_callbacks: Optional[list] = None, parent_run_id: Optional[str] = None,
-                  run_name: Optional[str] = None, log_data: bool = True) -> TrainResult:
+def train_tracked(plan: RunPlan, rows: "Rows", *, tracked: bool, extras: Optional[Extras] = None,
+                  parent_run_id: Optional[str] = None, run_name: Optional[str] = None,
+                  log_data: bool = True) -> TrainResult:
     """Train on prepared rows inside an MLflow run (a sweep trial is a child of `parent_run_id`)."""
-    from chatsft.model import model_kind
     from chatsft.tracking import RunRecord
 
-    record = RunRecord.start(cfg, parent_run_id=parent_run_id, run_name=run_name) if tracked else None
+    extras = extras or Extras()
+    record = RunRecord.start(plan.config, plan.tracking_uri, parent_run_id=parent_run_id,
+                             run_name=run_name) if tracked else None
     if record is not None:
         if log_data:
             record.log_data(rows.train_dir, rows.eval_dir)
-        callbacks = [*(callbacks or []), record.step_logger()]
+        if extras.resume is not None and extras.resume.checkpoint:
+            record.log_resume(extras.resume.to_json())
+        extras.callbacks = [*extras.callbacks, record.step_logger()]
     try:
-        result = train_on_rows(cfg, rows, local=local, callbacks=callbacks, ray_callbacks=ray_callbacks)
+        result = train_on_rows(plan, rows, extras)
     except BaseException as e:
         if record is not None:
             record.fail(e)
         raise
     if record is not None:
-        record.complete(result.metrics, result.model_dir, result.checkpoint,
-                        seq2seq=model_kind(cfg.model) == "seq2seq")
+        record.complete(result.metrics, result.model_dir, result.checkpoint, seq2seq=plan.seq2seq)
         result.run_id = record.run_id
     return result
 
 
-def train_on_rows(cfg: Config, rows: "Rows", *, local: bool = False,
-                  callbacks: Optional[list[Callable[[int, dict], None]]] = None,
-                  export: bool = True, ray_callbacks: Optional[list] = None,
-                  tasks: Optional[list[str]] = None) -> TrainResult:
-    """Train on rows already prepared (tests and benchmarks write their own). `tasks`: the
-    eval.tasks to score during training (default: the config's, checked here)."""
+def train_on_rows(plan: RunPlan, rows: "Rows", extras: Optional[Extras] = None) -> TrainResult:
+    """Train on rows already prepared (tests and benchmarks write their own)."""
+    from chatsft.eval.evaluate import training_tasks
+
+    extras = extras or Extras()
     if rows.train_rows == 0:
         raise UserError(f"data.train: no training rows after prepare ({rows.train_dir})")
-    output_dir = storage_path(cfg.run.output_dir)
-    from chatsft.evaluate import training_tasks
+    resume = extras.resume or check_resume(plan, None)
+    args = WorkerArgs(plan=plan, train_dir=rows.train_dir, eval_dir=rows.eval_dir,
+                      train_rows=rows.train_rows, eval_rows=rows.eval_rows, export=extras.export,
+                      callbacks=list(extras.callbacks), hooks=list(extras.hooks), manifest=resume.manifest,
+                      tasks=training_tasks(plan.config) if extras.tasks is None else list(extras.tasks))
+    model_dir = plan.model_dir if extras.export else None
+    if plan.local:
+        from chatsft.train.checkpoint import latest
 
-    args = WorkerArgs(config=cfg.to_dict(), train_dir=rows.train_dir, eval_dir=rows.eval_dir,
-                      train_rows=rows.train_rows, eval_rows=rows.eval_rows, output_dir=output_dir,
-                      local=local, export=export, callbacks=list(callbacks or []),
-                      tasks=training_tasks(cfg) if tasks is None else list(tasks))
-    model_dir = os.path.join(output_dir, "model") if export else None
-    if local:
-        from chatsft.train.checkpoint import latest_local
-
-        metrics = train_loop_per_worker(asdict(args))
-        out = TrainResult(metrics or {}, latest_local(os.path.join(output_dir, "checkpoints")), model_dir)
-        _summary(out, output_dir)
-        return out
-    return _train_on_ray(cfg, args, model_dir, list(ray_callbacks or []))
-
-
-def storage_path(path: str) -> str:
-    """Ray Train v2 wants an absolute path or a URI."""
-    return path if "://" in path else os.path.abspath(path)
+        metrics = run_local(args)
+        out = TrainResult(metrics or {}, latest(plan.checkpoint_dir), model_dir)
+    else:
+        out = _train_on_ray(plan, args, model_dir, list(extras.ray_callbacks))
+    out.resume = resume
+    _summary(out, plan)
+    return out
 
 
 # ------------------------------------------------------------------------- ray
 
 
-def _train_on_ray(cfg: Config, args: WorkerArgs, model_dir: str, ray_callbacks: list) -> TrainResult:
+def _train_on_ray(plan: RunPlan, args: WorkerArgs, model_dir: Optional[str], ray_callbacks: list) -> TrainResult:
+    from ray.data import ExecutionOptions
     from ray.train import (CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig,
                            ScalingConfig)
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -109,49 +135,51 @@ def _train_on_ray(cfg: Config, args: WorkerArgs, model_dir: str, ray_callbacks: 
     from chatsft.raysetup import ensure_ray
 
     ensure_ray()
-    _check_storage(cfg, args.output_dir)
+    cfg = plan.config
     sc = cfg.scaling
     datasets = {"train": _dataset(args.train_dir)}
     if args.eval_dir and args.eval_rows:
         datasets["eval"] = _dataset(args.eval_dir)
-    from ray.data import ExecutionOptions
-
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=asdict(args),
+        train_loop_config={"args": args},
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+            num_workers=plan.workers, use_gpu=sc.use_gpu,
             resources_per_worker=dict(sc.resources_per_worker) or None,
             accelerator_type=sc.accelerator_type, placement_strategy=sc.placement_strategy),
         run_config=RunConfig(
-            name=cfg.run.name, storage_path=args.output_dir,
+            name=cfg.run.name, storage_path=plan.output_dir,
             failure_config=FailureConfig(max_failures=sc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None),
             callbacks=ray_callbacks,
             logging_config=LoggingConfig(log_level="WARNING")),
         datasets=datasets,
         # Not split: every worker reads all rows in the same order and keeps its
-        # stride of each global batch (train/data.py says why).
+        # stride of each global batch (chatsft.data.order says why).
         dataset_config=DataConfig(datasets_to_split=[],
                                   execution_options=ExecutionOptions(preserve_order=True)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # a worker's user error (a model that cannot load, ...) comes back wrapped
+        from chatsft.errors import user_error_in
+        from chatsft.pipeline.run import USER_ERRORS
+
+        user = user_error_in(e, USER_ERRORS)
+        if user is None:
+            raise
+        raise user from None
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
-    out = TrainResult(dict(result.metrics or {}), checkpoint, model_dir)
-    _summary(out, args.output_dir)
-    return out
+    return TrainResult(dict(result.metrics or {}), checkpoint, model_dir)
 
 
-def _summary(result: TrainResult, output_dir: str) -> None:
+def _summary(result: TrainResult, plan: RunPlan) -> None:
     """The last line a user reads, and `result.json` beside the run for scripts and jobs."""
-    import json
-
-    if "://" not in output_dir:
-        os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, "result.json"), "w", encoding="utf-8") as f:
-            json.dump({"metrics": result.metrics, "checkpoint": result.checkpoint,
-                       "model_dir": result.model_dir}, f, indent=2, default=str)
+    storage.write_text(plan.result_path, json.dumps(
+        {"metrics": result.metrics, "checkpoint": result.checkpoint, "model_dir": result.model_dir,
+         "resumed": result.resume.to_json() if result.resume and result.resume.checkpoint else None},
+        indent=2, default=str))
     m = result.metrics
     loss = f"eval loss {m['eval_loss']:.4f}" if "eval_loss" in m else f"train loss {m.get('train_loss', float('nan')):.4f}"
     print(f"[chatsft] done: step {m.get('step')}, {loss}; checkpoint {result.checkpoint}; model {result.model_dir}",
@@ -167,36 +195,40 @@ def _dataset(folder: str):
     workers then only read blocks (no Ray Data tasks competing for the CPUs they hold)."""
     import ray.data
 
-    from chatsft.train.data import open_parquet
+    from chatsft.data.schema import TENSOR_COLUMNS
 
     files = parquet_files(folder)
-    names = open_parquet(files[0]).schema_arrow.names
+    names = storage.parquet_file(files[0]).schema_arrow.names
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False  # one bar per worker pass clutters the training log
-    ds = ray.data.read_parquet(files, columns=[c for c in COLUMNS if c in names], shuffle=None)
+    ds = ray.data.read_parquet(files, columns=[c for c in TENSOR_COLUMNS if c in names], shuffle=None)
     return ds.materialize()
 
 
-def _check_storage(cfg: Config, output_dir: str) -> None:
+def check_storage(plan: RunPlan) -> None:
+    """A local output folder must be one every node sees."""
+    from chatsft.raysetup import ensure_ray
+
+    if not storage.is_local(plan.output_dir) or plan.config.run.shared_storage:
+        return
+    ensure_ray()
     import ray
 
-    if "://" in output_dir or cfg.run.shared_storage:
-        return
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) > 1:
-        raise UserError(f"run.output_dir={cfg.run.output_dir}: a local path on a {len(nodes)}-node cluster; "
-                        "use a URI (s3://, gs://) or shared storage and set run.shared_storage: true")
+        raise UserError(f"run.output_dir={plan.config.run.output_dir}: a local path on a {len(nodes)}-node "
+                        "cluster; use a URI (s3://, gs://) or shared storage and set run.shared_storage: true")
 
 
 # --------------------------------------------------------------------- prepare
 
 
-def prepared_rows(cfg: Config) -> Rows:
+def prepared_rows(plan: RunPlan, checked: Any = None) -> Rows:
     """The prepared Parquet rows (chatsft.pipeline.prepare skips rows that are still fresh)."""
     from chatsft.pipeline import prepare
 
-    p = prepare(cfg)
+    p = prepare(plan, checked=checked)
     eval_dir = p.eval_dir if p.eval_dir and parquet_files(p.eval_dir) else None
     if not parquet_files(p.train_dir):
         raise UserError(f"data.train: prepare wrote no rows to {p.train_dir}")

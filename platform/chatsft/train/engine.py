@@ -17,7 +17,6 @@ untouched) before stepping.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any, Optional
 import torch
 
 from chatsft.train.ds_config import deepspeed_config
+from chatsft.train.optim import adamw
 
 BASE_LR = "chatsft_base_lr"  # kept in each param group: the schedule multiplies it
 
@@ -147,18 +147,24 @@ class Engine:
                         "skipped": self.skipped}, os.path.join(folder, "torch_state.pt"))
 
     def load(self, folder: str) -> None:
+        """Weights and optimizer state from a checkpoint. The optimizer's hyperparameters (lr,
+        betas, eps, weight decay of each group) stay the config's: a resumed run applies
+        changed values from its first step (train/resume.py), never the checkpoint's."""
+        config_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         if self.kind == "deepspeed":
             _, client = self.ds.load_checkpoint(folder, tag="state", load_optimizer_states=True,
                                                 load_lr_scheduler_states=False)
             if client is None:
                 raise RuntimeError(f"{folder}: no DeepSpeed checkpoint to resume from")
             self.skipped = int(client.get("skipped", 0))
-            return
-        state = torch.load(os.path.join(folder, "torch_state.pt"), map_location=self.device,
-                           weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.skipped = int(state["skipped"])
+        else:
+            state = torch.load(os.path.join(folder, "torch_state.pt"), map_location=self.device,
+                               weights_only=False)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.skipped = int(state["skipped"])
+        for group, settings in zip(self.optimizer.param_groups, config_groups):
+            group.update(settings)
 
 
 def _grad_norm(model: torch.nn.Module) -> float:
@@ -188,24 +194,13 @@ def build_engine(model: torch.nn.Module, groups: list[dict], train: Any, *, worl
     return _torch_engine(model, groups, train, world_size, device, base_lrs)
 
 
-def _adamw(groups: list[dict], train: Any, offload: bool, fused: bool = False):
-    kwargs = dict(lr=train.lr, betas=tuple(train.betas), eps=train.eps, weight_decay=train.weight_decay)
-    if offload:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
-    if fused:  # one kernel for all parameters (CUDA, torch path)
-        kwargs["fused"] = True
-    return torch.optim.AdamW(groups, **kwargs)
-
-
 def _deepspeed_engine(model, groups, train, world_size, device, base_lrs) -> Engine:
     if device.type == "cpu":
         os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed
 
     config = deepspeed_config(train, world_size)
-    optimizer = _adamw(groups, train, train.deepspeed.offload_optimizer)
+    optimizer = adamw(groups, train, train.deepspeed.offload_optimizer)
     ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                        dist_init_required=False)
     # ZeRO keeps the param-group dicts of the optimizer it wraps: lr set there is used
@@ -215,7 +210,7 @@ def _deepspeed_engine(model, groups, train, world_size, device, base_lrs) -> Eng
 
 def _torch_engine(model, groups, train, world_size, device, base_lrs) -> Engine:
     model.to(device)
-    optimizer = _adamw(groups, train, False, fused=device.type == "cuda")
+    optimizer = adamw(groups, train, False, fused=device.type == "cuda")
     forward_module = model
     if world_size > 1:
         forward_module = torch.nn.parallel.DistributedDataParallel(
@@ -225,15 +220,3 @@ def _torch_engine(model, groups, train, world_size, device, base_lrs) -> Engine:
         raise ValueError("train.precision: fp16 needs train.deepspeed.enabled (loss scaling); use bf16")
     return Engine("torch", model, forward_module, optimizer, base_lrs, world_size, train.grad_accum,
                   autocast=autocast, device=device)
-
-
-def describe(engine: Engine) -> dict[str, Any]:
-    info = {"engine": engine.kind, "world_size": engine.world_size}
-    if engine.ds is not None:
-        info["zero_stage"] = engine.ds.zero_optimization_stage()
-    return info
-
-
-def dump(obj: Any, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f)

@@ -10,60 +10,48 @@ from __future__ import annotations
 
 import glob
 import os
-import shutil
-import tempfile
 from typing import Any, Optional
 
-from chatsft.config import Config
+from chatsft import storage
 from chatsft.errors import UserError
-from chatsft.train.loop import say
+from chatsft.plan import RunPlan
+from chatsft.train.progress import say
 
 
-def is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def export_from_engine(engine: Any, tokenizer: Any, cfg: Config, out_dir: str, *, rank: int) -> Optional[str]:
-    """Called on every rank (ZeRO-3 gathering is collective); rank 0 writes `out_dir`."""
+def export_from_engine(engine: Any, tokenizer: Any, plan: RunPlan, *, rank: int,
+                       out_dir: Optional[str] = None) -> Optional[str]:
+    """Called on every rank (ZeRO-3 gathering is collective); rank 0 writes `out_dir`
+    (default: the run's model folder)."""
     from chatsft.model import export_model, load_model
 
+    cfg = plan.config
     if engine.ds is not None and engine.ds.zero_optimization_stage() == 3:
         state = engine.ds._zero3_consolidated_16bit_state_dict()  # full weights on rank 0 only
         if rank != 0:
             return None
-        model = load_model(cfg, tokenizer=tokenizer)
+        model = load_model(cfg, plan.kind, tokenizer=tokenizer)
         _load_weights(model, state, "the gathered ZeRO-3 weights")
     else:
         if rank != 0:
             return None
         model = engine.model  # ZeRO 0-2 and the torch path keep whole weights on every rank
-    return _write(model, tokenizer, out_dir, merged=cfg.method.export == "merged", export_model=export_model,
-                  stop_tokens=stop_tokens(cfg, tokenizer), inplace=True)
+    return _write(model, tokenizer, out_dir or plan.model_dir, merged=cfg.method.export == "merged",
+                  export_model=export_model, stop_tokens=stop_tokens(plan, tokenizer), inplace=True)
 
 
-def stop_tokens(cfg: Config, tokenizer: Any) -> tuple[str, ...]:
-    """The chat template's end-of-turn marker: generation from the exported model stops there."""
-    from chatsft.data.templates import get_template
-    from chatsft.model import model_kind
+def stop_tokens(plan: RunPlan, tokenizer: Any) -> tuple[str, ...]:
+    """The format's end-of-turn marker: generation from the exported model stops there (and at EOS)."""
+    from chatsft.data.formats import get_format
 
-    if model_kind(cfg.model) == "seq2seq":
-        return ()
-    return (get_template(cfg.data.template, tokenizer).end_of_turn,)
+    eot = get_format(plan.kind, plan.config.data.template, tokenizer).end_of_turn
+    return () if eot is None else (eot,)
 
 
 def _write(model: Any, tokenizer: Any, out_dir: str, *, merged: bool, export_model, **options: Any) -> str:
+    """Write the folder locally, then publish it whole at `out_dir` (a local path or a URI)."""
     model.eval()
-    if not is_uri(out_dir):
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
-        export_model(model, tokenizer, out_dir, merged=merged, **options)
-        say(f"exported model to {out_dir}")
-        return out_dir
-    import pyarrow.fs
-
-    with tempfile.TemporaryDirectory(prefix="chatsft-export-") as tmp:
+    with storage.staged_dir(out_dir) as tmp:
         export_model(model, tokenizer, tmp, merged=merged, **options)
-        pyarrow.fs.copy_files(tmp, out_dir)
     say(f"exported model to {out_dir}")
     return out_dir
 
@@ -101,23 +89,26 @@ def checkpoint_weights(folder: str) -> dict:
     return get_fp32_state_dict_from_zero_checkpoint(folder, tag="state")
 
 
-def export_cli(cfg: Config, checkpoint: Optional[str] = None, out: Optional[str] = None,
+def export_cli(plan: RunPlan, checkpoint: Optional[str] = None, out: Optional[str] = None,
                adapter_only: bool = False) -> str:
     """`chatsft export`: the latest (or given) checkpoint of the run -> a Hugging Face folder."""
     from chatsft.model import export_model, load_model, load_tokenizer
-    from chatsft.train.checkpoint import find_latest
+    from chatsft.train.checkpoint import latest
 
-    output_dir = cfg.run.output_dir if is_uri(cfg.run.output_dir) else os.path.abspath(cfg.run.output_dir)
-    folder = checkpoint or find_latest(output_dir, cfg.run.name)
+    cfg = plan.config
+    folder = checkpoint or latest(plan.checkpoint_dir)
     if folder is None:
         raise UserError(f"run.output_dir={cfg.run.output_dir}: no checkpoint of run {cfg.run.name!r} found "
                         "(train first, or pass --checkpoint)")
-    if not os.path.isdir(folder):
+    if not storage.is_dir(folder):
         raise UserError(f"--checkpoint {folder}: no such folder")
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg, tokenizer=tokenizer)
-    _load_weights(model, checkpoint_weights(folder), f"the weights in {folder}")
+    model = load_model(cfg, plan.kind, tokenizer=tokenizer)
+    with storage.scratch("chatsft-checkpoint-") as local:
+        if storage.is_uri(folder):
+            storage.copy_tree(folder, local)
+            folder = local
+        _load_weights(model, checkpoint_weights(folder), f"the weights in {folder}")
     merged = cfg.method.export == "merged" and not adapter_only
-    target = out or os.path.join(output_dir, "model")
-    return _write(model, tokenizer, target, merged=merged, export_model=export_model,
-                  stop_tokens=stop_tokens(cfg, tokenizer), inplace=True)
+    return _write(model, tokenizer, out or plan.model_dir, merged=merged, export_model=export_model,
+                  stop_tokens=stop_tokens(plan, tokenizer), inplace=True)

@@ -1,22 +1,21 @@
-"""Evaluation: validation loss, multiple-choice accuracy and generative pass@k.
+"""Task evaluation: multiple-choice accuracy and generative pass@k.
 
 `evaluate_model(model, tokenizer, cfg)` is the one entry the trainer (rank 0,
 every `train.eval_metrics_every` steps) and `chatsft eval` both call. Metric
-names: `eval_loss`, `<task>/pass_at_<k>` (pass@k; MLflow refuses '@' in names)
+names: `<task>/pass_at_<k>` (pass@k; MLflow refuses '@' in names)
 and `<task>/examples` for generative tasks, `<task>/accuracy` for multiple
 choice, `<task>/skipped` when bad lines were skipped under
 `data.on_bad_record=skip`. Task names are `heldout`, `chat:<file stem>`,
 `mc:<file stem>`, kept to the characters MLflow accepts.
 
-The pieces live in chatsft.eval: tasks (the interface and built-ins),
-generation (batched KV-cache decoding, choice scoring), metrics (normalization,
-pass@k).
+The pieces beside it: tasks (the interface and built-ins), generation (batched
+KV-cache decoding, choice scoring), metrics (normalization, pass@k), and loss
+(the validation loss over prepared rows, `eval_loss`).
 """
 
 from __future__ import annotations
 
 import copy
-
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
@@ -24,16 +23,13 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from chatsft.data.conversation import BadRecord
-from chatsft.data.render import IGNORE, RenderOptions, Sample, render_batch, render_seq2seq
-from chatsft.data.sources import read_local
-from chatsft.data.templates import ChatTemplate, get_template
+from chatsft.data.formats import Format, get_format
 from chatsft.errors import UserError
-from chatsft.eval.generation import (GenerationOptions, choose, generate, is_encoder_decoder, model_device,
-                                     right_pad, unwrap)
+from chatsft.eval.generation import GenerationOptions, choose, generate, is_encoder_decoder
 from chatsft.eval.metrics import mean_pass_at_k
 from chatsft.eval.tasks import Example, Rendered, Task, task_from_spec, tasks_from_config
 
-__all__ = ["evaluate_model", "evaluate_cli", "validation_loss", "format_metrics", "load_for_eval",
+__all__ = ["evaluate_model", "format_metrics", "load_for_eval", "training_tasks",
            "Task", "Example", "Rendered", "TaskRun"]
 
 
@@ -52,8 +48,8 @@ class TaskRun:
 
 
 def evaluate_model(model: Any, tokenizer: Any, cfg: Any, tasks: Optional[Sequence[Union[Task, str]]] = None,
-                   *, eval_loss: bool = True, runs: Optional[list] = None) -> dict[str, float]:
-    """Every task of `eval.tasks` (or `tasks`) and, with `eval_loss`, the token-weighted eval loss.
+                   *, runs: Optional[list] = None) -> dict[str, float]:
+    """Every task of `eval.tasks` (or `tasks`). The validation loss is chatsft.eval.loss's.
 
     `model` may be a Hugging Face model, a PEFT model or a DeepSpeed engine; its
     train/eval mode is restored afterwards and the global RNG is not touched.
@@ -64,24 +60,19 @@ def evaluate_model(model: Any, tokenizer: Any, cfg: Any, tasks: Optional[Sequenc
         tasks = tasks_from_config(cfg)
     else:
         tasks = [t if isinstance(t, Task) else task_from_spec(t, [s.path for s in cfg.data.eval]) for t in tasks]
-    encoder = is_encoder_decoder(model)
-    template = None if encoder else get_template(cfg.data.template, tokenizer)
+    fmt = get_format("seq2seq" if is_encoder_decoder(model) else "causal", cfg.data.template, tokenizer)
     metrics: dict[str, float] = {}
     for task in tasks:
-        run = run_task(task, model, tokenizer, template, cfg)
+        run = run_task(task, model, fmt, cfg)
         metrics.update(run.metrics)
         if runs is not None:
             runs.append(run)
-    if eval_loss and cfg.data.eval:
-        total, count = validation_loss(model, tokenizer, cfg, template)
-        if count:
-            metrics["eval_loss"] = total / count
     return metrics
 
 
-def run_task(task: Task, model: Any, tokenizer: Any, template: Optional[ChatTemplate], cfg: Any) -> TaskRun:
-    examples, rendered, skipped = _collect(task, tokenizer, template, cfg.eval.max_examples,
-                                           cfg.data.on_bad_record)
+def run_task(task: Task, model: Any, fmt: Format, cfg: Any) -> TaskRun:
+    tokenizer = fmt.tokenizer
+    examples, rendered, skipped = _collect(task, fmt, cfg.eval.max_examples, cfg.data.on_bad_record)
     run = TaskRun(task.name, examples=examples)
     pad_id = _pad_id(tokenizer)
     if task.kind == "choice":
@@ -92,10 +83,9 @@ def run_task(task: Task, model: Any, tokenizer: Any, template: Optional[ChatTemp
         run.metrics[f"{task.name}/accuracy"] = _mean([s[0] for s in run.scores])
     else:
         opts = GenerationOptions.from_config(cfg.eval, cfg.run.seed)
-        stops = stop_token_ids(tokenizer, template)
+        stops = stop_token_ids(tokenizer, fmt.end_of_turn)
         ids = generate(model, [r.prompt_ids for r in rendered], stops, pad_id, opts)
-        eot_text = template.end_of_turn if template is not None else None
-        run.outputs = [[_decode(tokenizer, o, eot_text) for o in per] for per in ids]
+        run.outputs = [[_decode(tokenizer, o, fmt.end_of_turn) for o in per] for per in ids]
         run.scores = [[float(task.score(ex, text)) for text in per] for ex, per in zip(examples, run.outputs)]
         for k in sorted({1, *cfg.eval.pass_k}):
             if k > opts.num_samples:
@@ -107,7 +97,7 @@ def run_task(task: Task, model: Any, tokenizer: Any, template: Optional[ChatTemp
     return run
 
 
-def _collect(task: Task, tokenizer: Any, template: Optional[ChatTemplate], limit: int, policy: str):
+def _collect(task: Task, fmt: Format, limit: int, policy: str):
     """The first `limit` usable examples, rendered; bad ones raise or are counted (data.on_bad_record)."""
     examples: list[Example] = []
     rendered: list[Rendered] = []
@@ -117,7 +107,7 @@ def _collect(task: Task, tokenizer: Any, template: Optional[ChatTemplate], limit
             break
         if not isinstance(item, Exception):
             try:
-                r = task.render(item, tokenizer, template)
+                r = task.render(item, fmt)
             except BadRecord as e:
                 item = e.at(item.source)
             else:
@@ -134,13 +124,13 @@ def _collect(task: Task, tokenizer: Any, template: Optional[ChatTemplate], limit
     return examples, rendered, skipped
 
 
-def stop_token_ids(tokenizer: Any, template: Optional[ChatTemplate]) -> list[int]:
-    """The template's end-of-turn token and EOS: either ends an answer."""
+def stop_token_ids(tokenizer: Any, end_of_turn: Optional[str]) -> list[int]:
+    """The format's end-of-turn token and EOS: either ends an answer."""
     stops = set()
     if tokenizer.eos_token_id is not None:
         stops.add(int(tokenizer.eos_token_id))
-    if template is not None:
-        eot = tokenizer.convert_tokens_to_ids(template.end_of_turn)
+    if end_of_turn is not None:
+        eot = tokenizer.convert_tokens_to_ids(end_of_turn)
         if isinstance(eot, int) and eot != tokenizer.unk_token_id:
             stops.add(eot)
     if not stops:
@@ -168,89 +158,7 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
-# -------------------------------------------------------------- validation loss
-
-
-def _token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True) -> tuple[torch.Tensor, int]:
-    """(sum of token losses over supervised tokens, their count): the trainer's own definition.
-
-    Decoder-only labels are shifted once (causal_targets); seq2seq labels are
-    already aligned with the decoder logits. eval_loss = sum / count over the split.
-    """
-    from chatsft.train.loss import causal_targets, token_loss
-
-    labels = labels.to(logits.device)
-    total, count = token_loss(logits, causal_targets(labels) if shift else labels)
-    return total, int(count)
-
-
-def eval_samples(cfg: Any, tokenizer: Any, template: Optional[ChatTemplate]) -> tuple[list[Sample], int]:
-    """The eval split rendered as training renders it (data.organization, train_on, max_length)."""
-    opts = RenderOptions.from_config(cfg.data)
-    samples: list[Sample] = []
-    skipped = 0
-    convs = []
-    for src in cfg.data.eval:
-        for item in read_local(src.path):
-            if isinstance(item, BadRecord):
-                if cfg.data.on_bad_record == "error":
-                    raise item
-                skipped += 1
-            else:
-                convs.append(item)
-    if template is None:
-        outcomes = []
-        for conv in convs:
-            try:
-                outcomes.append(render_seq2seq(conv, tokenizer, opts))
-            except BadRecord as e:
-                outcomes.append(e.at(conv.source))
-    else:
-        outcomes = render_batch(convs, tokenizer, template, opts)
-    for outcome in outcomes:
-        if isinstance(outcome, BadRecord):
-            if cfg.data.on_bad_record == "error":
-                raise outcome
-            skipped += 1
-        else:
-            samples.extend(outcome.samples)
-    return samples, skipped
-
-
-@torch.no_grad()
-def validation_loss(model: Any, tokenizer: Any, cfg: Any, template: Optional[ChatTemplate],
-                    samples: Optional[list[Sample]] = None) -> tuple[float, int]:
-    """(sum of token losses, supervised tokens) over the eval split; eval_loss = sum / tokens."""
-    if samples is None:
-        samples, _ = eval_samples(cfg, tokenizer, template)
-    encoder = is_encoder_decoder(model)
-    device = model_device(model)
-    pad_id = _pad_id(tokenizer)
-    order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
-    size = max(1, cfg.train.micro_batch_size)
-    total, count = 0.0, 0
-    was_training = unwrap(model).training
-    unwrap(model).eval()
-    try:
-        for start in range(0, len(order), size):
-            batch = [samples[i] for i in order[start: start + size]]
-            ids, mask = right_pad([s.input_ids.tolist() for s in batch], pad_id, device)
-            labels, _ = right_pad([s.labels.tolist() for s in batch], IGNORE, device)
-            if encoder:
-                logits = model(input_ids=ids, attention_mask=mask, labels=labels).logits
-                s, n = _token_loss_sum(logits, labels, shift=False)
-            else:
-                labels = labels.masked_fill(mask == 0, IGNORE)
-                logits = model(input_ids=ids, attention_mask=mask).logits
-                s, n = _token_loss_sum(logits, labels)
-            total += float(s)
-            count += n
-    finally:
-        unwrap(model).train(was_training)
-    return total, count
-
-
-# ------------------------------------------------------------------------ CLI
+# ---------------------------------------------------------------- for callers
 
 
 def training_tasks(cfg: Any) -> list[str]:
@@ -313,18 +221,3 @@ def load_for_eval(path: str, cfg: Any):
     model, tokenizer = load_exported(folder, dtype="auto" if cuda else torch.float32,
                                      trust_remote_code=cfg.model.trust_remote_code)
     return model.to("cuda" if cuda else "cpu").eval(), tokenizer
-
-
-def evaluate_cli(cfg: Any, model: Optional[str] = None) -> dict[str, float]:
-    """`chatsft eval CONFIG [--model PATH]`: print the metrics table and return the metrics."""
-    tasks = tasks_from_config(cfg)  # a bad task spec fails before the model loads
-    path = model or os.path.join(cfg.run.output_dir, "model")
-    net, tokenizer = load_for_eval(path, cfg)
-    runs: list[TaskRun] = []
-    metrics = evaluate_model(net, tokenizer, cfg, tasks, runs=runs)
-    for run in runs:
-        for ex, outs, scores in list(zip(run.examples, run.outputs, run.scores))[:3]:
-            mark = "ok " if scores[0] >= 0.5 else "bad"
-            print(f"[{run.task}] {mark} {ex.source}\n    reference: {ex.reference!r}\n    output:    {outs[0]!r}")
-    print(format_metrics(metrics, title=f"eval of {path}"))
-    return metrics

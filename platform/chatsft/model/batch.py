@@ -1,0 +1,95 @@
+"""Training rows -> the tensors of one micro-batch, right-padded, with targets aligned to the logits.
+
+Shared by training and evaluation, so the loss of a row is computed the same way in both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from chatsft.data.schema import IGNORE, Row
+
+
+@dataclass
+class Batch:
+    """Tensors of one micro-batch, ready for the model; `targets` are aligned with the logits."""
+
+    inputs: dict[str, Any]
+    targets: Any  # LongTensor [B, T]: the label each logit position predicts, IGNORE elsewhere
+    num_targets: int
+    tokens: int  # tokens of real rows, padding excluded (throughput)
+    slots: int  # token positions the model computes (padding included)
+
+
+def collate(rows: Sequence[Row], *, pad_id: int, seq2seq: bool, decoder_start: Optional[Callable] = None) -> Batch:
+    """Pad a micro-batch on the right. Causal rows: packed rows carry position_ids (no mask,
+    so attention is block-diagonal per packed sequence), unpacked rows an attention mask."""
+    import torch
+
+    from chatsft.model.loss import causal_targets
+
+    tokens = sum(len(r.input_ids) + (len(r.labels) if seq2seq else 0) for r in rows)
+    rows = [_fill_empty(r, pad_id) for r in rows]
+    if seq2seq:
+        enc_len = max(len(r.input_ids) for r in rows)
+        dec_len = max(len(r.labels) for r in rows)
+        ids = torch.full((len(rows), enc_len), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), enc_len), dtype=torch.long)
+        labels = torch.full((len(rows), dec_len), IGNORE, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r.input_ids)] = torch.from_numpy(r.input_ids)
+            mask[i, :len(r.input_ids)] = 1
+            labels[i, :len(r.labels)] = torch.from_numpy(r.labels)
+        # The decoder reads the labels shifted right: that shift is the model's own
+        # (prepare_decoder_input_ids_from_labels); logits are then aligned with labels.
+        inputs = {"input_ids": ids, "attention_mask": mask,
+                  "decoder_input_ids": decoder_start(labels)}
+        targets = labels
+    else:
+        length = max(len(r.input_ids) for r in rows)
+        ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
+        packed = any(r.position_ids is not None for r in rows)
+        if packed:
+            pos = torch.zeros((len(rows), length), dtype=torch.long)
+        else:
+            mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r.input_ids)
+            ids[i, :n] = torch.from_numpy(r.input_ids)
+            labels[i, :n] = torch.from_numpy(r.labels)
+            if packed:
+                p = r.position_ids if r.position_ids is not None else np.arange(n)
+                pos[i, :n] = torch.from_numpy(np.asarray(p, dtype=np.int64))
+                # padding is a sequence of its own (positions restart at 0): it never
+                # joins the block of the last real sequence
+                pos[i, n:] = torch.arange(length - n)
+            else:
+                mask[i, :n] = 1
+        if packed:
+            inputs = {"input_ids": ids, "position_ids": pos}
+            targets = causal_targets(labels, pos)
+        else:
+            inputs = {"input_ids": ids, "attention_mask": mask}
+            targets = causal_targets(labels, None)
+    num = int((targets != IGNORE).sum())
+    slots = sum(int(v.numel()) for k, v in inputs.items() if k in ("input_ids", "decoder_input_ids"))
+    return Batch(inputs, targets, num, tokens, slots)
+
+
+def _fill_empty(row: Row, pad_id: int) -> Row:
+    """An empty filler row becomes one pad token without loss (a forward still runs)."""
+    if not row.empty:
+        return row
+    pos = None if row.position_ids is None else np.zeros(1, np.int64)
+    return Row(np.full(1, pad_id, np.int64), np.full(1, IGNORE, np.int64), pos)
+
+
+def decoder_start(model: Any) -> Callable:
+    """An encoder-decoder model's own labels -> decoder inputs shift (through PEFT wrappers)."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return hf.prepare_decoder_input_ids_from_labels if hasattr(hf, "prepare_decoder_input_ids_from_labels") \
+        else hf._shift_right

@@ -1,0 +1,132 @@
+"""The run plan: facts about a run, resolved once from the Config and handed to every stage.
+
+`RunPlan.resolve(cfg)` answers, in one place and before any compute, what the
+stages would otherwise each work out again: the kind of model (read from its
+config.json), where things are stored (absolute local paths or URIs), the
+tracking store, the global batch, the resources of one worker and where the
+eval split comes from. It also checks the rules that need such facts (a
+seq2seq model cannot be packed); rules that need the config alone are checked
+when the config loads (config.py).
+
+The plan is plain data: it travels to Ray workers with the config inside it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+from chatsft import storage
+from chatsft.config import Config, ConfigError
+from chatsft.data.options import Organization
+
+EvalSplit = Literal["none", "sources", "carve"]
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    config: Config
+    kind: Literal["causal", "seq2seq"]
+    local: bool  # --local: the loop runs in this process, one worker, no Ray
+    output_dir: str  # absolute local path or URI
+    tracking_uri: Optional[str]  # None when tracking is off
+    workers: int
+    global_batch: int  # rows per optimizer step over all workers: micro x accum x workers
+    worker_resources: dict  # Ray resources of one training worker
+    eval_split: EvalSplit  # "sources": data.eval; "carve": data.eval_fraction of train; "none"
+
+    # ---------------------------------------------------------------- locations
+
+    @property
+    def data_dir(self) -> str:
+        """Prepared rows, stats.json and the mask preview of each split."""
+        return storage.join(self.output_dir, "data")
+
+    @property
+    def model_dir(self) -> str:
+        """The exported Hugging Face folder."""
+        return storage.join(self.output_dir, "model")
+
+    @property
+    def checkpoint_dir(self) -> str:
+        """Where this run's checkpoints are: Ray Train's run folder (storage_path/name), which
+        --local uses too, so either mode resumes the other's checkpoints."""
+        return storage.join(self.output_dir, self.config.run.name)
+
+    @property
+    def result_path(self) -> str:
+        return storage.join(self.output_dir, "result.json")
+
+    @property
+    def seq2seq(self) -> bool:
+        return self.kind == "seq2seq"
+
+    # ---------------------------------------------------------------- resolving
+
+    @classmethod
+    def resolve(cls, cfg: Config, *, local: bool = False) -> "RunPlan":
+        from chatsft.model.tokenizer import model_kind
+
+        kind = model_kind(cfg.model)
+        _check_kind(cfg, kind)
+        _check_output(cfg.run.output_dir)
+        sc = cfg.scaling
+        workers = 1 if local else sc.num_workers
+        resources = dict(sc.resources_per_worker) or {"CPU": 1.0}
+        if sc.use_gpu:
+            resources.setdefault("GPU", 1.0)
+        return cls(
+            config=cfg,
+            kind=kind,
+            local=local,
+            output_dir=storage.absolute(cfg.run.output_dir),
+            tracking_uri=tracking_uri(cfg) if cfg.tracking.enabled else None,
+            workers=workers,
+            global_batch=cfg.train.micro_batch_size * cfg.train.grad_accum * workers,
+            worker_resources=resources,
+            eval_split="sources" if cfg.data.eval else ("carve" if cfg.data.eval_fraction > 0 else "none"),
+        )
+
+
+def tracking_uri(cfg: Config) -> str:
+    """tracking.uri, else $MLFLOW_TRACKING_URI, else a SQLite store in run.output_dir.
+
+    A URI output dir (s3://) has no place for SQLite: the store then sits beside the
+    job, in its working directory."""
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    out = cfg.run.output_dir
+    folder = Path("." if storage.is_uri(out) else out).absolute()
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def _check_output(output_dir: str) -> None:
+    """A local output folder must be a folder this process can write (URIs: the driver's
+    preflight checks them from every node)."""
+    if storage.is_uri(output_dir):
+        return
+    path = Path(storage.absolute(output_dir))
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        what = "is a file" if existing == path else f"is under {existing}, which is a file"
+        raise ConfigError(f"run.output_dir={output_dir}: {what}; point it at a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"run.output_dir={output_dir}: {existing} is not writable by this user")
+
+
+def _check_kind(cfg: Config, kind: str) -> None:
+    """Config rules that depend on the kind of model."""
+    if kind != "seq2seq":
+        return
+    if cfg.data.packing:
+        raise ConfigError("data.packing: encoder-decoder (seq2seq) models are not packed; "
+                          "set data.packing=false")
+    if cfg.data.organization != Organization.SPLIT_TURN:
+        raise ConfigError("data.organization: encoder-decoder (seq2seq) models learn one answer per "
+                          "sample; use split_turn")

@@ -1,0 +1,157 @@
+"""The resume contract: a run that finds checkpoints in its folder resumes only the run it is.
+
+Every checkpoint carries a manifest (`chatsft_run.json`) of what the run was:
+what shaped its rows (the prepare identity: data keys, tokenizer, source files,
+code, seed), the model, the method, the rows per optimizer step, and the
+optimization settings. Before anything is prepared or trained, the driver
+compares the latest checkpoint's manifest with the run about to start:
+
+- rows, model, method or rows per step differ: refused, in one line naming the
+  keys and the ways out (another `run.output_dir`, or `train.resume=never`,
+  which moves the old checkpoints, model and result.json aside under
+  `archive/<time>/` and starts fresh; nothing is deleted);
+- optimization settings differ (lr, betas, schedule, warmup, clipping, epochs,
+  max_steps, ...): applied from the resumed step on. The optimizer's state
+  (moments) comes from the checkpoint, its hyperparameters always from the
+  config; the change is said in the log, in result.json and in MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from chatsft import storage
+from chatsft.errors import UserError
+from chatsft.plan import RunPlan
+from chatsft.train import checkpoint as ckpt
+
+MANIFEST = "chatsft_run.json"
+VERSION = 1
+# Training keys whose change a resumed run applies (the rest of `train` shapes what a step is).
+OPTIMIZATION = ("lr", "lr_groups", "betas", "eps", "weight_decay", "schedule", "warmup_steps", "warmup_ratio",
+                "init_lr_frac", "min_lr_frac", "clip_grad", "epochs", "max_steps")
+
+
+@dataclass
+class Resume:
+    """What the driver found: a fresh run, or the checkpoint it resumes and what changed."""
+
+    manifest: dict  # this run's, written into every checkpoint it saves
+    checkpoint: Optional[str] = None  # None: fresh
+    step: int = 0
+    changed: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # key -> (checkpoint's, now)
+    archived: Optional[str] = None  # where train.resume=never moved the old run
+
+    def describe(self) -> str:
+        if self.checkpoint is None:
+            moved = f" (the previous run was moved to {self.archived})" if self.archived else ""
+            return f"fresh run: no checkpoint to resume{moved}"
+        text = f"resuming from {self.checkpoint} at step {self.step}"
+        if self.changed:
+            text += "; changed since, applied from this step: " + ", ".join(
+                f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in self.changed.items())
+        return text
+
+    def to_json(self) -> dict:
+        return {"checkpoint": self.checkpoint, "step": self.step, "archived": self.archived,
+                "changed": {k: {"was": a, "now": b} for k, (a, b) in self.changed.items()}}
+
+
+def manifest(plan: RunPlan, rows: Optional[dict]) -> dict:
+    """This run's manifest; `rows` is the prepare identity (None for rows written by a caller)."""
+    cfg = plan.config.to_dict()
+    return {
+        "version": VERSION,
+        "rows": rows,
+        "model": {k: cfg["model"][k] for k in ("name_or_path", "tokenizer", "revision", "kind", "dtype",
+                                               "trust_remote_code")} | {"resolved_kind": plan.kind},
+        "method": {k: v for k, v in cfg["method"].items() if k != "export"},
+        "rows_per_step": plan.global_batch,
+        "optimization": {k: cfg["train"][k] for k in OPTIMIZATION},
+    }
+
+
+def check(plan: RunPlan, rows: Optional[dict]) -> Resume:
+    """Compare with the latest checkpoint of the run's folder; refuse, archive, or resume."""
+    mine = manifest(plan, rows)
+    latest = ckpt.latest(plan.checkpoint_dir)
+    if latest is None:
+        return Resume(mine)
+    if plan.config.train.resume == "never":
+        return Resume(mine, archived=archive(plan))
+    text = storage.read_text(storage.join(latest, MANIFEST))
+    if text is None:
+        raise UserError(f"run.output_dir={plan.config.run.output_dir}: {latest} was written without a run "
+                        "manifest (an older chatsft), so what it trained is unknown; " + _ways_out())
+    theirs = json.loads(text)
+    differ = _differences(theirs, mine)
+    if differ:
+        shown = "; ".join(differ[:6]) + (f"; and {len(differ) - 6} more" if len(differ) > 6 else "")
+        raise UserError(f"run.output_dir={plan.config.run.output_dir}: its checkpoint {storage.basename(latest)} "
+                        f"is of another run ({shown}); " + _ways_out())
+    changed = {f"train.{k}": (theirs["optimization"].get(k), v) for k, v in mine["optimization"].items()
+               if theirs["optimization"].get(k) != v}
+    state, _ = ckpt.read_state_at(latest)
+    return Resume(mine, checkpoint=latest, step=state.step, changed=changed)
+
+
+def archive(plan: RunPlan) -> str:
+    """Move the run's checkpoints, model and result.json under <output_dir>/archive/<time>/."""
+    where = storage.join(plan.output_dir, "archive", time.strftime("%Y%m%d-%H%M%S"))
+    for src in (plan.checkpoint_dir, plan.model_dir, plan.result_path):
+        if storage.exists(src):
+            storage.move(src, storage.join(where, storage.basename(src)))
+    return where
+
+
+def _ways_out() -> str:
+    return ("resume it with the same settings, use another run.output_dir, or set train.resume=never to start "
+            "fresh there (the old checkpoints are moved to archive/, not deleted)")
+
+
+def _differences(theirs: dict, mine: dict) -> list[str]:
+    out: list[str] = []
+    if theirs.get("version") != mine["version"]:
+        return [f"manifest version {theirs.get('version')} -> {mine['version']}"]
+    if theirs["rows"] is not None and mine["rows"] is not None:
+        a, b = theirs["rows"], mine["rows"]
+        out += _diff("data", a["data"], b["data"])
+        if a["seed"] != b["seed"]:
+            out.append(f"run.seed {a['seed']} -> {b['seed']}")
+        if a["tokenizer"] != b["tokenizer"] and not any(k.startswith("model.") for k in out):
+            out.append("the tokenizer's files changed")
+        if a["files"] != b["files"]:
+            out.append("the data files changed (names, sizes or times)")
+        if a["code"] != b["code"]:
+            out.append("chatsft's data code changed (the rows would be prepared anew)")
+    out += [d for d in _diff("model", theirs["model"], mine["model"]) if not d.startswith("model.resolved_kind")]
+    out += _diff("method", theirs["method"], mine["method"])
+    if theirs["rows_per_step"] != mine["rows_per_step"]:
+        out.append(f"rows per optimizer step (train.micro_batch_size x train.grad_accum x scaling.num_workers) "
+                   f"{theirs['rows_per_step']} -> {mine['rows_per_step']}")
+    return out
+
+
+def _diff(prefix: str, a: dict, b: dict) -> list[str]:
+    """`key old -> new` for every dotted key whose value differs (nested sections flattened)."""
+    fa, fb = _flat(prefix, a), _flat(prefix, b)
+    return [f"{k} {_show(fa.get(k))} -> {_show(fb.get(k))}" for k in sorted(fa.keys() | fb.keys())
+            if fa.get(k) != fb.get(k)]
+
+
+def _flat(prefix: str, d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(f"{prefix}.{k}", v))
+        else:
+            out[f"{prefix}.{k}"] = v
+    return out
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
