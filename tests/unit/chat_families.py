@@ -12,6 +12,8 @@ llama31   a system header with a date even without a system message; content tri
 gemma4    the generation prompt closes an empty thought channel the history never shows (f)
 gemma2    raises on a system message; roles must alternate; content trimmed (i)
 smol      {% generation %} markers around the answer and its end token (j)
+deepseek  after tool results the answer follows the results' closing marker with no assistant header:
+          the one family whose answers need their own prompt rendered (the locator's fallback)
 """
 
 from __future__ import annotations
@@ -210,6 +212,35 @@ SMOL = (
 )
 
 
+DEEPSEEK = (
+    "{{- bos_token -}}"
+    "{%- if messages[0].role == 'system' -%}{{- messages[0].content -}}{%- endif -%}"
+    "{%- set ns = namespace(in_tools=false) -%}"
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'user' -%}{{- '<｜User｜>' + m.content -}}{%- set ns.in_tools = false -%}"
+    "{%- elif m.role == 'assistant' and m.tool_calls -%}"
+    "{%- if ns.in_tools -%}{{- '<｜tool▁outputs▁end｜>' -}}{%- else -%}{{- '<｜Assistant｜>' -}}{%- endif -%}"
+    "{%- if m.content -%}{{- m.content -}}{%- endif -%}"
+    "{{- '<｜tool▁calls▁begin｜>' -}}"
+    "{%- for call in m.tool_calls -%}"
+    "{{- '<｜tool▁call▁begin｜>' + call.function.name + '<｜tool▁sep｜>' + call.function.arguments | tojson -}}"
+    "{{- '<｜tool▁call▁end｜>' -}}"
+    "{%- endfor -%}"
+    "{{- '<｜tool▁calls▁end｜><｜end▁of▁sentence｜>' -}}{%- set ns.in_tools = false -%}"
+    "{%- elif m.role == 'assistant' -%}"
+    "{%- if ns.in_tools -%}{{- '<｜tool▁outputs▁end｜>' -}}{%- else -%}{{- '<｜Assistant｜>' -}}{%- endif -%}"
+    "{{- m.content + '<｜end▁of▁sentence｜>' -}}{%- set ns.in_tools = false -%}"
+    "{%- elif m.role == 'tool' -%}"
+    "{%- if not ns.in_tools -%}{{- '<｜tool▁outputs▁begin｜>' -}}{%- endif -%}{%- set ns.in_tools = true -%}"
+    "{{- '<｜tool▁output▁begin｜>' + m.content + '<｜tool▁output▁end｜>' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{%- if ns.in_tools -%}{{- '<｜tool▁outputs▁end｜>' -}}{%- else -%}{{- '<｜Assistant｜>' -}}{%- endif -%}"
+    "{%- endif -%}"
+)
+
+
 @dataclass(frozen=True)
 class Family:
     template: str
@@ -246,6 +277,11 @@ FAMILIES = {
                               "<tool_call|>"), "<bos>", "<eos>", reasoning=True, tools=True, trims=True),
     "gemma2": Family(GEMMA2, ("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"), "<bos>", "<eos>",
                      alternate=True, trims=True),
+    "deepseek": Family(DEEPSEEK, ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
+                                  "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>",
+                                  "<｜tool▁call▁end｜>", "<｜tool▁sep｜>", "<｜tool▁outputs▁begin｜>",
+                                  "<｜tool▁outputs▁end｜>", "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"),
+                       "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", tools=True),
     "smol": Family(SMOL, ("<|im_start|>", "<|im_end|>", "<|endoftext|>"), None, "<|im_end|>", THINK_TAGS,
                    reasoning=True),
 }

@@ -277,7 +277,8 @@ def dialogues(draw, name):
         msgs.append({"role": "system", "content": "§S§" + draw(TEXT)})
     tools = None
     for turn in range(draw(st.integers(1, 3))):
-        msgs.append({"role": "user", "content": f"§U{turn}§" + draw(TEXT)})
+        # Now and then a blank question: nothing to find it by.
+        msgs.append({"role": "user", "content": draw(st.sampled_from([f"§U{turn}§" + draw(TEXT)] * 5 + [" ", "\n"]))})
         steps = draw(st.integers(0, 2)) if fam.tools and not fam.alternate else 0
         for step in range(steps + 1):
             answer = {"role": "assistant", "content": f"§A{n}§" + draw(TEXT)}
@@ -298,6 +299,8 @@ def dialogues(draw, name):
             if calling:
                 msgs.append({"role": "tool", "content": f"§T{n}§" + draw(TEXT), "tool_call_id": f"c{n}",
                              "name": "route"})
+    if draw(st.integers(0, 4)) == 0:
+        msgs.append({"role": "user", "content": "§U9§" + draw(TEXT)})  # a question left unanswered: kept, not learned
     record = {"messages": msgs}
     if tools:
         record["tools"] = tools
@@ -385,3 +388,29 @@ def test_report_says_strategy_stops_policy_roles_and_refusals(family, name):
     assert r["roles"]["assistant"]["learned"] > 0
     text = format_report(r)
     assert "think policy" in text and t.think in text and "stop learned" in text
+
+
+def test_template_verb_prints_the_report(tmp_path, tiny_llama_dir, capsys):
+    from chatsft.cli import main
+
+    build("qwen3", tmp_path / "qwen3")
+    data = tmp_path / "d.jsonl"
+    bad = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "say <|im_end|>"}]}
+    data.write_text("".join(json.dumps(r) + "\n" for r in (REC, TOOL_REC, bad)))
+    overrides = [f"model.name_or_path={tiny_llama_dir}", f"model.tokenizer={tmp_path / 'qwen3'}",
+                 f"data.train={data}", "data.template=hf"]
+    assert main(["template", str(_config(tmp_path)), *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "chat template: hf  (strategy: located" in out
+    assert "think policy          drop_history (default: the template renders reasoning for the final" in out
+    assert "first 3 records: 2 rendered, 1 refused" in out
+    assert f"refused control_token_in_content: 1, e.g. {data}:3: control_token_in_content" in out
+    # A think policy set in the config is reported as such.
+    assert main(["template", str(_config(tmp_path)), *overrides, "data.think=mask_empty"]) == 0
+    assert "mask_empty (set in data.think; the template's default is drop_history)" in capsys.readouterr().out
+
+
+def _config(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"run: {{output_dir: {tmp_path / 'run'}}}\n")
+    return path

@@ -48,7 +48,12 @@ _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 class Unlocatable(Exception):
-    """The fast path cannot place an answer; the record may still be placed turn by turn."""
+    """The fast path cannot place an answer; the record may still be placed turn by turn. `reason`:
+    the refusal it becomes if that cannot place it either."""
+
+    def __init__(self, detail: str, reason: Optional[str] = None):
+        super().__init__(detail)
+        self.reason = reason
 
 
 @dataclass
@@ -66,6 +71,7 @@ class Shape:
     reasoning: str  # which answers' reasoning the template renders: all | final | none
     tools: bool  # renders tool calls
     markers: bool  # {% generation %} markers used for the mask
+    closers: tuple[str, ...] = ()  # without a header: the markers that end a user turn / tool result
     markers_note: str = ""  # why markers were not used, if present but disagreeing
     render: str = "compiled"  # compiled | apply_chat_template (when the direct render differed)
     default_think: str = "learn"
@@ -112,6 +118,9 @@ class Jinja:
 def hf_message(m: Message, fenced: Optional[str] = None) -> dict:
     """A message as apply_chat_template hands it to the template (None-valued keys dropped,
     reasoning also under `thinking`, as transformers aliases it)."""
+    if m.reasoning is None and not m.tool_calls and m.tool_call_id is None and m.name is None \
+            and isinstance(m.content, str):
+        return {"role": m.role, "content": m.content}  # the common case, kept cheap
     content = m.content if isinstance(m.content, str) or m.content is None else fenced
     d: dict = {"role": m.role}
     if content is not None:
@@ -145,14 +154,6 @@ def common_prefix_len(a: str, b: str) -> int:
     return lo
 
 
-def positions(text: str, sub: str) -> list[int]:
-    out, at = [], text.find(sub)
-    while at >= 0:
-        out.append(at)
-        at = text.find(sub, at + 1)
-    return out
-
-
 def find_any(text: str, variants: Sequence[str], lo: int, hi: int) -> tuple[int, int]:
     """(start, length) of the first variant found inside text[lo:hi], else (-1, 0)."""
     for v in variants:
@@ -161,6 +162,14 @@ def find_any(text: str, variants: Sequence[str], lo: int, hi: int) -> tuple[int,
             if at >= 0:
                 return at, len(v)
     return -1, 0
+
+
+def find_text(text: str, body: str, lo: int, hi: int, variants: Any) -> tuple[int, int]:
+    """find_any over variants(body), trying body itself first: the variants cost more than the search."""
+    at = text.find(body, lo, hi) if body else -1
+    if at >= 0:
+        return at, len(body)
+    return find_any(text, variants(body), lo, hi)
 
 
 def content_variants(text: str) -> list[str]:
@@ -301,6 +310,12 @@ def analyse(j: Jinja, atoms: Atoms) -> Shape:
         think_open = r[y + shared: r.find(_R2)].strip() or None  # after the user's closing and the header
         think_close = r[r.find(_R2) + len(_R2): r.find(_A2)].strip() or None
 
+    # Without a header, an answer starts after the marker that closes the user turn (or tool result).
+    closers = []
+    last = atoms.last(between, 0, shared)
+    if last is not None:
+        closers.append(last.group())
+
     # Tools: does a tool call show, and where does a tool-calling answer stop?
     tools = False
     try:
@@ -309,6 +324,11 @@ def analyse(j: Jinja, atoms: Atoms) -> Shape:
         with_tool = j.render([u1, call_msg, tool_msg, a2], [_SCHEMA], False)
         at = with_tool.find(_FN, with_tool.find(_U1) + len(_U1))
         tools = at >= 0 and _TOOL in with_tool
+        if tools and not header:
+            after = with_tool.find(_TOOL) + len(_TOOL)
+            closed = atoms.last(with_tool, after, with_tool.find(_A2, after))
+            if closed is not None and closed.group() not in closers:
+                closers.append(closed.group())
         if tools and not turn_end:
             before = j.render([u1, call_msg], [_SCHEMA], False)
             cut = atoms.safe_cut(with_tool, common_prefix_len(before, with_tool))
@@ -324,7 +344,7 @@ def analyse(j: Jinja, atoms: Atoms) -> Shape:
 
     markers = bool(_GENERATION_TAG.search(j.source(None) or "")) and not j.slow
     shape = Shape(header, gen_extra, turn_end, tuple(stops), think_open, think_close, lead, system,
-                  reasoning, tools, markers)
+                  reasoning, tools, markers, closers=tuple(closers))
     shape.default_think, shape.default_think_why = default_think(shape)
     return shape
 
@@ -346,7 +366,7 @@ def default_think(s: Shape) -> tuple[str, str]:
 # ---------------------------------------------------------------------- the locator
 
 
-@dataclass
+@dataclass(slots=True)
 class _Answer:
     start: int  # first learned character
     end: int  # end of the learned stop (or of the last piece, without one)
@@ -354,6 +374,7 @@ class _Answer:
     pieces: list  # (kind, start, end)
     masked: list  # (start, end) of think blocks the policy makes context
     content_at: tuple[int, int]  # where the content text is (-1, -1 without content)
+    message: Message
 
 
 class Locator:
@@ -364,6 +385,7 @@ class Locator:
         self.atoms = Atoms(tokenizer)
         self.shape = analyse(self.j, self.atoms)
         self.think = think or self.shape.default_think
+        self._marks_re: Optional[re.Pattern] = None
         self._verify_render()
 
     def _verify_render(self) -> None:
@@ -394,7 +416,8 @@ class Locator:
                notes: Optional[Counter] = None) -> tuple[str, list[_Answer], list[dict]]:
         """(text, one _Answer per assistant message, the dicts rendered)."""
         typed, folded = self.messages(messages)
-        msgs = [hf_message(m, fenced(m) if not isinstance(m.content, (str, type(None))) else None) for m in typed]
+        msgs = [hf_message(m, None if isinstance(m.content, str) or m.content is None else fenced(m))
+                for m in typed]
         spans = None
         try:
             if self.shape.markers:
@@ -410,27 +433,68 @@ class Locator:
             self._check_markers(full, answers, spans)
         return full, answers, msgs
 
+    def _marks(self, full: str) -> tuple[list[int], list, list[int]]:
+        """Header positions, and (position, stop) of every stop, in one pass over the text."""
+        if self._marks_re is None:
+            alts = sorted({t for t in (self.shape.header, *self.shape.stops) if t}, key=len, reverse=True)
+            self._marks_re = re.compile("|".join(re.escape(t) for t in alts))
+        header = self.shape.header
+        heads, stop_at = [], []
+        for hit in self._marks_re.finditer(full):
+            text = hit.group()
+            if text == header:
+                heads.append(hit.start())
+            else:
+                stop_at.append((hit.start(), text))
+        return heads, stop_at, [p for p, _ in stop_at]
+
     def _answers(self, full: str, typed: Sequence[Message], msgs: list[dict], tools: Optional[list],
                  notes: Optional[Counter]) -> list[_Answer]:
         s = self.shape
-        heads = positions(full, s.header) if s.header else []
-        stop_at = sorted((p, t) for t in s.stops for p in positions(full, t))
-        stop_pos = [p for p, _ in stop_at]
-        last_user = max((i for i, m in enumerate(typed) if m.role == "user"), default=-1)
+        H = s.header
+        heads, stop_at, stop_pos = self._marks(full)
+        last_user = -1
+        for i, m in enumerate(typed):
+            if m.role == "user":
+                last_user = i
         out: list[_Answer] = []
         cursor = 0
         found = True  # was the message before this one found (so the cursor is past it)?
+        quick = bool(H) and not s.gen_extra  # a plain answer after a header: placed inline, below
         for i, m in enumerate(typed):
+            if m.role == "assistant" and H:
+                limit = self._next_context(full, typed, msgs, i, cursor)
+                k = bisect_left(heads, cursor)
+                if k < len(heads) and heads[k] > limit:
+                    # The first header comes after the next user or tool text: it is a later turn's, and
+                    # this answer has none of its own (DeepSeek after tool results).
+                    hk = heads[:k]
+                else:
+                    hk = heads
+            else:
+                hk = heads
+            if quick and hk is heads and m.role == "assistant" and m.reasoning is None and not m.tool_calls:
+                a = self._quick(full, m, cursor, heads, stop_at, stop_pos, i > last_user)
+                if a is not None:
+                    out.append(a)
+                    cursor, found = a.end, True
+                    continue
             if m.role != "assistant":
                 if m.role == "system":
                     continue  # never an anchor: templates move the system prompt (Mistral) or drop it
                 text = msgs[i].get("content")
-                at, n = find_any(full, context_variants(text), cursor, len(full)) if isinstance(text, str) \
-                    else (-1, 0)
+                if not isinstance(text, str) or not text.strip():
+                    continue  # nothing to anchor on: a blank text is found anywhere
+                # A user or tool text precedes the next answer's header: found past it, it is not this one.
+                k = bisect_left(heads, cursor)
+                hi = heads[k] if k < len(heads) else len(full)
+                at, n = find_text(full, text, cursor, hi, context_variants)
+                if at >= 0 and not H and self.atoms.safe_cut(full, at) != at:
+                    at = -1  # inside a marker ("I" in "[INST]"): not the message
                 found = at >= 0
                 if found:
                     cursor = at + n
-                elif notes is not None and isinstance(text, str) and text.strip():
+                elif notes is not None:
                     notes[f"{m.role} message not in the render"] += 1
                 continue
             final = i > last_user
@@ -438,21 +502,62 @@ class Locator:
                 if not s.header and not found:
                     raise Unlocatable("the message before it is not in the render, and the template has no "
                                       "assistant header to find the answer by")
-                a = self._place(full, i, m, msgs[i], cursor, heads, stop_at, stop_pos, final, notes, None)
+                a = self._place(full, i, m, msgs[i], cursor, hk, stop_at, stop_pos, final, notes, None, False)
             except Unlocatable as why:
                 start = self._prefix_start(full, msgs, i, tools, cursor)
                 if start is None:
+                    if why.reason:
+                        raise BadRecord(why.reason, str(why)) from None
                     raise BadRecord("answer_not_located", f"answer {len(out)} (messages[{i}]): {why}; "
                                     "rendering its prompt alone does not match the whole either") from None
                 try:
-                    a = self._place(full, i, m, msgs[i], cursor, heads, stop_at, stop_pos, final, notes, start)
+                    a = self._place(full, i, m, msgs[i], cursor, heads, stop_at, stop_pos, final, notes, start, True)
                 except Unlocatable as why2:
-                    raise BadRecord("answer_not_in_render", f"answer {len(out)} (messages[{i}]): {why2}") from None
+                    raise BadRecord(why2.reason or "answer_not_in_render",
+                                    f"answer {len(out)} (messages[{i}]): {why2}") from None
                 if notes is not None:
-                    notes["records placed turn by turn (prefix renders)"] += 1
+                    notes["answers placed by rendering their own prompt (no header before them)"] += 1
             out.append(a)
             cursor, found = a.end, True
         return out
+
+    @staticmethod
+    def _next_context(full: str, typed: Sequence[Message], msgs: list[dict], i: int, cursor: int) -> int:
+        """Where the next user or tool text after answer i is (the end of the text if none is found)."""
+        for j in range(i + 1, len(typed)):
+            if typed[j].role in ("user", "tool"):
+                text = msgs[j].get("content")
+                if isinstance(text, str) and text.strip():
+                    at = full.find(text, cursor)
+                    return at if at >= 0 else len(full)
+        return len(full)
+
+    def _quick(self, full: str, m: Message, cursor: int, heads: list[int], stop_at: list, stop_pos: list[int],
+               final: bool) -> Optional[_Answer]:
+        """_place for the common answer (text only, its own header, found verbatim); None: use _place."""
+        content = m.content
+        if not isinstance(content, str) or "</think>" in content or not content.strip():
+            return None
+        k = bisect_left(heads, cursor)
+        if k == len(heads):
+            return None
+        start = heads[k] + len(self.shape.header)
+        j = bisect_left(stop_pos, start)
+        if j == len(stop_pos) or (k + 1 < len(heads) and heads[k + 1] < stop_pos[j]):
+            return None  # no stop before the next header: _place decides
+        bound, stop = stop_at[j]
+        p = start
+        close = self.shape.think_close
+        if close:
+            cl = full.find(close, p, bound)
+            if cl >= 0:
+                p = cl + len(close)
+        at = full.find(content, p, bound)
+        if at < 0:
+            return None
+        end = at + len(content)
+        masked = self._think_mask(full, start, at, final) if close and self.think != "learn" else []
+        return _Answer(start, bound + len(stop), stop, [("content", at, end)], masked, (at, end), m)
 
     def _prefix_start(self, full: str, msgs: list[dict], i: int, tools: Optional[list], cursor: int) -> Optional[int]:
         try:
@@ -464,7 +569,13 @@ class Locator:
 
     def _place(self, full: str, i: int, m: Message, d: dict, cursor: int, heads: list[int],
                stop_at: list, stop_pos: list[int], final: bool, notes: Optional[Counter],
-               start: Optional[int]) -> _Answer:
+               start: Optional[int], last_try: bool) -> _Answer:
+        """Where answer i is. Until the last try (the answer's own prompt rendered), anything not found
+        may mean the wrong header was taken: Unlocatable, and the caller tries that way."""
+
+        def refuse(reason: str, detail: str) -> Exception:
+            return BadRecord(reason, detail) if last_try else Unlocatable(detail, reason)
+
         s = self.shape
         H = s.header
         if start is None and H:
@@ -492,9 +603,9 @@ class Locator:
                 pieces.append(("reasoning", at, at + n))
                 p = at + n
             elif final:
-                raise BadRecord("reasoning_not_rendered", f"messages[{i}]: the template renders no think block "
-                                "for this final answer; training on it would teach the model to answer "
-                                "without thinking")
+                raise refuse("reasoning_not_rendered", f"messages[{i}]: the template renders no think block "
+                             "for this final answer; training on it would teach the model to answer "
+                             "without thinking")
             elif notes is not None:
                 notes["reasoning of an earlier answer dropped by the template"] += 1
         if s.think_close:
@@ -503,7 +614,7 @@ class Locator:
                 p = cl + len(s.think_close)
         content_at = (-1, -1)
         if isinstance(content, str) and content.strip():
-            at, n = find_any(full, content_variants(content), p, bound)
+            at, n = find_text(full, content, p, bound, content_variants)
             if at < 0:
                 raise Unlocatable(f"its text {shown(content)} is not where the template puts the answer: "
                                   "the template rewrites what the assistant said")
@@ -513,18 +624,18 @@ class Locator:
         for call in m.tool_calls:
             at = full.find(call.name, p, bound)
             if at < 0:
-                raise BadRecord("tool_call_not_in_render", f"messages[{i}]: the call to {call.name!r} is not in "
-                                "the render")
+                raise refuse("tool_call_not_in_render", f"messages[{i}]: the call to {call.name!r} is not in "
+                             "the render")
             pieces.append(("tool_call", at, at + len(call.name)))
             p = at + len(call.name)
         if not pieces:
             raise Unlocatable("it has nothing to find")
         first = pieces[0][1]
-        if start is None:  # no header: the prompt ends with the previous message's closing marker
-            tok = self.atoms.first(full, cursor, first)
-            if tok is None:
-                raise Unlocatable("no marker between the previous message and the answer")
-            start = tok.end()
+        if start is None:  # no header: the prompt ends with the closing marker of a user turn or tool result
+            start = max((full.rfind(c, cursor, first) + len(c) for c in s.closers
+                         if full.rfind(c, cursor, first) >= 0), default=-1)
+            if start < 0:
+                raise Unlocatable("no closing marker between the previous message and the answer")
         elif H:
             h2 = full.rfind(H, start, first)  # a header text inside skipped context is not this turn's
             if h2 >= 0:
@@ -536,7 +647,7 @@ class Locator:
         else:  # no stop follows: the answer runs to the next message (tool-call arguments included)
             end = p + len(full[p:bound].rstrip())
         masked = self._think_mask(full, start, content_at[0] if content_at[0] >= 0 else first, final)
-        return _Answer(start, end, stop, pieces, masked, content_at)
+        return _Answer(start, end, stop, pieces, masked, content_at, m)
 
     def _think_mask(self, full: str, start: int, content: int, final: bool) -> list[tuple[int, int]]:
         s = self.shape

@@ -362,25 +362,30 @@ def _hf_template(tokenizer: Any, think: Optional[str]) -> ChatTemplate:
     def explain(messages: Sequence[Message], tools: Optional[list] = None,
                 notes: Optional[Counter] = None) -> list[Segment]:
         full, answers, _ = loc.locate(messages, tools, _fenced_text, notes)
-        typed = [m for m in loc.messages(messages)[0] if m.role == "assistant"]
         segs: list[Segment] = []
         pos = 0
-        for k, (m, a) in enumerate(zip(typed, answers)):
-            segs.append(Segment(full[pos:a.start]))
-            holes = list(a.masked)
-            if not isinstance(m.content, (str, type(None))) and a.content_at[0] >= 0:
-                holes += _output_holes(m, full, *a.content_at)
+        for k, a in enumerate(answers):
+            if pos < a.start:
+                segs.append(Segment(full[pos:a.start]))
+            holes = a.masked
+            if a.content_at[0] >= 0 and not isinstance(a.message.content, str):
+                holes = holes + _output_holes(a.message, full, *a.content_at)
             at = a.start
-            for h0, h1 in sorted(holes):
-                h0, h1 = max(h0, at), min(h1, a.end)
-                if h1 <= h0:
-                    continue
-                segs += [Segment(full[at:h0], True, k), Segment(full[h0:h1], False, k)]
-                at = h1
-            segs.append(Segment(full[at:a.end], True, k))
+            if holes:
+                for h0, h1 in sorted(holes):
+                    h0, h1 = max(h0, at), min(h1, a.end)
+                    if h1 <= h0:
+                        continue
+                    if at < h0:
+                        segs.append(Segment(full[at:h0], True, k))
+                    segs.append(Segment(full[h0:h1], False, k))
+                    at = h1
+            if at < a.end:
+                segs.append(Segment(full[at:a.end], True, k))
             pos = a.end
-        segs.append(Segment(full[pos:]))
-        return [s for s in segs if s.text]
+        if pos < len(full):
+            segs.append(Segment(full[pos:]))
+        return segs
 
     def segments(messages: Sequence[Message], tools: Optional[list] = None) -> list[Segment]:
         return explain(messages, tools, None)
