@@ -120,3 +120,11 @@ def test_conversation_is_hashable_and_frozen():
     conv = Conversation((Message("user", "a"),), "s:1")
     with pytest.raises(Exception):
         conv.source = "other"  # type: ignore[misc]
+
+
+def test_readme_lists_every_reason_as_the_code_states_it():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    for reason, text in REASONS.items():
+        assert f"- `{reason}`: {text}\n" in readme, reason
