@@ -38,6 +38,7 @@ from chatsft.data.conversation import BadRecord, Conversation, Message
 from chatsft.data.render import IGNORE, RenderOptions, Sample, render_batch, render_seq2seq
 from chatsft.data.sources import SourceFile, expand_source, is_uri
 from chatsft.data.stats import MaskStats, batch_padded_slots
+from chatsft.data.template_report import REPORT_RECORDS, first_records, format_report, template_report
 from chatsft.data.templates import TemplateError, get_template
 from chatsft.errors import UserError
 from chatsft.pipeline import shuffle
@@ -114,7 +115,7 @@ def preflight(cfg: Config, kind: str, tokenizer: Any) -> None:
     if kind == "seq2seq":
         render_seq2seq(probe, tokenizer, opts)
     else:
-        render_batch([probe], tokenizer, get_template(cfg.data.template, tokenizer), opts)
+        render_batch([probe], tokenizer, get_template(cfg.data.template, tokenizer, opts.think), opts)
 
 
 def reuse(root: Location, fp: str, has_eval: bool) -> Optional[Prepared]:
@@ -179,6 +180,7 @@ def _execute(cfg: Config, kind: str, files: list[tuple[SourceFile, FileRole]], t
 
     started = time.time()  # stats.json times the pipeline itself, not Ray's or the tokenizer's start-up
     data = cfg.data
+    report = template_report_of(cfg, kind, tokenizer)
     spec = RenderSpec(model=cfg.model, template=getattr(data.template, "value", data.template),
                       options=RenderOptions.from_config(data), seq2seq=kind == "seq2seq",
                       seed=cfg.run.seed, eval_fraction=data.eval_fraction,
@@ -240,7 +242,10 @@ def _execute(cfg: Config, kind: str, files: list[tuple[SourceFile, FileRole]], t
         inputs = np.concatenate([a for a, _ in lengths[split]])
         labels = np.concatenate([b for _, b in lengths[split]])
         d = split_stats(stats[split], int(inputs.size), (inputs, labels), cfg, kind, seconds, all_tokens)
-        folder.join("stats.json").write_text(json.dumps(d, indent=2) + "\n")
+        if report is not None:
+            d["template"] = report
+            folder.join("template_report.txt").write_text(format_report(report) + "\n")
+        folder.join("stats.json").write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n")
         folder.join("mask_preview.html").write_text(_preview_html(tokenizer, previews[split], kind,
                                                                   SPLITS[split]))
         mine = [b[3] for b in bad if b[2] == split][: data.bad_examples]
@@ -256,6 +261,16 @@ def _execute(cfg: Config, kind: str, files: list[tuple[SourceFile, FileRole]], t
                         out[TRAIN], out.get(EVAL))
     print(summary(prepared, data.on_bad_record))
     return prepared
+
+
+def template_report_of(cfg: Config, kind: str, tokenizer: Any) -> Optional[dict]:
+    """The chat template's report over the first train records, printed before the work starts."""
+    if kind == "seq2seq":
+        return None
+    report = template_report(get_template(cfg.data.template, tokenizer, cfg.data.think), tokenizer,
+                             first_records([s.path for s in cfg.data.train], REPORT_RECORDS))
+    print(format_report(report), flush=True)
+    return report
 
 
 def _pickles(obj: Any) -> bool:
