@@ -343,3 +343,16 @@ def test_render_conversation_is_exported_from_the_package():
     import chatsft.data
 
     assert chatsft.data.render_conversation is render_conversation
+
+
+@pytest.mark.parametrize("style", ["chatml", "bos_trim"])
+def test_hf_tool_output_inside_an_answer_is_context(tokenizer, style):
+    tok = with_template(tokenizer, STYLES[style])
+    (s,) = render_conversation(TOOL, tok, "hf").samples
+    reference = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else
+                  "".join(("```python\n" + p["text"] + "\n```\n") if p["type"] == "python" else
+                          ("```output\n" + p["text"] + "\n```\n") if p["type"] == "python_output" else p["text"]
+                          for p in m["content"])} for m in TOOL["messages"]]
+    assert s.input_ids.tolist() == hf_ids(tok, reference)
+    end = "<|eot_id|>" if style == "bos_trim" else "<|im_end|>"
+    assert learned_runs(tok, s) == ["```python\n2+3\n```\n", f"It is 5.{end}"]
