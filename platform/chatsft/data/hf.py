@@ -454,25 +454,29 @@ class Locator:
         H = s.header
         heads, stop_at, stop_pos = self._marks(full)
         last_user = -1
-        for i, m in enumerate(typed):
-            if m.role == "user":
+        following: list[Optional[str]] = [None] * len(typed)  # the next user or tool text after message i
+        after: Optional[str] = None
+        for i in range(len(typed) - 1, -1, -1):
+            following[i] = after
+            role = typed[i].role
+            if role == "user" and last_user < 0:
                 last_user = i
+            if role in ("user", "tool"):
+                text = msgs[i].get("content")
+                if isinstance(text, str) and text.strip():
+                    after = text
         out: list[_Answer] = []
         cursor = 0
         found = True  # was the message before this one found (so the cursor is past it)?
         quick = bool(H) and not s.gen_extra  # a plain answer after a header: placed inline, below
         for i, m in enumerate(typed):
-            if m.role == "assistant" and H:
-                limit = self._next_context(full, typed, msgs, i, cursor)
+            hk = heads
+            if H and m.role == "assistant" and following[i] is not None:
                 k = bisect_left(heads, cursor)
-                if k < len(heads) and heads[k] > limit:
+                if k < len(heads) and full.find(following[i], cursor, heads[k]) >= 0:
                     # The first header comes after the next user or tool text: it is a later turn's, and
                     # this answer has none of its own (DeepSeek after tool results).
                     hk = heads[:k]
-                else:
-                    hk = heads
-            else:
-                hk = heads
             if quick and hk is heads and m.role == "assistant" and m.reasoning is None and not m.tool_calls:
                 a = self._quick(full, m, cursor, heads, stop_at, stop_pos, i > last_user)
                 if a is not None:
@@ -520,17 +524,6 @@ class Locator:
             out.append(a)
             cursor, found = a.end, True
         return out
-
-    @staticmethod
-    def _next_context(full: str, typed: Sequence[Message], msgs: list[dict], i: int, cursor: int) -> int:
-        """Where the next user or tool text after answer i is (the end of the text if none is found)."""
-        for j in range(i + 1, len(typed)):
-            if typed[j].role in ("user", "tool"):
-                text = msgs[j].get("content")
-                if isinstance(text, str) and text.strip():
-                    at = full.find(text, cursor)
-                    return at if at >= 0 else len(full)
-        return len(full)
 
     def _quick(self, full: str, m: Message, cursor: int, heads: list[int], stop_at: list, stop_pos: list[int],
                final: bool) -> Optional[_Answer]:
