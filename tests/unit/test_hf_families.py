@@ -8,6 +8,7 @@ boundary shows.
 """
 
 import json
+from collections import Counter
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -327,6 +328,9 @@ def test_every_family_on_random_dialogues(family, name, data):
     record = data.draw(dialogues(name))
     t = get_template("hf", tok)
     s = rendered(tok, record, folded=t.info["system"].startswith("folded"))
+    # The hot path (headers in order) and the report's walk (every message found) place alike.
+    conv = parse_record(record)
+    assert t.segments(conv.messages, conv.tool_schemas) == t.explain(conv.messages, conv.tool_schemas, Counter())
     answers = [m for m in record["messages"] if m["role"] == "assistant"]
     learned = answers_learned(tok, s)
     assert len(learned) == len(answers)  # every answer learns something

@@ -386,6 +386,10 @@ class Locator:
         self.shape = analyse(self.j, self.atoms)
         self.think = think or self.shape.default_think
         self._marks_re: Optional[re.Pattern] = None
+        # A header holding a special token occurs only where the template writes it: no message text may
+        # hold one (ChatTemplate.check_content).
+        special = [t for t in getattr(tokenizer, "all_special_tokens", []) or [] if t]
+        self.header_marked = any(t in self.shape.header for t in special)
         self._verify_render()
 
     def _verify_render(self) -> None:
@@ -456,12 +460,19 @@ class Locator:
         last_user = -1
         following: list[Optional[str]] = [None] * len(typed)  # the next user or tool text after message i
         after: Optional[str] = None
+        n_answers = 0
         for i in range(len(typed) - 1, -1, -1):
             following[i] = after
             role = typed[i].role
             if role == "user" and last_user < 0:
                 last_user = i
-            if role in ("user", "tool"):
+            elif role == "assistant":
+                n_answers += 1
+            elif role == "tool":
+                text = msgs[i].get("content")
+                if isinstance(text, str) and text.strip():
+                    after = text
+            if role == "user":
                 text = msgs[i].get("content")
                 if isinstance(text, str) and text.strip():
                     after = text
@@ -469,9 +480,14 @@ class Locator:
         cursor = 0
         found = True  # was the message before this one found (so the cursor is past it)?
         quick = bool(H) and not s.gen_extra  # a plain answer after a header: placed inline, below
+        # A header holding a special token is only where the template wrote it; one per answer, they
+        # are the answers' in order: the user and tool texts need not be found (the report still does).
+        ordered = notes is None and self.header_marked and len(heads) == n_answers
         for i, m in enumerate(typed):
+            if ordered and m.role != "assistant":
+                continue
             hk = heads
-            if H and m.role == "assistant" and following[i] is not None:
+            if H and not ordered and m.role == "assistant" and following[i] is not None:
                 k = bisect_left(heads, cursor)
                 if k < len(heads) and full.find(following[i], cursor, heads[k]) >= 0:
                     # The first header comes after the next user or tool text: it is a later turn's, and
