@@ -153,8 +153,12 @@ def format_report(r: dict, limit: Optional[int] = None) -> str:
     if r.get("generation_prompt_extra"):
         row("generation prompt", f"adds {r['generation_prompt_extra']!r} after the header; "
             "the history does not show it")
-    if r.get("between_header_and_answer"):
-        row("before an answer", f"{r['between_header_and_answer']!r} (learned: the model writes it)")
+    lead = r.get("between_header_and_answer")
+    if lead:
+        tags = r.get("think_tags") or []
+        what = "a think block: learned as the think policy says" if tags and tags[-1] in lead else \
+            "learned: the model writes it"
+        row("before an answer", f"{lead!r} ({what})")
     row("stop learned", f"{', '.join(repr(s) for s in r.get('stops', []))} ({r.get('stop_kind', '')})")
     row("system message", r.get("system", ""))
     reasoning = {"all": "rendered for every answer", "final": "rendered for the final answer only",
@@ -180,8 +184,10 @@ def format_report(r: dict, limit: Optional[int] = None) -> str:
             lines.append(f"  {role:<10}{v['tokens']:>10,}{v['learned']:>10,}{v['learned_share']:>9.1%}")
     answers = r["answers"]
     if answers:
-        stops = ", ".join(f"{k if k == 'none' else repr(k)} {v} ({v / answers:.0%})"
+        stops = ", ".join(f"{repr(k) if k != 'none' else 'none'} {v} ({v / answers:.0%})"
                           for k, v in r["stops_learned"].items())
+        if "none" in r["stops_learned"]:
+            stops += "; none: the template writes no stop after that answer (the last message), so the ids hold none"
         lines.append(f"  answers {answers:,}; their stop: {stops}")
     if r.get("context_blocks_in_answers"):
         lines.append(f"  pieces of answers kept as context (think blocks by the policy, tool output): "
