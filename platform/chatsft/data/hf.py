@@ -30,7 +30,7 @@ import json
 import re
 from bisect import bisect_left
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from chatsft.data.conversation import BadRecord, Message, merge_system
@@ -76,7 +76,6 @@ class Shape:
     render: str = "compiled"  # compiled | apply_chat_template (when the direct render differed)
     default_think: str = "learn"
     default_think_why: str = ""
-    notes: list = field(default_factory=list)
 
 
 class Jinja:
