@@ -529,7 +529,7 @@ def get_template(name: str, tokenizer: Any, think: Optional[str] = None) -> Chat
     info = {"strategy": "built-in", "stops": [t.end_of_turn], "stop_kind": "end-of-turn marker",
             "think": policy, "think_default": "learn",
             "think_default_why": "a built-in format renders every think block a record carries",
-            "reasoning_rendered": "all" if name == "chatml" else "none",
+            "reasoning_rendered": ("final" if policy == "drop_history" else "all") if name == "chatml" else "none",
             "tool_calls_rendered": name in ("chatml", "llama3"),
             "system": "folded into the first user turn" if name in ("chatglm2", "special") else "kept where it is"}
     return _with_control_re(ChatTemplate(t.name, t.segments, t.prompt, t.end_of_turn, t.control_tokens,

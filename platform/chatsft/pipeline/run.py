@@ -419,7 +419,7 @@ def summary(p: Prepared, on_bad_record: str) -> str:
         ]
     t = p.train_stats
     lines.append(f"done in {t['seconds']:.1f} s, {t['tokens_per_second']:,.0f} tokens/s; "
-                 f"files: *.parquet, stats.json, mask_preview.html")
+                 f"files: *.parquet, stats.json, template_report.txt, mask_preview.html")
     return "\n".join(lines)
 
 
