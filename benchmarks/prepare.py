@@ -2,6 +2,7 @@
 
     python benchmarks/prepare.py                  # everything (a few minutes on 2 cores)
     python benchmarks/prepare.py --records 20000  # a smaller corpus (start-up weighs more)
+    python benchmarks/prepare.py --only hf        # 4. alone: the hf template vs a built-in (seconds)
 
 Prints, on the same texts:
 1. raw `tokenizer(texts)` batch encode of the rendered texts, and `render_batch`
@@ -14,6 +15,9 @@ Prints, on the same texts:
    ray.init(num_cpus=1), and to 2 cores with num_cpus=2: target 2-CPU >= 1.6x.
 3. padding: best-fit-decreasing packing vs per-micro-batch padding on log-normal
    lengths (median 300 tokens, max_length 2048): target packed <= 3%.
+4. `data.template: hf` against the built-in chatml on the same 5-turn conversations,
+   `render_batch` in one process: the tokenizer's own chatml Jinja, and a Qwen3-style
+   template (think blocks, last-query scan): target hf <= 1.5x the built-in.
 
 The corpus: conversations of the embedded sample generator, several joined into
 one dialogue (a log-normal number of them) for a realistic spread of lengths.
@@ -116,6 +120,95 @@ def bench_render(paths: list[str], n: int, rounds: int) -> None:
           f"= that encode + template layout {lay_t[0]:.2f} + masks/rest {ren_t[0] - rust_t[0] - lay_t[0]:.2f}")
 
 
+QWEN3_STYLE = (  # a reasoning template of the Qwen3 kind, written for this benchmark
+    "{%- set ns = namespace(last_user=-1) -%}"
+    "{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'assistant' -%}"
+    "{%- set content = m.content if m.content is string else '' -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if loop.index0 > ns.last_user -%}"
+    "{{- '<think>\\n' + (m.reasoning_content or '').strip('\\n') + '\\n</think>\\n\\n' -}}{%- endif -%}"
+    "{{- content + '<|im_end|>\\n' -}}"
+    "{%- else -%}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+def five_turn_corpus(n: int, seed: int = 0) -> list:
+    """n conversations of exactly 5 user/assistant turns (sample conversations joined and cut)."""
+    from chatsft.data.conversation import parse_record
+    from chatsft.samples.generate import conversation
+
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        msgs: list = []
+        while sum(m["role"] == "assistant" for m in msgs) < 5:
+            msgs += [m for m in conversation(rng)["messages"] if not (msgs and m["role"] == "system")]
+        cut = [i for i, m in enumerate(msgs) if m["role"] == "assistant"][4]
+        out.append(parse_record({"messages": msgs[: cut + 1]}, f"five:{len(out) + 1}"))
+    return out
+
+
+def bench_hf(n: int, rounds: int) -> dict:
+    import copy
+
+    from chatsft.config import ModelConfig
+    from chatsft.data.render import RenderOptions, layout, render_batch
+    from chatsft.data.templates import get_template
+    from chatsft.model import load_tokenizer
+
+    tok = load_tokenizer(ModelConfig())
+    qwen = copy.deepcopy(tok)
+    qwen.chat_template = QWEN3_STYLE
+    convs = five_turn_corpus(n)
+    opts = RenderOptions(max_length=8192)
+    batch = 256
+    builtin = get_template("chatml", tok)
+    runs = {"built-in chatml": (tok, builtin), "hf, the tokenizer's chatml Jinja": (tok, get_template("hf", tok)),
+            "hf, a Qwen3-style template": (qwen, get_template("hf", qwen))}
+    texts = [layout(c, builtin).text for c in convs]
+    tokens = sum(len(e.ids) for e in tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False))
+    jobs, counts = {}, {}
+    for name, (t, tpl) in runs.items():
+        def render(t=t, tpl=tpl):
+            for i in range(0, len(convs), batch):
+                render_batch(convs[i:i + batch], t, tpl, opts)
+        jobs[name] = render
+        counts[name] = sum(len(s.input_ids) for r in render_batch(convs, t, tpl, opts) for s in r.samples)
+        if tpl.name == "hf":  # the template's own Jinja, once per record: what no locator can save
+            msgs = [[{"role": m.role, "content": m.content} for m in c.messages] for c in convs]
+            jobs["jinja " + name] = lambda f=_jinja(t), msgs=msgs: [f(m) for m in msgs]
+    # Rounds interleave the variants, so a change in the machine's load hits them alike.
+    times = {name: (float("inf"), float("inf")) for name in jobs}
+    for _ in range(rounds):
+        for name, job in jobs.items():
+            c, w = best(job, 1)
+            times[name] = (min(times[name][0], c), min(times[name][1], w))
+    jinja = {name[len("jinja "):]: times.pop(name)[0] for name in list(times) if name.startswith("jinja ")}
+    base = times["built-in chatml"]
+    print(f"\n4. data.template=hf vs built-in chatml, {len(convs):,} conversations of 5 turns, {tokens:,} tokens "
+          f"(render_batch, batches of {batch}, best of {rounds})")
+    for name, (c, w) in times.items():
+        extra = f"; of which the template's Jinja alone {jinja[name]:.2f} s" if name in jinja else ""
+        print(f"   {name:34s} {c:6.2f} s CPU  {counts[name] / c / 1e3:6.0f} k tokens/s   "
+              f"{c / base[0]:.2f}x CPU, {w / base[1]:.2f}x wall the built-in{extra}")
+    print("   (target hf <= 1.5x the built-in)")
+    return times
+
+
+def _jinja(tokenizer):
+    """One render of the template as apply_chat_template runs it, without that call's overhead."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    compiled, kwargs = _compile_jinja_template(tokenizer.chat_template), dict(tokenizer.special_tokens_map)
+    return lambda msgs: compiled.render(messages=msgs, tools=None, documents=None, add_generation_prompt=False,
+                                        **kwargs)
+
+
 def bench_pipeline(paths: list[str], cpus: int, out: str) -> dict:
     """Run prepare in a fresh process pinned to `cpus` cores with a Ray of num_cpus=cpus."""
     cmd = [sys.executable, __file__, "--child", str(cpus), out, *paths]
@@ -184,12 +277,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--pack-samples", type=int, default=100_000)
     ap.add_argument("--skip-pipeline", action="store_true")
+    ap.add_argument("--only", choices=["hf"], help="run one comparison alone: hf = 4.")
+    ap.add_argument("--hf-records", type=int, default=2000, help="5-turn conversations for 4.")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(int(args.child[0]), args.child[1], args.child[2:])
         return
     os.environ.setdefault("CHATSFT_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "chatsft"))
+    if args.only == "hf":
+        print(f"machine: {os.cpu_count()} CPUs; load average at start {os.getloadavg()[0]:.1f}")
+        bench_hf(args.hf_records, args.rounds)
+        return
     print(f"machine: {os.cpu_count()} CPUs; load average at start {os.getloadavg()[0]:.1f} "
           "(other work on the machine slows wall times; CPU times are per process)")
     with tempfile.TemporaryDirectory(prefix="chatsft-bench-") as tmp:
@@ -209,6 +308,7 @@ def main() -> None:
             print(f"   2 CPU / 1 CPU throughput: {runs[1]['wall'] / runs[2]['wall']:.2f}x prepare(), "
                   f"{runs[1]['pipeline'] / runs[2]['pipeline']:.2f}x pipeline   (target >= 1.6x)")
         bench_packing(args.pack_samples)
+        bench_hf(args.hf_records, args.rounds)
     print(f"\nload average at end {os.getloadavg()[0]:.1f}")
 
 

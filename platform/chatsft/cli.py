@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence
 
 from chatsft.config import Config, describe, load_config
 from chatsft.data.conversation import BadRecord
+from chatsft.data.template_report import REPORT_RECORDS
 from chatsft.errors import UserError, user_error_in
 from chatsft.pipeline.run import USER_ERRORS
 
@@ -96,8 +97,8 @@ def _inspect(cfg: Config, args: argparse.Namespace) -> None:
 
     plan = RunPlan.resolve(cfg)
     tokenizer = load_tokenizer(cfg.model)
-    fmt = get_format(plan.kind, cfg.data.template, tokenizer)
     opts = RenderOptions.from_config(cfg.data)
+    fmt = get_format(plan.kind, cfg.data.template, tokenizer, opts.think)
     color = sys.stdout.isatty()
     shown = []
     for item in read_local(cfg.data.train[0].path, limit=args.num):
@@ -127,6 +128,24 @@ def _inspect(cfg: Config, args: argparse.Namespace) -> None:
         print(f"wrote {args.html}")
 
 
+def _template(cfg: Config, args: argparse.Namespace) -> None:
+    """What the chat template will teach: strategy, stops, think policy, learned tokens by role, refusals."""
+    from chatsft.data.template_report import format_report, template_report
+    from chatsft.sources import first_records
+    from chatsft.data.templates import get_template
+    from chatsft.model import load_tokenizer
+    from chatsft.plan import RunPlan
+
+    if RunPlan.resolve(cfg).seq2seq:
+        print("chat template: none (an encoder-decoder model: the history goes to the encoder, each answer "
+              "to the decoder)")
+        return
+    tokenizer = load_tokenizer(cfg.model)
+    template = get_template(cfg.data.template, tokenizer, cfg.data.think)
+    report = template_report(template, tokenizer, first_records([s.path for s in cfg.data.train], args.num))
+    print(format_report(report))
+
+
 def _export(cfg: Config, args: argparse.Namespace) -> None:
     from chatsft.plan import RunPlan
     from chatsft.train.export import export_cli
@@ -140,6 +159,8 @@ VERBS: dict[str, tuple[Callable, str]] = {
     "sweep": (_sweep, "Ray Tune over train"),
     "eval": (_eval, "evaluate a checkpoint or exported model"),
     "inspect": (_inspect, "show rendered samples coloured by supervision, and per-turn loss weights"),
+    "template": (_template, "what the chat template will teach: strategy, stops, think policy, learned "
+                            "tokens by role, records refused"),
     "export": (_export, "write a Hugging Face model folder (LoRA merged or the adapter alone)"),
 }
 
@@ -158,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "inspect":
             p.add_argument("-n", "--num", type=int, default=3, help="samples to show")
             p.add_argument("--html", default=None, help="also write an HTML preview here")
+        if verb == "template":
+            p.add_argument("-n", "--num", type=int, default=REPORT_RECORDS,
+                           help="records of data.train to render for the report")
         if verb == "export":
             p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the latest)")
             p.add_argument("--out", default=None, help="output folder (default: <run.output_dir>/model)")

@@ -20,7 +20,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from chatsft.data.options import Organization, Template, TrainOn, Truncation
+from chatsft.data.options import Organization, Template, Think, TrainOn, Truncation
 
 
 class ConfigError(ValueError):
@@ -120,6 +120,10 @@ class DataConfig:
     template: Template = doc(Template.CHATML, "Chat format: chatml, llama3, chatglm2, special, hf.")
     organization: Organization = doc(Organization.SESSION, "session or split_turn samples.")
     train_on: TrainOn = doc(TrainOn.ALL_ASSISTANT, "Masking policy: which tokens carry loss.")
+    think: Optional[Think] = doc(
+        None, "Think blocks: learn, mask_empty or drop_history; unset: what the chat template does at "
+        "inference (`chatsft template` says which)."
+    )
     max_length: int = doc(1024, "Maximum tokens per sample (and per packed row); encoder length for seq2seq.")
     max_target_length: int = doc(256, "Seq2seq only: maximum decoder (label) tokens.")
     truncation: Truncation = doc(Truncation.TURNS, "turns, right or drop (see Truncation).")

@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Iterator, Optional, Sequence, Union
 
 from chatsft import storage
-from chatsft.data.conversation import BadRecord, Conversation, iter_lines, parse_line
+from chatsft.data.conversation import (BadRecord, Conversation, iter_lines, iter_stream_lines, parse_line,
+                                      read_chunks)
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 SCHEME = "chatsft://"
@@ -24,6 +25,22 @@ def resolve_uri(path: str) -> str:
     if path.startswith(SCHEME):
         return str(PACKAGE_ROOT / path[len(SCHEME):])
     return path
+
+
+def first_records(paths: Sequence[str], limit: int) -> Iterator[Union[Conversation, BadRecord]]:
+    """The first `limit` records of the sources in order, streamed (a large file is not read whole)."""
+    n = 0
+    for spec in paths:
+        for f in expand_source(spec):
+            with storage.open_stream(f.location) as fh:
+                for line, raw in iter_stream_lines(read_chunks(fh, 1 << 16)):
+                    if n >= limit:
+                        return
+                    n += 1
+                    try:
+                        yield parse_line(raw, f"{f.display}:{line}")
+                    except BadRecord as e:
+                        yield e
 
 
 def expand_local(path: str) -> list[str]:

@@ -248,7 +248,7 @@ class Tracker:
                 flat[f"data/{split}/{k}"] = v
         self.log_values(flat)
         if folder:
-            for name in ("stats.json", "mask_preview.html", "bad_records.jsonl"):
+            for name in ("stats.json", "template_report.txt", "mask_preview.html", "bad_records.jsonl"):
                 text = storage.read_text(storage.join(folder, name))
                 if text is not None:
                     self.log_text(text, f"data/{split}/{name}")

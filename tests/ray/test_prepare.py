@@ -113,8 +113,9 @@ def test_rows_equal_render_and_reuse(ray_local, tmp_path, tiny_llama_dir, tokeni
     assert st["rows"] == rows.num_rows and st["truncated_samples"] >= 1  # the long record was cut
     assert st["tokens"] == sum(len(v[0]) for v in expected.values())
     assert st["supervised_tokens"] == sum(sum(t != -100 for t in v[1]) for v in expected.values())
-    for name in ("stats.json", "mask_preview.html"):
+    for name in ("stats.json", "mask_preview.html", "template_report.txt"):
         assert os.path.exists(os.path.join(p.train_dir, name))
+    assert st["template"]["strategy"] == "built-in" and st["template"]["roles"]["user"]["learned"] == 0
     assert json.load(open(os.path.join(p.train_dir, "stats.json"))) == st
     assert f"{paths[0]}:1" in open(os.path.join(p.train_dir, "mask_preview.html")).read()
 
@@ -171,6 +172,11 @@ MALFORMED = [
     (b'{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]}\n', "bad_order"),
     (b'{"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}, {"role": "assistant", "content": "c"}]}\n', "unsupported_role"),
     (b'{"messages": [{"role": "user", "content": "<|user_end|>"}, {"role": "assistant", "content": "c"}]}\n', "control_token_in_content"),
+    (b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": 5}]}\n', "bad_reasoning"),
+    (b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "tool_calls": [{"name": "f"}]}]}\n', "bad_tool_call"),
+    (b'{"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "r", "name": 7}, {"role": "assistant", "content": "a"}]}\n', "bad_tool_message"),
+    (b'{"tools": {"name": "f"}, "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n', "bad_tools"),
+    (b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": "r"}]}\n', "unsupported_field"),
     (b'{"messages": [{"role": "user", "content": "ok"}, {"role": "assistant", "content": "fine"}]}\r\n', None),
     (b'{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}', None),  # no final newline
 ]
@@ -194,7 +200,9 @@ def test_malformed_corpus_skip_counts_every_reason(ray_local, tmp_path, tiny_lla
                  "data.on_bad_record=skip", "data.bad_examples=3", "data.map_batch_size=4")
     p = prepare(RunPlan.resolve(cfg), force=True)
     expected = Counter(reason for _, reason in MALFORMED if reason)
-    assert set(REASONS) - set(expected) == {"template_error"}  # every other reason is in the corpus
+    hf_only = {"template_error", "answer_not_in_render", "answer_not_located", "reasoning_not_rendered",
+               "tool_call_not_in_render", "generation_mask_mismatch"}  # what only a model's own template does
+    assert set(REASONS) - set(expected) == hf_only  # every other reason is in the corpus
     st = p.train_stats
     assert st["bad_by_reason"] == dict(expected) and st["records_bad"] == sum(expected.values())
     non_blank = [n for n, (line, _) in enumerate(MALFORMED, 1) if line.strip(b"\xef\xbb\xbf \r\n")]
@@ -231,6 +239,9 @@ def test_hf_template_error_is_a_counted_bad_record(ray_local, tmp_path, tiny_lla
                  f"model.tokenizer={tok_dir}", "data.on_bad_record=skip")
     p = prepare(RunPlan.resolve(cfg), force=True)
     assert p.train_stats["bad_by_reason"] == {"template_error": 1} and p.train_stats["samples"] == 2
+    report = p.train_stats["template"]  # the report read the same records before the work started
+    assert report["strategy"] == "located" and report["records"]["refused"] == {"template_error": 1}
+    assert "refused template_error: 1" in open(os.path.join(p.train_dir, "template_report.txt")).read()
     bad = [json.loads(x) for x in open(os.path.join(p.train_dir, "bad_records.jsonl"))]
     assert bad[0]["source"] == f"{path}:2" and "alternate" in bad[0]["detail"]
 

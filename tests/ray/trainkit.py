@@ -81,7 +81,7 @@ def write_rows(cfg: Config, paths: list[str], tokenizer: Any, out_dir: str, *, s
     opts = RenderOptions.from_config(cfg.data)
     plan = RunPlan.resolve(cfg)
     seq2seq = plan.seq2seq
-    fmt = get_format(plan.kind, cfg.data.template, tokenizer)
+    fmt = get_format(plan.kind, cfg.data.template, tokenizer, cfg.data.think)
     samples = []
     for path in paths:
         for conv in read_local(path, limit=limit):

@@ -36,6 +36,22 @@ CASES = {
                      "f.jsonl:7: empty_answer: an assistant message has no content: messages[1]"),
     "no_assistant": (_line({"messages": [{"role": "user", "content": "q"}]}),
                      "f.jsonl:7: no_assistant: the dialogue has no assistant message to learn from"),
+    "bad_reasoning": (_line({"messages": [{"role": "user", "content": "q"},
+                                          {"role": "assistant", "content": "a", "reasoning_content": ["r"]}]}),
+                      "f.jsonl:7: bad_reasoning: an assistant message's reasoning_content is not a string: "
+                      "messages[1].reasoning_content is list"),
+    "bad_tool_call": (_line({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None,
+                                                                             "tool_calls": [{"name": "f"}]}]}),
+                      'f.jsonl:7: bad_tool_call: a tool call is not {"type": "function", "function": '
+                      '{"name", "arguments"}}: messages[1].tool_calls[0]'),
+    "bad_tool_message": (_line({"messages": [{"role": "user", "content": "q"},
+                                             {"role": "tool", "content": "5", "tool_call_id": 7},
+                                             {"role": "assistant", "content": "a"}]}),
+                         "f.jsonl:7: bad_tool_message: a tool message's tool_call_id or name is not a string: "
+                         "messages[1].tool_call_id is int"),
+    "bad_tools": (_line({"tools": {"name": "f"}, "messages": [{"role": "user", "content": "q"},
+                                                              {"role": "assistant", "content": "a"}]}),
+                  "f.jsonl:7: bad_tools: the record's tools is not a list of JSON schema objects: got dict"),
 }
 
 
@@ -50,7 +66,9 @@ def test_each_invalid_record_has_its_reason_and_message(reason):
 
 
 def test_every_reason_is_tested_somewhere():
-    template_reasons = {"bad_order", "unsupported_role", "control_token_in_content", "template_error"}
+    template_reasons = {"bad_order", "unsupported_role", "control_token_in_content", "template_error",
+                        "unsupported_field", "answer_not_in_render", "answer_not_located", "reasoning_not_rendered",
+                        "tool_call_not_in_render", "generation_mask_mismatch"}
     assert set(REASONS) == set(CASES) | template_reasons
 
 
@@ -64,6 +82,25 @@ def test_parts_and_roles_parse():
     assert conv.messages[2].text == "1+12It is 2."
     assert conv.source == "x:1"
     assert parse_line(_line(conv.to_record())).messages == conv.messages
+
+
+def test_reasoning_and_tool_fields_parse_and_round_trip():
+    call = {"type": "function", "function": {"name": "route", "arguments": {"to": "station"}}}
+    record = {"tools": [{"type": "function", "function": {"name": "route", "parameters": {}}}], "messages": [
+        {"role": "user", "content": "How far?"},
+        {"role": "assistant", "content": None, "tool_calls": [call], "reasoning_content": "Look it up."},
+        {"role": "tool", "content": "2 km", "tool_call_id": "c1", "name": "route"},
+        {"role": "assistant", "content": "2 km.", "tool_calls": [
+            {"type": "function", "function": {"name": "log", "arguments": '{"x": 1}'}}]}]}
+    conv = parse_line(_line(record), "t:1")
+    ask, tool, answer = conv.messages[1], conv.messages[2], conv.messages[3]
+    assert ask.content is None and ask.text == "" and ask.reasoning == "Look it up."
+    assert [t.name for t in ask.tool_calls] == ["route"] and ask.tool_calls[0].arguments == {"to": "station"}
+    assert answer.tool_calls[0].arguments == '{"x": 1}'  # a string of JSON stays a string, as the record had it
+    assert (tool.tool_call_id, tool.name) == ("c1", "route")
+    assert conv.tool_schemas == record["tools"]
+    assert conv.to_record() == record
+    assert hash(conv) == hash(parse_line(_line(record), "t:1"))
 
 
 def test_lines_blank_bom_and_crlf():
@@ -83,3 +120,11 @@ def test_conversation_is_hashable_and_frozen():
     conv = Conversation((Message("user", "a"),), "s:1")
     with pytest.raises(Exception):
         conv.source = "other"  # type: ignore[misc]
+
+
+def test_readme_lists_every_reason_as_the_code_states_it():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    for reason, text in REASONS.items():
+        assert f"- `{reason}`: {text}\n" in readme, reason

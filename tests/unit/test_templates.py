@@ -1,6 +1,7 @@
 """Chat formats on exact token ids, and the mask properties that must hold for any conversation."""
 
 import copy
+import json
 import tempfile
 
 import pytest
@@ -189,13 +190,13 @@ def test_hf_agrees_with_generation_markers(tokenizer):
     # Drops earlier answers from the history (as some reasoning templates do): answers cannot be located.
     ("{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}<|im_start|>{{ m['role'] }}\n"
      "{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
-     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", "renders the dialogue before answer"),
+     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", "drops or rewrites what messages say"),
     # No end-of-turn marker: a model trained on it would never learn to stop.
     ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n\n{% endfor %}"
      "{% if add_generation_prompt %}assistant: {% endif %}", "no end-of-turn marker"),
     # Rewrites the answer: it never appears verbatim.
     ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | upper }}<|im_end|>\n{% endfor %}"
-     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", "does not appear verbatim"),
+     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", "drops or rewrites what messages say"),
 ])
 def test_hf_refuses_templates_whose_answers_cannot_be_located(tokenizer, jinja, why):
     with pytest.raises(TemplateError, match=f"data.template=hf: cannot locate.*{why}"):
@@ -279,3 +280,79 @@ def test_hf_record_the_template_rejects_is_a_template_error(tokenizer):
     assert e.value.reason == "template_error"
     assert str(e.value) == ("t.jsonl:9: template_error: the tokenizer's chat template failed on this record: "
                             "Conversation roles must alternate user/assistant/user/assistant/...")
+
+
+# --------------------------------------------------------- reasoning and tools, built-in formats
+
+RICH = {"tools": [{"type": "function", "function": {"name": "add", "parameters": {}}}], "messages": [
+    {"role": "user", "content": "Add 2 and 3"},
+    {"role": "assistant", "content": None, "reasoning_content": "Use the tool.",
+     "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]},
+    {"role": "tool", "content": "5", "tool_call_id": "c1", "name": "add"},
+    {"role": "user", "content": "Thanks"},
+    {"role": "assistant", "content": "It is 5.", "reasoning_content": ""}]}
+
+
+def learned_runs(tok, s):
+    from chatsft.data.preview import runs
+
+    return [text for text, learned in runs(tok, s.input_ids, s.labels) if learned]
+
+
+def test_chatml_renders_reasoning_and_tool_calls_as_qwen_does(tokenizer):
+    (s,) = render_conversation(RICH, tokenizer, "chatml").samples
+    text = tokenizer.decode(s.input_ids, clean_up_tokenization_spaces=False)
+    assert text.startswith("<|im_start|>system\n# Tools\n\n") and '{"type": "function", "function": {"name": "add"' in text
+    assert learned_runs(tokenizer, s) == [
+        '<think>\nUse the tool.\n</think>\n\n<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
+        "<|im_end|>", "<think>\n\n</think>\n\nIt is 5.<|im_end|>"]
+    assert "<|im_start|>tool\n5<|im_end|>" in text  # the tool's result is context
+    # mask_empty: the empty think block is context; drop_history: earlier reasoning is not rendered.
+    (empty,) = render_conversation(RICH, tokenizer, "chatml", think="mask_empty").samples
+    assert learned_runs(tokenizer, empty)[1] == "It is 5.<|im_end|>"
+    (drop,) = render_conversation(RICH, tokenizer, "chatml", think="drop_history").samples
+    assert "Use the tool." not in tokenizer.decode(drop.input_ids)
+    assert learned_runs(tokenizer, drop)[0].startswith("<tool_call>")
+
+
+def test_llama3_renders_a_tool_call_as_json_and_refuses_reasoning(tokenizer):
+    record = json.loads(json.dumps(RICH))
+    for m in record["messages"]:
+        m.pop("reasoning_content", None)
+    (s,) = render_conversation(record, tokenizer, "llama3").samples
+    assert learned_runs(tokenizer, s) == ['{"name": "add", "parameters": {"a": 2, "b": 3}}<|eot_id|>',
+                                          "It is 5.<|eot_id|>"]
+    assert "<|start_header_id|>ipython<|end_header_id|>\n\n5<|eot_id|>" in tokenizer.decode(s.input_ids)
+    with pytest.raises(BadRecord) as e:
+        render_conversation(RICH, tokenizer, "llama3")
+    assert e.value.reason == "unsupported_field" and "reasoning_content" in e.value.detail
+
+
+@pytest.mark.parametrize("name", ["special", "chatglm2"])
+def test_formats_without_a_rendering_refuse_reasoning_and_tools(tokenizer, name):
+    plain = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    for record, what in ((dict(plain, tools=RICH["tools"]), "tools list"),
+                         ({"messages": [plain["messages"][0], dict(plain["messages"][1], reasoning_content="r")]},
+                          "reasoning_content")):
+        with pytest.raises(BadRecord) as e:
+            render_conversation(record, tokenizer, name, source="x.jsonl:1")
+        assert e.value.reason == "unsupported_field" and what in e.value.detail
+
+
+def test_render_conversation_is_exported_from_the_package():
+    import chatsft.data
+
+    assert chatsft.data.render_conversation is render_conversation
+
+
+@pytest.mark.parametrize("style", ["chatml", "bos_trim"])
+def test_hf_tool_output_inside_an_answer_is_context(tokenizer, style):
+    tok = with_template(tokenizer, STYLES[style])
+    (s,) = render_conversation(TOOL, tok, "hf").samples
+    reference = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else
+                  "".join(("```python\n" + p["text"] + "\n```\n") if p["type"] == "python" else
+                          ("```output\n" + p["text"] + "\n```\n") if p["type"] == "python_output" else p["text"]
+                          for p in m["content"])} for m in TOOL["messages"]]
+    assert s.input_ids.tolist() == hf_ids(tok, reference)
+    end = "<|eot_id|>" if style == "bos_trim" else "<|im_end|>"
+    assert learned_runs(tok, s) == ["```python\n2+3\n```\n", f"It is 5.{end}"]

@@ -3,13 +3,22 @@
 Parsing is the first pure stage (line -> Conversation); every way a record can
 be wrong has a reason from `REASONS`, and the error carries `path:line` so the
 user can open the file at the right place.
+
+Reasoning and tools come in the shape Hugging Face chat templates read: an
+assistant message may carry `reasoning_content` (a string) and `tool_calls`
+(`[{"type": "function", "function": {"name", "arguments"}}]`, content then
+optional), a `tool` message `tool_call_id` and `name`, and the record a `tools`
+list of JSON schemas. Tool calls and schemas are kept as the JSON text the
+record gave, so a template gets back exactly what the record said and a
+Conversation stays hashable.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable, Iterator, Sequence, Union
+from functools import lru_cache
+from typing import Any, BinaryIO, Iterable, Iterator, Optional, Sequence, Union
 
 ROLES = ("system", "user", "assistant", "tool")
 PART_TYPES = ("text", "python", "python_output")
@@ -26,12 +35,22 @@ REASONS = {
     "unknown_role": "a message has a role other than system, user, assistant, tool",
     "bad_content": "a message's content is not a string or a list of parts",
     "bad_part": "a content part is not {type, text} with a known type and string text",
+    "bad_reasoning": "an assistant message's reasoning_content is not a string",
+    "bad_tool_call": "a tool call is not {\"type\": \"function\", \"function\": {\"name\", \"arguments\"}}",
+    "bad_tool_message": "a tool message's tool_call_id or name is not a string",
+    "bad_tools": "the record's tools is not a list of JSON schema objects",
     "empty_answer": "an assistant message has no content",
     "no_assistant": "the dialogue has no assistant message to learn from",
     "bad_order": "the order of roles does not fit the chat template",
     "unsupported_role": "the chat template has no way to render this role",
     "control_token_in_content": "content contains a control token of the template",
     "template_error": "the tokenizer's chat template failed on this record",
+    "unsupported_field": "the chat format has no rendering for reasoning_content, tool_calls or tools",
+    "answer_not_in_render": "the chat template rewrites an answer: its text is not in the rendered conversation",
+    "answer_not_located": "the assistant header before an answer cannot be found in the rendered conversation",
+    "reasoning_not_rendered": "the chat template drops the reasoning of a final answer",
+    "tool_call_not_in_render": "the chat template drops a tool call of an answer",
+    "generation_mask_mismatch": "the template's {% generation %} markers disagree with what the model emits",
 }
 
 
@@ -64,29 +83,83 @@ class Part:
 Content = Union[str, tuple[Part, ...]]
 
 
+@lru_cache(maxsize=256)
+def loads(text: str) -> Any:
+    """JSON text -> value, cached: a corpus repeats the same tools list in record after record.
+    Callers must not mutate the result."""
+    return json.loads(text)
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    raw: str  # the call as the record gave it, JSON text
+
+    @property
+    def call(self) -> dict:
+        return loads(self.raw)
+
+    @property
+    def arguments(self) -> Any:
+        """An object, or the string of JSON the record gave (OpenAI style)."""
+        return self.call["function"]["arguments"]
+
+
 @dataclass(frozen=True)
 class Message:
     role: str
-    content: Content
+    content: Optional[Content]  # None only for an assistant message that only calls tools
+    reasoning: Optional[str] = None  # reasoning_content
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: Optional[str] = None
+    name: Optional[str] = None
 
     @property
     def text(self) -> str:
         """The content as plain text (parts joined), for formats that have no parts."""
         if isinstance(self.content, str):
             return self.content
+        if self.content is None:
+            return ""
         return "".join(p.text for p in self.content)
+
+    @property
+    def extras(self) -> bool:
+        """Carries reasoning or tool fields (formats without them must refuse it)."""
+        return (self.reasoning is not None or bool(self.tool_calls) or self.tool_call_id is not None
+                or self.name is not None)
 
 
 @dataclass(frozen=True)
 class Conversation:
     messages: tuple[Message, ...]
     source: str = ""  # "path:line"
+    tools: Optional[str] = None  # the record's tools list, JSON text
+
+    @property
+    def tool_schemas(self) -> Optional[list]:
+        return None if self.tools is None else loads(self.tools)
 
     def to_record(self) -> dict:
-        def content(c: Content):
-            return c if isinstance(c, str) else [{"type": p.type, "text": p.text} for p in c]
+        def content(c: Optional[Content]):
+            return c if isinstance(c, str) or c is None else [{"type": p.type, "text": p.text} for p in c]
 
-        return {"messages": [{"role": m.role, "content": content(m.content)} for m in self.messages]}
+        def message(m: Message) -> dict:
+            d: dict = {"role": m.role, "content": content(m.content)}
+            if m.reasoning is not None:
+                d["reasoning_content"] = m.reasoning
+            if m.tool_calls:
+                d["tool_calls"] = [t.call for t in m.tool_calls]
+            if m.tool_call_id is not None:
+                d["tool_call_id"] = m.tool_call_id
+            if m.name is not None:
+                d["name"] = m.name
+            return d
+
+        record: dict = {"messages": [message(m) for m in self.messages]}
+        if self.tools is not None:
+            record["tools"] = loads(self.tools)
+        return record
 
 
 def parse_line(line: Union[str, bytes], source: str = "") -> Conversation:
@@ -122,13 +195,50 @@ def parse_record(record: object, source: str = "") -> Conversation:
         role = m.get("role")
         if role not in ROLES:
             raise BadRecord("unknown_role", f"messages[{i}].role = {role!r}", source)
-        content = _parse_content(m.get("content"), i, source)
-        if role == "assistant" and not _has_text(content):
+        value = m.get("content")
+        calls = _parse_tool_calls(m, i, source) if role == "assistant" and "tool_calls" in m else ()
+        # An answer that only calls tools may leave content out (null), as OpenAI-style records do.
+        content = None if value is None and calls else _parse_content(value, i, source)
+        if role == "assistant" and not calls and not _has_text(content):
             raise BadRecord("empty_answer", f"messages[{i}]", source)
-        messages.append(Message(role, content))
+        if len(m) == 2 and not calls:  # role and content: the common case, kept cheap
+            messages.append(Message(role, content))
+            continue
+        reasoning = m.get("reasoning_content") if role == "assistant" else None
+        if reasoning is not None and not isinstance(reasoning, str):
+            raise BadRecord("bad_reasoning", f"messages[{i}].reasoning_content is {type(reasoning).__name__}",
+                            source)
+        call_id = m.get("tool_call_id") if role == "tool" else None
+        name = m.get("name") if role == "tool" else None
+        for key, v in (("tool_call_id", call_id), ("name", name)):
+            if v is not None and not isinstance(v, str):
+                raise BadRecord("bad_tool_message", f"messages[{i}].{key} is {type(v).__name__}", source)
+        messages.append(Message(role, content, reasoning, calls, call_id, name))
     if not any(m.role == "assistant" for m in messages):
         raise BadRecord("no_assistant", "", source)
-    return Conversation(tuple(messages), source)
+    tools = record.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise BadRecord("bad_tools", f"got {type(tools).__name__}", source)
+        tools = json.dumps(tools, ensure_ascii=False)
+    return Conversation(tuple(messages), source, tools)
+
+
+def _parse_tool_calls(m: dict, i: int, source: str) -> tuple[ToolCall, ...]:
+    calls = m["tool_calls"]
+    if calls is None:
+        return ()
+    if not isinstance(calls, list):
+        raise BadRecord("bad_tool_call", f"messages[{i}].tool_calls is {type(calls).__name__}", source)
+    out = []
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if (not isinstance(fn, dict) or c.get("type", "function") != "function"
+                or not isinstance(fn.get("name"), str) or not fn["name"]
+                or not isinstance(fn.get("arguments"), (dict, str))):
+            raise BadRecord("bad_tool_call", f"messages[{i}].tool_calls[{j}]", source)
+        out.append(ToolCall(fn["name"], json.dumps(c, ensure_ascii=False)))
+    return tuple(out)
 
 
 def _parse_content(value: object, i: int, source: str) -> Content:
@@ -149,7 +259,9 @@ def _parse_content(value: object, i: int, source: str) -> Content:
     return tuple(parts)
 
 
-def _has_text(content: Content) -> bool:
+def _has_text(content: Optional[Content]) -> bool:
+    if content is None:
+        return False
     if isinstance(content, str):
         return bool(content.strip())
     return any(p.text.strip() for p in content)
@@ -174,7 +286,7 @@ def merge_system(messages: Sequence[Message]) -> tuple[Message, ...]:
     prefix = "\n\n".join(system)
     for k, m in enumerate(rest):
         if m.role == "user":
-            rest[k] = Message("user", f"{prefix}\n\n{m.text}")
+            rest[k] = Message("user", f"{prefix}\n\n{m.text}", m.reasoning, m.tool_calls, m.tool_call_id, m.name)
             return tuple(rest)
     return (Message("user", prefix), *rest)
 

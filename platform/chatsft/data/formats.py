@@ -82,8 +82,9 @@ class Seq2SeqFormat:
         return None  # any valid record has an encoder text and a target
 
 
-def get_format(kind: str, template: Any, tokenizer: Any) -> Union[ChatFormat, Seq2SeqFormat]:
-    """The format of a model of `kind` ("causal" / "seq2seq") with chat template `template`."""
+def get_format(kind: str, template: Any, tokenizer: Any, think: Any = None) -> Union[ChatFormat, Seq2SeqFormat]:
+    """The format of a model of `kind` ("causal" / "seq2seq") with chat template `template` and
+    think policy `think` (data.think; None: what the template does at inference)."""
     if kind == "seq2seq":
         return Seq2SeqFormat(tokenizer)
-    return ChatFormat(get_template(template, tokenizer), tokenizer)
+    return ChatFormat(get_template(template, tokenizer, think), tokenizer)

@@ -32,3 +32,12 @@ class Truncation(str, enum.Enum):
     TURNS = "turns"  # keep the longest prefix of whole turns: no answer is ever cut
     RIGHT = "right"  # cut at max_length; a cut answer loses its end token (counted)
     DROP = "drop"  # drop the sample (counted)
+
+
+class Think(str, enum.Enum):
+    """What of an answer's think block is learned (unset in the config: what the template does at
+    inference, see templates.default_think)."""
+
+    LEARN = "learn"  # every think block as rendered, empty or not
+    MASK_EMPTY = "mask_empty"  # an empty think block is context: the model must not learn to skip thinking
+    DROP_HISTORY = "drop_history"  # only the final exchange's think blocks; earlier ones are context

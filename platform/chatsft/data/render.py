@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from chatsft.data.options import Organization, TrainOn, Truncation
+from chatsft.data.options import Organization, Think, TrainOn, Truncation
 from chatsft.data.conversation import BadRecord, Conversation, Message, parse_record
 from chatsft.data.schema import IGNORE
 from chatsft.data.templates import ChatTemplate, TemplateError, get_template
@@ -56,11 +56,13 @@ class RenderOptions:
     max_length: Optional[int] = None
     truncation: Truncation = Truncation.TURNS
     max_target_length: Optional[int] = None  # seq2seq decoder length
+    think: Optional[Think] = None  # bound into the template (get_template); None: the template's own
 
     @classmethod
     def from_config(cls, data: Any) -> "RenderOptions":
         return cls(Organization(data.organization), TrainOn(data.train_on), data.max_length,
-                   Truncation(data.truncation), data.max_target_length)
+                   Truncation(data.truncation), data.max_target_length,
+                   Think(data.think) if data.think is not None else None)
 
 
 def render_conversation(
@@ -71,10 +73,12 @@ def render_conversation(
     source: str = "",
     **options: Any,
 ) -> RenderResult:
-    """Render one record; raises BadRecord if it cannot be rendered with this template."""
+    """Render one record; raises BadRecord if it cannot be rendered with this template.
+
+    `template` is a bound ChatTemplate or a format name; with a name, `think=` picks the think policy."""
     conv = record if isinstance(record, Conversation) else parse_record(record, source)
-    tpl = template if isinstance(template, ChatTemplate) else get_template(template, tokenizer)
     opts = RenderOptions(**{k: _coerce(k, v) for k, v in options.items()})
+    tpl = template if isinstance(template, ChatTemplate) else get_template(template, tokenizer, opts.think)
     (outcome,) = render_batch([conv], tokenizer, tpl, opts)
     if isinstance(outcome, BadRecord):
         raise outcome
@@ -82,7 +86,7 @@ def render_conversation(
 
 
 def _coerce(key: str, value: Any) -> Any:
-    kinds = {"organization": Organization, "train_on": TrainOn, "truncation": Truncation}
+    kinds = {"organization": Organization, "train_on": TrainOn, "truncation": Truncation, "think": Think}
     return kinds[key](value) if key in kinds and value is not None else value
 
 
@@ -97,7 +101,7 @@ class _Layout:
 
 def layout(conv: Conversation, template: ChatTemplate) -> _Layout:
     template.check_content(conv.messages)
-    segs = template.segments(conv.messages)
+    segs = template.segments(conv.messages, conv.tool_schemas)
     spans: list[tuple[int, int, int]] = []
     answer_ends: list[int] = []
     texts = [s.text for s in segs]

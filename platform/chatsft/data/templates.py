@@ -14,16 +14,32 @@ Formats:
 - special  nanochat-style: `<|bos|><|user_start|>...<|user_end|><|assistant_start|>...<|assistant_end|>`
            with `<|python_start|>...<|python_end|>` (learned) and `<|output_start|>...<|output_end|>`
            (not learned) for tool parts
-- hf       the tokenizer's own Jinja template; answer spans are located by rendering prefixes.
+- hf       the tokenizer's own Jinja template, learned as the model generates it (see hf.py).
 
 Tool parts in text formats (chatml, llama3, chatglm2) are written as fenced
 blocks: ```python ...``` is learned, ```output ...``` is not.
+
+Reasoning and tool calls (`reasoning_content`, `tool_calls`, `tools`) are
+rendered where the format's family defines a rendering: chatml as Qwen does
+(`<think>...</think>` before the answer, `<tool_call>` JSON after it, the
+tools listed in the system turn), llama3 as Llama 3.1 does (a JSON call, tools
+in the system turn; it has no reasoning). chatglm2 and special have none and
+refuse such records (`unsupported_field`).
+
+The think policy (`data.think`, options.Think) is bound with the format:
+`learn` learns every think block, `mask_empty` makes an empty one context,
+`drop_history` learns only the final exchange's (built-in formats then do not
+render earlier reasoning at all, as Qwen3's template does not). Unset, it is
+what the format does at inference: `learn` for the built-ins, and for hf what
+the template's own rendering says (hf.default_think).
 """
 
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from chatsft.data.conversation import BadRecord, Message, Part, merge_system
@@ -41,22 +57,34 @@ class Segment(NamedTuple):
     answer: int = -1  # index of the assistant answer these characters belong to, -1 for none
 
 
+Segments = Callable[..., list[Segment]]  # (messages, tools=None) -> segments
+
+
 @dataclass(frozen=True)
 class ChatTemplate:
-    """A chat format bound to a tokenizer."""
+    """A chat format bound to a tokenizer (and a think policy)."""
 
     name: str
-    segments: Callable[[Sequence[Message]], list[Segment]]
+    segments: Segments  # (messages, tools JSON schemas or None) -> segments
     prompt: Callable[[Sequence[Message]], str]  # history + the opening of the next answer
     end_of_turn: str  # the token that ends an answer: learned, and where generation stops
     control_tokens: tuple[str, ...]  # strings that must never appear inside content
     _control_re: Optional[re.Pattern] = None
+    think: str = "learn"  # the bound think policy (an options.Think value)
+    # What `chatsft template` reports about the format: strategy, stops, think policy and why.
+    info: dict = field(default_factory=dict, compare=False)
+    # (messages, tools, notes Counter) -> segments, counting what happened into notes (the report).
+    explain: Optional[Callable[..., list[Segment]]] = field(default=None, compare=False)
 
     def check_content(self, messages: Sequence[Message]) -> None:
         if self._control_re is None:
             return
         for i, m in enumerate(messages):
             hit = self._control_re.search(m.text)
+            if hit is None and m.reasoning is not None:
+                hit = self._control_re.search(m.reasoning)
+            if hit is None and m.tool_calls:
+                hit = self._control_re.search(" ".join(t.raw for t in m.tool_calls))
             if hit:
                 raise BadRecord("control_token_in_content", f"messages[{i}] contains {hit.group(0)!r}")
 
@@ -68,6 +96,8 @@ def _answer_segments(m: Message, k: int, fence: bool) -> list[Segment]:
     """The supervised body of answer k; tool output inside it is context, not target."""
     if isinstance(m.content, str):
         return [Segment(m.content, True, k)]
+    if m.content is None:
+        return []
     out = []
     for p in m.content:
         out.append(_part_segment(p, k, fence))
@@ -106,21 +136,80 @@ def _strip_after_last_answer(messages: Sequence[Message]) -> Sequence[Message]:
     return messages[: last + 1]
 
 
+def _refuse_extras(messages: Sequence[Message], tools: Optional[list], name: str) -> None:
+    if tools is not None:
+        raise BadRecord("unsupported_field", f"{name} has no rendering for a tools list")
+    for i, m in enumerate(messages):
+        if m.extras:
+            what = "reasoning_content" if m.reasoning is not None else (
+                "tool_calls" if m.tool_calls else "tool_call_id/name")
+            raise BadRecord("unsupported_field", f"{name} has no rendering for {what} (messages[{i}])")
+
+
+def _arguments_json(call: Any) -> str:
+    args = call.arguments
+    return args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+
+
+def _last_user(messages: Sequence[Message]) -> int:
+    return max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
+
+
+def _tools_text(tools: list, intro: str) -> str:
+    return intro + "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+
+
+def _with_tools_in_system(messages: Sequence[Message], tools: Optional[list], intro: str) -> Sequence[Message]:
+    """The tools listed in the system turn (a new one if the dialogue has none)."""
+    if tools is None:
+        return messages
+    listing = _tools_text(tools, intro)
+    if messages and messages[0].role == "system":
+        return (Message("system", f"{messages[0].text}\n\n{listing}"), *messages[1:])
+    return (Message("system", listing), *messages)
+
+
 # ------------------------------------------------------------------------- chatml
 
 
-def _chatml_segments(messages: Sequence[Message]) -> list[Segment]:
+_CHATML_TOOLS = "# Tools\n\nYou may call these functions; write each call as <tool_call>\n{\"name\": ..., " \
+                "\"arguments\": ...}\n</tool_call>:\n"
+
+
+def _chatml_segments(messages: Sequence[Message], tools: Optional[list] = None, think: str = "learn") -> list[Segment]:
     segs: list[Segment] = []
     k = 0
-    for m in _strip_after_last_answer(messages):
+    msgs = _strip_after_last_answer(_with_tools_in_system(messages, tools, _CHATML_TOOLS))
+    last_user = -2  # computed only for a dialogue that carries reasoning
+    for i, m in enumerate(msgs):
         if m.role == "assistant":
             segs.append(Segment("<|im_start|>assistant\n"))
-            segs += _answer_segments(m, k, fence=True)
+            if m.reasoning is not None or m.tool_calls:
+                if last_user == -2:
+                    last_user = _last_user(msgs)
+                segs += _chatml_rich_answer(m, k, think, i > last_user)
+            else:
+                segs += _answer_segments(m, k, fence=True)
             segs += [Segment("<|im_end|>", True, k), Segment("\n")]
             k += 1
         else:
             body = _fenced_text(m) if not isinstance(m.content, str) else m.content
             segs.append(Segment(f"<|im_start|>{m.role}\n{body}<|im_end|>\n"))
+    return segs
+
+
+def _chatml_rich_answer(m: Message, k: int, think: str, final: bool) -> list[Segment]:
+    """Qwen's rendering: the think block before the answer, each tool call after it."""
+    segs: list[Segment] = []
+    if m.reasoning is not None and (final or think != "drop_history"):
+        empty = not m.reasoning.strip()
+        learned = think == "learn" or (think == "mask_empty" and not empty) or think == "drop_history"
+        segs.append(Segment(f"<think>\n{m.reasoning.strip(chr(10))}\n</think>\n\n", learned, k))
+    segs += _answer_segments(m, k, fence=True)
+    for j, call in enumerate(m.tool_calls):
+        sep = "\n" if (j or m.text) else ""
+        segs.append(Segment(f'{sep}<tool_call>\n{{"name": {json.dumps(call.name, ensure_ascii=False)}, '
+                            f'"arguments": {_arguments_json(call)}}}\n</tool_call>', True, k))
     return segs
 
 
@@ -141,14 +230,25 @@ def _llama3_header(role: str) -> str:
     return f"<|start_header_id|>{_LLAMA3_ROLE[role]}<|end_header_id|>\n\n"
 
 
-def _llama3_segments(messages: Sequence[Message]) -> list[Segment]:
+_LLAMA3_TOOLS = "You have access to the following functions. To call one, answer with " \
+                "{\"name\": function name, \"parameters\": arguments as an object}.\n\n"
+
+
+def _llama3_segments(messages: Sequence[Message], tools: Optional[list] = None, think: str = "learn") -> list[Segment]:
     # Like Meta's template, message content is stripped of surrounding whitespace.
     segs = [Segment("<|begin_of_text|>")]
     k = 0
-    for m in _strip_after_last_answer(messages):
+    for i, m in enumerate(messages):
+        if m.reasoning is not None:
+            raise BadRecord("unsupported_field", f"llama3 has no rendering for reasoning_content (messages[{i}])")
+    for m in _strip_after_last_answer(_with_tools_in_system(messages, tools, _LLAMA3_TOOLS)):
         segs.append(Segment(_llama3_header(m.role)))
         if m.role == "assistant":
             body = _answer_segments(_stripped(m), k, fence=True)
+            for j, call in enumerate(m.tool_calls):  # Llama 3.1's JSON call
+                sep = "\n" if (j or _stripped(m).text) else ""
+                body.append(Segment(f'{sep}{{"name": {json.dumps(call.name, ensure_ascii=False)}, '
+                                    f'"parameters": {_arguments_json(call)}}}', True, k))
             segs += body + [Segment("<|eot_id|>", True, k)]
             k += 1
         else:
@@ -159,12 +259,14 @@ def _llama3_segments(messages: Sequence[Message]) -> list[Segment]:
 
 def _stripped(m: Message) -> Message:
     if isinstance(m.content, str):
-        return Message(m.role, m.content.strip())
+        return Message(m.role, m.content.strip(), m.reasoning, m.tool_calls)
+    if m.content is None:
+        return Message(m.role, "", m.reasoning, m.tool_calls)
     parts = list(m.content)
     if parts:
         parts[0] = Part(parts[0].type, parts[0].text.lstrip()) if parts[0].type == "text" else parts[0]
         parts[-1] = Part(parts[-1].type, parts[-1].text.rstrip()) if parts[-1].type == "text" else parts[-1]
-    return Message(m.role, tuple(parts))
+    return Message(m.role, tuple(parts), m.reasoning, m.tool_calls)
 
 
 def _llama3_prompt(messages: Sequence[Message]) -> str:
@@ -184,7 +286,8 @@ def _chatglm2_pairs(messages: Sequence[Message]) -> Sequence[Message]:
     return merged
 
 
-def _chatglm2_segments(messages: Sequence[Message], eos: str) -> list[Segment]:
+def _chatglm2_segments(messages: Sequence[Message], eos: str, tools: Optional[list] = None) -> list[Segment]:
+    _refuse_extras(messages, tools, "chatglm2")
     msgs = _strip_after_last_answer(_chatglm2_pairs(messages))
     segs: list[Segment] = []
     for k in range(0, len(msgs), 2):
@@ -212,7 +315,8 @@ SPECIAL_TOKENS = (
 )
 
 
-def _special_segments(messages: Sequence[Message]) -> list[Segment]:
+def _special_segments(messages: Sequence[Message], tools: Optional[list] = None) -> list[Segment]:
+    _refuse_extras(messages, tools, "special")
     msgs = _strip_after_last_answer(merge_system(messages))
     _require_alternation(msgs, "special")
     segs = [Segment("<|bos|>")]
@@ -242,128 +346,171 @@ def _special_prompt(messages: Sequence[Message]) -> str:
 # ----------------------------------------------------------------------------- hf
 
 
-def _hf_messages(messages: Sequence[Message]) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": m.content if isinstance(m.content, str) else _fenced_text(m)}
-            for m in messages]
+def _hf_template(tokenizer: Any, think: Optional[str]) -> ChatTemplate:
+    from chatsft.data.hf import Locator, hf_message
 
-
-def _hf_template(tokenizer: Any) -> ChatTemplate:
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError(
             f"data.template=hf: the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat_template"
         )
-
-    def apply(msgs: list[dict], generation: bool = False) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation)
-
-    # Two answers, mixed case: catches templates that drop or rewrite earlier answers.
-    probe = [Message("system", "System probe."), Message("user", "User probe one."),
-             Message("assistant", "Answer probe one."), Message("user", "User probe two."),
-             Message("assistant", "Answer probe two.")]
     try:
-        keeps_system = "System probe." in apply(_hf_messages(probe))
-    except Exception:  # templates without a system role raise from Jinja
-        keeps_system = False
+        loc = Locator(tokenizer, think)
+    except ValueError as e:
+        raise TemplateError(f"data.template=hf: cannot locate the assistant's answers in the tokenizer's "
+                            f"chat template ({e}); pick a built-in template instead") from None
 
-    def segments(messages: Sequence[Message]) -> list[Segment]:
-        typed = list(_strip_after_last_answer(messages if keeps_system else merge_system(messages)))
-        msgs = _hf_messages(typed)
-        try:
-            full = apply(msgs)
-        except Exception as e:
-            raise BadRecord("template_error", _short(e)) from None
+    def explain(messages: Sequence[Message], tools: Optional[list] = None,
+                notes: Optional[Counter] = None) -> list[Segment]:
+        full, answers, _ = loc.locate(messages, tools, _fenced_text, notes)
         segs: list[Segment] = []
-        cursor = 0
-        k = 0
-        for i, m in enumerate(msgs):
-            if m["role"] != "assistant":
-                continue
-            try:
-                before = apply(msgs[:i], generation=True)
-                through = apply(msgs[: i + 1])
-            except Exception as e:
-                raise BadRecord("template_error", f"rendering up to messages[{i}]: {_short(e)}") from None
-            if not (full.startswith(before) and full.startswith(through) and len(before) >= cursor):
-                raise BadRecord("template_error", f"the template renders the dialogue before answer {k} "
-                                "differently from the whole dialogue; its answers cannot be located")
-            span = full[len(before): len(through)]
-            body = m["content"]
-            at = span.find(body)
-            if at < 0 or span[:at].strip():
-                body = body.strip()
-                at = span.find(body)
-            if at < 0 or span[:at].strip():
-                raise BadRecord("template_error", f"answer {k} does not appear verbatim where the template "
-                                "puts it")
-            tail = span[at + len(body):]
-            eot = tail.rstrip()
-            if not eot:
-                raise BadRecord("template_error", f"nothing follows answer {k}: the template has no "
-                                "end-of-turn marker, so a model would never learn to stop")
-            start = len(before) + at
-            segs.append(Segment(full[cursor:start]))
-            segs += _locate_parts(typed[i], body, k)
-            segs.append(Segment(eot, True, k))
-            cursor = start + len(body) + len(eot)
-            k += 1
-        segs.append(Segment(full[cursor:]))
-        return [s for s in segs if s.text]
+        pos = 0
+        for k, a in enumerate(answers):
+            if pos < a.start:
+                segs.append(Segment(full[pos:a.start]))
+            holes = a.masked
+            if a.content_at[0] >= 0 and not isinstance(a.message.content, str):
+                holes = holes + _output_holes(a.message, full, *a.content_at)
+            at = a.start
+            if holes:
+                for h0, h1 in sorted(holes):
+                    h0, h1 = max(h0, at), min(h1, a.end)
+                    if h1 <= h0:
+                        continue
+                    if at < h0:
+                        segs.append(Segment(full[at:h0], True, k))
+                    segs.append(Segment(full[h0:h1], False, k))
+                    at = h1
+            if at < a.end:
+                segs.append(Segment(full[at:a.end], True, k))
+            pos = a.end
+        if pos < len(full):
+            segs.append(Segment(full[pos:]))
+        return segs
+
+    def segments(messages: Sequence[Message], tools: Optional[list] = None) -> list[Segment]:
+        return explain(messages, tools, None)
 
     def prompt(messages: Sequence[Message]) -> str:
-        msgs = messages if keeps_system else merge_system(messages)
-        return apply(_hf_messages(msgs), generation=True)
+        msgs = [hf_message(m, _fenced_text(m) if not isinstance(m.content, (str, type(None))) else None)
+                for m in loc.messages(messages)[0]]
+        return loc.j.render(msgs, None, True)
 
-    try:
-        probe_segs = segments(probe)
-    except BadRecord as e:
-        raise TemplateError(f"data.template=hf: cannot locate the assistant's answers in the tokenizer's "
-                            f"chat template ({e.detail}); pick a built-in template instead") from None
-    eot = next(s.text for s in probe_segs if s.supervised and not s.text.startswith("Answer probe"))
-    eot = eot.strip() or eot
-    special = tuple(sorted({t for t in getattr(tokenizer, "all_special_tokens", []) if t}, key=len, reverse=True))
-    return _with_control_re(ChatTemplate("hf", segments, prompt, eot, ()), special)
+    shape = loc.shape
+    end = shape.turn_end or shape.stops[0]
+    special = {t for t in getattr(tokenizer, "all_special_tokens", []) if t}
+    markers = tuple(sorted(special | set(shape.stops), key=len, reverse=True))
+    t = _with_control_re(ChatTemplate("hf", segments, prompt, end, (), think=loc.think, explain=explain,
+                                      info=_hf_info(loc)), markers)
+    _self_check(t, loc)
+    return t
 
 
-def _locate_parts(m: Message, body: str, k: int) -> list[Segment]:
-    """Segments of an answer as the hf template printed it (body may be stripped)."""
-    if isinstance(m.content, str):
-        return [Segment(body, True, k)]
-    segs = [_part_segment(p, k, fence=True) for p in m.content]
-    full = "".join(s.text for s in segs)
-    lead = full.find(body)  # how much leading whitespace the template stripped
-    out, pos = [], 0
+def _output_holes(m: Message, full: str, at: int, end: int) -> list[tuple[int, int]]:
+    """Tool output fenced inside an answer (as placed in the render): context, not target."""
+    segs = [_part_segment(p, 0, fence=True) for p in m.content]
+    whole = "".join(s.text for s in segs)
+    lead = whole.find(full[at:end])  # how much leading whitespace the template stripped
+    holes, pos = [], 0
     for s in segs:
-        a, b = max(pos, lead), min(pos + len(s.text), lead + len(body))
-        if b > a:
-            out.append(Segment(full[a:b], s.supervised, k))
+        if not s.supervised:
+            holes.append((at + max(0, pos - lead), at + max(0, pos + len(s.text) - lead)))
         pos += len(s.text)
-    return out
+    return [(a, min(b, end)) for a, b in holes if min(b, end) > a]
 
 
-def _short(e: Exception) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return text[:200]
+def _hf_info(loc: Any) -> dict:
+    s = loc.shape
+    how = {"kept": "kept where it is", "moved": "moved by the template into a later turn",
+           "dropped": "dropped by the template", "folded": "folded into the first user turn (the template "
+                                                          "raises on a system role)"}[s.system]
+    info = {
+        "strategy": "markers" if s.markers else "located",
+        "render": s.render,
+        "header": s.header,
+        "generation_prompt_extra": s.gen_extra,
+        "between_header_and_answer": s.lead,
+        "stops": list(s.stops),
+        "stop_kind": "end-of-turn marker" if s.turn_end else "next role tag (no end-of-turn marker)",
+        "think": loc.think,
+        "think_default": s.default_think,
+        "think_default_why": s.default_think_why,
+        "think_tags": [s.think_open, s.think_close] if s.think_close else None,
+        "reasoning_rendered": s.reasoning,
+        "tool_calls_rendered": s.tools,
+        "system": how,
+    }
+    if s.markers_note:
+        info["markers_note"] = s.markers_note
+    return info
+
+
+def _self_check(t: ChatTemplate, loc: Any) -> None:
+    """The locator on probe dialogues: every answer learned, no other message's text learned. Also decides
+    whether {% generation %} markers agree with the rule (else the located mask is used)."""
+    from chatsft.data.conversation import ToolCall
+
+    sys_, q1, q2, a1, a2, r2 = ("Zqs be brief.", "Zqu how far?", "Zqu and back?", "Zqa two miles.",
+                                "Zqa four miles.", "Zqr add both legs.")
+    call = ToolCall("zq_route", json.dumps({"type": "function", "function": {"name": "zq_route",
+                                                                            "arguments": {"to": "zq"}}}))
+    dialogues = [
+        ((Message("system", sys_), Message("user", q1), Message("assistant", a1), Message("user", q2),
+          Message("assistant", a2)), None),
+        ((Message("user", q1), Message("assistant", a1), Message("user", q2),
+          Message("assistant", a2, reasoning=r2)), None),
+    ]
+    if loc.shape.tools:
+        dialogues.append(((Message("user", q1), Message("assistant", None, tool_calls=(call,)),
+                           Message("tool", "Zqt 2 miles", tool_call_id="c1", name="zq_route"),
+                           Message("assistant", a2)),
+                          [{"type": "function", "function": {"name": "zq_route", "parameters": {}}}]))
+    for i, (msgs, tools) in enumerate(dialogues):
+        try:
+            segs = t.segments(msgs, tools)
+        except BadRecord as e:
+            if e.reason == "generation_mask_mismatch" and loc.shape.markers:
+                loc.shape.markers = False
+                loc.shape.markers_note = f"{{% generation %}} markers not used: {e.detail}"
+                t.info["strategy"], t.info["markers_note"] = "located", loc.shape.markers_note
+                return _self_check(t, loc)
+            if e.reason == "reasoning_not_rendered" and i == 1:
+                continue  # a template without reasoning: records that carry it are refused one by one
+            raise TemplateError(f"data.template=hf: cannot locate the assistant's answers in the tokenizer's "
+                                f"chat template ({e.detail or e.reason}); pick a built-in template instead") from None
+        learned = "".join(s.text for s in segs if s.supervised)
+        for m in msgs:
+            text = m.text.strip()
+            if m.role == "assistant" and text and text not in learned:
+                raise TemplateError(f"data.template=hf: the answer {text!r} of a probe is not learned")
+            if m.role != "assistant" and text and text in learned:
+                raise TemplateError(f"data.template=hf: the {m.role} text {text!r} of a probe would be learned")
 
 
 # ---------------------------------------------------------------------- registry
 
 
-def get_template(name: str, tokenizer: Any) -> ChatTemplate:
-    """Bind a format to a tokenizer; refuse it if its control tokens are not single tokens."""
+def get_template(name: str, tokenizer: Any, think: Optional[str] = None) -> ChatTemplate:
+    """Bind a format (and a think policy; None: the format's own) to a tokenizer; refuse it if its
+    control tokens are not single tokens."""
     name = getattr(name, "value", name)
+    think = getattr(think, "value", think)
+    if think is not None and think not in ("learn", "mask_empty", "drop_history"):
+        raise TemplateError(f"data.think: expected learn, mask_empty or drop_history; got {think!r}")
     if name == "hf":
-        return _hf_template(tokenizer)
+        return _hf_template(tokenizer, think)
     eos = getattr(tokenizer, "eos_token", None)
+    policy = think or "learn"
     if name == "chatml":
-        t = ChatTemplate("chatml", _chatml_segments, _chatml_prompt, "<|im_end|>",
-                         ("<|im_start|>", "<|im_end|>"))
+        t = ChatTemplate("chatml", lambda m, tools=None: _chatml_segments(m, tools, policy), _chatml_prompt,
+                         "<|im_end|>", ("<|im_start|>", "<|im_end|>"))
     elif name == "llama3":
-        t = ChatTemplate("llama3", _llama3_segments, _llama3_prompt, "<|eot_id|>",
+        t = ChatTemplate("llama3", lambda m, tools=None: _llama3_segments(m, tools, policy), _llama3_prompt,
+                         "<|eot_id|>",
                          ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
     elif name == "chatglm2":
         if not eos:
             raise TemplateError("data.template=chatglm2: the tokenizer has no eos_token to end answers with")
-        t = ChatTemplate("chatglm2", lambda m: _chatglm2_segments(m, eos),
+        t = ChatTemplate("chatglm2", lambda m, tools=None: _chatglm2_segments(m, eos, tools),
                          lambda m: _chatglm2_prompt(m, eos), eos, (eos,))
     elif name == "special":
         t = ChatTemplate("special", _special_segments, _special_prompt, "<|assistant_end|>", SPECIAL_TOKENS)
@@ -379,9 +526,17 @@ def get_template(name: str, tokenizer: Any) -> ChatTemplate:
         )
     special = set(getattr(tokenizer, "all_special_tokens", []) or [])
     markers = tuple(sorted(set(t.control_tokens) | {s for s in special if s}, key=len, reverse=True))
-    return _with_control_re(t, markers)
+    info = {"strategy": "built-in", "stops": [t.end_of_turn], "stop_kind": "end-of-turn marker",
+            "think": policy, "think_default": "learn",
+            "think_default_why": "a built-in format renders every think block a record carries",
+            "reasoning_rendered": ("final" if policy == "drop_history" else "all") if name == "chatml" else "none",
+            "tool_calls_rendered": name in ("chatml", "llama3"),
+            "system": "folded into the first user turn" if name in ("chatglm2", "special") else "kept where it is"}
+    return _with_control_re(ChatTemplate(t.name, t.segments, t.prompt, t.end_of_turn, t.control_tokens,
+                                         think=policy, info=info), markers)
 
 
 def _with_control_re(t: ChatTemplate, markers: tuple[str, ...]) -> ChatTemplate:
     pattern = re.compile("|".join(re.escape(m) for m in markers)) if markers else None
-    return ChatTemplate(t.name, t.segments, t.prompt, t.end_of_turn, markers, pattern)
+    return ChatTemplate(t.name, t.segments, t.prompt, t.end_of_turn, markers, pattern, t.think, t.info,
+                        t.explain)

@@ -1,1 +1,2 @@
-"""Evaluation pieces: tasks, generation, metrics (the entry points are in chatsft.evaluate)."""
+"""Evaluation: the validation loss over prepared rows (loss.py), tasks scored by generation or
+multiple choice (evaluate.py, tasks.py, generation.py, metrics.py)."""

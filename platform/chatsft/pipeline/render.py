@@ -63,7 +63,7 @@ class Renderer:
 
         self.spec = spec
         self.tokenizer = spec.tokenizer if spec.tokenizer is not None else load_tokenizer(spec.model)
-        self.format = get_format(spec.kind, spec.template, self.tokenizer)
+        self.format = get_format(spec.kind, spec.template, self.tokenizer, spec.options.think)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return render_lines(self.spec, self.format,

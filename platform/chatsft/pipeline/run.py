@@ -39,6 +39,7 @@ from chatsft.data.conversation import BadRecord, Conversation, Message
 from chatsft.data.formats import get_format
 from chatsft.data.render import RenderOptions, Sample
 from chatsft.data.stats import MaskStats, batch_padded_slots
+from chatsft.data.template_report import REPORT_RECORDS, format_report, template_report
 from chatsft.data.templates import TemplateError
 from chatsft.errors import UserError, user_error_in
 from chatsft.pipeline import shuffle
@@ -46,7 +47,7 @@ from chatsft.pipeline.fingerprint import fingerprint, rows_identity
 from chatsft.pipeline.render import FileRole, RenderSpec, Renderer
 from chatsft.pipeline.rows import EVAL, SPLITS, TRAIN
 from chatsft.plan import RunPlan
-from chatsft.sources import SourceFile, expand_source
+from chatsft.sources import SourceFile, expand_source, first_records
 
 # What a user can cause, as opposed to a bug: the CLI prints these in one line.
 USER_ERRORS = (BadRecord, TemplateError, ConfigError, UserError, FileNotFoundError)
@@ -72,6 +73,7 @@ class Checked:
     fmt: Any
     opts: RenderOptions
     identity: dict
+    report: Optional[dict]  # the chat template's report over the first records (None: seq2seq)
 
 
 def check(plan: RunPlan) -> Checked:
@@ -84,11 +86,16 @@ def check(plan: RunPlan) -> Checked:
     files = plan_files(cfg)
     tokenizer = load_tokenizer(cfg.model)
     opts = RenderOptions.from_config(cfg.data)
-    fmt = get_format(plan.kind, cfg.data.template, tokenizer)
+    fmt = get_format(plan.kind, cfg.data.template, tokenizer, opts.think)
     preflight(plan, fmt, opts)
+    report = None
+    if not plan.seq2seq:  # what the template will teach, read before anything is spent on it
+        report = template_report(fmt.template, tokenizer, first_records([s.path for s in cfg.data.train],
+                                                                          REPORT_RECORDS))
+        print(format_report(report), flush=True)
     early_records(plan, files, fmt, opts)
     identity = rows_identity(cfg, plan.kind, [(SPLITS[r.split], f) for f, r in files], tokenizer)
-    return Checked(files, tokenizer, fmt, opts, identity)
+    return Checked(files, tokenizer, fmt, opts, identity, report)
 
 
 def prepare(plan: RunPlan, *, force: bool = False, checked: Optional[Checked] = None) -> Prepared:
@@ -102,7 +109,7 @@ def prepare(plan: RunPlan, *, force: bool = False, checked: Optional[Checked] = 
         if reused is not None:
             print(f"chatsft prepare: reusing {root} (config, tokenizer and sources unchanged)")
             return reused
-    return _run(plan, checked.files, checked.tokenizer, checked.opts, root, fp)
+    return _run(plan, checked, root, fp)
 
 
 # --------------------------------------------------------------------------- checks
@@ -148,7 +155,7 @@ def preflight(plan: RunPlan, fmt: Any, opts: RenderOptions) -> None:
                             f"one-word exchange ({result.reason}: {result.detail})")
     if not result.samples:
         # The shortest dialogue there is: if its answer does not fit, no record's does.
-        (whole,) = fmt.render([probe], RenderOptions(opts.organization, opts.train_on))[0].samples
+        (whole,) = fmt.render([probe], RenderOptions(opts.organization, opts.train_on, think=opts.think))[0].samples
         raise ConfigError(f"data.max_length={opts.max_length}: no answer can fit; the shortest possible exchange "
                           f"(one word each) takes {len(whole)} tokens in the {fmt.name} format")
 
@@ -210,8 +217,7 @@ def _read_json(path: str) -> Optional[dict]:
 # ----------------------------------------------------------------------------- run
 
 
-def _run(plan: RunPlan, files: list[tuple[SourceFile, FileRole]], tokenizer: Any, opts: RenderOptions,
-         root: str, fp: str) -> Prepared:
+def _run(plan: RunPlan, checked: Checked, root: str, fp: str) -> Prepared:
     from ray.data import DataContext
 
     from chatsft.raysetup import ensure_ray
@@ -222,7 +228,7 @@ def _run(plan: RunPlan, files: list[tuple[SourceFile, FileRole]], tokenizer: Any
     # Blocks in order: `take` gives the first records of the files, and sorted blocks are written in order.
     ctx.execution_options.preserve_order = True
     try:
-        return _execute(plan, files, tokenizer, opts, root, fp)
+        return _execute(plan, checked, root, fp)
     except USER_ERRORS:
         raise
     except Exception as e:  # a user error raised inside a Ray worker comes back wrapped
@@ -234,8 +240,7 @@ def _run(plan: RunPlan, files: list[tuple[SourceFile, FileRole]], tokenizer: Any
         ctx.execution_options.preserve_order = saved
 
 
-def _execute(plan: RunPlan, files: list[tuple[SourceFile, FileRole]], tokenizer: Any, opts: RenderOptions,
-             root: str, fp: str) -> Prepared:
+def _execute(plan: RunPlan, checked: Checked, root: str, fp: str) -> Prepared:
     import ray
     from ray.data import read_datasource
 
@@ -243,6 +248,7 @@ def _execute(plan: RunPlan, files: list[tuple[SourceFile, FileRole]], tokenizer:
 
     started = time.time()  # stats.json times the pipeline itself, not Ray's or the tokenizer's start-up
     cfg, kind, has_eval = plan.config, plan.kind, plan.eval_split != "none"
+    files, tokenizer, opts = checked.files, checked.tokenizer, checked.opts
     data = cfg.data
     spec = RenderSpec(model=cfg.model, template=getattr(data.template, "value", data.template),
                       options=opts, kind=plan.kind,
@@ -306,7 +312,10 @@ def _execute(plan: RunPlan, files: list[tuple[SourceFile, FileRole]], tokenizer:
         inputs = np.concatenate([a for a, _ in lengths[split]])
         labels = np.concatenate([b for _, b in lengths[split]])
         d = split_stats(stats[split], int(inputs.size), (inputs, labels), cfg, kind, seconds, all_tokens)
-        storage.write_text(storage.join(folder, "stats.json"), json.dumps(d, indent=2) + "\n")
+        if checked.report is not None:
+            d["template"] = checked.report
+            storage.write_text(storage.join(folder, "template_report.txt"), format_report(checked.report) + "\n")
+        storage.write_text(storage.join(folder, "stats.json"), json.dumps(d, indent=2, ensure_ascii=False) + "\n")
         storage.write_text(storage.join(folder, "mask_preview.html"),
                            _preview_html(tokenizer, previews[split], kind, SPLITS[split]))
         mine = [b[3] for b in bad if b[2] == split][: data.bad_examples]
@@ -465,5 +474,5 @@ def summary(p: Prepared, on_bad_record: str) -> str:
         ]
     t = p.train_stats
     lines.append(f"done in {t['seconds']:.1f} s, {t['tokens_per_second']:,.0f} tokens/s; "
-                 f"files: *.parquet, stats.json, mask_preview.html")
+                 f"files: *.parquet, stats.json, template_report.txt, mask_preview.html")
     return "\n".join(lines)

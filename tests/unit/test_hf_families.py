@@ -1,0 +1,420 @@
+"""data.template=hf on templates in the style of the families people fine-tune (chat_families.py).
+
+The rule: input_ids are exactly apply_chat_template of the whole record; learned is, for each answer,
+what the model emits after the prompt of that turn: from the end of the assistant header through the
+stop. Each test below writes the whole render with the learned runs in «», so the ids, the mask and
+its position are stated at once; `marked` decodes the real token runs, so a token that straddles a
+boundary shows.
+"""
+
+import json
+from collections import Counter
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from chat_families import FAMILIES, SMOL, build
+from chatsft.data import render_conversation
+from chatsft.data.conversation import BadRecord, parse_record
+from chatsft.data.preview import runs
+from chatsft.data.render import IGNORE
+from chatsft.data.template_report import format_report, template_report
+from chatsft.data.templates import get_template
+
+REC = {"messages": [
+    {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
+    {"role": "assistant", "content": "See you."}]}
+TOOLS = [{"type": "function", "function": {"name": "route", "description": "Distance to a place.",
+                                            "parameters": {"type": "object", "properties": {"to": {"type": "string"}}}}}]
+CALL = {"type": "function", "function": {"name": "route", "arguments": {"to": "station"}}}
+TOOL_REC = {"tools": TOOLS, "messages": [
+    {"role": "user", "content": "How far is it?"},
+    {"role": "assistant", "content": None, "tool_calls": [CALL]},
+    {"role": "tool", "content": "2 km", "tool_call_id": "c1", "name": "route"},
+    {"role": "assistant", "content": "It is 2 km."}]}
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    built = {}
+
+    def get(name):
+        if name not in built:
+            built[name] = build(name, tmp_path_factory.mktemp(name))
+        return built[name]
+
+    return get
+
+
+def with_reasoning(record, *reasonings):
+    out = json.loads(json.dumps(record))
+    answers = [m for m in out["messages"] if m["role"] == "assistant"]
+    for m, r in zip(answers, reasonings):
+        if r is not None:
+            m["reasoning_content"] = r
+    return out
+
+
+def reference(tok, record, folded=False):
+    """What apply_chat_template gives for the record (its system folded where the template refuses one)."""
+    msgs = record["messages"]
+    if folded:
+        msgs = parse_record(json.loads(json.dumps(record)))
+        from chatsft.data.conversation import merge_system
+
+        msgs = [{"role": m.role, "content": m.content} for m in merge_system(msgs.messages)]
+    return list(tok.apply_chat_template(msgs, tools=record.get("tools"), tokenize=True, return_dict=False))
+
+
+def marked(tok, s):
+    return "".join(f"«{text}»" if learned else text for text, learned in runs(tok, s.input_ids, s.labels))
+
+
+def rendered(tok, record, think=None, folded=False):
+    (s,) = render_conversation(record, tok, "hf", think=think).samples
+    assert s.input_ids.tolist() == reference(tok, record, folded)
+    learned = s.labels != IGNORE
+    assert (s.labels[learned] == s.input_ids[learned]).all() and (s.answer_of_token[learned] >= 0).all()
+    return s
+
+
+def learned_tokens(tok, s):
+    return tok.convert_ids_to_tokens(s.input_ids[s.labels != IGNORE].tolist())
+
+
+# ------------------------------------------------------------------ (a) to (j)
+
+
+def test_a_qwen3_history_answers_lose_their_reasoning_the_final_one_learns_its_think_block(family):
+    tok = family("qwen3")
+    t = get_template("hf", tok)
+    assert t.think == "drop_history" and t.info["reasoning_rendered"] == "final"
+    s = rendered(tok, with_reasoning(REC, "Greet back.", "Say goodbye."))
+    assert marked(tok, s) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+        "<|im_start|>assistant\n«Hello!<|im_end|>»\n<|im_start|>user\nBye<|im_end|>\n"
+        "<|im_start|>assistant\n«<think>\nSay goodbye.\n</think>\n\nSee you.<|im_end|>»\n")
+    # Reasoning written inline in the content, as DeepSeek-R1 data has it: the template splits it off.
+    inline = json.loads(json.dumps(REC))
+    inline["messages"][4]["content"] = "<think>\nSay goodbye.\n</think>\n\nSee you."
+    assert rendered(tok, inline).input_ids.tolist() == s.input_ids.tolist()
+    # No reasoning: the final answer gets an empty think block. The model writes it (learned) unless
+    # mask_empty makes it context.
+    plain = rendered(tok, REC)
+    assert marked(tok, plain).endswith("<|im_start|>assistant\n«<think>\n\n</think>\n\nSee you.<|im_end|>»\n")
+    assert marked(tok, rendered(tok, REC, think="mask_empty")).endswith(
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n«See you.<|im_end|>»\n")
+
+
+def test_a_qwen3_final_reasoning_the_template_drops_is_refused(family):
+    # A template that never renders reasoning (DeepSeek-R1-distill style strips it from every answer):
+    # a final answer's reasoning would silently vanish, so the record is refused.
+    tok = family("phi3")
+    with pytest.raises(BadRecord) as e:
+        render_conversation(with_reasoning(REC, None, "Say goodbye."), tok, "hf", source="r.jsonl:4")
+    assert e.value.reason == "reasoning_not_rendered" and str(e.value).startswith("r.jsonl:4: reasoning_not_rendered")
+
+
+def test_b_mistral_system_in_the_last_user_turn_is_left_where_the_template_puts_it(family):
+    tok = family("mistral")
+    assert get_template("hf", tok).info["system"] == "moved by the template into a later turn"
+    s = rendered(tok, REC)
+    assert marked(tok, s) == ("<s>[INST] Hi there[/INST]« Hello!</s>»[INST] Be brief.\n\nBye[/INST]« See you.</s>»")
+
+
+def test_c_phi3_eos_after_the_last_message_is_not_learned(family):
+    tok = family("phi3")
+    t = get_template("hf", tok)
+    assert t.info["stops"] == ["<|end|>"] and t.end_of_turn == "<|end|>"
+    s = rendered(tok, REC)
+    assert marked(tok, s) == (
+        "<|system|>\nBe brief.<|end|>\n<|user|>\nHi there<|end|>\n<|assistant|>\n«Hello!<|end|>»\n"
+        "<|user|>\nBye<|end|>\n<|assistant|>\n«See you.<|end|>»\n<|endoftext|>")
+
+
+def test_d_glm_learns_the_next_role_tag_as_its_stop_and_not_earlier_empty_think_blocks(family):
+    tok = family("glm")
+    t = get_template("hf", tok)
+    assert t.info["stop_kind"].startswith("next role tag") and t.think == "drop_history"
+    assert set(t.info["stops"]) >= {"<|user|>", "<|observation|>"}
+    s = rendered(tok, REC)
+    # The final answer has no stop: the template writes nothing after the last message.
+    assert marked(tok, s) == (
+        "[gMASK]<sop><|system|>\nBe brief.<|user|>\nHi there<|assistant|>\n<think></think>\n«Hello!<|user|>»\n"
+        "Bye<|assistant|>«\n<think></think>\nSee you.»")
+    assert marked(tok, rendered(tok, REC, think="mask_empty")).endswith(
+        "Bye<|assistant|>\n<think></think>\n«See you.»")
+    assert marked(tok, rendered(tok, REC, think="learn")).startswith(
+        "[gMASK]<sop><|system|>\nBe brief.<|user|>\nHi there<|assistant|>«\n<think></think>\nHello!<|user|>»")
+    tools = rendered(tok, TOOL_REC)
+    assert marked(tok, tools).endswith(
+        "How far is it?<|assistant|>«\n<think></think>\n<tool_call>route\n<arg_key>to</arg_key>\n"
+        "<arg_value>station</arg_value>\n</tool_call><|observation|>»\n<tool_response>\n2 km\n</tool_response>"
+        "<|assistant|>«\n<think></think>\nIt is 2 km.»")
+
+
+def test_e_llama31_dated_system_header_is_context_and_a_tool_call_is_learned(family):
+    tok = family("llama31")
+    no_system = {"messages": REC["messages"][1:]}
+    s = rendered(tok, no_system)
+    assert marked(tok, s) == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+        "Today Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n«Hello!<|eot_id|>»<|start_header_id|>user<|end_header_id|>"
+        "\n\nBye<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n«See you.<|eot_id|>»")
+    tools = rendered(tok, TOOL_REC)
+    assert marked(tok, tools).endswith(
+        "How far is it?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+        '«{"name": "route", "parameters": {"to": "station"}}<|eot_id|>»'
+        "<|start_header_id|>ipython<|end_header_id|>\n\n2 km<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n«It is 2 km.<|eot_id|>»")
+    # The template writes a tool call in place of the answer's text: that text cannot be learned.
+    said = json.loads(json.dumps(TOOL_REC))
+    said["messages"][1]["content"] = "Let me look."
+    with pytest.raises(BadRecord) as e:
+        render_conversation(said, tok, "hf", source="t.jsonl:2")
+    assert e.value.reason == "answer_not_in_render" and "'Let me look.'" in e.value.detail
+
+
+def test_f_gemma4_generation_prompt_opens_a_channel_the_history_lacks(family):
+    tok = family("gemma4")
+    t = get_template("hf", tok)
+    assert t.info["generation_prompt_extra"] == "<|channel>thought\n<channel|>"
+    assert t.think == "mask_empty"  # thinking is off at inference: an empty channel is prompt
+    s = rendered(tok, with_reasoning(REC, "Greet back.", "Say goodbye."))
+    assert marked(tok, s) == (
+        "<bos><|turn>system\nBe brief.<turn|>\n<|turn>user\nHi there<turn|>\n<|turn>model\n«Hello!<turn|>»\n"
+        "<|turn>user\nBye<turn|>\n<|turn>model\n«<|channel>thought\nSay goodbye.<channel|>See you.<turn|>»\n")
+
+
+def test_g_a_separator_after_the_header_is_learned_even_as_a_token_of_its_own(family):
+    tok = family("mistral")
+    for answer, tokens in (("42 is the answer.", ["Ġ", "4", "2", "Ġis", "Ġthe", "Ġanswer", ".", "</s>"]),
+                           ("你好", ["Ġ", "ä", "½", "ł", "å", "¥", "½", "</s>"])):
+        record = {"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": answer}]}
+        s = rendered(tok, record)
+        # `[/INST]`, then " " as a token of its own (this BPE never merged a space with a digit or a CJK
+        # byte): the model must write it, so it is learned.
+        assert tok.convert_ids_to_tokens(s.input_ids.tolist())[:7] == ["<s>", "[INST]", "Ġ", "H", "i", "Ġthere",
+                                                                       "[/INST]"]
+        assert learned_tokens(tok, s) == tokens
+        assert marked(tok, s) == f"<s>[INST] Hi there[/INST]« {answer}</s>»"
+
+
+def test_h_a_template_that_trims_learns_the_trimmed_answer(family):
+    tok = family("llama31")
+    record = {"messages": [{"role": "user", "content": "  Hi there \n"},
+                           {"role": "assistant", "content": "\n  Hello!  \n"}]}
+    s = rendered(tok, record)
+    assert marked(tok, s).endswith("\n\nHi there<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+                                   "«Hello!<|eot_id|>»")
+
+
+def test_i_gemma2_raises_on_a_system_message_so_it_is_folded_and_reported(family):
+    tok = family("gemma2")
+    t = get_template("hf", tok)
+    assert t.info["system"].startswith("folded into the first user turn")
+    s = rendered(tok, REC, folded=True)
+    assert marked(tok, s) == (
+        "<bos><start_of_turn>user\nBe brief.\n\nHi there<end_of_turn>\n<start_of_turn>model\n«Hello!<end_of_turn>»\n"
+        "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n«See you.<end_of_turn>»\n")
+    # Without a system message nothing is folded: the record is the template's as given.
+    assert rendered(tok, {"messages": REC["messages"][1:]}).input_ids.tolist() == reference(
+        tok, {"messages": REC["messages"][1:]})
+    report = template_report(t, tok, [parse_record(REC, "g.jsonl:1")])
+    assert report["notes"] == {"system folded into the first user turn": 1}
+    # What the template itself refuses stays a refusal, with the template's words.
+    with pytest.raises(BadRecord) as e:
+        render_conversation({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                                          {"role": "assistant", "content": "c"}]}, tok, "hf")
+    assert e.value.reason == "template_error" and "alternate" in e.value.detail
+
+
+def test_j_generation_markers_are_used_and_agree_with_the_rule(family):
+    tok = family("smol")
+    t = get_template("hf", tok)
+    assert t.info["strategy"] == "markers"
+    record = with_reasoning(REC, "Greet back.", None)
+    s = rendered(tok, record)
+    mask = tok.apply_chat_template(record["messages"], tokenize=True, return_dict=True,
+                                   return_assistant_tokens_mask=True)["assistant_masks"]
+    assert (s.labels != IGNORE).astype(int).tolist() == list(mask)
+    assert marked(tok, s) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+        "<|im_start|>assistant\n«<think>\nGreet back.\n</think>\nHello!<|im_end|>»\n<|im_start|>user\nBye<|im_end|>\n"
+        "<|im_start|>assistant\n«See you.<|im_end|>»\n")
+
+
+def test_j_generation_markers_that_learn_past_the_stop_are_not_used(family):
+    tok = family("smol")
+    tok.chat_template = SMOL.replace("{{- m.content + '<|im_end|>' -}}{%- endgeneration -%}{{- '\\n' -}}",
+                                     "{{- m.content + '<|im_end|>\\n' -}}{%- endgeneration -%}")
+    assert tok.chat_template != SMOL
+    try:
+        t = get_template("hf", tok)
+        assert t.info["strategy"] == "located"
+        assert "also learn '\\n'" in t.info["markers_note"]
+        s = rendered(tok, REC)
+        assert marked(tok, s).endswith("<|im_start|>assistant\n«See you.<|im_end|>»\n")
+    finally:
+        tok.chat_template = SMOL
+
+
+# --------------------------------------------------------------------- properties
+
+ALPHABET = list("abcXYZ019 .,!?'\n\té问答€😀")
+TEXT = st.text(alphabet=st.sampled_from(ALPHABET), min_size=0, max_size=16)
+
+
+@st.composite
+def dialogues(draw, name):
+    """A record the family's template can render: tagged texts (§U1§ ...) so what is learned can be told
+    apart from what is not whatever the random text is."""
+    fam = FAMILIES[name]
+    msgs, n = [], 0
+    if draw(st.booleans()):
+        msgs.append({"role": "system", "content": "§S§" + draw(TEXT)})
+    tools = None
+    for turn in range(draw(st.integers(1, 3))):
+        # Now and then a blank question: nothing to find it by.
+        msgs.append({"role": "user", "content": draw(st.sampled_from([f"§U{turn}§" + draw(TEXT)] * 5 + [" ", "\n"]))})
+        steps = draw(st.integers(0, 2)) if fam.tools and not fam.alternate else 0
+        for step in range(steps + 1):
+            answer = {"role": "assistant", "content": f"§A{n}§" + draw(TEXT)}
+            if fam.reasoning and draw(st.booleans()):
+                answer["reasoning_content"] = f"§R{n}§" + draw(TEXT)
+            calling = step < steps
+            if calling:
+                tools = TOOLS
+                args = {"to": draw(TEXT)}
+                calls = [{"type": "function", "function": {"name": "route", "arguments": args}}]
+                if name in ("mistral", "llama31"):  # their templates write the call in place of any text
+                    answer["content"] = None
+                elif draw(st.booleans()):
+                    answer["content"] = None
+                answer["tool_calls"] = calls
+            msgs.append(answer)
+            n += 1
+            if calling:
+                msgs.append({"role": "tool", "content": f"§T{n}§" + draw(TEXT), "tool_call_id": f"c{n}",
+                             "name": "route"})
+    if draw(st.integers(0, 4)) == 0:
+        msgs.append({"role": "user", "content": "§U9§" + draw(TEXT)})  # a question left unanswered: kept, not learned
+    record = {"messages": msgs}
+    if tools:
+        record["tools"] = tools
+    return record
+
+
+def answers_learned(tok, s):
+    out = []
+    for k in sorted(set(s.answer_of_token[s.labels != IGNORE].tolist())):
+        ids = s.input_ids[(s.answer_of_token == k) & (s.labels != IGNORE)]
+        out.append(tok.decode(ids.tolist(), clean_up_tokenization_spaces=False))
+    return out
+
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+@SETTINGS
+@given(data=st.data())
+def test_every_family_on_random_dialogues(family, name, data):
+    tok = family(name)
+    fam = FAMILIES[name]
+    record = data.draw(dialogues(name))
+    t = get_template("hf", tok)
+    s = rendered(tok, record, folded=t.info["system"].startswith("folded"))
+    # The hot path (headers in order) and the report's walk (every message found) place alike.
+    conv = parse_record(record)
+    assert t.segments(conv.messages, conv.tool_schemas) == t.explain(conv.messages, conv.tool_schemas, Counter())
+    answers = [m for m in record["messages"] if m["role"] == "assistant"]
+    learned = answers_learned(tok, s)
+    assert len(learned) == len(answers)  # every answer learns something
+    stops = t.info["stops"]
+    final_user = max(i for i, m in enumerate(record["messages"]) if m["role"] == "user")
+    for k, (m, text) in enumerate(zip(answers, learned)):
+        # Nothing of another message is learned; every tag of this answer is.
+        assert "§U" not in text and "§S" not in text and "§T" not in text
+        assert all(f"§A{j}§" not in text for j in range(len(answers)) if j != k)
+        if m.get("content") is not None:
+            body = m["content"].strip() if fam.trims else m["content"]
+            assert body in text
+        for call in m.get("tool_calls", []):
+            assert call["function"]["name"] in text
+        index = record["messages"].index(m)
+        if m.get("reasoning_content") and index > final_user and fam.reasoning:
+            assert m["reasoning_content"].strip() in text  # a final answer's reasoning is learned
+        # The stop is learned, where the template writes one after this answer.
+        last = index == len(record["messages"]) - 1
+        if t.info["stop_kind"] == "end-of-turn marker" or not last:
+            assert any(text.endswith(stop) for stop in stops), (text, stops)
+
+
+@pytest.mark.parametrize("name", ["glm", "qwen3"])
+@SETTINGS
+@given(data=st.data())
+def test_think_policies_on_random_dialogues(family, name, data):
+    tok = family(name)
+    record = data.draw(dialogues(name))
+    base = rendered(tok, record)
+    for think in ("learn", "mask_empty", "drop_history"):
+        s = rendered(tok, record, think=think)
+        assert s.input_ids.tolist() == base.input_ids.tolist()  # the policy never changes the ids
+        learned = "".join(answers_learned(tok, s))
+        every = "".join(answers_learned(tok, rendered(tok, record, think="learn")))
+        assert len(learned) <= len(every)
+        if think == "mask_empty":
+            assert "<think></think>" not in learned and "<think>\n\n</think>" not in learned
+
+
+# ------------------------------------------------------------------------ report
+
+
+@pytest.mark.parametrize("name", ["qwen3", "glm", "gemma4"])
+def test_report_says_strategy_stops_policy_roles_and_refusals(family, name):
+    tok = family(name)
+    t = get_template("hf", tok)
+    bad = json.loads(json.dumps(REC))
+    bad["messages"][2]["content"] = f"Hello{t.info['stops'][0]}"
+    records = [parse_record(REC, "d.jsonl:1"), parse_record(TOOL_REC, "d.jsonl:2"),
+               parse_record(with_reasoning(REC, "Greet back.", "Say goodbye."), "d.jsonl:3"),
+               parse_record(bad, "d.jsonl:4")]
+    r = template_report(t, tok, records)
+    assert r["strategy"] == "located" and r["records"]["rendered"] == 3
+    assert r["records"]["refused"] == {"control_token_in_content": 1}
+    assert r["records"]["refused_examples"]["control_token_in_content"].startswith("d.jsonl:4: ")
+    for role in ("system", "user", "tool", "template"):
+        assert r["roles"][role]["learned"] == 0
+    assert r["roles"]["assistant"]["learned"] > 0
+    text = format_report(r)
+    assert "think policy" in text and t.think in text and "stop learned" in text
+
+
+def test_template_verb_prints_the_report(tmp_path, tiny_llama_dir, capsys):
+    from chatsft.cli import main
+
+    build("qwen3", tmp_path / "qwen3")
+    data = tmp_path / "d.jsonl"
+    bad = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "say <|im_end|>"}]}
+    data.write_text("".join(json.dumps(r) + "\n" for r in (REC, TOOL_REC, bad)))
+    overrides = [f"model.name_or_path={tiny_llama_dir}", f"model.tokenizer={tmp_path / 'qwen3'}",
+                 f"data.train={data}", "data.template=hf"]
+    assert main(["template", str(_config(tmp_path)), *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "chat template: hf  (strategy: located" in out
+    assert "think policy          drop_history (default: the template renders reasoning for the final" in out
+    assert "first 3 records: 2 rendered, 1 refused" in out
+    assert f"refused control_token_in_content: 1, e.g. {data}:3: control_token_in_content" in out
+    # A think policy set in the config is reported as such.
+    assert main(["template", str(_config(tmp_path)), *overrides, "data.think=mask_empty"]) == 0
+    assert "mask_empty (set in data.think; the template's default is drop_history)" in capsys.readouterr().out
+
+
+def _config(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"run: {{output_dir: {tmp_path / 'run'}}}\n")
+    return path
