@@ -78,6 +78,31 @@ class Shape:
     default_think_why: str = ""
 
 
+# The sandbox decides, on every `message.content.strip()` or `loop.index0`, whether the
+# attribute may be used: jinja2's rule (no `_` names, no internals of functions, methods, code,
+# frames, generators; no mutating method of a known mutable type) reads only the type of the
+# object and the name, never the value, and asking it is half the cost of rendering a record.
+# So the answer is remembered per (type, name), where the environment's rule is jinja2's own.
+
+
+def _remember_safe_attributes(env: Any) -> None:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEnvironment
+
+    rule = type(env).is_safe_attribute
+    if rule not in (ImmutableSandboxedEnvironment.is_safe_attribute, SandboxedEnvironment.is_safe_attribute):
+        return  # a rule of someone else's may read the value
+    decide = env.is_safe_attribute
+    known: dict[tuple[type, str], bool] = {}
+
+    def is_safe_attribute(obj: Any, attr: str, value: Any) -> bool:
+        key = (type(obj), attr)
+        if key not in known:
+            known[key] = decide(obj, attr, value)
+        return known[key]
+
+    env.is_safe_attribute = is_safe_attribute
+
+
 class Jinja:
     """Renders the template exactly as apply_chat_template(tokenize=False) does, without its
     per-call overhead (several times the cost of the render itself)."""
@@ -87,13 +112,23 @@ class Jinja:
         self.kwargs = dict(tokenizer.special_tokens_map)
         self.slow = False
         self._sources: dict[bool, str] = {}
+        self._compiled: dict[str, Any] = {}
         try:
-            from transformers.utils.chat_template_utils import (_compile_jinja_template,
+            from transformers.utils.chat_template_utils import (_cached_compile_jinja_template,
                                                                 _render_with_assistant_indices)
 
-            self._compile, self._indices = _compile_jinja_template, _render_with_assistant_indices
+            self._fresh, self._indices = _cached_compile_jinja_template, _render_with_assistant_indices
         except ImportError:  # another transformers: its public path, slower but the same text
             self.slow = True
+
+    def _compile(self, source: str) -> Any:
+        """The template compiled as transformers compiles it (the same sandbox), in an environment
+        of our own whose attribute checks are remembered for immutable builtin values."""
+        if source not in self._compiled:
+            template = self._fresh(source)
+            _remember_safe_attributes(template.environment)
+            self._compiled[source] = template
+        return self._compiled[source]
 
     def source(self, tools: Optional[list]) -> str:
         key = tools is not None
