@@ -239,3 +239,38 @@ def test_token_bounds_at_every_character_equal_a_search_of_the_offsets(tokenizer
             starts, ends = list(range(len(text))), list(range(len(text) + 1))
             assert _token_bounds(enc, len(enc.ids), starts, ends) == \
                    _token_bounds_from_offsets(enc, starts, ends), (kind, text)
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3", "chatglm2", "special"])
+@pytest.mark.parametrize("organization", ["session", "split_turn"])
+@pytest.mark.parametrize("truncation", ["turns", "right", "drop"])
+def test_a_long_dialogue_encodes_only_the_prefix_it_keeps_with_the_same_samples(
+        tiny_llama_dir, template, organization, truncation):
+    """Truncation keeps the left part, so a dialogue far past max_length is encoded only up to a
+    prefix cut before an added token: the samples equal those of the whole-string encode, also
+    where CJK/emoji answers make several tokens per character (the prefix is then lengthened)."""
+    from transformers import AutoTokenizer
+
+    from chatsft.data.render import _encode, _samples, layout, render_batch
+    from chatsft.data.templates import get_template
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    msgs = []
+    for i in range(300):
+        answer = f"answer {i} 東京の天気は晴れ 🌤️" if i % 3 else f"plain answer number {i}"
+        msgs += [{"role": "user", "content": f"question {i}?"}, {"role": "assistant", "content": answer}]
+    conv = parse_record({"messages": msgs}, "long.jsonl:1")
+    tmpl = get_template(template, tok)
+    for limit in (7, 200, 900):
+        opts = RenderOptions(organization=organization, max_length=limit, truncation=truncation)
+        lay = layout(conv, tmpl)
+        (ids, enc), = _encode(tok, [lay.text])
+        assert len(ids) > 4 * limit  # the bounded path is taken
+        whole = _samples(conv.source, lay, ids, enc, opts)
+        (bounded,) = render_batch([conv], tok, tmpl, opts)
+        assert bounded.dropped == whole.dropped
+        assert len(bounded.samples) == len(whole.samples)
+        for a, b in zip(bounded.samples, whole.samples):
+            assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.labels, b.labels)
+            assert (a.source, a.truncated, a.answers_cut, a.eot_supervised) == \
+                   (b.source, b.truncated, b.answers_cut, b.eot_supervised)

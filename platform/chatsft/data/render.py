@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any, Optional, Sequence, Union
 
+import re
+
 import numpy as np
 
 from chatsft.data.options import Organization, Think, TrainOn, Truncation
@@ -145,7 +147,7 @@ def render_batch(
         except BadRecord as e:
             layouts.append(e.at(conv.source))
     texts = [lay.text for lay in layouts if isinstance(lay, _Layout)]
-    encodings = _encode(tokenizer, texts)
+    encodings = _encode_bounded(tokenizer, texts, opts.max_length)
     out: list[Union[RenderResult, BadRecord]] = []
     it = iter(encodings)
     for conv, lay in zip(convs, layouts):
@@ -173,6 +175,49 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[tuple[np.ndarray, Any]]:
     else:  # the wrapper resets truncation/padding the backend was saved with
         encodings = tokenizer(texts, add_special_tokens=False, return_attention_mask=False).encodings
     return [(np.asarray(e.ids, dtype=np.int32), e) for e in encodings]
+
+
+def _encode_bounded(tokenizer: Any, texts: list[str], limit: Optional[int]) -> list[tuple[np.ndarray, Any]]:
+    """`_encode`, but a text far longer than `limit` tokens is encoded only up to a prefix that
+    holds more than `limit` tokens: every truncation keeps the left part, so nothing past token
+    `limit` is read, and a long dialogue then costs time in `limit`, not in its length (the
+    tokenizer's own encode of one long string grows faster than linearly).
+
+    The prefix ends right before an added token that strips nothing to its left and matches
+    unnormalized text: the tokenizer splits the text at added tokens before normalizing and
+    pre-tokenizing the pieces, so the prefix's tokens are exactly the first tokens of the whole.
+    """
+    if limit is None:
+        return _encode(tokenizer, texts)
+    budget = PREFIX_CHARS_PER_TOKEN * (limit + 1)
+    cuts = _cut_points(tokenizer) if any(len(t) > 2 * budget for t in texts) else None
+    if cuts is None:
+        return _encode(tokenizer, texts)
+    out = []
+    for text in texts:
+        chars = budget
+        while True:
+            m = cuts.search(text, chars) if len(text) > 2 * chars else None
+            (ids, enc), = _encode(tokenizer, [text[:m.start()] if m else text])
+            if m is None or len(ids) > limit:
+                break
+            chars *= 2  # denser than expected (multi-byte characters): a longer prefix
+        out.append((ids, enc))
+    return out
+
+
+PREFIX_CHARS_PER_TOKEN = 8  # a first guess at the prefix to encode; doubled until it holds limit + 1
+
+
+def _cut_points(tokenizer: Any) -> Optional["re.Pattern[str]"]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    safe = [t.content for t in backend.get_added_tokens_decoder().values()
+            if t.content and not t.lstrip and not t.normalized]
+    if not safe:
+        return None
+    return re.compile("|".join(re.escape(c) for c in sorted(safe, key=len, reverse=True)))
 
 
 MAP_LOOKUPS = 64  # boundaries of one encoding found with char_to_token; above, with its offsets
