@@ -129,6 +129,19 @@ class Message:
         return (self.reasoning is not None or bool(self.tool_calls) or self.tool_call_id is not None
                 or self.name is not None)
 
+    def extra_fields(self) -> dict:
+        """The record keys of the reasoning and tool fields that are set, as a record spells them."""
+        d: dict = {}
+        if self.reasoning is not None:
+            d["reasoning_content"] = self.reasoning
+        if self.tool_calls:
+            d["tool_calls"] = [t.call for t in self.tool_calls]
+        if self.tool_call_id is not None:
+            d["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            d["name"] = self.name
+        return d
+
 
 @dataclass(frozen=True)
 class Conversation:
@@ -144,19 +157,8 @@ class Conversation:
         def content(c: Optional[Content]):
             return c if isinstance(c, str) or c is None else [{"type": p.type, "text": p.text} for p in c]
 
-        def message(m: Message) -> dict:
-            d: dict = {"role": m.role, "content": content(m.content)}
-            if m.reasoning is not None:
-                d["reasoning_content"] = m.reasoning
-            if m.tool_calls:
-                d["tool_calls"] = [t.call for t in m.tool_calls]
-            if m.tool_call_id is not None:
-                d["tool_call_id"] = m.tool_call_id
-            if m.name is not None:
-                d["name"] = m.name
-            return d
-
-        record: dict = {"messages": [message(m) for m in self.messages]}
+        record: dict = {"messages": [{"role": m.role, "content": content(m.content), **m.extra_fields()}
+                                     for m in self.messages]}
         if self.tools is not None:
             record["tools"] = loads(self.tools)
         return record

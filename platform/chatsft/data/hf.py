@@ -152,21 +152,13 @@ class Jinja:
 def hf_message(m: Message, fenced: Optional[str] = None) -> dict:
     """A message as apply_chat_template hands it to the template (None-valued keys dropped,
     reasoning also under `thinking`, as transformers aliases it)."""
-    if m.reasoning is None and not m.tool_calls and m.tool_call_id is None and m.name is None \
-            and isinstance(m.content, str):
+    if not m.extras and isinstance(m.content, str):
         return {"role": m.role, "content": m.content}  # the common case, kept cheap
     content = m.content if isinstance(m.content, str) or m.content is None else fenced
     d: dict = {"role": m.role}
     if content is not None:
         d["content"] = content
-    if m.reasoning is not None:
-        d["reasoning_content"] = m.reasoning
-    if m.tool_calls:
-        d["tool_calls"] = [t.call for t in m.tool_calls]
-    if m.tool_call_id is not None:
-        d["tool_call_id"] = m.tool_call_id
-    if m.name is not None:
-        d["name"] = m.name
+    d.update(m.extra_fields())
     if m.reasoning is not None:
         d = {"thinking": m.reasoning, **d, "reasoning_content": m.reasoning}
     return d
