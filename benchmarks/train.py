@@ -102,13 +102,14 @@ def _model_only(cfg, train_dir: str, micro: int, batches: int, rounds: int = 3) 
 def cpu(args) -> None:
     import ray
 
+    from chatsft.plan import RunPlan
     from chatsft.raysetup import runtime_env
     from chatsft.train.driver import prepared_rows
 
     tmp = tempfile.mkdtemp(prefix="chatsft-bench-")
     padded_cfg = _cpu_cfg(os.path.join(tmp, "padded"), args.steps)
     packed_cfg = _cpu_cfg(os.path.join(tmp, "packed"), args.steps, "data.packing=true")
-    padded_rows, packed_rows = prepared_rows(padded_cfg), prepared_rows(packed_cfg)
+    padded_rows, packed_rows = (prepared_rows(RunPlan.resolve(c, local=True)) for c in (padded_cfg, packed_cfg))
     print(f"rows: padded {padded_rows.train_rows}, packed {packed_rows.train_rows} "
           f"(max_length {padded_cfg.data.max_length}); {args.steps} optimizer steps of "
           f"{padded_cfg.train.micro_batch_size} rows each")
