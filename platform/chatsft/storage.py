@@ -266,12 +266,12 @@ def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
-def write_parquet(path: str, table) -> None:
+def write_parquet(path: str, table, row_group_rows: Optional[int] = None) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
+    pq.write_table(table, sink, row_group_size=row_group_rows)
     write_bytes(path, sink.getvalue().to_pybytes())
 
 

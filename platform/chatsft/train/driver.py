@@ -11,7 +11,7 @@ from chatsft import storage
 from chatsft.config import Config
 from chatsft.errors import UserError
 from chatsft.plan import RunPlan
-from chatsft.train.data import count_rows, parquet_files
+from chatsft.train.data import RowIndex, count_rows, parquet_files
 from chatsft.train.loop import StepHook, WorkerArgs, run_local, train_loop_per_worker
 from chatsft.train.progress import say
 from chatsft.train.resume import Resume
@@ -106,8 +106,9 @@ def train_on_rows(plan: RunPlan, rows: "Rows", extras: Optional[Extras] = None) 
     if rows.train_rows == 0:
         raise UserError(f"data.train: no training rows after prepare ({rows.train_dir})")
     resume = extras.resume or check_resume(plan, None)
-    args = WorkerArgs(plan=plan, train_dir=rows.train_dir, eval_dir=rows.eval_dir,
-                      train_rows=rows.train_rows, eval_rows=rows.eval_rows, export=extras.export,
+    args = WorkerArgs(plan=plan, train=RowIndex.build(rows.train_dir),
+                      eval=RowIndex.build(rows.eval_dir) if rows.eval_dir and rows.eval_rows else None,
+                      export=extras.export,
                       callbacks=list(extras.callbacks), hooks=list(extras.hooks), manifest=resume.manifest,
                       tasks=training_tasks(plan.config) if extras.tasks is None else list(extras.tasks))
     model_dir = plan.model_dir if extras.export else None
@@ -127,8 +128,7 @@ def train_on_rows(plan: RunPlan, rows: "Rows", extras: Optional[Extras] = None) 
 
 
 def _train_on_ray(plan: RunPlan, args: WorkerArgs, model_dir: Optional[str], ray_callbacks: list) -> TrainResult:
-    from ray.data import ExecutionOptions
-    from ray.train import (CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig,
+    from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
                            ScalingConfig)
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -137,9 +137,6 @@ def _train_on_ray(plan: RunPlan, args: WorkerArgs, model_dir: Optional[str], ray
     ensure_ray()
     cfg = plan.config
     sc = cfg.scaling
-    datasets = {"train": _dataset(args.train_dir)}
-    if args.eval_dir and args.eval_rows:
-        datasets["eval"] = _dataset(args.eval_dir)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"args": args},
@@ -154,11 +151,7 @@ def _train_on_ray(plan: RunPlan, args: WorkerArgs, model_dir: Optional[str], ray
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None),
             callbacks=ray_callbacks,
             logging_config=LoggingConfig(log_level="WARNING")),
-        datasets=datasets,
-        # Not split: every worker reads all rows in the same order and keeps its
-        # stride of each global batch (chatsft.data.order says why).
-        dataset_config=DataConfig(datasets_to_split=[],
-                                  execution_options=ExecutionOptions(preserve_order=True)),
+        # No Ray Dataset: each worker reads its own rows from the files (train/data.py says why).
     )
     try:
         result = trainer.fit()
@@ -188,22 +181,6 @@ def _summary(result: TrainResult, plan: RunPlan) -> None:
         after = key[len("before/"):]
         if after in m and not after.endswith(("/examples", "/skipped")):
             print(f"[chatsft] {after}: {m[key]:.4f} before training, {m[after]:.4f} after", flush=True)
-
-
-def _dataset(folder: str):
-    """The rows as a Ray Dataset in stored order, materialized before the workers start: the
-    workers then only read blocks (no Ray Data tasks competing for the CPUs they hold)."""
-    import ray.data
-
-    from chatsft.data.schema import TENSOR_COLUMNS
-
-    files = parquet_files(folder)
-    names = storage.parquet_file(files[0]).schema_arrow.names
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False  # one bar per worker pass clutters the training log
-    ds = ray.data.read_parquet(files, columns=[c for c in TENSOR_COLUMNS if c in names], shuffle=None)
-    return ds.materialize()
 
 
 def check_storage(plan: RunPlan) -> None:
