@@ -23,6 +23,18 @@ class ExitOnce:
             os._exit(1)
 
 
+class StopAt:
+    """Every worker raises right after optimizer step `step`: the run fails there (a lost node, a
+    preempted job) and leaves its checkpoints for a restart."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def __call__(self, step: int, runtime) -> None:
+        if step == self.step:
+            raise RuntimeError(f"[test] stopped after step {step} on purpose")
+
+
 def _ship_by_value() -> None:
     # Ray workers may not have the tests folder on their path: send these classes by value.
     from ray import cloudpickle

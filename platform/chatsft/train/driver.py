@@ -106,6 +106,7 @@ def train_on_rows(plan: RunPlan, rows: "Rows", extras: Optional[Extras] = None) 
     if rows.train_rows == 0:
         raise UserError(f"data.train: no training rows after prepare ({rows.train_dir})")
     resume = extras.resume or check_resume(plan, None)
+    plan = resume.apply(plan)  # another worker count: the checkpoint's rows per step
     args = WorkerArgs(plan=plan, train=RowIndex.build(rows.train_dir),
                       eval=RowIndex.build(rows.eval_dir) if rows.eval_dir and rows.eval_rows else None,
                       export=extras.export,

@@ -164,7 +164,7 @@ def setup(args: WorkerArgs, rt: WorkerRuntime) -> Worker:
     train = dataclasses.replace(cfg.train, grad_accum=accum)
     engine = build_engine(model, param_groups(model, train), train, world_size=rt.world, device=rt.device)
     total = total_steps(args.train.rows, plan.global_batch, cfg.train.epochs, cfg.train.max_steps)
-    state, last_saved = _resume(engine, rt, cfg.run.seed)
+    state, last_saved = _resume(engine, rt, cfg.run.seed, plan.global_batch, cfg.train.micro_batch_size)
     return Worker(args, rt, tokenizer, engine,
                   pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
                   decoder_start=decoder_start(model) if plan.seq2seq else None,
@@ -346,20 +346,25 @@ def task_scores(w: Worker) -> dict[str, float]:
 # --------------------------------------------------------------------- checkpoints
 
 
-def _resume(engine, rt: WorkerRuntime, seed: int) -> tuple[TrainState, int]:
-    """Restore weights, optimizer, loop position and RNG from the latest checkpoint, if any."""
+def _resume(engine, rt: WorkerRuntime, seed: int, global_batch: int, micro: int) -> tuple[TrainState, int]:
+    """Restore weights, optimizer, loop position and RNG from the latest checkpoint, if any (saved
+    by any number of workers: the data position and the engine's state do not depend on it)."""
     with rt.latest_checkpoint() as folder:
         if folder is None:
             _seed_rank(seed, rt.rank)
             return TrainState(world_size=rt.world), -1
-        engine.load(folder)
         state, rng = ckpt.read_state(folder, rt.rank)
+        engine.load(folder, saved_world=state.world_size)
     if rng is not None and state.world_size == rt.world:
         ckpt.set_rng_state(rng)
     else:
         _seed_rank(seed + state.step, rt.rank)
+    accum, accum_was = global_batch // (micro * rt.world), global_batch // (micro * state.world_size)
     if rt.rank == 0:
         say(f"resumed from {folder} at step {state.step} (epoch {state.epoch}, row {state.position})")
+        if state.world_size != rt.world:
+            say(f"resumed at step {state.step} on {rt.world} workers (was {state.world_size}); accumulation "
+                f"{accum_was} -> {accum}, {global_batch} rows per step as before")
     state.world_size = rt.world
     return state, state.step
 

@@ -1,0 +1,266 @@
+"""Data at cluster scale: prepare throughput and memory, and what each training worker reads.
+
+    python benchmarks/scale.py                          # 100k and 1M conversations
+    python benchmarks/scale.py --records 100000         # one size
+    python benchmarks/scale.py --records 20000 --steps 50 --workers 1 2   # a quick look
+
+For each corpus size (synthetic conversations, log-normal numbers of turns,
+written on the fly as JSONL shards into a temp dir):
+
+1. prepare (`prepare(plan, force=True)`: read, render, shuffle, write Parquet) in a
+   fresh driver process pinned to 1 core with a Ray of 1 CPU, then to 2 cores with
+   2 CPUs: wall time, tokens/s, the driver's peak RSS and the object store's peak
+   (polled). Targets: 2 CPUs / 1 CPU >= 1.9x; driver peak RSS at 1M within 1.2x of 100k.
+2. training on the prepared rows on a local multi-node Ray cluster
+   (ray.cluster_utils.Cluster, two nodes), W = 1, 2, 4 workers, the tiny built-in
+   Llama, a few hundred optimizer steps: time to the first optimizer step (from
+   the call, including the driver's index of the row groups and the workers'
+   start), peak RSS of the driver and of each worker, the object store's peak, and
+   bytes read per worker as a ratio to total/W. Target: <= 1.1x total/W plus one
+   row group (the largest row group is printed beside).
+
+Each measurement runs in its own process, so peak RSS is that process's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "platform"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class StorePeak:
+    """The object store's peak use, polled once a second from the cluster's memory summary."""
+
+    def __init__(self) -> None:
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(5)
+
+    def _poll(self) -> None:
+        import ray
+
+        while not self._stop.is_set():
+            try:
+                # ray.available_resources does not see objects; the raylets' store stats do
+                from ray._private.internal_api import memory_summary
+
+                text = memory_summary(stats_only=True)
+                for line in text.splitlines():
+                    if "Plasma memory usage" in line:
+                        self.peak = max(self.peak, float(line.split("Plasma memory usage")[1].split("MiB")[0]))
+            except Exception:
+                if not ray.is_initialized():
+                    return
+            self._stop.wait(1.0)
+
+
+# ------------------------------------------------------------------- children
+
+
+def child_prepare(cpus: int, out: str, paths: list[str]) -> dict:
+    if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= cpus:
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cpus])  # Ray's processes inherit it
+    import ray
+    from ray.data import DataContext
+
+    from chatsft.config import load_config
+    from chatsft.pipeline import prepare
+    from chatsft.plan import RunPlan
+
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    DataContext.get_current().enable_progress_bars = False
+    DataContext.get_current().print_on_execution_start = False
+    cfg = load_config(None, [f"run.output_dir={out}", f"data.train=[{', '.join(paths)}]", "data.max_length=1024",
+                             "tracking.enabled=false"])
+    start = time.perf_counter()
+    with StorePeak() as store:
+        p = prepare(RunPlan.resolve(cfg), force=True)
+    wall = time.perf_counter() - start
+    ray.shutdown()
+    st = p.train_stats
+    return {"wall": wall, "pipeline": st["seconds"], "tokens": st["tokens"], "samples": st["samples"],
+            "rows": st["rows"], "driver_rss_mb": peak_rss_mb(), "store_peak_mb": store.peak,
+            "train_dir": p.train_dir}
+
+
+class FirstStep:
+    """Rank 0's callback: the wall time of the first optimizer step, written to a file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        if not os.path.exists(self.path):
+            with open(self.path, "w") as f:
+                f.write(str(time.time()))
+
+
+class WorkerRss:
+    """Every rank, after the last step: its process's peak RSS, written to a file."""
+
+    def __init__(self, folder: str, last: int) -> None:
+        self.folder, self.last = folder, last
+
+    def __call__(self, step: int, runtime) -> None:
+        if step == self.last:
+            with open(os.path.join(self.folder, f"rss_rank{runtime.rank}.txt"), "w") as f:
+                f.write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+
+def child_train(workers: int, steps: int, train_dir: str, out: str) -> dict:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from chatsft.config import load_config
+    from chatsft.plan import RunPlan
+    from chatsft.train.data import RowIndex, count_rows
+    from chatsft.train.driver import Extras, Rows, train_on_rows
+
+    # two nodes of 2 logical CPUs: W = 4 spreads over both (the machine's cores are shared anyway)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    from chatsft.raysetup import runtime_env
+
+    ray.init(address=cluster.address, runtime_env=runtime_env(), logging_level="ERROR", log_to_driver=False)
+    os.makedirs(out, exist_ok=True)
+    first = os.path.join(out, "first_step.txt")
+    cfg = load_config(None, [
+        f"run.output_dir={out}", "run.name=scale", "run.shared_storage=true", "model.name_or_path=builtin:tiny-llama",
+        "train.micro_batch_size=4", "train.grad_accum=1", f"train.max_steps={steps}", "train.log_every=1",
+        "train.save_every=0", "train.precision=fp32", "train.deepspeed.stage=2", "train.lr=1e-3",
+        f"scaling.num_workers={workers}", "scaling.resources_per_worker={CPU: 0.5}", "tracking.enabled=false",
+        "eval.tasks=[]"])
+    plan = RunPlan.resolve(cfg)
+    rows = Rows(train_dir, None, count_rows(train_dir), 0)
+    start = time.time()
+    with StorePeak() as store:
+        result = train_on_rows(plan, rows, Extras(callbacks=[FirstStep(first)], hooks=[WorkerRss(out, steps)],
+                                                  export=False, tasks=[]))
+    end = time.time()
+    ray.shutdown()
+    cluster.shutdown()
+    m = result.metrics
+    index = RowIndex.build(train_dir)
+    with open(first) as f:
+        t_first = float(f.read()) - start
+    worker_rss = [float(Path(out, f"rss_rank{r}.txt").read_text()) for r in range(workers)]
+    return {"workers": workers, "first_step_s": t_first, "wall": end - start, "steps": m["step"],
+            "bytes_read": m["data_bytes_read"], "bytes_total": m["data_bytes_total"],
+            "largest_row_group": max(index.nbytes), "row_groups": len(index.nbytes),
+            "driver_rss_mb": peak_rss_mb(), "worker_rss_mb": worker_rss, "store_peak_mb": store.peak}
+
+
+def run_child(*args: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "platform"), RAY_ADDRESS="local")
+    res = subprocess.run([sys.executable, __file__, "--child", *args], env=env, capture_output=True, text=True)
+    lines = [ln for ln in res.stdout.strip().splitlines() if ln.startswith("{")]
+    if res.returncode != 0 or not lines:
+        print(res.stdout[-3000:], res.stderr[-5000:])
+        raise SystemExit(f"child {args[:2]} failed")
+    return json.loads(lines[-1])
+
+
+# ------------------------------------------------------------------------ main
+
+
+def bench_size(records: int, files: int, workers: list[int], steps: int, cpus_list: list[int], tmp: str) -> dict:
+    from prepare import make_corpus
+
+    folder = Path(tmp) / f"corpus{records}"
+    folder.mkdir()
+    t0 = time.perf_counter()
+    paths = make_corpus(folder, records, files=files)
+    size = sum(os.path.getsize(p) for p in paths)
+    print(f"\n== {records:,} conversations: {size / 1e6:,.0f} MB of JSONL in {len(paths)} shards "
+          f"(generated in {time.perf_counter() - t0:.0f} s)", flush=True)
+    prep = {}
+    for cpus in cpus_list:
+        prep[cpus] = run_child("prepare", str(cpus), os.path.join(tmp, f"prep{records}_{cpus}"), *paths)
+        r = prep[cpus]
+        print(f"   prepare, {cpus} CPU: {r['wall']:7.1f} s ({r['tokens'] / r['wall'] / 1e3:6.1f} k tokens/s; "
+              f"{r['tokens']:,} tokens, {r['rows']:,} rows); driver peak RSS {r['driver_rss_mb']:.0f} MB, "
+              f"object store peak {r['store_peak_mb']:.0f} MB", flush=True)
+    if 1 in prep and 2 in prep:
+        print(f"   prepare 2 CPUs / 1 CPU: {prep[1]['wall'] / prep[2]['wall']:.2f}x   (target >= 1.9x)")
+    train_dir = prep[max(prep)]["train_dir"]
+    runs = {}
+    for w in workers:
+        r = runs[w] = run_child("train", str(w), str(steps), train_dir, os.path.join(tmp, f"train{records}_{w}"))
+        share = r["bytes_total"] / w
+        ratios = [b / share for b in r["bytes_read"]]
+        slack = [(b - share) / r["largest_row_group"] for b in r["bytes_read"]]
+        print(f"   train W={w}: first optimizer step after {r['first_step_s']:.1f} s, {r['steps']} steps in "
+              f"{r['wall']:.0f} s; driver peak RSS {r['driver_rss_mb']:.0f} MB, workers "
+              f"{', '.join(f'{x:.0f}' for x in r['worker_rss_mb'])} MB; object store peak {r['store_peak_mb']:.0f} MB",
+              flush=True)
+        print(f"      bytes read per worker / (total/W): {', '.join(f'{x:.3f}x' for x in ratios)} "
+              f"(total {r['bytes_total'] / 1e6:.1f} MB over {r['row_groups']} row groups; over the share: "
+              f"{', '.join(f'{s:+.2f}' for s in slack)} of the largest row group, "
+              f"{r['largest_row_group'] / 1e6:.2f} MB)   (target <= 1.1x + one row group)", flush=True)
+    return {"records": records, "prepare": prep, "train": runs}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--records", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--files", type=int, default=16, help="JSONL shards of a corpus")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--steps", type=int, default=200, help="optimizer steps of each training run")
+    ap.add_argument("--prepare-cpus", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        kind, rest = args.child[0], args.child[1:]
+        if kind == "prepare":
+            out = child_prepare(int(rest[0]), rest[1], rest[2:])
+        else:
+            out = child_train(int(rest[0]), int(rest[1]), rest[2], rest[3])
+        print(json.dumps(out))
+        return
+    os.environ.setdefault("CHATSFT_CACHE", str(ROOT / ".cache" / "chatsft"))
+    print(f"machine: {os.cpu_count()} CPUs; load average at start {os.getloadavg()[0]:.1f} "
+          "(other work on the machine slows wall times)")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="chatsft-scale-") as tmp:
+        for records in args.records:
+            results.append(bench_size(records, args.files, args.workers, args.steps, args.prepare_cpus, tmp))
+    if len(results) > 1:
+        a, b = results[0], results[-1]
+        ca, cb = max(a["prepare"]), max(b["prepare"])
+        print(f"\ndriver peak RSS, {b['records']:,} vs {a['records']:,} conversations: prepare "
+              f"{b['prepare'][cb]['driver_rss_mb'] / a['prepare'][ca]['driver_rss_mb']:.2f}x", end="")
+        common = sorted(set(a["train"]) & set(b["train"]))
+        for w in common:
+            print(f"; train W={w} {b['train'][w]['driver_rss_mb'] / a['train'][w]['driver_rss_mb']:.2f}x", end="")
+        print("   (target <= 1.2x)")
+    print(f"load average at end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
