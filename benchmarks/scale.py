@@ -3,6 +3,7 @@
     python benchmarks/scale.py                          # 100k and 1M conversations
     python benchmarks/scale.py --records 100000         # one size
     python benchmarks/scale.py --records 20000 --steps 50 --workers 1 2   # a quick look
+    python benchmarks/scale.py --records 100000 --synthetic-rows 1000000  # 1M on the training side only
 
 For each corpus size (synthetic conversations, log-normal numbers of turns,
 written on the fly as JSONL shards into a temp dir):
@@ -63,16 +64,13 @@ class StorePeak:
 
     def _poll(self) -> None:
         import ray
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
+        state = get_state_from_address(ray.get_runtime_context().gcs_address)
         while not self._stop.is_set():
-            try:
-                # ray.available_resources does not see objects; the raylets' store stats do
-                from ray._private.internal_api import memory_summary
-
-                text = memory_summary(stats_only=True)
-                for line in text.splitlines():
-                    if "Plasma memory usage" in line:
-                        self.peak = max(self.peak, float(line.split("Plasma memory usage")[1].split("MiB")[0]))
+            try:  # ray.available_resources does not see objects; the raylets' store stats do
+                used = get_memory_info_reply(state).store_stats.object_store_bytes_used
+                self.peak = max(self.peak, used / 2**20)
             except Exception:
                 if not ray.is_initialized():
                     return
@@ -132,6 +130,20 @@ class WorkerRss:
                 f.write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
 
+def epoch_read(index, seed: int, global_batch: int, rank: int, world: int) -> dict:
+    """One worker's full epoch of rows through the trainer's own reader (no model): what it reads."""
+    from chatsft.train.data import ChunkReader, prefetched, worker_steps
+
+    reader = ChunkReader(index)
+    rows = 0
+    t0 = time.perf_counter()
+    for mine in prefetched(worker_steps(index, reader, seed=seed, epoch=0, global_batch=global_batch, rank=rank,
+                                        world=world)):
+        rows += sum(not r.empty for r in mine)
+    return {"bytes": reader.bytes_read, "rows": rows, "seconds": time.perf_counter() - t0,
+            "rss_mb": peak_rss_mb()}
+
+
 def child_train(workers: int, steps: int, train_dir: str, out: str) -> dict:
     import ray
     from ray.cluster_utils import Cluster
@@ -163,15 +175,21 @@ def child_train(workers: int, steps: int, train_dir: str, out: str) -> dict:
         result = train_on_rows(plan, rows, Extras(callbacks=[FirstStep(first)], hooks=[WorkerRss(out, steps)],
                                                   export=False, tasks=[]))
     end = time.time()
-    ray.shutdown()
-    cluster.shutdown()
     m = result.metrics
     index = RowIndex.build(train_dir)
+    # A few hundred steps read a sliver of an epoch; what each worker reads of a whole one is
+    # measured by the same reader over a full epoch, one Ray task per rank.
+    task = ray.remote(num_cpus=0.5)(epoch_read)
+    epoch = ray.get([task.remote(index, 0, plan.global_batch, r, workers) for r in range(workers)])
+    ray.shutdown()
+    cluster.shutdown()
     with open(first) as f:
         t_first = float(f.read()) - start
     worker_rss = [float(Path(out, f"rss_rank{r}.txt").read_text()) for r in range(workers)]
     return {"workers": workers, "first_step_s": t_first, "wall": end - start, "steps": m["step"],
-            "bytes_read": m["data_bytes_read"], "bytes_total": m["data_bytes_total"],
+            "bytes_read_steps": m["data_bytes_read"], "bytes_total": m["data_bytes_total"],
+            "bytes_read": [e["bytes"] for e in epoch], "epoch_rows": [e["rows"] for e in epoch],
+            "epoch_seconds": [e["seconds"] for e in epoch], "reader_rss_mb": [e["rss_mb"] for e in epoch],
             "largest_row_group": max(index.nbytes), "row_groups": len(index.nbytes),
             "driver_rss_mb": peak_rss_mb(), "worker_rss_mb": worker_rss, "store_peak_mb": store.peak}
 
@@ -208,22 +226,62 @@ def bench_size(records: int, files: int, workers: list[int], steps: int, cpus_li
               f"object store peak {r['store_peak_mb']:.0f} MB", flush=True)
     if 1 in prep and 2 in prep:
         print(f"   prepare 2 CPUs / 1 CPU: {prep[1]['wall'] / prep[2]['wall']:.2f}x   (target >= 1.9x)")
-    train_dir = prep[max(prep)]["train_dir"]
+    runs = bench_train(str(records), prep[max(prep)]["train_dir"], workers, steps, tmp)
+    return {"records": records, "prepare": prep, "train": runs}
+
+
+def synthetic_rows(folder: Path, rows: int, seed: int = 0) -> str:
+    """Prepared training rows written as prepare writes them (files of about TOKENS_PER_PART tokens,
+    bounded row groups), random ids of log-normal lengths: the training side at a size whose
+    prepare does not fit the time at hand."""
+    import numpy as np
+    import pyarrow as pa
+
+    from chatsft import storage
+    from chatsft.data.schema import IGNORE, UNPACKED
+    from chatsft.pipeline.rows import list_array
+    from chatsft.pipeline.shuffle import TOKENS_PER_PART, row_group_rows
+
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(np.round(rng.lognormal(np.log(300), 0.9, rows)), 8, 1024).astype(np.int64)
+    out = folder / "train"
+    out.mkdir(parents=True)
+    start, part = 0, 0
+    while start < rows:
+        end = start + max(1, int(np.searchsorted(np.cumsum(lengths[start:]), TOKENS_PER_PART)))
+        end = min(end, rows)
+        ids = [rng.integers(3, 500, n, dtype=np.int32) for n in lengths[start:end]]
+        labels = [np.where(np.arange(n) < n // 2, IGNORE, a).astype(np.int32) for a, n in zip(ids, lengths[start:end])]
+        offsets = pa.array(np.arange(end - start + 1, dtype=np.int32))
+        table = pa.Table.from_arrays(
+            [list_array(ids), list_array(labels),
+             pa.ListArray.from_arrays(offsets, pa.array([f"synthetic:{i + 1}" for i in range(start, end)]))],
+            schema=UNPACKED)
+        storage.write_parquet(str(out / f"part-{part:05d}.parquet"), table, row_group_rows(table))
+        start, part = end, part + 1
+    return str(out)
+
+
+def bench_train(label: str, train_dir: str, workers: list[int], steps: int, tmp: str) -> dict:
     runs = {}
     for w in workers:
-        r = runs[w] = run_child("train", str(w), str(steps), train_dir, os.path.join(tmp, f"train{records}_{w}"))
+        r = runs[w] = run_child("train", str(w), str(steps), train_dir, os.path.join(tmp, f"train{label}_{w}"))
         share = r["bytes_total"] / w
         ratios = [b / share for b in r["bytes_read"]]
         slack = [(b - share) / r["largest_row_group"] for b in r["bytes_read"]]
         print(f"   train W={w}: first optimizer step after {r['first_step_s']:.1f} s, {r['steps']} steps in "
               f"{r['wall']:.0f} s; driver peak RSS {r['driver_rss_mb']:.0f} MB, workers "
-              f"{', '.join(f'{x:.0f}' for x in r['worker_rss_mb'])} MB; object store peak {r['store_peak_mb']:.0f} MB",
+              f"{', '.join(f'{x:.0f}' for x in r['worker_rss_mb'])} MB; object store peak {r['store_peak_mb']:.1f} MB",
               flush=True)
+        print(f"      in those steps each worker read {', '.join(f'{b / 1e6:.1f}' for b in r['bytes_read_steps'])} MB; "
+              f"over a full epoch ({', '.join(f'{n:,}' for n in r['epoch_rows'])} rows, read in "
+              f"{', '.join(f'{t:.0f}' for t in r['epoch_seconds'])} s by the trainer's reader alone, peak RSS "
+              f"{', '.join(f'{x:.0f}' for x in r['reader_rss_mb'])} MB):", flush=True)
         print(f"      bytes read per worker / (total/W): {', '.join(f'{x:.3f}x' for x in ratios)} "
               f"(total {r['bytes_total'] / 1e6:.1f} MB over {r['row_groups']} row groups; over the share: "
               f"{', '.join(f'{s:+.2f}' for s in slack)} of the largest row group, "
               f"{r['largest_row_group'] / 1e6:.2f} MB)   (target <= 1.1x + one row group)", flush=True)
-    return {"records": records, "prepare": prep, "train": runs}
+    return runs
 
 
 def main() -> None:
@@ -233,6 +291,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--steps", type=int, default=200, help="optimizer steps of each training run")
     ap.add_argument("--prepare-cpus", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--synthetic-rows", type=int, nargs="*", default=[],
+                    help="also train on this many synthetic prepared rows (no prepare): the training side alone")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -250,6 +310,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="chatsft-scale-") as tmp:
         for records in args.records:
             results.append(bench_size(records, args.files, args.workers, args.steps, args.prepare_cpus, tmp))
+        for rows in args.synthetic_rows:
+            t0 = time.perf_counter()
+            train_dir = synthetic_rows(Path(tmp) / f"synthetic{rows}", rows)
+            print(f"\n== {rows:,} synthetic prepared rows (written in {time.perf_counter() - t0:.0f} s; no prepare)",
+                  flush=True)
+            runs = bench_train(f"s{rows}", train_dir, args.workers, args.steps, tmp)
+            if results:
+                base = results[0]["train"]
+                print("   driver peak RSS vs the first corpus: " + ", ".join(
+                    f"W={w} {runs[w]['driver_rss_mb'] / base[w]['driver_rss_mb']:.2f}x" for w in runs if w in base)
+                    + "   (target <= 1.2x)")
     if len(results) > 1:
         a, b = results[0], results[-1]
         ca, cb = max(a["prepare"]), max(b["prepare"])

@@ -59,9 +59,12 @@ class Resume:
             moved = f" (the previous run was moved to {self.archived})" if self.archived else ""
             return f"fresh run: no checkpoint to resume{moved}"
         text = f"resuming from {self.checkpoint} at step {self.step}"
-        if self.workers:
+        if self.workers and self.workers[0] != self.workers[1]:
             text += (f" on {self.workers[1]} workers (was {self.workers[0]}); accumulation "
                      f"{self.accum[0]} -> {self.accum[1]}, {self.manifest['rows_per_step']} rows per step as before")
+        elif self.workers:
+            text += (f" with accumulation {self.accum[1]}, keeping the checkpoint's "
+                     f"{self.manifest['rows_per_step']} rows per step")
         if self.changed:
             text += "; changed since, applied from this step: " + ", ".join(
                 f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in self.changed.items())
