@@ -310,10 +310,18 @@ class ScalingConfig:
         "PACK", "Placement group strategy: SPREAD puts workers on different nodes."
     )
     max_failures: int = doc(0, "Worker-group restarts from the latest checkpoint; -1: unlimited.")
+    min_workers: int = doc(
+        0, "Elastic training: the fewest workers a run goes on with (Ray Train's num_workers=(min, max), max "
+        "being num_workers); 0: always num_workers. Rows per step stay micro x accum x num_workers, so each "
+        "count in between must share them in micro-batches."
+    )
 
     def _validate(self, where: str) -> None:
         if self.num_workers < 1:
             raise ConfigError(f"{where}.num_workers: must be >= 1, got {self.num_workers}")
+        if not 0 <= self.min_workers <= self.num_workers:
+            raise ConfigError(f"{where}.min_workers: must be between 0 and num_workers ({self.num_workers}), "
+                              f"got {self.min_workers}")
         if self.max_failures < -1:
             raise ConfigError(f"{where}.max_failures: must be >= -1")
 

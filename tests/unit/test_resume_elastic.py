@@ -34,3 +34,18 @@ def test_a_batch_change_is_refused_and_an_impossible_share_named():
     with pytest.raises(UserError) as e:
         _elastic(theirs, manifest(2, 2, 5), was=3)
     assert "scaling.num_workers=5" in str(e.value) and "12 rows per optimizer step" in str(e.value)
+
+
+def test_elastic_worker_range_must_share_the_rows_per_step():
+    from chatsft.config import ConfigError, load_config
+    from chatsft.plan import RunPlan
+
+    base = ["tracking.enabled=false", "train.micro_batch_size=1", "train.grad_accum=3", "scaling.num_workers=4"]
+    with pytest.raises(ConfigError) as e:  # 12 rows a step: 2, 3 and 4 share them, 5 would not
+        RunPlan.resolve(load_config(None, base + ["scaling.min_workers=5"]))
+    assert "scaling.min_workers" in str(e.value)
+    assert RunPlan.resolve(load_config(None, base + ["scaling.min_workers=2"])).global_batch == 12
+    with pytest.raises(ConfigError) as e:
+        RunPlan.resolve(load_config(None, base[:-2] + ["train.grad_accum=1", "scaling.num_workers=4",
+                                                       "scaling.min_workers=3"]))
+    assert "with 3 workers the 4 rows per step" in str(e.value)

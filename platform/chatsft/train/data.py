@@ -29,6 +29,7 @@ from chatsft.data.order import EpochOrder, lane_bounds, row_permutation, shard_r
 from chatsft.data.schema import EMPTY, TENSOR_COLUMNS, Row, iter_rows
 
 PREFETCH_STEPS = 4  # steps of rows read ahead of the one training
+OPEN_FILES = 8  # Parquet files a reader keeps open
 
 
 def parquet_files(folder: str) -> list[str]:
@@ -112,7 +113,7 @@ class ChunkReader:
         self.index = index
         self.bytes_read = 0
         self.read_chunks: set[int] = set()  # the row groups read (bytes_read counts re-reads too)
-        self._files: dict[int, Any] = {}
+        self._files: OrderedDict[int, Any] = OrderedDict()
         self._cache: OrderedDict[int, list[Row]] = OrderedDict()
         self._keep = cache
 
@@ -122,9 +123,12 @@ class ChunkReader:
             return self._cache[chunk]
         ix = self.index
         f = ix.chunk_file[chunk]
-        if f not in self._files:
-            self._files.clear()  # one open file at a time: lanes move through files in order
+        if f in self._files:
+            self._files.move_to_end(f)
+        else:  # a few open files: a worker's lanes may be in different files at once
             self._files[f] = storage.parquet_file(ix.files[f])
+            while len(self._files) > OPEN_FILES:
+                self._files.popitem(last=False)
         table = self._files[f].read_row_group(ix.chunk_group[chunk], columns=list(ix.columns))
         self.bytes_read += ix.nbytes[chunk]
         self.read_chunks.add(chunk)

@@ -143,7 +143,10 @@ def _train_on_ray(plan: RunPlan, args: WorkerArgs, model_dir: Optional[str], ray
         train_loop_config={"args": args},
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=plan.workers, use_gpu=sc.use_gpu,
+            # elastic between scaling.min_workers and num_workers: a restarted group of another size
+            # resumes at the exact row with the same rows per step (train/loop.py `accumulation`)
+            num_workers=(sc.min_workers, plan.workers) if 0 < sc.min_workers < plan.workers else plan.workers,
+            use_gpu=sc.use_gpu,
             resources_per_worker=dict(sc.resources_per_worker) or None,
             accelerator_type=sc.accelerator_type, placement_strategy=sc.placement_strategy),
         run_config=RunConfig(
