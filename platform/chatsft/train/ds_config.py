@@ -11,10 +11,6 @@ def deepspeed_config(train: Any, world_size: int) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": ds.stage}
     if ds.stage >= 1:
         zero.update({"overlap_comm": False, "contiguous_gradients": True})
-    if ds.stage in (1, 2):
-        # Optimizer state saved whole per parameter group, so a checkpoint of N workers loads on
-        # M (elastic resume: chatsft.train.resume). Stage 3 goes through a universal checkpoint.
-        zero["elastic_checkpoint"] = True
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     if ds.offload_params:

@@ -149,14 +149,16 @@ class Engine:
     def load(self, folder: str, saved_world: Optional[int] = None) -> None:
         """Weights and optimizer state from a checkpoint written by `saved_world` workers (this
         engine's world size may differ: the torch path and DeepSpeed stage 0 save whole state,
-        stages 1-2 save it elastic, stage 3 is converted to DeepSpeed's universal checkpoint).
+        ZeRO 1-3 checkpoints are converted to DeepSpeed's universal checkpoint first).
         The optimizer's hyperparameters (lr, betas, eps, weight decay of each group) stay the
         config's: a resumed run applies changed values from its first step (train/resume.py),
         never the checkpoint's."""
         config_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         if self.kind == "deepspeed":
             stage = self.ds.zero_optimization_stage()
-            if saved_world not in (None, self.world_size) and stage == 3:
+            if saved_world not in (None, self.world_size) and stage >= 1:
+                # ZeRO partitions the optimizer state by world size and DeepSpeed refuses another
+                # one; its universal checkpoint is the world-size-free form it loads at any size.
                 with _universal(folder) as converted:
                     self.ds._config.load_universal_checkpoint = True
                     try:
@@ -195,7 +197,7 @@ def _universal(folder: str):
         ds_to_universal(SimpleNamespace(
             input_folder=os.path.join(folder, "state"), output_folder=os.path.join(out, "state"),
             num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
-            inject_missing_state=False))
+            inject_missing_state=True))
         with open(os.path.join(out, "latest"), "w") as f:
             f.write("state")
         yield out
