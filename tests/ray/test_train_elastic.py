@@ -5,7 +5,7 @@ s alone (chatsft.data.order), and a change of worker count keeps the checkpoint'
 G (accumulation becomes G / (micro x workers)). So the resumed run trains steps 3-4 on exactly
 the rows an uninterrupted run trains there, on 3 workers or on 2 (tests/unit/test_train_data.py
 checks those rows), from the state a 2-worker run has at step 2 up to the order of float sums
-(ZeRO-2's optimizer state is saved elastic and loaded at the new world size). Checked here: its
+(ZeRO-2's state goes through DeepSpeed's universal checkpoint to the new world size). Checked here: its
 final weights equal an uninterrupted 2-worker run's (fp32, tight tolerance), and its final data
 position (epoch, row) is the uninterrupted run's exactly.
 """
