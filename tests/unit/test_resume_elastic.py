@@ -15,24 +15,24 @@ def manifest(micro, accum, workers, rows_per_step=None):
 
 def test_worker_count_alone_is_elastic():
     theirs = manifest(2, 2, 3)  # 12 rows a step
-    assert _elastic(theirs, manifest(2, 2, 2), was=3) == ((3, 2), (2, 3))
-    assert _elastic(theirs, manifest(2, 2, 6), was=3) == ((3, 6), (2, 1))
-    assert _elastic(theirs, manifest(2, 2, 3), was=3) == (None, None)  # nothing changed
+    assert _elastic(theirs, manifest(2, 2, 2), lambda: 3) == ((3, 2), (2, 3))
+    assert _elastic(theirs, manifest(2, 2, 6), lambda: 3) == ((3, 6), (2, 1))
+    assert _elastic(theirs, manifest(2, 2, 3), lambda: 3) == (None, None)  # nothing changed
 
 
 def test_a_resumed_elastic_run_resumes_again_with_its_config():
     # saved by 2 workers after an elastic resume (accumulation 3 in effect, 2 configured)
     theirs = manifest(2, 2, 2, rows_per_step=12)
-    assert _elastic(theirs, manifest(2, 2, 2), was=2) == ((2, 2), (3, 3))
+    assert _elastic(theirs, manifest(2, 2, 2), lambda: 2) == ((2, 2), (3, 3))
 
 
 def test_a_batch_change_is_refused_and_an_impossible_share_named():
     theirs = manifest(2, 2, 3)
     mine = manifest(4, 2, 2)  # micro-batch changed too: the global batch would change
-    assert _elastic(theirs, mine, was=3) == (None, None)
+    assert _elastic(theirs, mine, lambda: 3) == (None, None)
     assert any("rows per optimizer step" in d for d in _differences(theirs, mine))
     with pytest.raises(UserError) as e:
-        _elastic(theirs, manifest(2, 2, 5), was=3)
+        _elastic(theirs, manifest(2, 2, 5), lambda: 3)
     assert "scaling.num_workers=5" in str(e.value) and "12 rows per optimizer step" in str(e.value)
 
 

@@ -28,7 +28,7 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from chatsft import storage
 from chatsft.errors import UserError
@@ -115,8 +115,7 @@ def check(plan: RunPlan, rows: Optional[dict]) -> Resume:
         raise UserError(f"run.output_dir={plan.config.run.output_dir}: {latest} was written without a run "
                         "manifest (an older chatsft), so what it trained is unknown; " + _ways_out())
     theirs = json.loads(text)
-    state, _ = ckpt.read_state_at(latest)
-    workers, accum = _elastic(theirs, mine, state.world_size)
+    workers, accum = _elastic(theirs, mine, lambda: ckpt.read_state_at(latest)[0].world_size)
     if workers:  # the run's global batch stays the checkpoint's
         mine = mine | {"rows_per_step": theirs["rows_per_step"]}
     differ = _differences(theirs, mine)
@@ -126,15 +125,19 @@ def check(plan: RunPlan, rows: Optional[dict]) -> Resume:
                         f"is of another run ({shown}); " + _ways_out())
     changed = {f"train.{k}": (theirs["optimization"].get(k), v) for k, v in mine["optimization"].items()
                if theirs["optimization"].get(k) != v}
+    state, _ = ckpt.read_state_at(latest)
     return Resume(mine, checkpoint=latest, step=state.step, changed=changed, workers=workers, accum=accum)
 
 
-def _elastic(theirs: dict, mine: dict, was: int) -> tuple[Optional[tuple[int, int]], Optional[tuple[int, int]]]:
+def _elastic(theirs: dict, mine: dict,
+             saved_world: Callable[[], int]) -> tuple[Optional[tuple[int, int]], Optional[tuple[int, int]]]:
     """(workers, accumulation) as (checkpoint's, now) when the configured micro-batch and accumulation
-    are the checkpoint's and only the number of workers (`was`, now) makes the rows per step differ."""
+    are the checkpoint's and only the number of workers (the checkpoint's: `saved_world()`, now)
+    makes the rows per step differ."""
     a, b = theirs.get("batch"), mine["batch"]
     if not a or a != b | {"workers": a["workers"]} or theirs["rows_per_step"] == mine["rows_per_step"]:
         return None, None
+    was = saved_world()
     G, micro, W = theirs["rows_per_step"], b["micro_batch_size"], b["workers"]
     if G % (micro * W):
         raise UserError(f"scaling.num_workers={W}: the checkpoint's run takes {G} rows per optimizer step "
