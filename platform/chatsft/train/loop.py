@@ -2,8 +2,9 @@
 and `--local` runs the very same function in this process (runtime.py says how they differ).
 
 One optimizer step: this worker's micro-batches of the step's global batch
-(chatsft.data.order; the worker reads only its own rows, train/data.py), the number N of supervised tokens of the whole step counted
-on every worker and all-reduced, then per micro-batch backward of
+(chatsft.data.order; the worker reads only its own rows, train/data.py), the
+number N of supervised tokens of the whole step counted on every worker and
+all-reduced, then per micro-batch backward of
 loss_sum * world / N. Data-parallel engines average gradients over the world,
 so the step's gradient is the sum of token-loss gradients over all supervised
 tokens of all micro-batches and workers divided by N, whatever the split.
