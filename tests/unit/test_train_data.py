@@ -34,7 +34,7 @@ def ident(r):
 def steps_of(index, *, world, micro, accum, seed=0, epoch=0, start=0):
     """Per step: the global batch as the sorted ids of all workers' rows (-1: filler), and the readers."""
     G = micro * accum * world
-    readers = [ChunkReader(index, cache=0) for _ in range(world)]
+    readers = [ChunkReader(index) for _ in range(world)]
     per_worker = []
     for rank in range(world):
         got = []
@@ -60,17 +60,18 @@ def test_global_batches_do_not_depend_on_split(tmp_path, world, micro, accum):
     assert flat.count(-1) == 3 and len(ref) == 10
 
 
+@pytest.mark.parametrize("group", [5, 7])  # 7: lanes end inside row groups
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_workers_read_only_their_rows(tmp_path, world):
+def test_workers_read_only_their_rows(tmp_path, world, group):
     """Worker r reads the row groups of its contiguous run of the epoch order and no others; the
     union of what the workers train on is the epoch's order exactly, each row once."""
-    n, group = 120, 5
+    n = 120
     index = write_split(tmp_path / "rows", n, group=group, files=3)
     G = 12
     order = EpochOrder(index.sizes, 7, 1)
     trained = []
     for rank in range(world):
-        reader = ChunkReader(index, cache=0)
+        reader = ChunkReader(index)
         rows = [ident(r) for mine in worker_steps(index, reader, seed=7, epoch=1, global_batch=G, rank=rank,
                                                    world=world) for r in mine]
         trained += [r for r in rows if r >= 0]
@@ -79,6 +80,8 @@ def test_workers_read_only_their_rows(tmp_path, world):
         assert all(a[1] == b[0] for a, b in zip(span, span[1:]))  # its lanes are one contiguous run
         allowed = order.chunks_between(start, end)
         assert set(reader.read_chunks) == set(allowed)
+        # each once: a row group where one of its lanes ends and the next begins is kept, not re-read
+        assert reader.bytes_read == sum(index.nbytes[c] for c in reader.read_chunks)
         # what it read: its own rows plus at most the two row groups it shares with its neighbours
         assert sum(index.sizes[c] for c in set(reader.read_chunks)) <= n / world + 2 * (group - 1)
         # stored rows it trained on are exactly those of its run of the epoch order

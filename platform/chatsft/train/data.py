@@ -5,7 +5,7 @@ and sizes) and hands the index to every worker. A worker then reads, through
 chatsft.storage (local paths and URIs alike), only the row groups that hold its
 rows (chatsft.data.order says which), the tensor columns only, with a bounded
 read-ahead on a thread: memory is that read-ahead plus one row group per lane
-of the worker, whatever the size of the split. Bytes read are counted (the
+of the worker (two where lanes share one), whatever the size of the split. Bytes read are counted (the
 compressed column chunks fetched) so a benchmark can hold each worker to its share.
 
 Ray Data's `streaming_split(equal=True)` was the other way: it hands out blocks
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
@@ -106,21 +106,33 @@ class RowIndex:
 
 
 class ChunkReader:
-    """Reads row groups as Rows (tensor columns only), counting the bytes it fetches; the
-    last few row groups read stay cached (neighbouring lanes of a worker share a chunk)."""
+    """Reads row groups as Rows (tensor columns only), counting the bytes it fetches. A row
+    group that several lanes of this worker will need (where one lane ends and the next
+    begins) is kept from its first read until the last of them is done with it (`need`,
+    `done`), so each row group is fetched once an epoch."""
 
-    def __init__(self, index: RowIndex, cache: int = 2) -> None:
+    def __init__(self, index: RowIndex) -> None:
         self.index = index
         self.bytes_read = 0
         self.read_chunks: set[int] = set()  # the row groups read (bytes_read counts re-reads too)
         self._files: OrderedDict[int, Any] = OrderedDict()
-        self._cache: OrderedDict[int, list[Row]] = OrderedDict()
-        self._keep = cache
+        self._held: dict[int, list[Row]] = {}
+        self._users: Counter = Counter()
+
+    def need(self, users: Counter) -> None:
+        """How many lanes will read each row group (replaces what an earlier epoch said)."""
+        self._users = Counter(users)
+        self._held.clear()
+
+    def done(self, chunk: int) -> None:
+        """A lane is done with `chunk`: dropped once no lane needs it any more."""
+        self._users[chunk] -= 1
+        if self._users[chunk] <= 0:
+            self._held.pop(chunk, None)
 
     def rows(self, chunk: int) -> list[Row]:
-        if chunk in self._cache:
-            self._cache.move_to_end(chunk)
-            return self._cache[chunk]
+        if chunk in self._held:
+            return self._held[chunk]
         ix = self.index
         f = ix.chunk_file[chunk]
         if f in self._files:
@@ -133,9 +145,8 @@ class ChunkReader:
         self.bytes_read += ix.nbytes[chunk]
         self.read_chunks.add(chunk)
         got = list(iter_rows([table]))
-        self._cache[chunk] = got
-        while len(self._cache) > self._keep:
-            self._cache.popitem(last=False)
+        if self._users[chunk] > 1:
+            self._held[chunk] = got
         return got
 
 
@@ -151,20 +162,22 @@ class _Lane:
         self._chunk_end = start  # epoch position where the loaded chunk ends
         self._chunk_start = start
         self._perm: Optional[np.ndarray] = None
+        self._chunk = -1
 
     def next(self) -> Row:
         if self.pos >= self.end:
             return EMPTY
         if self.pos >= self._chunk_end:
             k, start = self.order.chunk_at(self.pos)
-            c = self.order.stored_chunk(k)
+            c = self._chunk = self.order.stored_chunk(k)
             self._rows = self.reader.rows(c)
             self._perm = row_permutation(self.order.seed, self.order.epoch, c, len(self._rows))
             self._chunk_start, self._chunk_end = start, start + len(self._rows)
         row = self._rows[self._perm[self.pos - self._chunk_start]]
         self.pos += 1
         if self.pos >= self._chunk_end or self.pos >= self.end:
-            self._rows = []  # done with it: memory holds one chunk per live lane
+            self._rows = []  # done with it: memory holds one chunk per live lane (and the shared ones)
+            self.reader.done(self._chunk)
         return row
 
 
@@ -175,6 +188,7 @@ def worker_steps(index: RowIndex, reader: ChunkReader, *, seed: int, epoch: int,
     b = lane_bounds(order.rows, global_batch)
     lanes = [_Lane(order, reader, int(min(b[lane] + start_step, b[lane + 1])), int(b[lane + 1]))
              for lane in worker_lanes(global_batch, rank, world)]
+    reader.need(Counter(c for lane in lanes for c in order.chunks_between(lane.pos, lane.end)))
     steps = int(b[1] - b[0])  # lane 0 is the longest
     for _ in range(start_step, steps):
         yield [lane.next() for lane in lanes]
