@@ -4,6 +4,7 @@
     python benchmarks/scale.py --records 100000         # one size
     python benchmarks/scale.py --records 20000 --steps 50 --workers 1 2   # a quick look
     python benchmarks/scale.py --records 100000 --synthetic-rows 1000000  # 1M on the training side only
+    python benchmarks/scale.py --records --synthetic-rows 100000 --steps 0    # each worker's reads alone
 
 For each corpus size (synthetic conversations, log-normal numbers of turns,
 written on the fly as JSONL shards into a temp dir):
@@ -171,11 +172,12 @@ def child_train(workers: int, steps: int, train_dir: str, out: str) -> dict:
     plan = RunPlan.resolve(cfg)
     rows = Rows(train_dir, None, count_rows(train_dir), 0)
     start = time.time()
+    m: dict = {}
     with StorePeak() as store:
-        result = train_on_rows(plan, rows, Extras(callbacks=[FirstStep(first)], hooks=[WorkerRss(out, steps)],
-                                                  export=False, tasks=[]))
+        if steps > 0:  # --steps 0: the reads alone
+            m = train_on_rows(plan, rows, Extras(callbacks=[FirstStep(first)], hooks=[WorkerRss(out, steps)],
+                                                 export=False, tasks=[])).metrics
     end = time.time()
-    m = result.metrics
     index = RowIndex.build(train_dir)
     # A few hundred steps read a sliver of an epoch; what each worker reads of a whole one is
     # measured by the same reader over a full epoch, one Ray task per rank.
@@ -183,11 +185,13 @@ def child_train(workers: int, steps: int, train_dir: str, out: str) -> dict:
     epoch = ray.get([task.remote(index, 0, plan.global_batch, r, workers) for r in range(workers)])
     ray.shutdown()
     cluster.shutdown()
-    with open(first) as f:
-        t_first = float(f.read()) - start
-    worker_rss = [float(Path(out, f"rss_rank{r}.txt").read_text()) for r in range(workers)]
-    return {"workers": workers, "first_step_s": t_first, "wall": end - start, "steps": m["step"],
-            "bytes_read_steps": m["data_bytes_read"], "bytes_total": m["data_bytes_total"],
+    t_first, worker_rss = None, []
+    if steps > 0:
+        with open(first) as f:
+            t_first = float(f.read()) - start
+        worker_rss = [float(Path(out, f"rss_rank{r}.txt").read_text()) for r in range(workers)]
+    return {"workers": workers, "first_step_s": t_first, "wall": end - start, "steps": m.get("step", 0),
+            "bytes_read_steps": m.get("data_bytes_read", []), "bytes_total": index.total_bytes,
             "bytes_read": [e["bytes"] for e in epoch], "epoch_rows": [e["rows"] for e in epoch],
             "epoch_seconds": [e["seconds"] for e in epoch], "reader_rss_mb": [e["rss_mb"] for e in epoch],
             "largest_row_group": max(index.nbytes), "row_groups": len(index.nbytes),
@@ -270,10 +274,13 @@ def bench_train(label: str, train_dir: str, workers: list[int], steps: int, tmp:
         ratios = [b / share for b in r["bytes_read"]]
         slack = [(b - share) / r["largest_row_group"] for b in r["bytes_read"]]
         ok = all(b <= 1.1 * share + r["largest_row_group"] for b in r["bytes_read"])
-        print(f"   train W={w}: first optimizer step after {r['first_step_s']:.1f} s, {r['steps']} steps in "
-              f"{r['wall']:.0f} s; driver peak RSS {r['driver_rss_mb']:.0f} MB, workers "
-              f"{', '.join(f'{x:.0f}' for x in r['worker_rss_mb'])} MB; object store peak {r['store_peak_mb']:.1f} MB",
-              flush=True)
+        if r["steps"]:
+            print(f"   train W={w}: first optimizer step after {r['first_step_s']:.1f} s, {r['steps']} steps in "
+                  f"{r['wall']:.0f} s; driver peak RSS {r['driver_rss_mb']:.0f} MB, workers "
+                  f"{', '.join(f'{x:.0f}' for x in r['worker_rss_mb'])} MB; object store peak "
+                  f"{r['store_peak_mb']:.1f} MB", flush=True)
+        else:
+            print(f"   reads alone, W={w}:", flush=True)
         print(f"      in those steps each worker read {', '.join(f'{b / 1e6:.1f}' for b in r['bytes_read_steps'])} MB; "
               f"over a full epoch ({', '.join(f'{n:,}' for n in r['epoch_rows'])} rows, read in "
               f"{', '.join(f'{t:.0f}' for t in r['epoch_seconds'])} s by the trainer's reader alone, peak RSS "
@@ -288,10 +295,10 @@ def bench_train(label: str, train_dir: str, workers: list[int], steps: int, tmp:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--records", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--records", type=int, nargs="*", default=[100_000, 1_000_000])
     ap.add_argument("--files", type=int, default=16, help="JSONL shards of a corpus")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument("--steps", type=int, default=200, help="optimizer steps of each training run")
+    ap.add_argument("--steps", type=int, default=200, help="optimizer steps of each training run (0: reads only)")
     ap.add_argument("--prepare-cpus", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--synthetic-rows", type=int, nargs="*", default=[],
                     help="also train on this many synthetic prepared rows (no prepare): the training side alone")
