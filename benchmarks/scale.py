@@ -44,7 +44,13 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's peak RSS since it started its program: VmHWM, not ru_maxrss, which keeps the
+    peak of the parent's image a forked-then-exec'd child started as."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class StorePeak:
@@ -128,7 +134,7 @@ class WorkerRss:
     def __call__(self, step: int, runtime) -> None:
         if step == self.last:
             with open(os.path.join(self.folder, f"rss_rank{runtime.rank}.txt"), "w") as f:
-                f.write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+                f.write(str(peak_rss_mb()))
 
 
 def epoch_read(index, seed: int, global_batch: int, rank: int, world: int) -> dict:
