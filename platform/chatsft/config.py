@@ -264,6 +264,11 @@ class TrainConfig:
         "bf16", "bf16 mixed precision (fp32 master weights in DeepSpeed), fp32, or fp16."
     )
     gradient_checkpointing: bool = doc(False, "Recompute activations in backward to save memory.")
+    threads: int = doc(
+        0, "CPU threads of each training worker (torch intra-op, Arrow reads); 0: every core this process "
+        "may use with --local, scaling.resources_per_worker.CPU on Ray (so workers sharing a node do not "
+        "oversubscribe it)."
+    )
     log_every: int = doc(10, "Optimizer steps between progress lines and logged metrics.")
     eval_every: int = doc(0, "Steps between eval-loss passes; 0: only at the end.")
     eval_metrics_every: int = doc(0, "Steps between task evaluations (see eval); 0: only at the end.")
@@ -282,7 +287,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "warmup_steps", "log_every", "eval_every", "save_every",
-                     "eval_metrics_every", "keep_checkpoints"):
+                     "eval_metrics_every", "keep_checkpoints", "threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{where}.{name}: must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:

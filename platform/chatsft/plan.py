@@ -35,6 +35,7 @@ class RunPlan:
     workers: int
     global_batch: int  # rows per optimizer step over all workers: micro x accum x workers
     worker_resources: dict  # Ray resources of one training worker
+    threads: int  # CPU threads of one training worker (torch intra-op, Arrow)
     eval_split: EvalSplit  # "sources": data.eval; "carve": data.eval_fraction of train; "none"
 
     # ---------------------------------------------------------------- locations
@@ -77,6 +78,7 @@ class RunPlan:
         resources = dict(sc.resources_per_worker) or {"CPU": 1.0}
         if sc.use_gpu:
             resources.setdefault("GPU", 1.0)
+        threads = cfg.train.threads or (local_cores() if local else max(1, int(resources.get("CPU", 1))))
         return cls(
             config=cfg,
             kind=kind,
@@ -86,8 +88,17 @@ class RunPlan:
             workers=workers,
             global_batch=cfg.train.micro_batch_size * cfg.train.grad_accum * workers,
             worker_resources=resources,
+            threads=threads,
             eval_split="sources" if cfg.data.eval else ("carve" if cfg.data.eval_fraction > 0 else "none"),
         )
+
+
+def local_cores() -> int:
+    """The cores this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no affinity masks
+        return os.cpu_count() or 1
 
 
 def tracking_uri(cfg: Config) -> str:

@@ -129,9 +129,17 @@ def setup(args: WorkerArgs, rt: WorkerRuntime) -> Worker:
 
     plan = args.plan
     cfg = plan.config
-    # Intra-op threads = the worker's CPU resources in both runtimes, so --local and
-    # Ray measure the same thing and workers sharing a node do not oversubscribe it.
-    torch.set_num_threads(max(1, int(plan.worker_resources.get("CPU", 1))))
+    # The plan decides (train.threads): the whole machine for --local, the worker's CPU
+    # resources on Ray, so workers sharing a node do not oversubscribe it.
+    torch.set_num_threads(plan.threads)
+    import pyarrow
+
+    pyarrow.set_cpu_count(plan.threads)
+    if rt.rank == 0:
+        why = ("train.threads" if cfg.train.threads else
+               "every core of this machine; train.threads sets another number" if plan.local else
+               "scaling.resources_per_worker.CPU; train.threads sets another number")
+        say(f"{plan.threads} CPU thread{'s' if plan.threads > 1 else ''} per worker ({why})")
     torch.manual_seed(cfg.run.seed)  # identical init on every rank (PEFT adapters, new heads)
     random.seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
