@@ -264,6 +264,14 @@ class TrainConfig:
         "bf16", "bf16 mixed precision (fp32 master weights in DeepSpeed), fp32, or fp16."
     )
     gradient_checkpointing: bool = doc(False, "Recompute activations in backward to save memory.")
+    loss_head: Literal["learned", "full"] = doc(
+        "learned", "learned: the output layer and cross-entropy on learned positions only, in chunks (no "
+        "[tokens, vocab] logits; same loss and gradients); full: the model's whole logits. Architectures "
+        "whose head is not a plain Linear or whose logits are transformed (softcapping) use full."
+    )
+    loss_chunk: int = doc(
+        0, "Learned head: positions projected at a time; 0: as many as fit 256 MiB of fp32 logits."
+    )
     threads: int = doc(
         0, "CPU threads of each training worker (torch intra-op, Arrow reads); 0: every core this process "
         "may use with --local, scaling.resources_per_worker.CPU on Ray (so workers sharing a node do not "
@@ -287,7 +295,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "warmup_steps", "log_every", "eval_every", "save_every",
-                     "eval_metrics_every", "keep_checkpoints", "threads"):
+                     "eval_metrics_every", "keep_checkpoints", "threads", "loss_chunk"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{where}.{name}: must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:

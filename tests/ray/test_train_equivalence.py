@@ -55,3 +55,31 @@ def test_micro_accum_and_workers_give_the_same_gradient(tmp_path, tiny_llama_dir
     finally:
         ray.shutdown()
     assert_same(ref, two, "1 worker micro 4 (--local) vs 2 Ray workers micro 1 x accum 2 (ZeRO-2)")
+
+
+@pytest.mark.slow
+def test_learned_loss_head_trains_like_the_full_logits_under_zero3(tmp_path, tiny_llama_dir):
+    """2 Ray workers, ZeRO-3 (the head weight partitioned, gathered inside the model's forward):
+    train.loss_head=learned moves the weights as train.loss_head=full does, step for step."""
+    cfg = tiny_cfg(tmp_path)
+    rows = rows_for(cfg, str(tmp_path), train_limit=8, eval_limit=4)
+    common = [*LINEAR_STEP, "train.max_steps=2", "train.micro_batch_size=1", "train.grad_accum=2",
+              "scaling.num_workers=2", "train.deepspeed.stage=3"]
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        runs = {}
+        for head in ("full", "learned"):
+            with Timer():
+                runs[head] = train_rows(tiny_cfg(tmp_path / head, *common, f"train.loss_head={head}"),
+                                        rows, local=False)
+    finally:
+        ray.shutdown()
+    before = weights(tiny_llama_dir)
+    moved = {h: {k: w - before[k] for k, w in weights(r.model_dir).items() if k in before}
+             for h, r in runs.items()}
+    assert sum(d.abs().sum().item() for d in moved["full"].values()) > 0
+    assert_same(moved["full"], moved["learned"], "ZeRO-3, 2 workers, 2 steps: full logits vs learned head")
+    full, learned = runs["full"].metrics, runs["learned"].metrics
+    assert abs(full["eval_loss"] - learned["eval_loss"]) < 1e-4 * full["eval_loss"]
+    assert abs(full["train_loss"] - learned["train_loss"]) < 1e-4 * full["train_loss"]

@@ -86,6 +86,7 @@ class Worker:
     engine: Any
     pad_id: int
     decoder_start: Optional[Callable]
+    loss: Callable  # chatsft.model.loss.loss_function: training and validation alike
     total: int
     state: TrainState
     last_saved: int
@@ -146,17 +147,21 @@ def setup(args: WorkerArgs, rt: WorkerRuntime) -> Worker:
 
     from chatsft.model import load_model, load_tokenizer
     from chatsft.model.batch import decoder_start
+    from chatsft.model.loss import loss_function
     from chatsft.train.engine import build_engine
     from chatsft.train.optim import param_groups
 
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg, plan.kind, tokenizer=tokenizer)
+    loss, how = loss_function(model, cfg.train.loss_head, cfg.train.loss_chunk)
+    if rt.rank == 0:
+        say(f"loss head: {how}")
     engine = build_engine(model, param_groups(model, cfg.train), cfg.train, world_size=rt.world, device=rt.device)
     total = total_steps(args.train_rows, plan.global_batch, cfg.train.epochs, cfg.train.max_steps)
     state, last_saved = _resume(engine, rt, cfg.run.seed)
     return Worker(args, rt, tokenizer, engine,
                   pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-                  decoder_start=decoder_start(model) if plan.seq2seq else None,
+                  decoder_start=decoder_start(model) if plan.seq2seq else None, loss=loss,
                   total=total, state=state, last_saved=last_saved,
                   progress=Progress(rt.rank == 0, total, state.step, args.callbacks),
                   metrics=dict(state.metrics))
@@ -251,7 +256,6 @@ def one_step(w: Worker, batch: list) -> None:
     import torch
 
     from chatsft.model.batch import collate
-    from chatsft.model.loss import token_loss
 
     tr, engine, rt, meter = w.cfg.train, w.engine, w.rt, w.meter
     micro = [collate(mb, pad_id=w.pad_id, seq2seq=w.args.plan.seq2seq, decoder_start=w.decoder_start)
@@ -273,8 +277,7 @@ def one_step(w: Worker, batch: list) -> None:
     for b in micro:
         inputs = {k: v.to(engine.device) for k, v in b.inputs.items()}
         try:
-            out = engine.forward(inputs)
-            total, _ = token_loss(out.logits, b.targets.to(engine.device))
+            total, _ = w.loss(engine.forward, inputs, b.targets.to(engine.device))
             engine.backward(total * (rt.world / n))
         except torch.cuda.OutOfMemoryError as e:
             shape = tuple(b.inputs["input_ids"].shape)
@@ -298,7 +301,7 @@ def validation_loss(w: Worker) -> float:
     from chatsft.eval.loss import loss_sums
 
     w.engine.eval()
-    total, count = loss_sums(w.engine.forward, iter_rows(w.rt.rows("eval")()),
+    total, count = loss_sums(w.engine.forward, iter_rows(w.rt.rows("eval")()), loss=w.loss,
                              micro_batch=w.cfg.train.micro_batch_size, pad_id=w.pad_id,
                              seq2seq=w.args.plan.seq2seq, decoder_start=w.decoder_start,
                              device=w.engine.device, rank=w.rt.rank, world=w.rt.world)
