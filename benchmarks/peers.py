@@ -15,7 +15,7 @@ tiny tokenizer (ids < 761 occur, but every step still scores all 151,936 classes
 
 Measured per run: learned tokens/s (supervised tokens of the timed steps over their
 time; a step's time is from the end of the previous step to the end of this one, the
-first 2 steps excluded), mean step time, peak RSS, the last step's train loss, and the
+first step excluded), mean step time, peak RSS, the last step's train loss, and the
 eval loss of the trained model over the held-out conversations, computed the same way
 for both (chatsft.eval.loss: summed token losses / supervised tokens). On the qwen
 model chatsft also runs with train.loss_head=full: its RSS before the learned head.
@@ -58,7 +58,7 @@ CHATML_GENERATION = (
 )
 TRAIN = "chatsft://samples/train.jsonl"
 HELDOUT = "chatsft://samples/heldout.jsonl"
-WARM = 2  # steps not timed
+WARM = 1  # steps not timed (the first allocates and warms up)
 
 
 # ------------------------------------------------------------------------ shared setup
@@ -89,14 +89,16 @@ def model_dir(name: str, cache: str) -> str:
     return out
 
 
-def samples(path: str, tokenizer):
+def samples(path: str, tokenizer, limit=None):
     from chatsft.data.render import render_conversation
     from chatsft.sources import read_local
 
-    return [s for conv in read_local(path) for s in render_conversation(conv, tokenizer, "chatml").samples]
+    return [s for conv in read_local(path, limit=limit)
+            for s in render_conversation(conv, tokenizer, "chatml").samples]
 
 
-def write_rows(path: str, tokenizer, out: str, *, packed: bool, capacity: int, seed: int = 0) -> int:
+def write_rows(path: str, tokenizer, out: str, *, packed: bool, capacity: int, seed: int = 0,
+               limit=None) -> int:
     """chatsft's training rows (what `prepare` writes), from the same pure functions: render,
     a seeded shuffle, best-fit-decreasing packing."""
     import numpy as np
@@ -105,7 +107,7 @@ def write_rows(path: str, tokenizer, out: str, *, packed: bool, capacity: int, s
 
     from chatsft.data.packing import pack_in_windows
 
-    got = samples(path, tokenizer)
+    got = samples(path, tokenizer, limit)
     got = [got[i] for i in np.random.default_rng(seed).permutation(len(got))]
     bins = pack_in_windows([len(s.input_ids) for s in got], capacity, 8192) if packed else [[i] for i in
                                                                                                range(len(got))]
@@ -287,7 +289,8 @@ def main() -> None:
     p.add_argument("--models", default="tiny,qwen")
     p.add_argument("--modes", default="padded,packed")
     p.add_argument("--pairs", type=int, default=2)
-    p.add_argument("--steps", default="tiny=30,qwen=6", help="optimizer steps per run, per model")
+    p.add_argument("--steps", default="tiny=30,qwen=5", help="optimizer steps per run, per model")
+    p.add_argument("--eval-convs", type=int, default=64, help="held-out conversations for the eval loss")
     p.add_argument("--rows", default="tiny=16,qwen=8", help="rows per optimizer step, per model")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--max-length", type=int, default=256)
@@ -316,14 +319,16 @@ def main() -> None:
             tok = AutoTokenizer.from_pretrained(folder)
             for mode in args.modes.split(","):
                 packed = mode == "packed"
-                train_dir, eval_dir = os.path.join(work, f"{mode}-train"), os.path.join(work, f"{mode}-eval")
+                train_dir, eval_dir = os.path.join(work, f"{name}-{mode}-train"), os.path.join(work, f"{name}-{mode}-eval")
                 if not os.path.exists(train_dir):
                     write_rows(TRAIN, tok, train_dir, packed=packed, capacity=args.max_length)
-                    write_rows(HELDOUT, tok, eval_dir, packed=False, capacity=args.max_length)
+                    write_rows(HELDOUT, tok, eval_dir, packed=False, capacity=args.max_length,
+                               limit=args.eval_convs)
                 base = {"model": folder, "threads": args.threads, "steps": int(steps[name]),
                         "rows": int(rows_per[name]), "lr": args.lr, "max_length": args.max_length,
                         "packed": packed, "train_dir": train_dir, "eval_dir": eval_dir}
-                sides = ["chatsft", "trl"] + (["chatsft-full"] if name == "qwen" else [])
+                # chatsft's own full head (its memory before the learned head): Qwen-shaped, padded
+                sides = ["chatsft", "trl"] + (["chatsft-full"] if name == "qwen" and not packed else [])
                 runs: dict[str, list[dict]] = {s: [] for s in sides}
                 for pair in range(args.pairs):
                     order = sides if pair % 2 == 0 else sides[::-1]

@@ -78,7 +78,8 @@ def _eval_loss(plan, model, tokenizer) -> float:
                         f"({plan.config.model.name_or_path}), which the eval rows are tokenized with; "
                         "set model.name_or_path (or model.tokenizer) to the model's own")
     prepared = prepare(plan)
-    loss, _ = loss_function(model, plan.config.train.loss_head, plan.config.train.loss_chunk)
+    loss, _ = loss_function(model, plan.config.train.loss_head, plan.config.train.loss_chunk,
+                            device=model_device(model))
     total, count = loss_sums(lambda inputs: model(**inputs), iter_rows(file_batches(prepared.eval_dir)()),
                              loss=loss,
                              micro_batch=plan.config.train.micro_batch_size,

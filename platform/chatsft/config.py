@@ -264,13 +264,24 @@ class TrainConfig:
         "bf16", "bf16 mixed precision (fp32 master weights in DeepSpeed), fp32, or fp16."
     )
     gradient_checkpointing: bool = doc(False, "Recompute activations in backward to save memory.")
-    loss_head: Literal["learned", "full"] = doc(
+    loss_head: Literal["learned", "full", "liger", "cce"] = doc(
         "learned", "learned: the output layer and cross-entropy on learned positions only, in chunks (no "
-        "[tokens, vocab] logits; same loss and gradients); full: the model's whole logits. Architectures "
-        "whose head is not a plain Linear or whose logits are transformed (softcapping) use full."
+        "[tokens, vocab] logits; same loss and gradients); full: the model's whole logits; liger / cce: "
+        "the learned positions through Liger's fused linear cross-entropy or Apple's Cut Cross-Entropy "
+        "kernel (CUDA only, the liger-kernel / cut-cross-entropy package installed). Architectures whose "
+        "head is not a plain Linear or whose logits are transformed (softcapping) use full."
     )
     loss_chunk: int = doc(
         0, "Learned head: positions projected at a time; 0: as many as fit 256 MiB of fp32 logits."
+    )
+    compile: Literal["off", "layers", "decoder"] = doc(
+        "off", "torch.compile: each decoder layer (one graph reused by every layer: short compile), or "
+        "the whole decoder body; the loss head stays eager. Any device; pays off on GPUs."
+    )
+    fused_optimizer: bool = doc(True, "AdamW's fused kernel on CUDA (torch engine); CPU keeps the loop kernel.")
+    bf16_master_weights: bool = doc(
+        True, "false: with precision bf16 and DeepSpeed off, load the weights in bf16 and step AdamW on "
+        "them (no fp32 copy: half the weight and optimizer memory, bf16 rounding in every update)."
     )
     threads: int = doc(
         0, "CPU threads of each training worker (torch intra-op, Arrow reads); 0: every core this process "
@@ -439,6 +450,15 @@ class Config:
         if self.method.name == "prompt_tuning" and self.data.packing:
             raise ConfigError("method.name=prompt_tuning: does not work with data.packing=true (the virtual "
                               "tokens are prepended once per row, not per packed sequence)")
+        if self.train.loss_head in ("liger", "cce") and not self.scaling.use_gpu:
+            raise ConfigError(f"train.loss_head={self.train.loss_head}: a CUDA kernel, needs scaling.use_gpu=true; "
+                              "use train.loss_head=learned on CPU (the same loss, chunked)")
+        if not self.train.bf16_master_weights and (self.train.precision != "bf16" or self.train.deepspeed.enabled):
+            raise ConfigError("train.bf16_master_weights=false: needs train.precision=bf16 and "
+                              "train.deepspeed.enabled=false (DeepSpeed keeps its own fp32 masters)")
+        if self.train.compile != "off" and self.train.deepspeed.enabled and self.train.deepspeed.stage == 3:
+            raise ConfigError(f"train.compile={self.train.compile}: not with ZeRO-3 (its parameter hooks break "
+                              "the compiled graphs); use train.deepspeed.stage<=2 or train.compile=off")
         if self.train.precision == "fp16" and not self.train.deepspeed.enabled:
             raise ConfigError("train.precision=fp16: needs train.deepspeed.enabled=true (loss scaling); "
                               "use bf16 without DeepSpeed")

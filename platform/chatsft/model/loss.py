@@ -73,17 +73,20 @@ def full_loss(forward: Callable[[dict], Any], inputs: dict, targets: torch.Tenso
     return token_loss(forward(inputs).logits, targets)
 
 
-def loss_function(model: torch.nn.Module, head: str = "learned", chunk: int = 0) -> tuple[LossFn, str]:
+def loss_function(model: torch.nn.Module, head: str = "learned", chunk: int = 0,
+                  device: Any = "cpu") -> tuple[LossFn, str]:
     """The loss of training and validation for `model`: (fn, what it is in words).
 
     fn(forward, inputs, targets) -> (sum of token cross-entropies, supervised tokens),
     where `forward(inputs)` runs the model (an engine, DDP or the model itself).
-    head `learned` turns the model's own output layer into a `LearnedHead` (same
-    parameters and state-dict keys) when it is a plain nn.Linear and the architecture
-    returns its output unchanged; otherwise, and for `full`, the full logits are used.
+    head `learned` (and the `liger` / `cce` kernels) turns the model's own output layer
+    into a `LearnedHead` (same parameters and state-dict keys) when it is a plain
+    nn.Linear and the architecture returns its output unchanged; otherwise, and for
+    `full`, the full logits are used.
     """
     if head == "full":
         return full_loss, "full logits (train.loss_head=full)"
+    kernel = _kernel(head, torch.device(device)) if head in KERNELS else None
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     config = getattr(model, "config", None)
     transform = next((a for a in _LOGIT_TRANSFORMS if getattr(config, a, None) not in (None, 1, 1.0)), None)
@@ -95,7 +98,7 @@ def loss_function(model: torch.nn.Module, head: str = "learned", chunk: int = 0)
     size = chunk or max(64, CHUNK_BYTES // (4 * out.out_features))
 
     def learned_loss(forward: Callable[[dict], Any], inputs: dict, targets: torch.Tensor):
-        out._job = (targets, size)
+        out._job = (targets, size, kernel)
         try:
             total = forward(inputs).logits
         finally:
@@ -104,7 +107,37 @@ def loss_function(model: torch.nn.Module, head: str = "learned", chunk: int = 0)
             raise RuntimeError("the learned loss head was not called by the model's forward")
         return total, (targets != IGNORE).sum()
 
+    if kernel is not None:
+        return learned_loss, f"learned positions only, {KERNELS[head][0]}'s kernel (train.loss_head={head})"
     return learned_loss, f"learned positions only, in chunks of {size} tokens"
+
+
+# train.loss_head -> (the kernel's name, its package on PyPI)
+KERNELS = {"liger": ("Liger fused linear cross-entropy", "liger-kernel"),
+           "cce": ("Cut Cross-Entropy", "cut-cross-entropy")}
+
+
+def _kernel(head: str, device: torch.device) -> Callable:
+    """A fused GPU kernel with learned_cross_entropy's signature: sum of token CEs of the rows."""
+    from chatsft.errors import UserError
+
+    name, package = KERNELS[head]
+    if device.type != "cuda":
+        raise UserError(f"train.loss_head={head}: {name} is a CUDA (Triton) kernel and this worker runs on "
+                        f"{device.type}; use train.loss_head=learned (the same loss, chunked)")
+    try:
+        if head == "liger":
+            from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+            fused = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")
+            return lambda hidden, weight, bias, targets, chunk: fused(weight, hidden, targets, bias).float()
+        from cut_cross_entropy import linear_cross_entropy
+
+        return lambda hidden, weight, bias, targets, chunk: linear_cross_entropy(
+            hidden, weight, targets, bias=bias, ignore_index=IGNORE, reduction="sum").float()
+    except ImportError:
+        raise UserError(f"train.loss_head={head}: the {package} package is not installed here: "
+                        f"pip install {package}, or use train.loss_head=learned") from None
 
 
 class LearnedHead(torch.nn.Linear):
@@ -112,20 +145,22 @@ class LearnedHead(torch.nn.Linear):
     the summed cross-entropy of the learned positions instead of logits; otherwise
     (generation, export) it is the plain Linear."""
 
-    _job: Optional[tuple[torch.Tensor, int]] = None
+    _job: Optional[tuple[torch.Tensor, int, Optional[Callable]]] = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         job = self._job
         if job is None:
             return super().forward(hidden)
         self._job = None  # one forward per job
-        targets, chunk = job
+        targets, chunk, kernel = job
         if hidden.shape[1] > targets.shape[1]:
             hidden = hidden[:, -targets.shape[1]:]  # prompt tuning's virtual tokens come first
         if hidden.shape[:2] != targets.shape:
             raise RuntimeError(f"learned loss head: hidden states {tuple(hidden.shape)} do not match "
                                f"targets {tuple(targets.shape)}")
         keep = targets != IGNORE
+        if kernel is not None and bool(keep.any()):  # (an empty row set is the chunked path's job)
+            return kernel(hidden[keep], self.weight, self.bias, targets[keep], chunk)
         return learned_cross_entropy(hidden[keep], self.weight, self.bias, targets[keep], chunk)
 
 

@@ -147,15 +147,17 @@ def setup(args: WorkerArgs, rt: WorkerRuntime) -> Worker:
 
     from chatsft.model import load_model, load_tokenizer
     from chatsft.model.batch import decoder_start
+    from chatsft.model.load import compile_model
     from chatsft.model.loss import loss_function
     from chatsft.train.engine import build_engine
     from chatsft.train.optim import param_groups
 
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg, plan.kind, tokenizer=tokenizer)
-    loss, how = loss_function(model, cfg.train.loss_head, cfg.train.loss_chunk)
+    loss, how = loss_function(model, cfg.train.loss_head, cfg.train.loss_chunk, device=rt.device)
+    compiled = compile_model(model, cfg.train.compile)
     if rt.rank == 0:
-        say(f"loss head: {how}")
+        say(f"loss head: {how}" + (f"; torch.compile: {compiled}" if compiled else ""))
     engine = build_engine(model, param_groups(model, cfg.train), cfg.train, world_size=rt.world, device=rt.device)
     total = total_steps(args.train_rows, plan.global_batch, cfg.train.epochs, cfg.train.max_steps)
     state, last_saved = _resume(engine, rt, cfg.run.seed)
