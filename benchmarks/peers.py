@@ -2,7 +2,9 @@
 
 Both sides train the same model from the same weights on the same conversations (the
 package's sample data, ChatML, assistant-only loss), with the same max length, rows
-per optimizer step, AdamW settings, cosine schedule, clipping, fp32 and threads;
+per optimizer step, AdamW settings (each side's default kernel: fused on both, TRL's
+`adamw_torch_fused` and chatsft's train.fused_optimizer), cosine schedule, clipping,
+fp32 and threads;
 packing on both (chatsft's best-fit-decreasing rows; TRL's `bfd` with padding-free
 batches) or padding on both. Each run is a subprocess of its own (peak RSS is its
 ru_maxrss); runs alternate (chatsft, TRL, then TRL, chatsft, ...) and the figures are
@@ -191,7 +193,8 @@ def child_chatsft(a: dict) -> dict:
                            Extras(export=False, tasks=[], callbacks=[callback],
                                   hooks=[lambda step, rt: ends.append(time.perf_counter())]))
     return {**summarize(ends, learned), "peak_mb": peak_mb(), "train_loss": losses[-1],
-            "eval_loss": result.metrics["eval_loss"], "steps": len(ends)}
+            "eval_loss": result.metrics["eval_loss"], "steps": len(ends),
+            "optim": f"AdamW fused={cfg.train.fused_optimizer}"}
 
 
 def child_trl(a: dict) -> dict:
@@ -212,7 +215,7 @@ def child_trl(a: dict) -> dict:
         output_dir=a["out"], max_steps=a["steps"], per_device_train_batch_size=a["rows"],
         gradient_accumulation_steps=1, learning_rate=a["lr"], lr_scheduler_type="cosine", warmup_steps=0,
         adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, weight_decay=0.0, max_grad_norm=1.0,
-        optim="adamw_torch", bf16=False, fp16=False, use_cpu=True, seed=0, logging_steps=1,
+        bf16=False, fp16=False, use_cpu=True, seed=0, logging_steps=1,
         save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0,
         max_length=a["max_length"], packing=a["packed"], packing_strategy="bfd", padding_free=a["packed"],
         assistant_only_loss=True)
@@ -245,8 +248,9 @@ def child_trl(a: dict) -> dict:
     trainer.train()
     peak = peak_mb()  # before the eval below, which is chatsft's code
     ev = eval_loss(trainer.model, a["eval_dir"], tok.pad_token_id)
+    opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     return {**summarize(ends, learned), "peak_mb": peak, "train_loss": losses[-1], "eval_loss": ev,
-            "steps": len(ends), "padding_free_row": a["packed"]}
+            "steps": len(ends), "optim": f"{trainer.args.optim} fused={opt.defaults.get('fused')}"}
 
 
 # ----------------------------------------------------------------------------- parent
@@ -289,7 +293,7 @@ def main() -> None:
     p.add_argument("--models", default="tiny,qwen")
     p.add_argument("--modes", default="padded,packed")
     p.add_argument("--pairs", type=int, default=2)
-    p.add_argument("--steps", default="tiny=30,qwen=5", help="optimizer steps per run, per model")
+    p.add_argument("--steps", default="tiny=20,qwen=5", help="optimizer steps per run, per model")
     p.add_argument("--eval-convs", type=int, default=64, help="held-out conversations for the eval loss")
     p.add_argument("--rows", default="tiny=16,qwen=8", help="rows per optimizer step, per model")
     p.add_argument("--lr", type=float, default=3e-3)
@@ -338,7 +342,7 @@ def main() -> None:
                         runs[side].append(r)
                         print(f"  [{name} {mode} pair {pair + 1}] {side:12s} {r['learned_tok_s']:8.0f} learned tok/s  "
                               f"step {r['step_time']:.3f}s  peak {r['peak_mb']:.0f} MB  train loss "
-                              f"{r['train_loss']:.4f}  eval loss {r['eval_loss']:.4f}", flush=True)
+                              f"{r['train_loss']:.4f}  eval loss {r['eval_loss']:.4f}  ({r['optim']})", flush=True)
                 report(name, mode, runs, base)
     finally:
         shutil.rmtree(work, ignore_errors=True)

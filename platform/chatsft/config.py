@@ -278,7 +278,10 @@ class TrainConfig:
         "off", "torch.compile: each decoder layer (one graph reused by every layer: short compile), or "
         "the whole decoder body; the loss head stays eager. Any device; pays off on GPUs."
     )
-    fused_optimizer: bool = doc(True, "AdamW's fused kernel on CUDA (torch engine); CPU keeps the loop kernel.")
+    fused_optimizer: bool = doc(
+        True, "AdamW's fused kernel (CUDA and CPU) on the torch engine (train.deepspeed.enabled=false); "
+        "false: torch's per-tensor loop. DeepSpeed steps its own optimizer."
+    )
     bf16_master_weights: bool = doc(
         True, "false: with precision bf16 and DeepSpeed off, load the weights in bf16 and step AdamW on "
         "them (no fp32 copy: half the weight and optimizer memory, bf16 rounding in every update)."

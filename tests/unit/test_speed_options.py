@@ -129,11 +129,26 @@ def test_compiled_layers_give_the_same_loss_on_cpu(tiny_llama_dir):
 # ------------------------------------------------------------- optimizer and precision
 
 
-def test_fused_adamw_is_cuda_only(tiny_llama_dir):
-    cfg = cfg_with("train.deepspeed.enabled=false")
-    model = load_model(cfg, "causal")
-    engine = build_engine(model, param_groups(model, cfg.train), cfg.train, world_size=1, device=torch.device("cpu"))
-    assert not engine.optimizer.defaults.get("fused")
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_adamw_on_cpu_steps_like_the_loop(tiny_llama_dir, fused):
+    """train.fused_optimizer picks the kernel (CPU has one too); both step alike."""
+    results = {}
+    for flag in (fused, not fused):
+        cfg = cfg_with("train.deepspeed.enabled=false", f"train.fused_optimizer={str(flag).lower()}", "train.lr=1e-2")
+        torch.manual_seed(0)
+        model = load_model(cfg, "causal")
+        engine = build_engine(model, param_groups(model, cfg.train), cfg.train, world_size=1,
+                              device=torch.device("cpu"))
+        assert bool(engine.optimizer.defaults.get("fused")) is flag
+        loss, _ = loss_function(model, "learned")
+        batch = collate(rows(), pad_id=0, seq2seq=False)
+        for _ in range(2):
+            total, n = loss(engine.forward, batch.inputs, batch.targets)
+            engine.backward(total / n)
+            engine.step(1.0)
+        results[flag] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for k in results[True]:
+        torch.testing.assert_close(results[True][k], results[False][k], rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_without_master_weights_steps_bf16_tensors_on_cpu(tiny_llama_dir):

@@ -210,7 +210,7 @@ def _deepspeed_engine(model, groups, train, world_size, device, base_lrs) -> Eng
 
 def _torch_engine(model, groups, train, world_size, device, base_lrs) -> Engine:
     model.to(device)
-    optimizer = adamw(groups, train, False, fused=device.type == "cuda" and train.fused_optimizer)
+    optimizer = adamw(groups, train, False, fused=train.fused_optimizer)
     forward_module = model
     if world_size > 1:
         forward_module = torch.nn.parallel.DistributedDataParallel(
