@@ -253,6 +253,60 @@ def child_trl(a: dict) -> dict:
             "steps": len(ends), "optim": f"{trainer.args.optim} fused={opt.defaults.get('fused')}"}
 
 
+def child_rss(a: dict) -> dict:
+    """Peak RSS of one optimizer step on the first `rows` rows and nothing else (no eval, no
+    checkpoint): chatsft's engine with either head, or TRL's trainer with max_steps=1."""
+    import torch
+
+    torch.set_num_threads(a["threads"])
+    if a["side"] == "trl":
+        a = {**a, "steps": 1}
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from trl import SFTConfig, SFTTrainer
+        from datasets import Dataset
+
+        from chatsft.sources import read_local
+
+        tok = AutoTokenizer.from_pretrained(a["model"])
+        tok.chat_template = CHATML_GENERATION
+        data = Dataset.from_list([{"messages": [{"role": m.role, "content": m.content} for m in conv.messages]}
+                                  for conv in read_local(TRAIN, limit=4 * a["rows"])])
+        model = AutoModelForCausalLM.from_pretrained(a["model"], dtype=torch.float32)
+        args = SFTConfig(output_dir=a["out"], max_steps=1, per_device_train_batch_size=a["rows"],
+                         learning_rate=a["lr"], bf16=False, fp16=False, use_cpu=True, save_strategy="no",
+                         report_to=[], disable_tqdm=True, max_length=a["max_length"], packing=a["packed"],
+                         padding_free=a["packed"], assistant_only_loss=True, logging_steps=1)
+        t = time.perf_counter()
+        SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok).train()
+        return {"peak_mb": peak_mb(), "seconds": time.perf_counter() - t}
+    from chatsft.config import load_config
+    from chatsft.data.schema import iter_rows
+    from chatsft.model import load_model, load_tokenizer
+    from chatsft.model.batch import collate
+    from chatsft.model.loss import loss_function
+    from chatsft.train.data import file_batches
+    from chatsft.train.engine import build_engine
+    from chatsft.train.optim import param_groups
+
+    cfg = load_config(None, [f"model.name_or_path={a['model']}", "train.precision=fp32",
+                             "train.deepspeed.enabled=false", f"train.lr={a['lr']}"])
+    tok = load_tokenizer(cfg.model)
+    model = load_model(cfg, "causal", tokenizer=tok)
+    loss, _ = loss_function(model, a["head"])
+    engine = build_engine(model, param_groups(model, cfg.train), cfg.train, world_size=1, device=torch.device("cpu"))
+    rows = []
+    for r in iter_rows(file_batches(a["train_dir"])()):
+        rows.append(r)
+        if len(rows) == a["rows"]:
+            break
+    b = collate(rows, pad_id=tok.pad_token_id, seq2seq=False)
+    t = time.perf_counter()
+    total, n = loss(engine.forward, b.inputs, b.targets)
+    engine.backward(total / n)
+    engine.step(1.0)
+    return {"peak_mb": peak_mb(), "seconds": time.perf_counter() - t}
+
+
 # ----------------------------------------------------------------------------- parent
 
 
@@ -300,10 +354,12 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--check", type=int, default=0, help="only compare the learned tokens of N conversations")
+    p.add_argument("--rss-step", action="store_true",
+                   help="only the peak RSS of one optimizer step, per side (chatsft learned, full; TRL)")
     args = p.parse_args()
     if args.child:
         side, a = args.child[0], json.loads(args.child[1])
-        out = child_chatsft(a) if side == "chatsft" else child_trl(a)
+        out = child_rss(a) if side == "rss" else child_chatsft(a) if side == "chatsft" else child_trl(a)
         print(json.dumps(out))
         return
     cache = os.path.join(os.environ["CHATSFT_CACHE"], "bench")
@@ -313,6 +369,10 @@ def main() -> None:
     steps = dict(kv.split("=") for kv in args.steps.split(","))
     rows_per = dict(kv.split("=") for kv in args.rows.split(","))
     from transformers import AutoTokenizer
+
+    if args.rss_step:
+        rss_step(args, cache, rows_per)
+        return
 
     work = tempfile.mkdtemp(prefix="peers-rows-")
     print(f"peers: {args.threads} threads, max length {args.max_length}, lr {args.lr} cosine, AdamW(0.9, 0.95), "
@@ -344,6 +404,29 @@ def main() -> None:
                               f"step {r['step_time']:.3f}s  peak {r['peak_mb']:.0f} MB  train loss "
                               f"{r['train_loss']:.4f}  eval loss {r['eval_loss']:.4f}  ({r['optim']})", flush=True)
                 report(name, mode, runs, base)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def rss_step(args, cache: str, rows_per: dict) -> None:
+    from transformers import AutoTokenizer
+
+    work = tempfile.mkdtemp(prefix="peers-rows-")
+    try:
+        for name in args.models.split(","):
+            folder = model_dir(name, cache)
+            write_rows(TRAIN, AutoTokenizer.from_pretrained(folder), work + "/t", packed=False,
+                       capacity=args.max_length)
+            got = {}
+            for side in ("chatsft", "chatsft-full", "trl"):
+                got[side] = run_child("rss", {"model": folder, "threads": args.threads, "rows": int(rows_per[name]),
+                                              "lr": args.lr, "max_length": args.max_length, "packed": False,
+                                              "train_dir": work + "/t", "side": side,
+                                              "head": "full" if side == "chatsft-full" else "learned"})
+                print(f"  [{name} padded, one step of {rows_per[name]} rows] {side:12s} peak "
+                      f"{got[side]['peak_mb']:.0f} MB  ({got[side]['seconds']:.0f} s)", flush=True)
+            print(f"{name}: peak RSS learned / full head {got['chatsft']['peak_mb'] / got['chatsft-full']['peak_mb']:.2f}x, "
+                  f"chatsft / TRL {got['chatsft']['peak_mb'] / got['trl']['peak_mb']:.2f}x", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
