@@ -269,6 +269,13 @@ class TrainConfig:
     eval_metrics_every: int = doc(0, "Steps between task evaluations (see eval); 0: only at the end.")
     save_every: int = doc(0, "Steps between checkpoints; 0: only at the end.")
     keep_checkpoints: int = doc(2, "Checkpoints kept by Ray Train.")
+    stall_timeout_s: float = doc(
+        0.0,
+        "Hang watchdog; 0: off. When no optimizer step ends within this many seconds (count any "
+        "eval or checkpoint between two steps in it), every rank's Python stack goes to the log and "
+        "to MLflow, the attempt fails naming the slowest rank and its node, and scaling.max_failures "
+        "restarts it from the latest checkpoint. Collectives (gloo/NCCL) time out at twice this.",
+    )
     resume: Literal["auto", "never"] = doc(
         "auto",
         "auto: resume the latest checkpoint in the run's folder when it is this run (same rows, model, "
@@ -287,6 +294,8 @@ class TrainConfig:
                 raise ConfigError(f"{where}.{name}: must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"{where}.lr: must be > 0, got {self.lr}")
+        if self.stall_timeout_s < 0:
+            raise ConfigError(f"{where}.stall_timeout_s: must be >= 0 (0: off), got {self.stall_timeout_s}")
         if len(self.betas) != 2:
             raise ConfigError(f"{where}.betas: expected two numbers, got {self.betas}")
         if not 0.0 <= self.warmup_ratio < 1.0:

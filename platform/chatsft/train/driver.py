@@ -25,6 +25,7 @@ class TrainResult:
     model_dir: Optional[str]  # the exported Hugging Face folder
     run_id: Optional[str] = None  # the MLflow run, when tracked
     resume: Optional[Resume] = None  # fresh, or resumed from where with what changed
+    stalls: list[str] = field(default_factory=list)  # why each stalled attempt was stopped (restarted)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Extras:
     hooks: list[StepHook] = field(default_factory=list)
     export: bool = True
     resume: Optional[Resume] = None  # checked by the caller; None: checked here (rows unknown)
+    stall_dir: Optional[str] = None  # where stalled attempts report (None: a new folder of the run)
 
 
 def train(cfg: Config, local: bool = False, *, callbacks: Optional[list[Callable[[int, dict], None]]] = None,
@@ -78,6 +80,7 @@ def train_tracked(plan: RunPlan, rows: "Rows", *, tracked: bool, extras: Optiona
     from chatsft.tracking import RunRecord
 
     extras = extras or Extras()
+    extras.stall_dir = extras.stall_dir or stall_dir(plan)
     record = RunRecord.start(plan.config, plan.tracking_uri, parent_run_id=parent_run_id,
                              run_name=run_name) if tracked else None
     if record is not None:
@@ -90,9 +93,13 @@ def train_tracked(plan: RunPlan, rows: "Rows", *, tracked: bool, extras: Optiona
         result = train_on_rows(plan, rows, extras)
     except BaseException as e:
         if record is not None:
+            if extras.stall_dir:
+                record.log_stalls(extras.stall_dir, stall_reasons(extras.stall_dir))
             record.fail(e)
         raise
     if record is not None:
+        if result.stalls:
+            record.log_stalls(extras.stall_dir, result.stalls)
         record.complete(result.metrics, result.model_dir, result.checkpoint, seq2seq=plan.seq2seq)
         result.run_id = record.run_id
     return result
@@ -106,21 +113,50 @@ def train_on_rows(plan: RunPlan, rows: "Rows", extras: Optional[Extras] = None) 
     if rows.train_rows == 0:
         raise UserError(f"data.train: no training rows after prepare ({rows.train_dir})")
     resume = extras.resume or check_resume(plan, None)
+    stalls = extras.stall_dir or stall_dir(plan)
     args = WorkerArgs(plan=plan, train_dir=rows.train_dir, eval_dir=rows.eval_dir,
                       train_rows=rows.train_rows, eval_rows=rows.eval_rows, export=extras.export,
                       callbacks=list(extras.callbacks), hooks=list(extras.hooks), manifest=resume.manifest,
-                      tasks=training_tasks(plan.config) if extras.tasks is None else list(extras.tasks))
+                      tasks=training_tasks(plan.config) if extras.tasks is None else list(extras.tasks),
+                      stall_dir=stalls)
     model_dir = plan.model_dir if extras.export else None
-    if plan.local:
-        from chatsft.train.checkpoint import latest
+    try:
+        if plan.local:
+            from chatsft.train.checkpoint import latest
 
-        metrics = run_local(args)
-        out = TrainResult(metrics or {}, latest(plan.checkpoint_dir), model_dir)
-    else:
-        out = _train_on_ray(plan, args, model_dir, list(extras.ray_callbacks))
+            metrics = run_local(args)
+            out = TrainResult(metrics or {}, latest(plan.checkpoint_dir), model_dir)
+        else:
+            out = _train_on_ray(plan, args, model_dir, list(extras.ray_callbacks))
+    except Exception as e:
+        reasons = stall_reasons(stalls) if stalls else []
+        if reasons:  # the attempts ran out (scaling.max_failures): say why the last one was stopped
+            raise RuntimeError(f"training stalled: {reasons[-1]}") from e
+        raise
+    out.stalls = stall_reasons(stalls) if stalls else []
+    for reason in out.stalls:
+        say(f"an attempt was stopped and restarted: {reason}")
     out.resume = resume
     _summary(out, plan)
     return out
+
+
+def stall_dir(plan: RunPlan) -> Optional[str]:
+    """A new folder of this run for the hang watchdog's reports (train.stall_timeout_s > 0)."""
+    if plan.config.train.stall_timeout_s <= 0:
+        return None
+    import os
+    import time
+
+    return storage.join(plan.checkpoint_dir, "stalls", time.strftime("run-%Y%m%dT%H%M%S-") + os.urandom(3).hex())
+
+
+def stall_reasons(folder: str) -> list[str]:
+    """The one-line reason of each attempt the watchdog stopped, oldest first."""
+    from chatsft.train.watchdog import REASON
+
+    return [(storage.read_text(f.path) or "").strip()
+            for f in storage.list_files(folder, recursive=True) if storage.basename(f.path) == REASON]
 
 
 # ------------------------------------------------------------------------- ray
@@ -143,7 +179,10 @@ def _train_on_ray(plan: RunPlan, args: WorkerArgs, model_dir: Optional[str], ray
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"args": args},
-        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
+        # A hung collective raises after this (Ray's default: 30 minutes); with the hang watchdog
+        # on, late enough that the watchdog reports first (train/watchdog.py).
+        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo",
+                                 timeout_s=int(2 * cfg.train.stall_timeout_s) or 1800),
         scaling_config=ScalingConfig(
             num_workers=plan.workers, use_gpu=sc.use_gpu,
             resources_per_worker=dict(sc.resources_per_worker) or None,

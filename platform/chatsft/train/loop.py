@@ -57,6 +57,7 @@ class WorkerArgs:
     # Called on every rank after every optimizer step with (step, runtime): where tests inject faults.
     hooks: list[StepHook] = field(default_factory=list)
     manifest: dict = field(default_factory=dict)  # what the run is (train/resume.py); in every checkpoint
+    stall_dir: Optional[str] = None  # where stalled attempts leave their stacks (train/watchdog.py)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
@@ -104,13 +105,16 @@ def run(args: WorkerArgs, rt: WorkerRuntime) -> dict[str, Any]:
     before_training(w)
     w.engine.train()
     steady = Steady()
+    watchdog = start_watchdog(w)
     while w.state.step < w.total:
         rows = epoch_rows(iter_rows(rt.rows("train")()), seed=w.cfg.run.seed, epoch=w.state.epoch,
                           start=w.state.position)
         for batch in global_batches(rows, args.plan.global_batch):
+            watchdog.feed(w.state.step, f"the start of step {w.state.step + 1}")
             one_step(w, batch)
             steady.tick()
             after_step(w)
+            watchdog.feed(w.state.step, f"the end of step {w.state.step}")
             for hook in args.hooks:
                 hook(w.state.step, rt)
             if w.state.step >= w.total:
@@ -118,8 +122,33 @@ def run(args: WorkerArgs, rt: WorkerRuntime) -> dict[str, Any]:
         else:
             w.state.epoch += 1
             w.state.position = 0
+    watchdog.stop()
     finish(w, steady)
     return w.metrics
+
+
+def start_watchdog(w: Worker):
+    """train.stall_timeout_s > 0: this rank's hang watchdog (train/watchdog.py), else one that
+    never fires. The ranks agree on a name for this attempt's stall reports."""
+    from chatsft import storage
+    from chatsft.train.watchdog import Watchdog
+
+    timeout = w.cfg.train.stall_timeout_s
+    if timeout <= 0 or not w.args.stall_dir:
+        return _NoWatchdog()
+    import socket
+
+    attempt = w.rt.gather(time.strftime("attempt-%Y%m%dT%H%M%S-") + os.urandom(3).hex())[0]
+    return Watchdog(timeout, rank=w.rt.rank, world=w.rt.world, node=f"{socket.gethostname()} ({w.rt.node_id[:8]})",
+                    folder=storage.join(w.args.stall_dir, attempt)).start()
+
+
+class _NoWatchdog:
+    def feed(self, step: int, what: str) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
 
 
 def setup(args: WorkerArgs, rt: WorkerRuntime) -> Worker:
