@@ -246,18 +246,79 @@ def _dataset(folder: str):
 
 
 def check_storage(plan: RunPlan) -> None:
-    """A local output folder must be one every node sees."""
+    """Preflight of a multi-node run, before any compute: a local output folder must be shared
+    storage (run.shared_storage), and every node must write and read run.output_dir (and see
+    what the others wrote there) and load the model's config and tokenizer. One Ray task per
+    node, pinned to it; the error names the node that cannot. Nodes an autoscaler adds later
+    are not checked."""
     from chatsft.raysetup import ensure_ray
 
-    if not storage.is_local(plan.output_dir) or plan.config.run.shared_storage:
-        return
+    cfg = plan.config
     ensure_ray()
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) > 1:
-        raise UserError(f"run.output_dir={plan.config.run.output_dir}: a local path on a {len(nodes)}-node "
+    if len(nodes) <= 1:
+        return
+    if storage.is_local(plan.output_dir) and not cfg.run.shared_storage:
+        raise UserError(f"run.output_dir={cfg.run.output_dir}: a local path on a {len(nodes)}-node "
                         "cluster; use a URI (s3://, gs://) or shared storage and set run.shared_storage: true")
+    import os
+
+    probes = storage.join(plan.output_dir, f".preflight-{os.urandom(4).hex()}")
+    check = ray.remote(num_cpus=0, max_retries=0)(_check_node)
+    refs = [check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(plan, probes) for n in nodes]
+    try:
+        found = ray.get(refs)
+        for name, problem in found:
+            if problem:
+                raise UserError(f"preflight: node {name}: {problem}")
+        seen = {storage.basename(f.path) for f in storage.list_files(probes)}
+        for (name, _), n in zip(found, nodes):
+            if n["NodeID"] not in seen:  # the node wrote into a folder of its own
+                raise UserError(f"preflight: node {name}: run.output_dir={cfg.run.output_dir}: what it wrote there "
+                                "is not visible to the driver; the folder is not storage every node shares")
+    finally:
+        try:
+            storage.remove(probes)
+        except Exception:
+            pass
+
+
+def _check_node(plan: RunPlan, probes: str) -> tuple[str, Optional[str]]:
+    """On one node: (the node's name, what it cannot do, or None)."""
+    import socket
+
+    import ray
+
+    from chatsft.builtin import resolve
+    from chatsft.model import load_tokenizer
+
+    cfg = plan.config
+    node_id = ray.get_runtime_context().get_node_id()
+    name = f"{socket.gethostname()} ({ray.util.get_node_ip_address()}, {node_id[:8]})"
+    path = storage.join(probes, node_id)
+    try:
+        storage.write_text(path, node_id)
+        if storage.read_text(path) != node_id:
+            return name, f"run.output_dir={cfg.run.output_dir}: a file written there reads back differently"
+    except Exception as e:
+        return name, f"run.output_dir={cfg.run.output_dir}: cannot write and read it: {_one_line(e)}"
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(resolve(cfg.model.name_or_path), trust_remote_code=cfg.model.trust_remote_code,
+                                   revision=cfg.model.revision)
+        load_tokenizer(cfg.model)
+    except Exception as e:
+        return name, f"model.name_or_path={cfg.model.name_or_path}: cannot load its config or tokenizer: {_one_line(e)}"
+    return name, None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join((str(e).strip() or type(e).__name__).split())[:400]
 
 
 # --------------------------------------------------------------------- prepare
