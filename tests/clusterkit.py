@@ -55,17 +55,22 @@ class TwoNodes:
     """The child process holding the cluster; `env` is what a user's shell has to reach it."""
 
     def __init__(self, root: Path, env: dict[str, str]):
+        import tempfile
+
         from tests.conftest import free_port
 
-        self.root, self.env = root, env
+        # The nodes' temp dirs hold Unix sockets, whose paths must stay under 108 bytes:
+        # pytest's tmp_path is too deep for them.
+        self.root, self.env = Path(tempfile.mkdtemp(prefix="ray2n-", dir="/tmp")), env
+        self.log_dir = root
         self.dashboard_port = free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self.gcs = ""
         self.proc = None
 
     def start(self, timeout: float = 180) -> "TwoNodes":
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.log = open(self.root / "cluster.log", "w")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.log_dir / "cluster.log", "w")
         self.proc = subprocess.Popen([sys.executable, __file__, str(self.root), str(self.dashboard_port)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
                                      env=self.env, text=True, start_new_session=True)
@@ -78,10 +83,12 @@ class TwoNodes:
             if not line and self.proc.poll() is not None:
                 break
         self.stop()
-        raise RuntimeError((self.root / "cluster.log").read_text()[-3000:])
+        raise RuntimeError((self.log_dir / "cluster.log").read_text()[-3000:])
 
     def stop(self) -> None:
         import signal
+
+        import shutil
 
         if self.proc is None:
             return
@@ -91,6 +98,7 @@ class TwoNodes:
         except Exception:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc = None
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 if __name__ == "__main__":

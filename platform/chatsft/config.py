@@ -274,7 +274,8 @@ class TrainConfig:
         "Hang watchdog; 0: off. When no optimizer step ends within this many seconds (count any "
         "eval or checkpoint between two steps in it), every rank's Python stack goes to the log and "
         "to MLflow, the attempt fails naming the slowest rank and its node, and scaling.max_failures "
-        "restarts it from the latest checkpoint. Collectives (gloo/NCCL) time out at twice this.",
+        "restarts it from the latest checkpoint. Collectives (gloo/NCCL) time out at twice this, and not "
+        "before 30 minutes.",
     )
     resume: Literal["auto", "never"] = doc(
         "auto",

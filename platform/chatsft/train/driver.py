@@ -179,10 +179,11 @@ def _train_on_ray(plan: RunPlan, args: WorkerArgs, model_dir: Optional[str], ray
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"args": args},
-        # A hung collective raises after this (Ray's default: 30 minutes); with the hang watchdog
-        # on, late enough that the watchdog reports first (train/watchdog.py).
+        # A hung collective raises after this: twice the hang watchdog's limit, so the watchdog
+        # (train/watchdog.py) reports first, and never before Ray's default 30 minutes, which a
+        # rank-0-only export or evaluation may keep the other ranks waiting at a barrier.
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo",
-                                 timeout_s=int(2 * cfg.train.stall_timeout_s) or 1800),
+                                 timeout_s=max(1800, int(2 * cfg.train.stall_timeout_s))),
         scaling_config=ScalingConfig(
             num_workers=plan.workers, use_gpu=sc.use_gpu,
             resources_per_worker=dict(sc.resources_per_worker) or None,
