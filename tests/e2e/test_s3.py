@@ -52,7 +52,7 @@ def _head(path: Path, n: int) -> str:
         return "".join(next(f) for _ in range(n))
 
 
-def test_s3_end_to_end(s3, tmp_path, monkeypatch):
+def test_s3_end_to_end(s3, tmp_path, monkeypatch, request):
     import ray
 
     from chatsft.plan import RunPlan
@@ -68,8 +68,10 @@ def test_s3_end_to_end(s3, tmp_path, monkeypatch):
            "eval.tasks=[]", "run.name=s3"]
 
     server = MlflowServer(tmp_path / "mlflow", artifacts=f"{bucket}/mlflow").start()
+    request.addfinalizer(server.stop)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # chatsft reaches workers as py_modules
     cluster = TwoNodes(tmp_path / "ray", env).start()
+    request.addfinalizer(cluster.stop)
     marker = tmp_path / "killed-once"
     ray.shutdown()  # an earlier test may have left a Ray running
     monkeypatch.setenv("RAY_ADDRESS", cluster.gcs)

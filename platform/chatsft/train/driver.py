@@ -210,7 +210,8 @@ def _train_on_ray(plan: RunPlan, args: WorkerArgs, model_dir: Optional[str], ray
         if user is None:
             raise
         raise user from None
-    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    # Ray gives the path inside its filesystem ("bucket/run/..."): the URI is what users and export take
+    checkpoint = storage.outer(plan.output_dir, result.checkpoint.path) if result.checkpoint is not None else None
     return TrainResult(dict(result.metrics or {}), checkpoint, model_dir)
 
 
