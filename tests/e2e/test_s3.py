@@ -60,6 +60,7 @@ def test_s3_end_to_end(s3, tmp_path, monkeypatch, request):
     from chatsft.train.driver import Extras, Rows, train, train_on_rows
 
     bucket = f"s3://{BUCKET}"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")  # a loaded CI machine answers slowly
     storage.write_text(f"{bucket}/records/train.jsonl", _head(SAMPLES / "train.jsonl", 40))
     storage.write_text(f"{bucket}/records/heldout.jsonl", _head(SAMPLES / "heldout.jsonl", 8))
     run = ["train.max_steps=6", "train.save_every=2", "train.micro_batch_size=2", "train.grad_accum=2",

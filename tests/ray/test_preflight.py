@@ -31,7 +31,7 @@ def test_preflight_names_the_node_that_cannot_load_the_model(tmp_path, tiny_llam
         with pytest.raises(UserError) as e:
             check_storage(RunPlan.resolve(tiny_cfg(tmp_path, "run.shared_storage=true")))
         msg = str(e.value)
-        assert msg.startswith("preflight: node ") and f"{bad.unique_id[:8]})" in msg, msg
+        assert msg.startswith("preflight: node ") and f"{bad.node_id[:8]})" in msg, msg
         assert "model.name_or_path=builtin:tiny-llama: cannot load its config or tokenizer" in msg, msg
         assert "\n" not in msg
 

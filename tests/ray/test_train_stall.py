@@ -39,7 +39,7 @@ def test_a_hung_rank_is_reported_and_the_run_restarts_to_the_same_weights(tmp_pa
     assert "\n" not in reason and reason.startswith("train.stall_timeout_s=10: no optimizer step finished in 10s")
     node_ids = resumed.metrics["node_ids"]  # one node here: the reason names it by host and id
     assert f"slowest: rank 1 on node " in reason and f"({node_ids[1][:8]})" in reason, reason
-    assert "the end of step 3" in reason, reason
+    assert "(last progress: the end of step 3; the other ranks got further)" in reason, reason
 
     # every rank's stack, in the run's storage: rank 1 is in the hook, rank 0 waits in step 4
     reports = storage.list_files(storage.join(RunPlan.resolve(hung).checkpoint_dir, "stalls"), recursive=True)

@@ -12,16 +12,20 @@ from chatsft.config import ConfigError, load_config
 from chatsft.train.watchdog import EXIT_CODE, dump_stacks, stall_reason
 
 
-def test_the_slowest_rank_is_the_one_whose_last_progress_is_oldest():
-    reports = {0: {"rank": 0, "node": "a", "step": 3, "what": "the start of step 4", "at": 100.0},
-               1: {"rank": 1, "node": "b", "step": 3, "what": "the end of step 3", "at": 99.5}}
+def test_the_slowest_rank_is_the_one_that_has_not_started_the_next_step():
+    # rank 0 waits inside step 4 for rank 1, which ended step 3 after rank 0 did but never went on
+    reports = {0: {"rank": 0, "node": "a", "step": 3, "started": True, "what": "the start of step 4", "at": 100.0},
+               1: {"rank": 1, "node": "b", "step": 3, "started": False, "what": "the end of step 3", "at": 100.2}}
     reason = stall_reason(reports, world=2, timeout_s=30)
     assert reason == ("train.stall_timeout_s=30: no optimizer step finished in 30s; slowest: rank 1 on node b "
-                      "(last progress: the end of step 3, 0.5s before the other ranks' last)")
+                      "(last progress: the end of step 3; the other ranks got further)")
+    # where all are equally far, the oldest progress is the slowest
+    reports[0].update(started=False, what="the end of step 3", at=99.0)
+    assert "slowest: rank 0 on node a (last progress: the end of step 3)" in stall_reason(reports, 2, 30)
 
 
 def test_a_rank_without_a_report_is_the_slowest():
-    reports = {0: {"rank": 0, "node": "a", "step": 3, "what": "the start of step 4", "at": 100.0}}
+    reports = {0: {"rank": 0, "node": "a", "step": 3, "started": True, "what": "the start of step 4", "at": 100.0}}
     assert "slowest: rank 1 (no report from it" in stall_reason(reports, world=2, timeout_s=5)
 
 
@@ -41,7 +45,7 @@ def test_a_stalled_process_reports_and_exits(tmp_path):
         import time
         from chatsft.train.watchdog import Watchdog
         w = Watchdog(0.5, rank=0, world=1, node="here", folder={str(tmp_path)!r}, grace_s=0).start()
-        w.feed(2, "the end of step 2")
+        w.feed(2, started=False)
         def stuck_in_a_step():
             time.sleep(30)
         stuck_in_a_step()

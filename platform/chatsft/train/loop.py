@@ -110,11 +110,11 @@ def run(args: WorkerArgs, rt: WorkerRuntime) -> dict[str, Any]:
         rows = epoch_rows(iter_rows(rt.rows("train")()), seed=w.cfg.run.seed, epoch=w.state.epoch,
                           start=w.state.position)
         for batch in global_batches(rows, args.plan.global_batch):
-            watchdog.feed(w.state.step, f"the start of step {w.state.step + 1}")
+            watchdog.feed(w.state.step, started=True)
             one_step(w, batch)
             steady.tick()
             after_step(w)
-            watchdog.feed(w.state.step, f"the end of step {w.state.step}")
+            watchdog.feed(w.state.step, started=False)
             for hook in args.hooks:
                 hook(w.state.step, rt)
             if w.state.step >= w.total:
@@ -144,7 +144,7 @@ def start_watchdog(w: Worker):
 
 
 class _NoWatchdog:
-    def feed(self, step: int, what: str) -> None:
+    def feed(self, step: int, started: bool) -> None:
         pass
 
     def stop(self) -> None:

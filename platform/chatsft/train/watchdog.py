@@ -38,7 +38,8 @@ EXIT_CODE = 75  # what a stalled worker exits with
 @dataclass
 class Progress:
     step: int  # optimizer steps completed by this rank
-    what: str  # the last thing it started or finished
+    started: bool  # and it has started the next one (it is ahead of a rank that has not)
+    what: str  # the last thing it started or finished, in words
     at: float  # wall time of that (ranks on different nodes compare these)
 
 
@@ -48,7 +49,7 @@ class Watchdog:
         self.timeout_s, self.rank, self.world, self.node, self.folder = timeout_s, rank, world, node, folder
         # how long a firing rank waits for the others' reports before it names the slowest
         self.grace_s = grace_s if grace_s is not None else min(30.0, max(5.0, timeout_s / 2))
-        self.progress = Progress(0, "setup", time.time())
+        self.progress = Progress(0, False, "setup", time.time())
         self._last = time.monotonic()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -59,8 +60,10 @@ class Watchdog:
         self._thread.start()
         return self
 
-    def feed(self, step: int, what: str) -> None:
-        self.progress = Progress(step, what, time.time())
+    def feed(self, step: int, started: bool) -> None:
+        """`step` optimizer steps are done; `started`: and the next one has begun."""
+        what = f"the start of step {step + 1}" if started else f"the end of step {step}"
+        self.progress = Progress(step, started, what, time.time())
         self._last = time.monotonic()
 
     def stop(self) -> None:
@@ -84,7 +87,8 @@ class Watchdog:
         try:
             storage.write_text(storage.join(self.folder, f"rank{self.rank}.txt"), stacks)
             storage.write_text(storage.join(self.folder, f"rank{self.rank}.json"), json.dumps(
-                {"rank": self.rank, "node": self.node, "step": p.step, "what": p.what, "at": p.at}))
+                {"rank": self.rank, "node": self.node, "step": p.step, "started": p.started, "what": p.what,
+                 "at": p.at}))
             reports = self._reports(wait=True)
             reason = stall_reason(reports, self.world, self.timeout_s)
             storage.write_text(storage.join(self.folder, REASON), reason + "\n")
@@ -110,17 +114,18 @@ class Watchdog:
 
 def stall_reason(reports: dict[int, dict], world: int, timeout_s: float) -> str:
     """One line naming the slowest rank: one that wrote no report (it is stuck where even its
-    watchdog cannot run, or on a lost node), else the one whose last progress is oldest."""
+    watchdog cannot run, or on a lost node), else the one least far: fewest steps done, not yet
+    in the next one (the others wait for it there), then the oldest last progress."""
     head = f"train.stall_timeout_s={timeout_s:g}: no optimizer step finished in {timeout_s:g}s"
     missing = [r for r in range(world) if r not in reports]
     if missing:
         return f"{head}; slowest: rank {missing[0]} (no report from it; " \
                f"ranks {', '.join(map(str, missing))} silent)"
-    slow = min(reports.values(), key=lambda r: (r["step"], r["at"], r["rank"]))
+    slow = min(reports.values(), key=lambda r: (r["step"], r["started"], r["at"], r["rank"]))
     others = [r for r in reports.values() if r is not slow]
-    ahead = max((r["at"] for r in others), default=slow["at"]) - slow["at"]
-    return (f"{head}; slowest: rank {slow['rank']} on node {slow['node']} (last progress: {slow['what']}, "
-            f"{ahead:.1f}s before the other ranks' last)")
+    behind = "; the other ranks got further" if any((r["step"], r["started"]) > (slow["step"], slow["started"])
+                                                     for r in others) else ""
+    return f"{head}; slowest: rank {slow['rank']} on node {slow['node']} (last progress: {slow['what']}{behind})"
 
 
 def dump_stacks() -> str:
