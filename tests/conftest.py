@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -57,10 +58,13 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    """A real `mlflow server` on 127.0.0.1: SQLite backend, artifacts in a temp dir."""
+    """A real `mlflow server` on 127.0.0.1: SQLite backend, artifacts in a temp dir (or at
+    `artifacts`, e.g. s3://bucket/prefix, which the server reaches with the AWS_* variables of
+    this process's environment)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, artifacts: Optional[str] = None):
         self.root = root
+        self.artifacts = artifacts or str(root / "artifacts")
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc = None
@@ -77,7 +81,7 @@ class MlflowServer:
         self.proc = subprocess.Popen(
             [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--artifacts-destination", str(self.root / "artifacts")],
+             "--artifacts-destination", self.artifacts],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + timeout
         while time.time() < deadline:

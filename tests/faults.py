@@ -23,6 +23,34 @@ class ExitOnce:
             os._exit(1)
 
 
+class StopAt:
+    """Every worker raises right after optimizer step `step`: the run fails there (a lost node, a
+    preempted job) and leaves its checkpoints for a restart."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def __call__(self, step: int, runtime) -> None:
+        if step == self.step:
+            raise RuntimeError(f"[test] stopped after step {step} on purpose")
+
+
+class HangOnce:
+    """The worker of rank `rank` stops making progress after optimizer step `step` (it sleeps
+    for `seconds`), once: the marker file it leaves lets the restarted worker group go on."""
+
+    def __init__(self, step: int, marker: str, rank: int = 1, seconds: float = 600.0) -> None:
+        self.step, self.marker, self.rank, self.seconds = step, str(marker), rank, seconds
+
+    def __call__(self, step: int, runtime) -> None:
+        import time
+
+        if step == self.step and runtime.rank == self.rank and not os.path.exists(self.marker):
+            with open(self.marker, "w") as f:
+                f.write(f"rank {runtime.rank} hung after step {step}\n")
+            time.sleep(self.seconds)
+
+
 def _ship_by_value() -> None:
     # Ray workers may not have the tests folder on their path: send these classes by value.
     from ray import cloudpickle

@@ -68,6 +68,7 @@ def _eval_loss(plan, model, tokenizer) -> float:
     from chatsft.eval.loss import loss_sums
     from chatsft.model import load_tokenizer
     from chatsft.model.batch import decoder_start
+    from chatsft.model.loss import loss_function
     from chatsft.model.tokenizer import same_vocabulary
     from chatsft.pipeline import prepare
     from chatsft.train.data import file_batches
@@ -77,7 +78,10 @@ def _eval_loss(plan, model, tokenizer) -> float:
                         f"({plan.config.model.name_or_path}), which the eval rows are tokenized with; "
                         "set model.name_or_path (or model.tokenizer) to the model's own")
     prepared = prepare(plan)
+    loss, _ = loss_function(model, plan.config.train.loss_head, plan.config.train.loss_chunk,
+                            device=model_device(model))
     total, count = loss_sums(lambda inputs: model(**inputs), iter_rows(file_batches(prepared.eval_dir)()),
+                             loss=loss,
                              micro_batch=plan.config.train.micro_batch_size,
                              pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
                              seq2seq=plan.seq2seq, decoder_start=decoder_start(model) if plan.seq2seq else None,

@@ -264,11 +264,46 @@ class TrainConfig:
         "bf16", "bf16 mixed precision (fp32 master weights in DeepSpeed), fp32, or fp16."
     )
     gradient_checkpointing: bool = doc(False, "Recompute activations in backward to save memory.")
+    loss_head: Literal["learned", "full", "liger", "cce"] = doc(
+        "learned", "learned: the output layer and cross-entropy on learned positions only, in chunks (no "
+        "[tokens, vocab] logits; same loss and gradients); full: the model's whole logits; liger / cce: "
+        "the learned positions through Liger's fused linear cross-entropy or Apple's Cut Cross-Entropy "
+        "kernel (CUDA only, the liger-kernel / cut-cross-entropy package installed). Architectures whose "
+        "head is not a plain Linear or whose logits are transformed (softcapping) use full."
+    )
+    loss_chunk: int = doc(
+        0, "Learned head: positions projected at a time; 0: as many as fit 256 MiB of fp32 logits."
+    )
+    compile: Literal["off", "layers", "decoder"] = doc(
+        "off", "torch.compile: each decoder layer (one graph reused by every layer: short compile), or "
+        "the whole decoder body; the loss head stays eager. Any device; pays off on GPUs."
+    )
+    fused_optimizer: bool = doc(
+        True, "AdamW's fused kernel (CUDA and CPU) on the torch engine (train.deepspeed.enabled=false); "
+        "false: torch's per-tensor loop. DeepSpeed steps its own optimizer."
+    )
+    bf16_master_weights: bool = doc(
+        True, "false: with precision bf16 and DeepSpeed off, load the weights in bf16 and step AdamW on "
+        "them (no fp32 copy: half the weight and optimizer memory, bf16 rounding in every update)."
+    )
+    threads: int = doc(
+        0, "CPU threads of each training worker (torch intra-op, Arrow reads); 0: every core this process "
+        "may use with --local, scaling.resources_per_worker.CPU on Ray (so workers sharing a node do not "
+        "oversubscribe it)."
+    )
     log_every: int = doc(10, "Optimizer steps between progress lines and logged metrics.")
     eval_every: int = doc(0, "Steps between eval-loss passes; 0: only at the end.")
     eval_metrics_every: int = doc(0, "Steps between task evaluations (see eval); 0: only at the end.")
     save_every: int = doc(0, "Steps between checkpoints; 0: only at the end.")
     keep_checkpoints: int = doc(2, "Checkpoints kept by Ray Train.")
+    stall_timeout_s: float = doc(
+        0.0,
+        "Hang watchdog; 0: off. When no optimizer step ends within this many seconds (count any "
+        "eval or checkpoint between two steps in it), every rank's Python stack goes to the log and "
+        "to MLflow, the attempt fails naming the slowest rank and its node, and scaling.max_failures "
+        "restarts it from the latest checkpoint. Collectives (gloo/NCCL) time out at twice this, and not "
+        "before 30 minutes.",
+    )
     resume: Literal["auto", "never"] = doc(
         "auto",
         "auto: resume the latest checkpoint in the run's folder when it is this run (same rows, model, "
@@ -282,11 +317,13 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "warmup_steps", "log_every", "eval_every", "save_every",
-                     "eval_metrics_every", "keep_checkpoints"):
+                     "eval_metrics_every", "keep_checkpoints", "threads", "loss_chunk"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{where}.{name}: must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"{where}.lr: must be > 0, got {self.lr}")
+        if self.stall_timeout_s < 0:
+            raise ConfigError(f"{where}.stall_timeout_s: must be >= 0 (0: off), got {self.stall_timeout_s}")
         if len(self.betas) != 2:
             raise ConfigError(f"{where}.betas: expected two numbers, got {self.betas}")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -310,10 +347,18 @@ class ScalingConfig:
         "PACK", "Placement group strategy: SPREAD puts workers on different nodes."
     )
     max_failures: int = doc(0, "Worker-group restarts from the latest checkpoint; -1: unlimited.")
+    min_workers: int = doc(
+        0, "Elastic training: the fewest workers a run goes on with (Ray Train's num_workers=(min, max), max "
+        "being num_workers); 0: always num_workers. Rows per step stay micro x accum x num_workers, so each "
+        "count in between must share them in micro-batches."
+    )
 
     def _validate(self, where: str) -> None:
         if self.num_workers < 1:
             raise ConfigError(f"{where}.num_workers: must be >= 1, got {self.num_workers}")
+        if not 0 <= self.min_workers <= self.num_workers:
+            raise ConfigError(f"{where}.min_workers: must be between 0 and num_workers ({self.num_workers}), "
+                              f"got {self.min_workers}")
         if self.max_failures < -1:
             raise ConfigError(f"{where}.max_failures: must be >= -1")
 
@@ -426,6 +471,15 @@ class Config:
         if self.method.name == "prompt_tuning" and self.data.packing:
             raise ConfigError("method.name=prompt_tuning: does not work with data.packing=true (the virtual "
                               "tokens are prepended once per row, not per packed sequence)")
+        if self.train.loss_head in ("liger", "cce") and not self.scaling.use_gpu:
+            raise ConfigError(f"train.loss_head={self.train.loss_head}: a CUDA kernel, needs scaling.use_gpu=true; "
+                              "use train.loss_head=learned on CPU (the same loss, chunked)")
+        if not self.train.bf16_master_weights and (self.train.precision != "bf16" or self.train.deepspeed.enabled):
+            raise ConfigError("train.bf16_master_weights=false: needs train.precision=bf16 and "
+                              "train.deepspeed.enabled=false (DeepSpeed keeps its own fp32 masters)")
+        if self.train.compile != "off" and self.train.deepspeed.enabled and self.train.deepspeed.stage == 3:
+            raise ConfigError(f"train.compile={self.train.compile}: not with ZeRO-3 (its parameter hooks break "
+                              "the compiled graphs); use train.deepspeed.stage<=2 or train.compile=off")
         if self.train.precision == "fp16" and not self.train.deepspeed.enabled:
             raise ConfigError("train.precision=fp16: needs train.deepspeed.enabled=true (loss scaling); "
                               "use bf16 without DeepSpeed")

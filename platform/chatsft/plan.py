@@ -35,6 +35,7 @@ class RunPlan:
     workers: int
     global_batch: int  # rows per optimizer step over all workers: micro x accum x workers
     worker_resources: dict  # Ray resources of one training worker
+    threads: int  # CPU threads of one training worker (torch intra-op, Arrow)
     eval_split: EvalSplit  # "sources": data.eval; "carve": data.eval_fraction of train; "none"
 
     # ---------------------------------------------------------------- locations
@@ -77,6 +78,10 @@ class RunPlan:
         resources = dict(sc.resources_per_worker) or {"CPU": 1.0}
         if sc.use_gpu:
             resources.setdefault("GPU", 1.0)
+        global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * workers
+        if not local:
+            _check_elastic(sc.min_workers, workers, cfg.train.micro_batch_size, global_batch)
+        threads = cfg.train.threads or (local_cores() if local else max(1, int(resources.get("CPU", 1))))
         return cls(
             config=cfg,
             kind=kind,
@@ -84,10 +89,19 @@ class RunPlan:
             output_dir=storage.absolute(cfg.run.output_dir),
             tracking_uri=tracking_uri(cfg) if cfg.tracking.enabled else None,
             workers=workers,
-            global_batch=cfg.train.micro_batch_size * cfg.train.grad_accum * workers,
+            global_batch=global_batch,
             worker_resources=resources,
+            threads=threads,
             eval_split="sources" if cfg.data.eval else ("carve" if cfg.data.eval_fraction > 0 else "none"),
         )
+
+
+def local_cores() -> int:
+    """The cores this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no affinity masks
+        return os.cpu_count() or 1
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -118,6 +132,16 @@ def _check_output(output_dir: str) -> None:
         raise ConfigError(f"run.output_dir={output_dir}: {what}; point it at a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"run.output_dir={output_dir}: {existing} is not writable by this user")
+
+
+def _check_elastic(least: int, most: int, micro: int, global_batch: int) -> None:
+    """Every worker count an elastic run may have must share the rows per step in micro-batches."""
+    bad = [w for w in range(max(least, 1), most + 1) if least and global_batch % (micro * w)]
+    if bad:
+        raise ConfigError(f"scaling.min_workers={least}: with {bad[0]} workers the {global_batch} rows per step "
+                          f"(train.micro_batch_size x train.grad_accum x scaling.num_workers) cannot be shared in "
+                          f"micro-batches of {micro}; choose counts whose product with train.micro_batch_size "
+                          f"divides {global_batch}")
 
 
 def _check_kind(cfg: Config, kind: str) -> None:

@@ -2,17 +2,53 @@
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Any
+from typing import Any, Optional
+
+# Set by Ray's job supervisor in the environment of a `ray job submit` entrypoint: the job's
+# runtime env (working_dir, env_vars, ...) as JSON. ray.init merges whatever it is given into it.
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def _package_dir() -> str:
+    import chatsft
+
+    return os.path.dirname(os.path.abspath(chatsft.__file__))
+
+
+def job_runtime_env() -> Optional[dict[str, Any]]:
+    """The runtime env of the Ray job this process is the entrypoint of, or None outside a job."""
+    raw = os.environ.get(JOB_CONFIG_ENV)
+    if not raw:
+        return None
+    return json.loads(raw).get("runtime_env") or {}
 
 
 def runtime_env() -> dict[str, Any]:
-    """Ship this very chatsft to the workers (a checkout, or a Ray job's working dir), not
-    whichever version a cluster node's Python may have installed. Ray accepts local folders
-    only at the job level (ray.init), so whoever calls ray.init passes this."""
-    import chatsft
+    """What ray.init must add so that workers import this very chatsft, not whichever version
+    a cluster node's Python may have installed.
 
-    return {"py_modules": [os.path.dirname(os.path.abspath(chatsft.__file__))]}
+    Outside a job: the package folder as py_modules (Ray accepts local folders only at the job
+    level, so whoever calls ray.init passes this).
+
+    Inside a job (`ray job submit --working-dir .`): the job's runtime env stays as it is and
+    is only extended. Ray merges what ray.init is given into it; a py_modules folder there
+    would be a second copy of code the working dir already carries to every worker (which
+    starts in it), uploaded and unpacked again by every node for every job. All workers need
+    is the source root on their path, relative to the working dir, since each node unpacks it
+    in a folder of its own."""
+    job = job_runtime_env()
+    if job is None:
+        return {"py_modules": [_package_dir()]}
+    source_root = os.path.dirname(_package_dir())
+    inside = os.path.relpath(source_root, os.getcwd())
+    if not job.get("working_dir") or inside == os.curdir or inside.startswith(os.pardir):
+        # chatsft is the cluster's installed one (or the working dir's root is on the path already)
+        return {}
+    if "PYTHONPATH" in (job.get("env_vars") or {}):
+        return {}  # the submitter set the workers' path; a second value would conflict (Ray refuses)
+    return {"env_vars": {"PYTHONPATH": inside}}
 
 
 def ensure_ray(**kwargs: Any) -> None:
@@ -21,4 +57,4 @@ def ensure_ray(**kwargs: Any) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(runtime_env=runtime_env(), **kwargs)
+        ray.init(runtime_env=runtime_env() or None, **kwargs)

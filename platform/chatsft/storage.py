@@ -70,7 +70,7 @@ def filesystem(path: str):
         return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), inner
 
 
-def _outer(path: str, inner: str) -> str:
+def outer(path: str, inner: str) -> str:
     """The location of `inner` (a path inside the filesystem of `path`) in `path`'s own terms."""
     if not is_uri(path):
         return inner
@@ -128,7 +128,7 @@ def list_files(folder: str, *, suffix: str = "", recursive: bool = False) -> lis
 
     fs, inner = filesystem(folder)
     found = fs.get_file_info(pafs.FileSelector(inner, recursive=recursive, allow_not_found=True))
-    return [FileInfo(_outer(folder, i.path), i.size or 0, i.mtime_ns or 0)
+    return [FileInfo(outer(folder, i.path), i.size or 0, i.mtime_ns or 0)
             for i in sorted(found, key=lambda i: i.path)
             if i.type == pafs.FileType.File and i.path.endswith(suffix)]
 
@@ -139,7 +139,7 @@ def list_dirs(folder: str) -> list[str]:
 
     fs, inner = filesystem(folder)
     found = fs.get_file_info(pafs.FileSelector(inner, recursive=False, allow_not_found=True))
-    return [_outer(folder, i.path) for i in sorted(found, key=lambda i: i.path)
+    return [outer(folder, i.path) for i in sorted(found, key=lambda i: i.path)
             if i.type == pafs.FileType.Directory]
 
 
@@ -156,7 +156,7 @@ def glob(pattern: str) -> list[FileInfo]:
     base = inner[:inner.rfind("/", 0, cut)] or "/"
     regex = _glob_regex(inner)
     found = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-    return [FileInfo(_outer(pattern, i.path), i.size or 0, i.mtime_ns or 0)
+    return [FileInfo(outer(pattern, i.path), i.size or 0, i.mtime_ns or 0)
             for i in sorted(found, key=lambda i: i.path)
             if i.type == pafs.FileType.File and regex.fullmatch(i.path)]
 
@@ -266,12 +266,12 @@ def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
-def write_parquet(path: str, table) -> None:
+def write_parquet(path: str, table, row_group_rows: Optional[int] = None) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
+    pq.write_table(table, sink, row_group_size=row_group_rows)
     write_bytes(path, sink.getvalue().to_pybytes())
 
 

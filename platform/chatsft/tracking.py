@@ -520,6 +520,16 @@ class RunRecord:
                                "resume_changed": ", ".join(resume["changed"]) or "nothing"})
         self.tracker.log_text(json.dumps(resume, indent=2, default=str), "resume.json")
 
+    def log_stalls(self, folder: str, reasons: list[str]) -> None:
+        """Attempts the hang watchdog stopped: every rank's stacks and the one-line reason of each,
+        as artifacts under stalls/ (read from the run's storage, where the workers left them)."""
+        for f in storage.list_files(folder, recursive=True):
+            text = storage.read_text(f.path)
+            if text is not None:
+                inner = f.path[len(folder.rstrip("/")) + 1:]
+                self.tracker.log_text(text, f"stalls/{inner}")
+        self.tracker.set_tags({"stalls": len(reasons), "stall_reason": reasons[-1] if reasons else ""})
+
     def fail(self, error: BaseException) -> None:
         self.tracker.set_tags({"error": _one_line(error)})
         self.tracker.finish("FAILED")

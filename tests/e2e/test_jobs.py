@@ -1,126 +1,66 @@
-"""`ray job submit` end to end: a real two-node cluster started with `ray start`, token auth on."""
+"""`ray job submit` end to end: a real two-node cluster (ray.cluster_utils.Cluster, each node
+with its own temp dir), the dashboard and token auth on, driven by the `ray job` CLI."""
 
 import json
 import os
 import re
 import secrets
-import signal
+import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from tests.clusterkit import TwoNodes
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 pytestmark = pytest.mark.slow
 
 
-class LocalCluster:
-    """A head and one worker node, each `ray start --block` in its own process group, so the
-    test stops exactly these nodes (`ray stop` would stop every Ray on the machine)."""
-
-    def __init__(self, root: Path, env: dict):
-        self.root, self.env, self.procs = root, env, []
-        self.gcs = free_port()
-        self.dashboard = free_port()
-        self.address = f"http://127.0.0.1:{self.dashboard}"
-
-    def _start(self, name: str, *args: str) -> None:
-        log = open(self.root / f"{name}.log", "wb")
-        ports = [free_port() for _ in range(4)]
-        cmd = [RAY, "start", "--block", "--num-cpus=1", "--num-gpus=0", "--disable-usage-stats",
-               f"--temp-dir={self.root / name}", "--object-store-memory=300000000",
-               f"--node-manager-port={ports[0]}", f"--object-manager-port={ports[1]}",
-               f"--dashboard-agent-listen-port={ports[2]}", f"--metrics-export-port={ports[3]}", *args]
-        self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                           start_new_session=True))
-
-    def start(self) -> "LocalCluster":
-        self._start("head", "--head", f"--port={self.gcs}", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={self.dashboard}", "--include-dashboard=true")
-        self._wait_dashboard()
-        self._start("worker", f"--address=127.0.0.1:{self.gcs}")
-        self._wait_nodes(2)
-        return self
-
-    def _wait_dashboard(self, timeout: float = 180) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                req = urllib.request.Request(self.address + "/api/version",
-                                             headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"})
-                with urllib.request.urlopen(req, timeout=3):
-                    return
-            except Exception:
-                time.sleep(1)
-        raise RuntimeError((self.root / "head.log").read_text()[-3000:])
-
-    def _wait_nodes(self, n: int, timeout: float = 120) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            out = subprocess.run([RAY, "status", f"--address=127.0.0.1:{self.gcs}"], env=self.env,
-                                 capture_output=True, text=True)
-            if out.stdout.count("node_") >= n:
-                return
-            time.sleep(2)
-        raise RuntimeError(f"{n} nodes did not come up: {out.stdout} {out.stderr}")
-
-    def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    """Two nodes, the dashboard on, token auth as `ray start` has it (RAY_AUTH_MODE=token and the
+    token in the environment of the nodes and of the `ray job` client). The test's PYTHONPATH
+    is left out: workers must find chatsft in the job's working dir."""
     root = tmp_path_factory.mktemp("ray")
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
-    c = LocalCluster(root, env).start()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+    c = TwoNodes(root, env).start()
     yield c
     c.stop()
 
 
-def ray_job(cluster, *args: str) -> str:
+def ray_job(cluster, *args: str, timeout: float = 300, check: bool = True) -> str:
     """The `ray job` CLI as a user runs it: the token-auth variables in the client's environment."""
     verb, *rest = args
-    out = subprocess.run([RAY, "job", verb, f"--address={cluster.address}", *rest], env=cluster.env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout + out.stderr
+    for _ in range(15):
+        out = subprocess.run([RAY, "job", verb, f"--address={cluster.address}", *rest], env=cluster.env,
+                             capture_output=True, text=True, timeout=timeout)
+        if "No available agent to submit job" not in out.stderr:  # the head's agent is still starting
+            break
+        time.sleep(2)
+    assert out.returncode == 0 or not check, out.stdout + out.stderr
     return out.stdout + out.stderr
 
 
 def job_status(text: str) -> str:
-    """What `ray job status` prints: a banner for the ends, a plain line while it runs."""
+    """The end of a job as `ray job submit` prints it when it has waited for it."""
     for pattern, status in ((r"Job '[^']+' succeeded", "SUCCEEDED"), (r"Job '[^']+' failed", "FAILED"),
                             (r"Job '[^']+' was stopped", "STOPPED")):
         if re.search(pattern, text):
             return status
-    return re.search(r"Status for job '[^']+': (\w+)", text).group(1)
+    return "UNKNOWN"
 
 
-def submit(cluster, entrypoint: str, timeout: float = 900) -> tuple[str, str]:
+def submit(cluster, entrypoint: str, timeout: float = 900, working_dir: Path = REPO) -> tuple[str, str]:
+    """`ray job submit` waiting for the end (exit 1 when the job failed), its logs tailed."""
     runtime_env = {"env_vars": {"CHATSFT_CACHE": os.environ["CHATSFT_CACHE"], "TOKENIZERS_PARALLELISM": "false"}}
-    out = ray_job(cluster, "submit", "--no-wait", f"--working-dir={REPO}",
-                  f"--runtime-env-json={json.dumps(runtime_env)}", "--", *entrypoint.split(" "))
-    job = re.search(r"(raysubmit_\w+)", out).group(1)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        status = job_status(ray_job(cluster, "status", job))
-        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
-            return status, ray_job(cluster, "logs", job)
-        time.sleep(3)
-    ray_job(cluster, "stop", job)
-    raise AssertionError(f"job did not finish: {ray_job(cluster, 'logs', job)[-3000:]}")
+    out = ray_job(cluster, "submit", f"--working-dir={working_dir}", f"--runtime-env-json={json.dumps(runtime_env)}",
+                  "--", *entrypoint.split(" "), timeout=timeout, check=False)
+    return job_status(out), out
 
 
 def test_train_job_on_two_nodes(cluster, tmp_path):
@@ -150,3 +90,26 @@ def test_broken_config_job_fails_with_the_key_in_its_logs(cluster):
     status, logs = submit(cluster, f"{sys.executable} jobs/train.py configs/tiny.yaml train.lrr=3")
     assert status == "FAILED"
     assert "train.lrr: unknown key (did you mean train.lr?)" in logs
+
+
+def test_ten_jobs_in_a_row_keep_their_working_dir(cluster, tmp_path):
+    """Each job joins the cluster the way jobs/*.py do, then reads its config file while both
+    nodes run its tasks. Every submission is a new working-dir package (a marker file changes),
+    so every one goes through the moment the nodes unpack it, where jobs used to lose it."""
+    work = tmp_path / "work"
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for name in [n for n in files if n.startswith(("platform/", "configs/"))] + ["tests/e2e/job_probe.py"]:
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, work / name)
+    results = []
+    for i in range(10):
+        (work / "submission.txt").write_text(f"{i}\n")
+        status, logs = submit(cluster, f"{sys.executable} tests/e2e/job_probe.py", timeout=300, working_dir=work)
+        assert status == "SUCCEEDED", f"job {i + 1} of 10: {logs[-3000:]}"
+        results.append(json.loads(re.search(r"^PROBE (\{.*\})$", logs, re.M).group(1)))
+    for r in results:
+        # the job's own code reached the driver and the workers: unpacked from its working dir
+        # on each node, never the copy installed in the cluster's Python
+        assert all("/working_dir_files/" in c and c.endswith("/platform/chatsft") for c in r["code"]), r
+        assert "/working_dir_files/" in r["driver_code"], r
+    assert max(len(r["nodes"]) for r in results) == 2, results  # tasks ran on both nodes

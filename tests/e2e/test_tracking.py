@@ -1,6 +1,7 @@
 """Training runs recorded in a real `mlflow server`: what a run holds, restarts, a server that dies."""
 
 import os
+import tempfile
 
 import mlflow
 import pytest
@@ -42,7 +43,12 @@ def artifacts(client, run_id, path=""):
 
 def test_a_training_run_holds_params_metrics_stats_preview_plots_and_a_model(tmp_path, mlflow_server, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    systmp = tmp_path / "systmp"  # this process's temp dir, to see what the run leaves there
+    systmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(systmp))
     result = train(tiny(tmp_path, mlflow_server.uri, "record"), local=True)
+    left = sorted(p.name for p in systmp.iterdir())
+    assert not [name for name in left if name.startswith("chatsft-")], left  # plots, models, checkpoints
     # Logging the model used MLflow's global URI; a later run in this process must not inherit it.
     assert "MLFLOW_TRACKING_URI" not in os.environ and not mlflow.get_tracking_uri().startswith("http")
     client = MlflowClient(mlflow_server.uri)

@@ -119,5 +119,6 @@ def write_rows(cfg: Config, paths: list[str], tokenizer: Any, out_dir: str, *, s
         k: pa.array([list(map(int, v)) for v in vals], type=pa.list_(pa.int32())) if k != "source"
         else pa.array(vals, type=pa.list_(pa.string()))
         for k, vals in rows.items()})
-    pq.write_table(table, os.path.join(out_dir, "part-00000.parquet"))
+    # small row groups: workers read theirs (train/data.py), as they do from prepared rows
+    pq.write_table(table, os.path.join(out_dir, "part-00000.parquet"), row_group_size=8)
     return table.num_rows

@@ -117,6 +117,7 @@ def test_validation_loss_is_token_weighted(tiny_llama, few_heldout):
     from chatsft.data.render import render_conversation
     from chatsft.data.schema import Row
     from chatsft.eval.loss import loss_sums
+    from chatsft.model.loss import full_loss
     from chatsft.sources import read_local
 
     model, tok = tiny_llama
@@ -126,7 +127,8 @@ def test_validation_loss_is_token_weighted(tiny_llama, few_heldout):
     rows = [Row(s.input_ids.astype(np.int64), s.labels.astype(np.int64)) for s in samples]
 
     def sums(micro, rank=0, world=1):
-        return loss_sums(lambda inputs: model(**inputs), rows, micro_batch=micro, pad_id=tok.pad_token_id,
+        return loss_sums(lambda inputs: model(**inputs), rows, loss=full_loss, micro_batch=micro,
+                         pad_id=tok.pad_token_id,
                          seq2seq=False, rank=rank, world=world)
 
     losses = {}

@@ -1,68 +1,126 @@
-"""The data order of training: fixed by the stored rows and the seed, not by workers or batch split."""
+"""The data order of training: fixed by the stored rows and the seed, not by workers or batch split;
+each worker reads only the row groups that hold its rows."""
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from chatsft.data.order import epoch_rows, global_batches, worker_micro_batches
+from chatsft.data.order import EpochOrder, micro_batches, worker_span
 from chatsft.data.schema import EMPTY, IGNORE, Row, iter_rows
 from chatsft.model.batch import collate
-from chatsft.train.data import file_batches
+from chatsft.train.data import ChunkReader, RowIndex, file_batches, shard_rows, worker_steps
 
 
-def rows(n):
-    # row i: a single token id i (so a row's identity survives reordering)
-    return [Row(np.array([i, i], np.int64), np.array([IGNORE, i], np.int64)) for i in range(n)]
+def write_split(folder, n, group=5, files=2):
+    """n rows over `files` Parquet files in row groups of `group` rows; row i holds token id i."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cuts = np.linspace(0, n, files + 1).astype(int)
+    for f in range(files):
+        ids = list(range(cuts[f], cuts[f + 1]))
+        table = pa.table({
+            "input_ids": pa.array([[i, i] for i in ids], type=pa.list_(pa.int32())),
+            "labels": pa.array([[IGNORE, i] for i in ids], type=pa.list_(pa.int32())),
+            "source": pa.array([[f"x:{i}"] for i in ids], type=pa.list_(pa.string())),
+        })
+        pq.write_table(table, folder / f"part-{f:05d}.parquet", row_group_size=group)
+    return RowIndex.build(str(folder))
 
 
 def ident(r):
     return -1 if r.empty else int(r.input_ids[0])
 
 
-def step_rows(data, *, world, micro, accum, seed=0, epoch=0, start=0, window=8):
-    """Per step: the rows all workers see, in global order (row j from worker j % world)."""
-    out = []
+def steps_of(index, *, world, micro, accum, seed=0, epoch=0, start=0):
+    """Per step: the global batch as the sorted ids of all workers' rows (-1: filler), and the readers."""
     G = micro * accum * world
-    for batch in global_batches(epoch_rows(data, seed=seed, epoch=epoch, start=start, window=window), G):
-        per_worker = [sum(worker_micro_batches(batch, rank=w, world=world, micro=micro), [])
-                      for w in range(world)]
-        counts = {len(worker_micro_batches(batch, rank=w, world=world, micro=micro)) for w in range(world)}
-        assert counts == {accum}  # every worker runs the same number of micro-batches
-        merged = [per_worker[j % world][j // world] for j in range(G)]
-        out.append([ident(r) for r in merged])
-    return out
+    readers = [ChunkReader(index) for _ in range(world)]
+    per_worker = []
+    for rank in range(world):
+        got = []
+        for mine in worker_steps(index, readers[rank], seed=seed, epoch=epoch, global_batch=G, rank=rank,
+                                 world=world, start_step=start):
+            mbs = micro_batches(mine, micro)
+            assert len(mbs) == accum and all(len(m) == micro for m in mbs)
+            got.append([ident(r) for r in mine])
+        per_worker.append(got)
+    assert len({len(g) for g in per_worker}) == 1  # every worker runs as many steps
+    return [sorted(sum((g[k] for g in per_worker), [])) for k in range(len(per_worker[0]))], readers
 
 
 @pytest.mark.parametrize("world,micro,accum", [(1, 1, 4), (2, 2, 1), (2, 1, 2), (4, 1, 1)])
-def test_global_batches_do_not_depend_on_split(world, micro, accum):
-    data = rows(37)
-    assert step_rows(data, world=world, micro=micro, accum=accum) == step_rows(data, world=1, micro=4, accum=1)
+def test_global_batches_do_not_depend_on_split(tmp_path, world, micro, accum):
+    index = write_split(tmp_path / "rows", 37)
+    ref, _ = steps_of(index, world=1, micro=4, accum=1)
+    got, _ = steps_of(index, world=world, micro=micro, accum=accum)
+    assert got == ref
+    # an epoch is every stored row once, the last step filled with empty rows
+    flat = sum(ref, [])
+    assert sorted(r for r in flat if r >= 0) == list(range(37))
+    assert flat.count(-1) == 3 and len(ref) == 10
 
 
-def test_epoch_order_is_a_seeded_permutation():
-    data = rows(50)
-    a = [ident(r) for r in epoch_rows(data, seed=3, epoch=0, window=16)]
+@pytest.mark.parametrize("group", [5, 7])  # 7: lanes end inside row groups
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_workers_read_only_their_rows(tmp_path, world, group):
+    """Worker r reads the row groups of its contiguous run of the epoch order and no others; the
+    union of what the workers train on is the epoch's order exactly, each row once."""
+    n = 120
+    index = write_split(tmp_path / "rows", n, group=group, files=3)
+    G = 12
+    order = EpochOrder(index.sizes, 7, 1)
+    trained = []
+    for rank in range(world):
+        reader = ChunkReader(index)
+        rows = [ident(r) for mine in worker_steps(index, reader, seed=7, epoch=1, global_batch=G, rank=rank,
+                                                   world=world) for r in mine]
+        trained += [r for r in rows if r >= 0]
+        span = worker_span(n, G, rank, world)
+        start, end = span[0][0], span[-1][1]
+        assert all(a[1] == b[0] for a, b in zip(span, span[1:]))  # its lanes are one contiguous run
+        allowed = order.chunks_between(start, end)
+        assert set(reader.read_chunks) == set(allowed)
+        # each once: a row group where one of its lanes ends and the next begins is kept, not re-read
+        assert reader.bytes_read == sum(index.nbytes[c] for c in reader.read_chunks)
+        # what it read: its own rows plus at most the two row groups it shares with its neighbours
+        assert sum(index.sizes[c] for c in set(reader.read_chunks)) <= n / world + 2 * (group - 1)
+        # stored rows it trained on are exactly those of its run of the epoch order
+        stored = order.stored_rows(index.chunk_starts)
+        assert sorted(r for r in rows if r >= 0) == sorted(stored[start:end].tolist())
+    assert sorted(trained) == list(range(n))
+
+
+def test_epoch_order_is_a_seeded_permutation(tmp_path):
+    index = write_split(tmp_path / "rows", 50)
+    a = EpochOrder(index.sizes, 3, 0).stored_rows(index.chunk_starts).tolist()
     assert sorted(a) == list(range(50))
-    assert a == [ident(r) for r in epoch_rows(data, seed=3, epoch=0, window=16)]
-    assert a != [ident(r) for r in epoch_rows(data, seed=3, epoch=1, window=16)]
-    assert a != [ident(r) for r in epoch_rows(data, seed=4, epoch=0, window=16)]
-    # windowed: rows stay inside their window of 16
-    assert sorted(a[:16]) == list(range(16))
+    assert a == EpochOrder(index.sizes, 3, 0).stored_rows(index.chunk_starts).tolist()
+    assert a != EpochOrder(index.sizes, 3, 1).stored_rows(index.chunk_starts).tolist()
+    assert a != EpochOrder(index.sizes, 4, 0).stored_rows(index.chunk_starts).tolist()
+    # epochs differ in their batches, not only in the order of the same batches
+    b0, _ = steps_of(index, world=1, micro=4, accum=1, epoch=0)
+    b1, _ = steps_of(index, world=1, micro=4, accum=1, epoch=1)
+    assert b0 != b1 and sorted(map(tuple, b0)) != sorted(map(tuple, b1))
 
 
-@pytest.mark.parametrize("start", [0, 5, 16, 17, 40, 50, 60])
-def test_resume_position_continues_the_same_order(start):
-    data = rows(50)
-    full = [ident(r) for r in epoch_rows(data, seed=1, epoch=2, window=16)]
-    assert [ident(r) for r in epoch_rows(data, seed=1, epoch=2, start=start, window=16)] == full[start:]
+@pytest.mark.parametrize("start", [0, 1, 5, 9, 10])
+def test_resume_step_continues_the_same_order(tmp_path, start):
+    """A run resumed at step k, on any number of workers, trains the very batches it would have."""
+    index = write_split(tmp_path / "rows", 37)
+    full, _ = steps_of(index, world=2, micro=2, accum=1, seed=1, epoch=2)
+    for world in (1, 2, 4):
+        tail, readers = steps_of(index, world=world, micro=1, accum=4 // world, seed=1, epoch=2, start=start)
+        assert tail == full[start:]
+    # and reads nothing before it: at the last step only the row groups of that step's rows
+    _, readers = steps_of(index, world=1, micro=4, accum=1, seed=1, epoch=2, start=9)
+    assert len(readers[0].read_chunks) <= 4
 
 
-def test_last_batch_padded_with_empty_rows():
-    batches = list(global_batches(iter(rows(10)), 4))
-    assert len(batches) == 3
-    assert [ident(r) for r in batches[-1]] == [8, 9, -1, -1]
-    assert batches[-1][2] is EMPTY
+def test_eval_shards_cover_the_split_once(tmp_path):
+    index = write_split(tmp_path / "rows", 23, group=4)
+    for world in (1, 2, 3):
+        got = [ident(r) for rank in range(world) for r in shard_rows(index, ChunkReader(index), rank, world)]
+        assert got == list(range(23))
 
 
 def test_parquet_rows_round_trip(tmp_path):

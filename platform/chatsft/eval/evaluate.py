@@ -16,12 +16,12 @@ KV-cache decoding, choice scoring), metrics (normalization, pass@k), and loss
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from chatsft import storage
 from chatsft.data.conversation import BadRecord
 from chatsft.data.formats import Format, get_format
 from chatsft.errors import UserError
@@ -201,20 +201,32 @@ def _fmt(key: str, value: Optional[float]) -> str:
 
 
 def load_for_eval(path: str, cfg: Any):
-    """(model, tokenizer) from a model folder, a run folder holding model/, or `builtin:NAME`."""
+    """(model, tokenizer) from a model folder, a run folder holding model/ (either local or a
+    URI such as s3://bucket/run/model), or `builtin:NAME`."""
     from chatsft.builtin import resolve
 
-    folder = resolve(path)
-    if not os.path.isdir(folder):
-        raise UserError(f"--model {path}: no such model folder (train first, or pass --model PATH)")
+    folder = model_folder(resolve(path), path)
+    if not storage.is_uri(folder):
+        return _load_for_eval(folder, cfg)
+    # Hugging Face loads from local files: copy the folder, load it into memory, drop the copy
+    with storage.scratch("chatsft-model-") as local:
+        storage.copy_tree(folder, local)
+        return _load_for_eval(local, cfg)
+
+
+def model_folder(folder: str, given: str) -> str:
+    """The Hugging Face folder at `folder`, or at its model/ (a run's output dir)."""
+    if not storage.is_dir(folder):
+        raise UserError(f"--model {given}: no such model folder (train first, or pass --model PATH)")
     markers = ("config.json", "adapter_config.json")
-    if not any(os.path.exists(os.path.join(folder, m)) for m in markers):
-        nested = os.path.join(folder, "model")
-        if any(os.path.exists(os.path.join(nested, m)) for m in markers):
-            folder = nested
-        else:
-            raise UserError(f"--model {path}: not a Hugging Face model folder (no config.json); "
-                            "turn a checkpoint into one with `chatsft export CONFIG --checkpoint PATH`")
+    for candidate in (folder, storage.join(folder, "model")):
+        if any(storage.exists(storage.join(candidate, m)) for m in markers):
+            return candidate
+    raise UserError(f"--model {given}: not a Hugging Face model folder (no config.json); "
+                    "turn a checkpoint into one with `chatsft export CONFIG --checkpoint PATH`")
+
+
+def _load_for_eval(folder: str, cfg: Any):
     from chatsft.model import load_exported
 
     cuda = torch.cuda.is_available()

@@ -27,6 +27,7 @@ import string
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequence, Union
 
+from chatsft import storage
 from chatsft.data.conversation import BadRecord, Conversation, Message, iter_lines
 from chatsft.sources import expand_local, read_local, resolve_uri
 from chatsft.errors import UserError
@@ -157,8 +158,7 @@ def choice_examples(path: str) -> Iterator[Union[Example, Exception]]:
     if not files:
         raise FileNotFoundError(2, "no such file", resolve_uri(path))
     for f in files:
-        with open(f, "rb") as fh:
-            data = fh.read()
+        data = storage.read_bytes(f) or b""  # a local path or a URI (s3://...)
         for source, raw in iter_lines(data, f):
             try:
                 yield choice_example(raw, source)

@@ -12,7 +12,8 @@ Rules this module decides (the trainer relies on them):
   matmuls are slow and DeepSpeed's CPU path keeps fp32 masters anyway, and full
   fine-tuning without DeepSpeed has no master copy, so it trains fp32 weights under
   autocast. Checkpoints of Qwen2.5/Llama-3 are stored in bf16, so loading them in
-  bf16 loses nothing.
+  bf16 loses nothing. `train.bf16_master_weights: false` (bf16, DeepSpeed off) asks
+  for bf16 weights anywhere: AdamW then steps the bf16 tensors themselves.
 - attention `auto`: flash_attention_2 where CUDA, the flash-attn package, a half load
   dtype and the architecture all allow it; else the transformers default (sdpa where
   the architecture has it, eager otherwise).
@@ -55,6 +56,8 @@ def load_dtype(cfg: "Config", cuda: Optional[bool] = None) -> "torch.dtype":
         return names[cfg.model.dtype]
     if cfg.method.name == "qlora":
         return names[cfg.method.quant.compute_dtype]
+    if not cfg.train.bf16_master_weights:  # the config allows it with bf16 and no DeepSpeed only
+        return torch.bfloat16
     cuda = torch.cuda.is_available() if cuda is None else cuda
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
     masters = cfg.train.deepspeed.enabled or cfg.method.name != "full"
@@ -168,3 +171,34 @@ def _bnb_config(cfg: "Config"):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
                               bnb_4bit_use_double_quant=q.double_quant,
                               bnb_4bit_compute_dtype=compute, **extra)
+
+
+def compile_model(model: "torch.nn.Module", how: str) -> str:
+    """torch.compile in place (`train.compile`): every decoder layer, or the decoder body; the
+    parameters and state-dict keys stay the module's own. Returns what was compiled ('' for off)."""
+    if how == "off":
+        return ""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if decoder is None:
+        raise UserError(f"train.compile={how}: {type(base).__name__} has no decoder body to compile; "
+                        "use train.compile=off")
+    if how == "decoder":
+        decoder.compile()
+        return f"the decoder ({type(decoder).__name__})"
+    layers = decoder_layers(decoder)
+    for layer in layers:
+        layer.compile()  # one code object: the layers share a graph (guards on shapes, not weights)
+    return f"{len(layers)} decoder layers ({type(layers[0]).__name__})"
+
+
+def decoder_layers(decoder: "torch.nn.Module") -> list:
+    """The repeated blocks of a decoder body: its longest ModuleList of one class."""
+    import torch
+
+    lists = [m for m in decoder.modules() if isinstance(m, torch.nn.ModuleList) and len(m)
+             and len({type(c) for c in m}) == 1]
+    if not lists:
+        raise UserError(f"train.compile=layers: no list of layers found in {type(decoder).__name__}; "
+                        "use train.compile=decoder or off")
+    return list(max(lists, key=len))

@@ -5,48 +5,155 @@ whole file at its first bad line; `read_text` decodes, so invalid UTF-8 could
 not be reported as a bad record. This datasource yields (file index, 1-based
 line, raw bytes) and leaves parsing to the render stage, per record.
 
-Where the reads run: files on this machine's disk (local paths, `chatsft://`,
-`file://`) are read by tasks pinned to the driver's node (the
+Where the reads run: remote URIs (s3://, gs://, ...), and local paths when
+`run.shared_storage` says every node sees them, are read wherever Ray Data
+places the tasks; otherwise files on this machine's disk (local paths,
+`chatsft://`, `file://`) are read by tasks pinned to the driver's node (the
 `supports_distributed_reads = False` contract, what Ray Data's own `local://`
-scheme does), because on a multi-node cluster another node has no such file.
-Reading is cheap next to tokenizing, and the lines then travel to render
-actors on every node through the object store. Remote URIs (s3://, gs://, ...)
-are read wherever Ray Data places the tasks.
+scheme does), because another node has no such file. Reading is cheap next to
+tokenizing, and the lines then travel to render actors on every node through
+the object store.
+
+A file larger than SPLIT_BYTES is read by many tasks, each a byte range: a
+range reads the lines that start inside it (the first one after the range's
+start, the last one past its end if it runs over). `path:line` must stay the
+line of the whole file, so a first pass of small tasks counts the newlines of
+every range (at memory speed, read where the file is) and each range starts
+from the sum of those before it: the driver holds those counts only.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence
 
 import pyarrow as pa
 
 from chatsft import storage
-from chatsft.data.conversation import iter_stream_lines, read_chunks
 from chatsft.sources import SourceFile
 
 LINES_PER_BLOCK = 4096
 BYTES_PER_BLOCK = 16 << 20
+SPLIT_BYTES = 64 << 20  # a file over this is read by several tasks, in ranges of about this size
+READ_BYTES = 1 << 22  # what a range reader asks its stream for at a time
 
 LINES = pa.schema([("file_idx", pa.int32()), ("line", pa.int64()), ("raw", pa.binary())])
 
 
-def read_lines(files: Sequence[SourceFile], indices: Sequence[int]) -> Iterator[pa.Table]:
-    """Blocks of LINES for the given files, streamed (a file is never held whole in memory)."""
-    for fi in indices:
-        f = files[fi]
+@dataclass(frozen=True)
+class Unit:
+    """What one read takes: the lines of file `fi` that start in bytes [start, end); `newlines`
+    is the count of newlines before `start` (so its first line is numbered right)."""
+
+    fi: int
+    start: int
+    end: int
+    newlines: int = 0
+
+
+def ranges(size: int, split: int = 0) -> list[tuple[int, int]]:
+    """[start, end) byte ranges of a file of `size` bytes, each about `split` bytes (one when small)."""
+    split = split or SPLIT_BYTES
+    n = max(1, -(-size // split))
+    cuts = [size * k // n for k in range(n + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def count_newlines(location: str, start: int, end: int) -> int:
+    """Newlines in bytes [start, end) of a file."""
+    n = 0
+    with storage.open_input(location) as fh:
+        fh.seek(start)
+        left = end - start
+        while left > 0:
+            chunk = fh.read(min(READ_BYTES, left))
+            if not chunk:
+                break
+            n += bytes(chunk).count(b"\n")
+            left -= len(chunk)
+    return n
+
+
+def iter_range_lines(fh, start: int, end: int, newlines: int) -> Iterator[tuple[int, bytes]]:
+    """(1-based line, raw line) of each non-blank line starting in bytes [start, end) of a seekable
+    stream, `newlines` being the newlines before `start`: over consecutive ranges, the same lines
+    as `iter_stream_lines` on the whole file (BOM at the file's start and CRLF tolerated)."""
+    n = newlines  # newlines before `pos`, the start of the line at hand: it is line n + 1
+    fh.seek(max(0, start - 1))
+    buf = bytes(fh.read(READ_BYTES))
+    off = 0
+    if start == 0:
+        if buf.startswith(b"\xef\xbb\xbf"):
+            off = 3
+        pos = 0
+    elif buf[:1] == b"\n":  # a line starts right at `start`
+        off, pos = 1, start
+    else:  # the line in progress at `start` belongs to the range before: skip past its newline
+        base = start - 1
+        while True:
+            i = buf.find(b"\n")
+            if i >= 0:
+                off, pos, n = i + 1, base + i + 1, n + 1
+                break
+            more = fh.read(READ_BYTES)
+            if not more:
+                return
+            base += len(buf)
+            buf = bytes(more)
+    while pos < end:
+        i = buf.find(b"\n", off)
+        while i < 0:
+            more = fh.read(READ_BYTES)
+            if not more:
+                break
+            buf = buf[off:] + bytes(more)
+            off = 0
+            i = buf.find(b"\n")
+        if i < 0:  # the file's last line, without a newline
+            raw = buf[off:].rstrip(b"\r")
+            if raw.strip():
+                yield n + 1, raw
+            return
+        raw = buf[off:i].rstrip(b"\r")
+        if raw.strip():
+            yield n + 1, raw
+        pos += i + 1 - off
+        n += 1
+        off = i + 1
+
+
+def read_lines(files: Sequence[SourceFile], units: Sequence[Unit]) -> Iterator[pa.Table]:
+    """Blocks of LINES for the given units, streamed (a file is never held whole in memory)."""
+    for u in units:
+        f = files[u.fi]
         nums: list[int] = []
         raws: list[bytes] = []
         size = 0
-        with storage.open_stream(f.location) as stream:
-            for n, raw in iter_stream_lines(read_chunks(stream)):
+        with storage.open_input(f.location) as fh:
+            for n, raw in iter_range_lines(fh, u.start, u.end, u.newlines):
                 nums.append(n)
                 raws.append(raw)
                 size += len(raw)
                 if len(nums) >= LINES_PER_BLOCK or size >= BYTES_PER_BLOCK:
-                    yield _block(fi, nums, raws)
+                    yield _block(u.fi, nums, raws)
                     nums, raws, size = [], [], 0
         if nums:
-            yield _block(fi, nums, raws)
+            yield _block(u.fi, nums, raws)
+
+
+def plan_units(files: Sequence[SourceFile], count: Callable[[list[tuple[int, int, int]]], list[int]],
+               split: int = 0) -> list[Unit]:
+    """The read units of `files` in file order; `count` maps (file, start, end) ranges to their
+    newline counts (Ray tasks where the files are), asked only for the ranges of split files."""
+    pieces = [(fi, a, b) for fi, f in enumerate(files) for a, b in ranges(f.size, split)]
+    split_files = {fi for fi, a, _ in pieces if a > 0}
+    asked = [p for p in pieces if p[0] in split_files]
+    counts = dict(zip(asked, count(asked))) if asked else {}
+    units, before = [], {}
+    for fi, a, b in pieces:
+        units.append(Unit(fi, a, b, before.get(fi, 0)))
+        before[fi] = before.get(fi, 0) + counts.get((fi, a, b), 0)
+    return units
 
 
 def _block(fi: int, nums: list[int], raws: list[bytes]) -> pa.Table:
@@ -74,12 +181,13 @@ def group_files(sizes: Sequence[int], parallelism: int) -> list[list[int]]:
     return groups
 
 
-def make_datasource(files: Sequence[SourceFile]):
-    """The datasource over `files` (built here so importing this module does not import Ray)."""
+def make_datasource(files: Sequence[SourceFile], units: Sequence[Unit], shared: bool = False):
+    """The datasource over the read units of `files` (built here so importing this module does not
+    import Ray); `shared`: local paths are seen by every node (run.shared_storage)."""
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
-    files = list(files)
+    files, units = list(files), list(units)
 
     class JsonlLines(Datasource):
         def get_name(self) -> str:
@@ -87,7 +195,7 @@ def make_datasource(files: Sequence[SourceFile]):
 
         @property
         def supports_distributed_reads(self) -> bool:
-            return not any(f.local for f in files)
+            return shared or not any(f.local for f in files)
 
         def estimate_inmemory_data_size(self) -> Optional[int]:
             return sum(f.size for f in files)
@@ -95,10 +203,11 @@ def make_datasource(files: Sequence[SourceFile]):
         def get_read_tasks(self, parallelism: int, per_task_row_limit: Optional[int] = None,
                            data_context=None) -> list:
             tasks = []
-            for group in group_files([f.size for f in files], parallelism):
-                meta = BlockMetadata(num_rows=None, size_bytes=sum(files[i].size for i in group),
-                                     input_files=[files[i].display for i in group], exec_stats=None)
-                tasks.append(ReadTask(lambda g=tuple(group): read_lines(files, g), meta,
+            for group in group_files([u.end - u.start for u in units], parallelism):
+                mine = [units[i] for i in group]
+                meta = BlockMetadata(num_rows=None, size_bytes=sum(u.end - u.start for u in mine),
+                                     input_files=sorted({files[u.fi].display for u in mine}), exec_stats=None)
+                tasks.append(ReadTask(lambda g=tuple(mine): read_lines(files, g), meta,
                                       schema=LINES, per_task_row_limit=per_task_row_limit))
             return tasks
 

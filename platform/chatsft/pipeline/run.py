@@ -244,7 +244,7 @@ def _execute(plan: RunPlan, checked: Checked, root: str, fp: str) -> Prepared:
     import ray
     from ray.data import read_datasource
 
-    from chatsft.pipeline.read import make_datasource
+    from chatsft.pipeline.read import make_datasource, plan_units
 
     started = time.time()  # stats.json times the pipeline itself, not Ray's or the tokenizer's start-up
     cfg, kind, has_eval = plan.config, plan.kind, plan.eval_split != "none"
@@ -261,8 +261,11 @@ def _execute(plan: RunPlan, checked: Checked, root: str, fp: str) -> Prepared:
     # CPU: with one render actor per CPU, a read task that waited for a free CPU would wait forever.
     # Without a CPU to count, their number is capped here instead (a few readers keep up with many
     # render actors; local reads all run on the driver's node).
-    readers = min(len(files), 64)  # read tasks, each a run of files; a file streams in blocks
-    lines = read_datasource(make_datasource([f for f, _ in files]), num_cpus=0, override_num_blocks=readers,
+    sources = [f for f, _ in files]
+    shared = bool(cfg.run.shared_storage)
+    units = plan_units(sources, lambda asked: _count_newlines(sources, asked, shared))
+    readers = min(len(units), 64)  # read tasks, each a run of files or byte ranges; each streams in blocks
+    lines = read_datasource(make_datasource(sources, units, shared), num_cpus=0, override_num_blocks=readers,
                             concurrency=min(readers, max(2, cpus // 4)))
     rendered = lines.map_batches(Renderer, fn_constructor_args=(spec,), batch_size=data.map_batch_size,
                                  batch_format="pyarrow", compute=_actor_pool(concurrency), num_cpus=1)
@@ -353,13 +356,28 @@ def _actor_pool(concurrency: Any) -> Any:
 
 def _write_placement(root: str) -> dict:
     """A local output folder is on the driver's disk: its files are written there."""
-    if not storage.is_local(root):
-        return {}
+    return _on_driver_node() if storage.is_local(root) else {}
+
+
+def _on_driver_node() -> dict:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
                                                                   soft=False)}
+
+
+def _count_newlines(files: list[SourceFile], asked: list[tuple[int, int, int]], shared: bool) -> list[int]:
+    """Newlines of each (file, start, end) range, counted by Ray tasks where the files are."""
+    import ray
+
+    from chatsft.pipeline.read import count_newlines
+
+    local = not shared and any(files[fi].local for fi, _, _ in asked)
+    task = ray.remote(num_cpus=0.25)(count_newlines)
+    if local:
+        task = task.options(**_on_driver_node())
+    return ray.get([task.remote(files[fi].location, a, b) for fi, a, b in asked])
 
 
 def _first_samples(blocks: list, split: int, n: int) -> list[dict]:

@@ -11,7 +11,7 @@ from chatsft import storage
 from chatsft.config import Config
 from chatsft.errors import UserError
 from chatsft.plan import RunPlan
-from chatsft.train.data import count_rows, parquet_files
+from chatsft.train.data import RowIndex, count_rows, parquet_files
 from chatsft.train.loop import StepHook, WorkerArgs, run_local, train_loop_per_worker
 from chatsft.train.progress import say
 from chatsft.train.resume import Resume
@@ -25,6 +25,7 @@ class TrainResult:
     model_dir: Optional[str]  # the exported Hugging Face folder
     run_id: Optional[str] = None  # the MLflow run, when tracked
     resume: Optional[Resume] = None  # fresh, or resumed from where with what changed
+    stalls: list[str] = field(default_factory=list)  # why each stalled attempt was stopped (restarted)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Extras:
     hooks: list[StepHook] = field(default_factory=list)
     export: bool = True
     resume: Optional[Resume] = None  # checked by the caller; None: checked here (rows unknown)
+    stall_dir: Optional[str] = None  # where stalled attempts report (None: a new folder of the run)
 
 
 def train(cfg: Config, local: bool = False, *, callbacks: Optional[list[Callable[[int, dict], None]]] = None,
@@ -78,6 +80,7 @@ def train_tracked(plan: RunPlan, rows: "Rows", *, tracked: bool, extras: Optiona
     from chatsft.tracking import RunRecord
 
     extras = extras or Extras()
+    extras.stall_dir = extras.stall_dir or stall_dir(plan)
     record = RunRecord.start(plan.config, plan.tracking_uri, parent_run_id=parent_run_id,
                              run_name=run_name) if tracked else None
     if record is not None:
@@ -90,9 +93,13 @@ def train_tracked(plan: RunPlan, rows: "Rows", *, tracked: bool, extras: Optiona
         result = train_on_rows(plan, rows, extras)
     except BaseException as e:
         if record is not None:
+            if extras.stall_dir:
+                record.log_stalls(extras.stall_dir, stall_reasons(extras.stall_dir))
             record.fail(e)
         raise
     if record is not None:
+        if result.stalls:
+            record.log_stalls(extras.stall_dir, result.stalls)
         record.complete(result.metrics, result.model_dir, result.checkpoint, seq2seq=plan.seq2seq)
         result.run_id = record.run_id
     return result
@@ -106,29 +113,59 @@ def train_on_rows(plan: RunPlan, rows: "Rows", extras: Optional[Extras] = None) 
     if rows.train_rows == 0:
         raise UserError(f"data.train: no training rows after prepare ({rows.train_dir})")
     resume = extras.resume or check_resume(plan, None)
-    args = WorkerArgs(plan=plan, train_dir=rows.train_dir, eval_dir=rows.eval_dir,
-                      train_rows=rows.train_rows, eval_rows=rows.eval_rows, export=extras.export,
+    plan = resume.apply(plan)  # another worker count: the checkpoint's rows per step
+    stalls = extras.stall_dir or stall_dir(plan)
+    args = WorkerArgs(plan=plan, train=RowIndex.build(rows.train_dir),
+                      eval=RowIndex.build(rows.eval_dir) if rows.eval_dir and rows.eval_rows else None,
+                      export=extras.export,
                       callbacks=list(extras.callbacks), hooks=list(extras.hooks), manifest=resume.manifest,
-                      tasks=training_tasks(plan.config) if extras.tasks is None else list(extras.tasks))
+                      tasks=training_tasks(plan.config) if extras.tasks is None else list(extras.tasks),
+                      stall_dir=stalls)
     model_dir = plan.model_dir if extras.export else None
-    if plan.local:
-        from chatsft.train.checkpoint import latest
+    try:
+        if plan.local:
+            from chatsft.train.checkpoint import latest
 
-        metrics = run_local(args)
-        out = TrainResult(metrics or {}, latest(plan.checkpoint_dir), model_dir)
-    else:
-        out = _train_on_ray(plan, args, model_dir, list(extras.ray_callbacks))
+            metrics = run_local(args)
+            out = TrainResult(metrics or {}, latest(plan.checkpoint_dir), model_dir)
+        else:
+            out = _train_on_ray(plan, args, model_dir, list(extras.ray_callbacks))
+    except Exception as e:
+        reasons = stall_reasons(stalls) if stalls else []
+        if reasons:  # the attempts ran out (scaling.max_failures): say why the last one was stopped
+            raise RuntimeError(f"training stalled: {reasons[-1]}") from e
+        raise
+    out.stalls = stall_reasons(stalls) if stalls else []
+    for reason in out.stalls:
+        say(f"an attempt was stopped and restarted: {reason}")
     out.resume = resume
     _summary(out, plan)
     return out
+
+
+def stall_dir(plan: RunPlan) -> Optional[str]:
+    """A new folder of this run for the hang watchdog's reports (train.stall_timeout_s > 0)."""
+    if plan.config.train.stall_timeout_s <= 0:
+        return None
+    import os
+    import time
+
+    return storage.join(plan.checkpoint_dir, "stalls", time.strftime("run-%Y%m%dT%H%M%S-") + os.urandom(3).hex())
+
+
+def stall_reasons(folder: str) -> list[str]:
+    """The one-line reason of each attempt the watchdog stopped, oldest first."""
+    from chatsft.train.watchdog import REASON
+
+    return [(storage.read_text(f.path) or "").strip()
+            for f in storage.list_files(folder, recursive=True) if storage.basename(f.path) == REASON]
 
 
 # ------------------------------------------------------------------------- ray
 
 
 def _train_on_ray(plan: RunPlan, args: WorkerArgs, model_dir: Optional[str], ray_callbacks: list) -> TrainResult:
-    from ray.data import ExecutionOptions
-    from ray.train import (CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig,
+    from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
                            ScalingConfig)
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -137,15 +174,19 @@ def _train_on_ray(plan: RunPlan, args: WorkerArgs, model_dir: Optional[str], ray
     ensure_ray()
     cfg = plan.config
     sc = cfg.scaling
-    datasets = {"train": _dataset(args.train_dir)}
-    if args.eval_dir and args.eval_rows:
-        datasets["eval"] = _dataset(args.eval_dir)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"args": args},
-        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
+        # A hung collective raises after this: twice the hang watchdog's limit, so the watchdog
+        # (train/watchdog.py) reports first, and never before Ray's default 30 minutes, which a
+        # rank-0-only export or evaluation may keep the other ranks waiting at a barrier.
+        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo",
+                                 timeout_s=max(1800, int(2 * cfg.train.stall_timeout_s))),
         scaling_config=ScalingConfig(
-            num_workers=plan.workers, use_gpu=sc.use_gpu,
+            # elastic between scaling.min_workers and num_workers: a restarted group of another size
+            # resumes at the exact row with the same rows per step (train/loop.py `accumulation`)
+            num_workers=(sc.min_workers, plan.workers) if 0 < sc.min_workers < plan.workers else plan.workers,
+            use_gpu=sc.use_gpu,
             resources_per_worker=dict(sc.resources_per_worker) or None,
             accelerator_type=sc.accelerator_type, placement_strategy=sc.placement_strategy),
         run_config=RunConfig(
@@ -154,11 +195,7 @@ def _train_on_ray(plan: RunPlan, args: WorkerArgs, model_dir: Optional[str], ray
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None),
             callbacks=ray_callbacks,
             logging_config=LoggingConfig(log_level="WARNING")),
-        datasets=datasets,
-        # Not split: every worker reads all rows in the same order and keeps its
-        # stride of each global batch (chatsft.data.order says why).
-        dataset_config=DataConfig(datasets_to_split=[],
-                                  execution_options=ExecutionOptions(preserve_order=True)),
+        # No Ray Dataset: each worker reads its own rows from the files (train/data.py says why).
     )
     try:
         result = trainer.fit()
@@ -170,7 +207,8 @@ def _train_on_ray(plan: RunPlan, args: WorkerArgs, model_dir: Optional[str], ray
         if user is None:
             raise
         raise user from None
-    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    # Ray gives the path inside its filesystem ("bucket/run/..."): the URI is what users and export take
+    checkpoint = storage.outer(plan.output_dir, result.checkpoint.path) if result.checkpoint is not None else None
     return TrainResult(dict(result.metrics or {}), checkpoint, model_dir)
 
 
@@ -190,35 +228,80 @@ def _summary(result: TrainResult, plan: RunPlan) -> None:
             print(f"[chatsft] {after}: {m[key]:.4f} before training, {m[after]:.4f} after", flush=True)
 
 
-def _dataset(folder: str):
-    """The rows as a Ray Dataset in stored order, materialized before the workers start: the
-    workers then only read blocks (no Ray Data tasks competing for the CPUs they hold)."""
-    import ray.data
-
-    from chatsft.data.schema import TENSOR_COLUMNS
-
-    files = parquet_files(folder)
-    names = storage.parquet_file(files[0]).schema_arrow.names
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False  # one bar per worker pass clutters the training log
-    ds = ray.data.read_parquet(files, columns=[c for c in TENSOR_COLUMNS if c in names], shuffle=None)
-    return ds.materialize()
-
-
 def check_storage(plan: RunPlan) -> None:
-    """A local output folder must be one every node sees."""
+    """Preflight of a multi-node run, before any compute: a local output folder must be shared
+    storage (run.shared_storage), and every node must write and read run.output_dir (and see
+    what the others wrote there) and load the model's config and tokenizer. One Ray task per
+    node, pinned to it; the error names the node that cannot. Nodes an autoscaler adds later
+    are not checked."""
     from chatsft.raysetup import ensure_ray
 
-    if not storage.is_local(plan.output_dir) or plan.config.run.shared_storage:
-        return
+    cfg = plan.config
     ensure_ray()
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) > 1:
-        raise UserError(f"run.output_dir={plan.config.run.output_dir}: a local path on a {len(nodes)}-node "
+    if len(nodes) <= 1:
+        return
+    if storage.is_local(plan.output_dir) and not cfg.run.shared_storage:
+        raise UserError(f"run.output_dir={cfg.run.output_dir}: a local path on a {len(nodes)}-node "
                         "cluster; use a URI (s3://, gs://) or shared storage and set run.shared_storage: true")
+    import os
+
+    probes = storage.join(plan.output_dir, f".preflight-{os.urandom(4).hex()}")
+    check = ray.remote(num_cpus=0, max_retries=0)(_check_node)
+    refs = [check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(plan, probes) for n in nodes]
+    try:
+        found = ray.get(refs)
+        for name, problem in found:
+            if problem:
+                raise UserError(f"preflight: node {name}: {problem}")
+        seen = {storage.basename(f.path) for f in storage.list_files(probes)}
+        for (name, _), n in zip(found, nodes):
+            if n["NodeID"] not in seen:  # the node wrote into a folder of its own
+                raise UserError(f"preflight: node {name}: run.output_dir={cfg.run.output_dir}: what it wrote there "
+                                "is not visible to the driver; the folder is not storage every node shares")
+    finally:
+        try:
+            storage.remove(probes)
+        except Exception:
+            pass
+
+
+def _check_node(plan: RunPlan, probes: str) -> tuple[str, Optional[str]]:
+    """On one node: (the node's name, what it cannot do, or None)."""
+    import socket
+
+    import ray
+
+    from chatsft.builtin import resolve
+    from chatsft.model import load_tokenizer
+
+    cfg = plan.config
+    node_id = ray.get_runtime_context().get_node_id()
+    name = f"{socket.gethostname()} ({ray.util.get_node_ip_address()}, {node_id[:8]})"
+    path = storage.join(probes, node_id)
+    try:
+        storage.write_text(path, node_id)
+        if storage.read_text(path) != node_id:
+            return name, f"run.output_dir={cfg.run.output_dir}: a file written there reads back differently"
+    except Exception as e:
+        return name, f"run.output_dir={cfg.run.output_dir}: cannot write and read it: {_one_line(e)}"
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(resolve(cfg.model.name_or_path), trust_remote_code=cfg.model.trust_remote_code,
+                                   revision=cfg.model.revision)
+        load_tokenizer(cfg.model)
+    except Exception as e:
+        return name, f"model.name_or_path={cfg.model.name_or_path}: cannot load its config or tokenizer: {_one_line(e)}"
+    return name, None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join((str(e).strip() or type(e).__name__).split())[:400]
 
 
 # --------------------------------------------------------------------- prepare

@@ -146,14 +146,29 @@ class Engine:
             torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                         "skipped": self.skipped}, os.path.join(folder, "torch_state.pt"))
 
-    def load(self, folder: str) -> None:
-        """Weights and optimizer state from a checkpoint. The optimizer's hyperparameters (lr,
-        betas, eps, weight decay of each group) stay the config's: a resumed run applies
-        changed values from its first step (train/resume.py), never the checkpoint's."""
+    def load(self, folder: str, saved_world: Optional[int] = None) -> None:
+        """Weights and optimizer state from a checkpoint written by `saved_world` workers (this
+        engine's world size may differ: the torch path and DeepSpeed stage 0 save whole state,
+        ZeRO 1-3 checkpoints are converted to DeepSpeed's universal checkpoint first).
+        The optimizer's hyperparameters (lr, betas, eps, weight decay of each group) stay the
+        config's: a resumed run applies changed values from its first step (train/resume.py),
+        never the checkpoint's."""
         config_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         if self.kind == "deepspeed":
-            _, client = self.ds.load_checkpoint(folder, tag="state", load_optimizer_states=True,
-                                                load_lr_scheduler_states=False)
+            stage = self.ds.zero_optimization_stage()
+            if saved_world not in (None, self.world_size) and stage >= 1:
+                # ZeRO partitions the optimizer state by world size and DeepSpeed refuses another
+                # one; its universal checkpoint is the world-size-free form it loads at any size.
+                with _universal(folder) as converted:
+                    self.ds._config.load_universal_checkpoint = True
+                    try:
+                        _, client = self.ds.load_checkpoint(converted, tag="state", load_optimizer_states=True,
+                                                            load_lr_scheduler_states=False)
+                    finally:
+                        self.ds._config.load_universal_checkpoint = False
+            else:
+                _, client = self.ds.load_checkpoint(folder, tag="state", load_optimizer_states=True,
+                                                    load_lr_scheduler_states=False)
             if client is None:
                 raise RuntimeError(f"{folder}: no DeepSpeed checkpoint to resume from")
             self.skipped = int(client.get("skipped", 0))
@@ -165,6 +180,29 @@ class Engine:
             self.skipped = int(state["skipped"])
         for group, settings in zip(self.optimizer.param_groups, config_groups):
             group.update(settings)
+
+
+@contextlib.contextmanager
+def _universal(folder: str):
+    """The DeepSpeed checkpoint under `folder` converted to the universal format (world-size free),
+    in a scratch folder for the duration."""
+    import shutil
+    import tempfile
+    from types import SimpleNamespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    out = tempfile.mkdtemp(prefix="chatsft-universal-")
+    try:
+        ds_to_universal(SimpleNamespace(
+            input_folder=os.path.join(folder, "state"), output_folder=os.path.join(out, "state"),
+            num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+            inject_missing_state=True))
+        with open(os.path.join(out, "latest"), "w") as f:
+            f.write("state")
+        yield out
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def _grad_norm(model: torch.nn.Module) -> float:
@@ -210,7 +248,7 @@ def _deepspeed_engine(model, groups, train, world_size, device, base_lrs) -> Eng
 
 def _torch_engine(model, groups, train, world_size, device, base_lrs) -> Engine:
     model.to(device)
-    optimizer = adamw(groups, train, False, fused=device.type == "cuda")
+    optimizer = adamw(groups, train, False, fused=train.fused_optimizer)
     forward_module = model
     if world_size > 1:
         forward_module = torch.nn.parallel.DistributedDataParallel(

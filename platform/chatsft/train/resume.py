@@ -7,21 +7,28 @@ optimization settings. Before anything is prepared or trained, the driver
 compares the latest checkpoint's manifest with the run about to start:
 
 - rows, model, method or rows per step differ: refused, in one line naming the
-  keys and the ways out (another `run.output_dir`, or `train.resume=never`,
+  keys and the ways out (the number of workers alone may change: see below) (another `run.output_dir`, or `train.resume=never`,
   which moves the old checkpoints, model and result.json aside under
   `archive/<time>/` and starts fresh; nothing is deleted);
 - optimization settings differ (lr, betas, schedule, warmup, clipping, epochs,
   max_steps, ...): applied from the resumed step on. The optimizer's state
   (moments) comes from the checkpoint, its hyperparameters always from the
-  config; the change is said in the log, in result.json and in MLflow.
+  config; the change is said in the log, in result.json and in MLflow;
+- the number of workers differs, micro-batch size and accumulation as they were:
+  resumed elastically. The rows per step (the global batch) are the checkpoint's,
+  so accumulation becomes rows per step / (micro-batch x workers) (refused, naming
+  the keys, if that is not a whole number); the data order does not depend on
+  the worker count (chatsft.data.order), so the run goes on at the exact row,
+  and the engine loads its state at the new world size (train/engine.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from chatsft import storage
 from chatsft.errors import UserError
@@ -29,7 +36,7 @@ from chatsft.plan import RunPlan
 from chatsft.train import checkpoint as ckpt
 
 MANIFEST = "chatsft_run.json"
-VERSION = 1
+VERSION = 2  # 2: the data order of chatsft.data.order by lanes (a version-1 position means other rows)
 # Training keys whose change a resumed run applies (the rest of `train` shapes what a step is).
 OPTIMIZATION = ("lr", "lr_groups", "betas", "eps", "weight_decay", "schedule", "warmup_steps", "warmup_ratio",
                 "init_lr_frac", "min_lr_frac", "clip_grad", "epochs", "max_steps")
@@ -44,12 +51,20 @@ class Resume:
     step: int = 0
     changed: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # key -> (checkpoint's, now)
     archived: Optional[str] = None  # where train.resume=never moved the old run
+    workers: Optional[tuple[int, int]] = None  # (checkpoint's, now) when the worker count changed
+    accum: Optional[tuple[int, int]] = None  # train.grad_accum (checkpoint's, now) that keeps rows per step
 
     def describe(self) -> str:
         if self.checkpoint is None:
             moved = f" (the previous run was moved to {self.archived})" if self.archived else ""
             return f"fresh run: no checkpoint to resume{moved}"
         text = f"resuming from {self.checkpoint} at step {self.step}"
+        if self.workers and self.workers[0] != self.workers[1]:
+            text += (f" on {self.workers[1]} workers (was {self.workers[0]}); accumulation "
+                     f"{self.accum[0]} -> {self.accum[1]}, {self.manifest['rows_per_step']} rows per step as before")
+        elif self.workers:
+            text += (f" with accumulation {self.accum[1]}, keeping the checkpoint's "
+                     f"{self.manifest['rows_per_step']} rows per step")
         if self.changed:
             text += "; changed since, applied from this step: " + ", ".join(
                 f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in self.changed.items())
@@ -57,7 +72,17 @@ class Resume:
 
     def to_json(self) -> dict:
         return {"checkpoint": self.checkpoint, "step": self.step, "archived": self.archived,
-                "changed": {k: {"was": a, "now": b} for k, (a, b) in self.changed.items()}}
+                "changed": {k: {"was": a, "now": b} for k, (a, b) in self.changed.items()},
+                "workers": list(self.workers) if self.workers else None,
+                "grad_accum": list(self.accum) if self.accum else None}
+
+    def apply(self, plan: RunPlan) -> RunPlan:
+        """The plan that resumes: with the checkpoint's rows per step when the worker count changed."""
+        if not self.accum:
+            return plan
+        train = dataclasses.replace(plan.config.train, grad_accum=self.accum[1])
+        return dataclasses.replace(plan, config=dataclasses.replace(plan.config, train=train),
+                                   global_batch=self.manifest["rows_per_step"])
 
 
 def manifest(plan: RunPlan, rows: Optional[dict]) -> dict:
@@ -70,6 +95,9 @@ def manifest(plan: RunPlan, rows: Optional[dict]) -> dict:
                                                "trust_remote_code")} | {"resolved_kind": plan.kind},
         "method": {k: v for k, v in cfg["method"].items() if k != "export"},
         "rows_per_step": plan.global_batch,
+        # as configured: with another worker count the rows per step stay the checkpoint's (_elastic)
+        "batch": {"micro_batch_size": cfg["train"]["micro_batch_size"], "grad_accum": cfg["train"]["grad_accum"],
+                  "workers": plan.workers},
         "optimization": {k: cfg["train"][k] for k in OPTIMIZATION},
     }
 
@@ -87,6 +115,9 @@ def check(plan: RunPlan, rows: Optional[dict]) -> Resume:
         raise UserError(f"run.output_dir={plan.config.run.output_dir}: {latest} was written without a run "
                         "manifest (an older chatsft), so what it trained is unknown; " + _ways_out())
     theirs = json.loads(text)
+    workers, accum = _elastic(theirs, mine, lambda: ckpt.read_state_at(latest)[0].world_size)
+    if workers:  # the run's global batch stays the checkpoint's
+        mine = mine | {"rows_per_step": theirs["rows_per_step"]}
     differ = _differences(theirs, mine)
     if differ:
         shown = "; ".join(differ[:6]) + (f"; and {len(differ) - 6} more" if len(differ) > 6 else "")
@@ -95,7 +126,26 @@ def check(plan: RunPlan, rows: Optional[dict]) -> Resume:
     changed = {f"train.{k}": (theirs["optimization"].get(k), v) for k, v in mine["optimization"].items()
                if theirs["optimization"].get(k) != v}
     state, _ = ckpt.read_state_at(latest)
-    return Resume(mine, checkpoint=latest, step=state.step, changed=changed)
+    return Resume(mine, checkpoint=latest, step=state.step, changed=changed, workers=workers, accum=accum)
+
+
+def _elastic(theirs: dict, mine: dict,
+             saved_world: Callable[[], int]) -> tuple[Optional[tuple[int, int]], Optional[tuple[int, int]]]:
+    """(workers, accumulation) as (checkpoint's, now) when the configured micro-batch and accumulation
+    are the checkpoint's and only the number of workers (the checkpoint's: `saved_world()`, now)
+    makes the rows per step differ."""
+    a, b = theirs.get("batch"), mine["batch"]
+    if not a or a != b | {"workers": a["workers"]} or theirs["rows_per_step"] == mine["rows_per_step"]:
+        return None, None
+    was = saved_world()
+    G, micro, W = theirs["rows_per_step"], b["micro_batch_size"], b["workers"]
+    if G % (micro * W):
+        raise UserError(f"scaling.num_workers={W}: the checkpoint's run takes {G} rows per optimizer step "
+                        f"({was} workers x train.micro_batch_size {micro} x accumulation {G // (micro * was)}), "
+                        f"which {W} workers cannot share in micro-batches of train.micro_batch_size={micro}; "
+                        f"choose scaling.num_workers (and micro_batch_size) whose product divides {G}, or "
+                        + _ways_out())
+    return (was, W), (G // (micro * was), G // (micro * W))
 
 
 def archive(plan: RunPlan) -> str:
@@ -129,7 +179,7 @@ def _differences(theirs: dict, mine: dict) -> list[str]:
             out.append("chatsft's data code changed (the rows would be prepared anew)")
     out += [d for d in _diff("model", theirs["model"], mine["model"]) if not d.startswith("model.resolved_kind")]
     out += _diff("method", theirs["method"], mine["method"])
-    if theirs["rows_per_step"] != mine["rows_per_step"]:
+    if theirs["rows_per_step"] != mine["rows_per_step"]:  # not a worker count change alone (_elastic)
         out.append(f"rows per optimizer step (train.micro_batch_size x train.grad_accum x scaling.num_workers) "
                    f"{theirs['rows_per_step']} -> {mine['rows_per_step']}")
     return out

@@ -1,4 +1,5 @@
-"""Where a training worker runs: its rank and world, its rows, its checkpoints and its reports.
+"""Where a training worker runs: its rank and world, its checkpoints and its reports (the rows it
+reads itself: train/data.py).
 
 The loop (loop.py) talks only to a `WorkerRuntime`, in the shape of Ray Train
 v2's TrainContext: `RayRuntime` is a worker of a TorchTrainer; `LocalRuntime`
@@ -13,13 +14,10 @@ import contextlib
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterator, Optional, Protocol
+from typing import Any, ContextManager, Iterator, Optional, Protocol
 
 from chatsft import storage
 from chatsft.train import checkpoint as ckpt
-from chatsft.train.data import file_batches, ray_batches
-
-Batches = Callable[[], Iterator[Any]]  # a re-startable stream of Arrow batches in stored order
 
 
 class WorkerRuntime(Protocol):
@@ -28,9 +26,6 @@ class WorkerRuntime(Protocol):
     local_rank: int
     device: Any  # torch.device
     node_id: str
-
-    def rows(self, split: str) -> Optional[Batches]:
-        """The stored rows of `train` or `eval` (None when the run has no such split)."""
 
     def latest_checkpoint(self) -> ContextManager[Optional[str]]:
         """A local folder holding the latest checkpoint, for the duration of the `with`, or None."""
@@ -102,15 +97,6 @@ class RayRuntime(_Collectives):
         return cls(c.get_world_rank(), c.get_world_size(), c.get_local_rank(), ray.train.torch.get_device(),
                    ray.get_runtime_context().get_node_id())
 
-    def rows(self, split: str) -> Optional[Batches]:
-        import ray.train
-
-        try:
-            shard = ray.train.get_dataset_shard(split)
-        except KeyError:
-            return None
-        return None if shard is None else ray_batches(shard)
-
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Optional[str]]:
         import ray.train
@@ -140,8 +126,6 @@ class LocalRuntime(_Collectives):
     uses too), published whole and pruned to `keep`."""
 
     device: Any
-    train_dir: str
-    eval_dir: Optional[str]
     checkpoint_dir: str
     keep: int
     rank: int = 0
@@ -150,8 +134,7 @@ class LocalRuntime(_Collectives):
     node_id: str = "local"
 
     @classmethod
-    def start(cls, *, use_gpu: bool, train_dir: str, eval_dir: Optional[str], checkpoint_dir: str,
-              keep: int) -> "LocalRuntime":
+    def start(cls, *, use_gpu: bool, checkpoint_dir: str, keep: int) -> "LocalRuntime":
         import torch
         import torch.distributed as dist
 
@@ -167,11 +150,7 @@ class LocalRuntime(_Collectives):
                                "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
             dist.init_process_group("nccl" if gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                                     rank=0, world_size=1)
-        return cls(device, train_dir, eval_dir, checkpoint_dir, keep)
-
-    def rows(self, split: str) -> Optional[Batches]:
-        folder = self.train_dir if split == "train" else self.eval_dir
-        return file_batches(folder) if folder else None
+        return cls(device, checkpoint_dir, keep)
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Optional[str]]:
