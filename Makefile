@@ -26,7 +26,7 @@ lint: venv
 	$(BIN)/lint-imports
 
 test: venv lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: venv lint
 	$(BIN)/python -m pytest -q -m "not slow and not gpu"
