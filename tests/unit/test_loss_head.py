@@ -115,12 +115,16 @@ def test_tiny_llama_same_loss_and_gradients(tiny, pack, chunk):
     assert any(float(g.abs().max()) > 0 for g in grads.values())
 
 
-def test_lora_same_loss_and_gradients(tiny):
-    _, tok = tiny
+def lora_model(tok):
     cfg = load_config(None, ["train.precision=fp32", "method.name=lora", "method.lora.r=4",
                              "method.lora.dropout=0.0"])
     torch.manual_seed(0)
-    model = load_model(cfg, "causal", tokenizer=tok)
+    return load_model(cfg, "causal", tokenizer=tok)
+
+
+def test_lora_same_loss_and_gradients(tiny):
+    _, tok = tiny
+    model = lora_model(tok)
     with torch.no_grad():  # B starts at zero: give the adapter a say so its A gets a gradient
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -131,10 +135,7 @@ def test_lora_same_loss_and_gradients(tiny):
 
 def test_lora_with_a_trained_head(tiny):
     _, tok = tiny
-    cfg = load_config(None, ["train.precision=fp32", "method.name=lora", "method.lora.r=4",
-                             "method.lora.dropout=0.0"])
-    torch.manual_seed(0)
-    model = load_model(cfg, "causal", tokenizer=tok)
+    model = lora_model(tok)
     model.get_output_embeddings().weight.requires_grad_(True)  # tied: the embedding trains too
     grads = assert_same(model, collate(sample_rows(tok), pad_id=tok.pad_token_id, seq2seq=False))
     assert any("embed_tokens" in n for n in grads)
