@@ -169,7 +169,7 @@ def sweep(cfg: Config) -> SweepResult:
                                   verbose=1),
     )
     grid = tuner.fit()
-    outcomes = [_outcome(r, metric, mode) for r in grid]
+    outcomes = [_outcome(r, metric, mode, plan.output_dir) for r in grid]
     ok = [t for t in outcomes if t.best is not None and math.isfinite(t.best)]
     best = (min if mode == "min" else max)(ok, key=lambda t: t.best) if ok else None
     result = SweepResult(outcomes, best, None, None, None, parent.run_id if parent else None)
@@ -261,7 +261,9 @@ def _EvalsToTune(metric: str):
 # -------------------------------------------------------------------- results
 
 
-def _outcome(r: Any, metric: str, mode: str) -> TrialOutcome:
+def _outcome(r: Any, metric: str, mode: str, where: str) -> TrialOutcome:
+    """What a trial did; `where` is the sweep's output dir, whose scheme Tune's checkpoint paths
+    lack (s3://bucket/x is reported as bucket/x)."""
     df = r.metrics_dataframe
     values = [] if df is None or metric not in df else [float(v) for v in df[metric].dropna()]
     finite = [v for v in values if math.isfinite(v)]
@@ -275,7 +277,7 @@ def _outcome(r: Any, metric: str, mode: str) -> TrialOutcome:
     return TrialOutcome(name=name, params=dict(r.config), status=status, best=best,
                         last=values[-1] if values else None, steps=steps,
                         error=_error_line(r.error) if r.error else None,
-                        model_dir=m.get("model_dir") or None, checkpoint=checkpoints[-1] if checkpoints else None)
+                        model_dir=m.get("model_dir") or None, checkpoint=storage.outer(where, checkpoints[-1]) if checkpoints else None)
 
 
 def _name(trial: Any) -> str:
