@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[dev]'
+	# DeepSpeed on CPU JIT-compiles its shared-memory collective at first use (a minute or more
+	# on 2 cores): build it now, once per venv, rather than inside the first training run.
+	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -13,6 +13,10 @@ REPO = Path(__file__).resolve().parent.parent
 # repeated runs and Ray workers started by the tests reuse one copy.
 os.environ.setdefault("CHATSFT_CACHE", str(REPO / ".cache" / "chatsft"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's controller polls its workers every 2 s: a run's end and a worker's death are
+# noticed that late. Tests start dozens of short runs; set before any Ray starts, so its
+# processes inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session")
@@ -115,14 +119,43 @@ def mlflow_server(tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture
-def fresh_ray():
-    """A local Ray of 2 CPUs for this test alone (prepare may have left one running). With the
-    dashboard: Ray Train's placement-group cleaner asks its state API whether a controller is
-    gone, and without it the groups of a trial that Tune stopped are never released."""
+_LOCAL_RAY: dict[str, str] = {}
+
+
+def _ray_is_idle(timeout: float) -> bool:
+    """Every CPU of the local Ray free again (placement groups of finished runs released)."""
+    import time
+
     import ray
 
-    ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        total, free = ray.cluster_resources().get("CPU", 0), ray.available_resources().get("CPU", 0)
+        if total and free >= total:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def use_local_ray() -> None:
+    """A local Ray of 2 CPUs, shared by the tests that ask for it: starting one costs seconds,
+    and a test pass holds dozens of runs. A test gets it only when nothing of an earlier test
+    holds its CPUs; a Ray of someone else's (a test's cluster, or one that prepare started) is
+    shut down first. With the dashboard: Ray Train's placement-group cleaner asks its state
+    API whether a controller is gone, and without it the groups of a trial that Tune stopped
+    are never released."""
+    import ray
+
+    if ray.is_initialized() and ray.get_runtime_context().gcs_address != _LOCAL_RAY.get("gcs"):
+        ray.shutdown()
+    if ray.is_initialized() and not _ray_is_idle(5):
+        ray.shutdown()  # something of the last test still holds CPUs: starting anew is quicker
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=True, logging_level="WARNING")
+        _LOCAL_RAY["gcs"] = ray.get_runtime_context().gcs_address
+
+
+@pytest.fixture
+def local_ray():
+    use_local_ray()
     yield
-    ray.shutdown()

@@ -77,18 +77,11 @@ def test_a_training_run_holds_params_metrics_stats_preview_plots_and_a_model(tmp
     assert out.shape[1] > len(tok(prompt)["input_ids"])
 
 
-def test_a_restarted_run_logs_each_step_exactly_once(tmp_path, mlflow_server, monkeypatch):
-    import ray
-
+def test_a_restarted_run_logs_each_step_exactly_once(tmp_path, mlflow_server, monkeypatch, local_ray):
     marker = tmp_path / "failed-once"
-    ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        # dies after step 7, past the step-6 checkpoint: step 7 runs twice
-        result = train(tiny(tmp_path, mlflow_server.uri, "restart", "train.log_every=1",
-                            "train.save_every=6", "scaling.max_failures=1"), hooks=[ExitOnce(7, marker)])
-    finally:
-        ray.shutdown()
+    # dies after step 7, past the step-6 checkpoint: step 7 runs twice
+    result = train(tiny(tmp_path, mlflow_server.uri, "restart", "train.log_every=1",
+                        "train.save_every=6", "scaling.max_failures=1"), hooks=[ExitOnce(7, marker)])
     assert marker.exists(), "the worker was never killed"
     client = MlflowClient(mlflow_server.uri)
     run = only_run(client, "restart")

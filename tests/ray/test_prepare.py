@@ -30,17 +30,15 @@ pytestmark = pytest.mark.slow
 SAMPLES = PACKAGE_ROOT / "samples" / "train.jsonl"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def ray_local():
-    import ray
     from ray.data import DataContext
 
-    ray.shutdown()  # prepare in an earlier test may have left a Ray running
+    from tests.conftest import use_local_ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    use_local_ray()
     DataContext.get_current().enable_progress_bars = False
     yield
-    ray.shutdown()
 
 
 def config(tmp_path, tiny_llama_dir, *overrides):

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def test_sweep_stops_the_absurd_trials_and_picks_the_sane_one(tmp_path, fresh_ray, capsys):
+def test_sweep_stops_the_absurd_trials_and_picks_the_sane_one(tmp_path, local_ray, capsys):
     cfg = load_config(REPO / "configs" / "tiny-sweep.yaml", [
         f"run.output_dir={tmp_path}/sweep",
         # Small and quick: 10 steps an epoch, an evaluation every 3; one worker per trial

@@ -14,7 +14,6 @@ import json
 import os
 
 import pytest
-import ray
 
 from chatsft.train.driver import Extras
 from tests.faults import StopAt
@@ -33,24 +32,19 @@ def state_of(checkpoint):
 
 
 @pytest.mark.slow
-def test_three_workers_checkpoint_two_resume(tmp_path):
+def test_three_workers_checkpoint_two_resume(tmp_path, local_ray):
     rows = rows_for(tiny_cfg(tmp_path), str(tmp_path), train_limit=40, eval_limit=0)
-    ray.shutdown()  # prepare in an earlier test may have left a Ray running
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        with Timer():  # G = 2 x 3 x 2 = 12 rows per step
-            straight = train_rows(tiny_cfg(tmp_path / "straight", *RUN, "scaling.num_workers=2",
-                                           "train.grad_accum=3"), rows, local=False)
-        elastic = tiny_cfg(tmp_path / "elastic", *RUN, "scaling.num_workers=3", "train.grad_accum=2")
-        with Timer(), pytest.raises(Exception, match="stopped after step 2"):  # G = 2 x 2 x 3
-            train_rows(elastic, rows, local=False, extras=Extras(hooks=[StopAt(2)], export=False))
-        assert os.path.isdir(tmp_path / "elastic" / "out" / "t" / "checkpoint_000002")
-        # restarted on 2 workers, the config otherwise unchanged (grad_accum=2 would make 8 rows a step)
-        with Timer():
-            resumed = train_rows(tiny_cfg(tmp_path / "elastic", *RUN, "scaling.num_workers=2", "train.grad_accum=2"),
-                                 rows, local=False)
-    finally:
-        ray.shutdown()
+    with Timer():  # G = 2 x 3 x 2 = 12 rows per step
+        straight = train_rows(tiny_cfg(tmp_path / "straight", *RUN, "scaling.num_workers=2",
+                                       "train.grad_accum=3"), rows, local=False)
+    elastic = tiny_cfg(tmp_path / "elastic", *RUN, "scaling.num_workers=3", "train.grad_accum=2")
+    with Timer(), pytest.raises(Exception, match="stopped after step 2"):  # G = 2 x 2 x 3
+        train_rows(elastic, rows, local=False, extras=Extras(hooks=[StopAt(2)], export=False))
+    assert os.path.isdir(tmp_path / "elastic" / "out" / "t" / "checkpoint_000002")
+    # restarted on 2 workers, the config otherwise unchanged (grad_accum=2 would make 8 rows a step)
+    with Timer():
+        resumed = train_rows(tiny_cfg(tmp_path / "elastic", *RUN, "scaling.num_workers=2", "train.grad_accum=2"),
+                             rows, local=False)
     assert resumed.resume.step == 2 and resumed.resume.workers == (3, 2) and resumed.resume.accum == (2, 3)
     assert "on 2 workers (was 3); accumulation 2 -> 3, 12 rows per step" in resumed.resume.describe()
     assert resumed.metrics["step"] == straight.metrics["step"] == 4

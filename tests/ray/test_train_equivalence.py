@@ -8,8 +8,8 @@ the accumulation steps or by the workers) scales it and fails the comparison.
 """
 
 import pytest
-import ray
 
+from tests.conftest import use_local_ray
 from trainkit import Timer, rows_for, tiny_cfg, train_rows, weights
 
 LINEAR_STEP = ["train.lr=1e6", "train.eps=1e6", "train.clip_grad=0", "train.weight_decay=0",
@@ -48,15 +48,11 @@ def test_micro_accum_and_workers_give_the_same_gradient(tmp_path, tiny_llama_dir
     torch_path = gradient(tmp_path, "torch", tiny_llama_dir, rows, "train.micro_batch_size=6",
                           "train.grad_accum=2", "train.deepspeed.enabled=false")
     assert_same(ref, torch_path, "micro 12 x accum 1 (ZeRO-2) vs micro 6 x accum 2 (plain torch)")
-    ray.shutdown()  # prepare in an earlier test may have left a Ray running
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        two = gradient(tmp_path, "w2", tiny_llama_dir, rows, "train.micro_batch_size=2", "train.grad_accum=3",
-                       "scaling.num_workers=2", local=False)
-        three = gradient(tmp_path, "w3", tiny_llama_dir, rows, "train.micro_batch_size=1", "train.grad_accum=4",
-                         "scaling.num_workers=3", "scaling.resources_per_worker={CPU: 0.5}", local=False)
-    finally:
-        ray.shutdown()
+    use_local_ray()
+    two = gradient(tmp_path, "w2", tiny_llama_dir, rows, "train.micro_batch_size=2", "train.grad_accum=3",
+                   "scaling.num_workers=2", local=False)
+    three = gradient(tmp_path, "w3", tiny_llama_dir, rows, "train.micro_batch_size=1", "train.grad_accum=4",
+                     "scaling.num_workers=3", "scaling.resources_per_worker={CPU: 0.5}", local=False)
     assert_same(ref, two, "1 worker micro 12 (--local) vs 2 Ray workers micro 2 x accum 3 (ZeRO-2)")
     assert_same(ref, three, "1 worker micro 12 (--local) vs 3 Ray workers micro 1 x accum 4 (ZeRO-2)")
 
@@ -69,16 +65,12 @@ def test_learned_loss_head_trains_like_the_full_logits_under_zero3(tmp_path, tin
     rows = rows_for(cfg, str(tmp_path), train_limit=8, eval_limit=4)
     common = [*LINEAR_STEP, "train.max_steps=2", "train.micro_batch_size=1", "train.grad_accum=2",
               "scaling.num_workers=2", "train.deepspeed.stage=3"]
-    ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        runs = {}
-        for head in ("full", "learned"):
-            with Timer():
-                runs[head] = train_rows(tiny_cfg(tmp_path / head, *common, f"train.loss_head={head}"),
-                                        rows, local=False)
-    finally:
-        ray.shutdown()
+    use_local_ray()
+    runs = {}
+    for head in ("full", "learned"):
+        with Timer():
+            runs[head] = train_rows(tiny_cfg(tmp_path / head, *common, f"train.loss_head={head}"),
+                                    rows, local=False)
     before = weights(tiny_llama_dir)
     moved = {h: {k: w - before[k] for k, w in weights(r.model_dir).items() if k in before}
              for h, r in runs.items()}

@@ -4,7 +4,6 @@ as an uninterrupted run: weights, optimizer, schedule, data position and RNG all
 import os
 
 import pytest
-import ray
 import torch
 
 from chatsft.train.driver import Extras
@@ -16,7 +15,7 @@ RUN = ["train.max_steps=6", "train.save_every=2", "train.micro_batch_size=2", "t
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+def test_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch, local_ray):
     cfg = tiny_cfg(tmp_path / "straight", *RUN)
     rows = rows_for(cfg, str(tmp_path), train_limit=40, eval_limit=8)
     with Timer():
@@ -24,15 +23,10 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     assert straight.metrics["step"] == 6
 
     marker = tmp_path / "failed-once"
-    ray.shutdown()  # prepare in an earlier test may have left a Ray running
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        with Timer():
-            # the worker exits (os._exit) after step 3; the latest checkpoint is step 2
-            resumed = train_rows(tiny_cfg(tmp_path / "killed", *RUN), rows, local=False,
-                                 extras=Extras(hooks=[ExitOnce(3, marker)]))
-    finally:
-        ray.shutdown()
+    with Timer():
+        # the worker exits (os._exit) after step 3; the latest checkpoint is step 2
+        resumed = train_rows(tiny_cfg(tmp_path / "killed", *RUN), rows, local=False,
+                             extras=Extras(hooks=[ExitOnce(3, marker)]))
     assert marker.exists(), "the worker was never killed"
     assert resumed.metrics["step"] == 6
     assert os.path.basename(resumed.checkpoint) == "checkpoint_000006"

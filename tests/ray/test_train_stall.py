@@ -19,7 +19,7 @@ RUN = ["train.max_steps=4", "train.save_every=2", "train.micro_batch_size=2", "s
 
 
 @pytest.mark.slow
-def test_a_hung_rank_is_reported_and_the_run_restarts_to_the_same_weights(tmp_path, fresh_ray):
+def test_a_hung_rank_is_reported_and_the_run_restarts_to_the_same_weights(tmp_path, local_ray):
     cfg = tiny_cfg(tmp_path / "straight", *RUN)
     rows = rows_for(cfg, str(tmp_path), train_limit=24, eval_limit=4)
     with Timer():

@@ -46,7 +46,8 @@ def run(model, loss, batch):
     model.zero_grad(set_to_none=True)
     total, count = loss(lambda inputs: model(**inputs, use_cache=False), batch.inputs, batch.targets)
     (total / max(int(count), 1)).backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    # zero_grad(set_to_none) of the next run replaces these tensors rather than zeroing them
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     return total.detach(), int(count), grads
 
 
@@ -62,8 +63,11 @@ def assert_same(model, batch, chunk=0):
     for name, ref in ref_grads.items():
         # fp32 rounding of sums in another order: absolute error grows with the tensor's scale
         atol = ATOL * max(1.0, float(ref.abs().max()))
-        torch.testing.assert_close(got_grads[name], ref, rtol=RTOL, atol=atol,
-                                   msg=lambda m: f"{name}: {m}")
+        # assert_close's own test of the 136M-entry embedding gradient of the Qwen-shaped
+        # model takes seconds; the same bound in two tensor ops does not. It still reports.
+        if float(((got_grads[name] - ref).abs() - (atol + RTOL * ref.abs())).max()) > 0:
+            torch.testing.assert_close(got_grads[name], ref, rtol=RTOL, atol=atol,
+                                       msg=lambda m: f"{name}: {m}")
     with torch.no_grad():  # evaluation takes the no-grad path of the same head
         ev, ev_count = learned(lambda inputs: model(**inputs, use_cache=False), batch.inputs, batch.targets)
     assert ev_count == ref_count
