@@ -1,0 +1,113 @@
+"""Elastic training under Ray's autoscaler: a run whose workers do not fit the head starts when
+the autoscaler adds nodes, and goes on from its latest checkpoint when a worker node is lost.
+
+The cluster is Ray's fake multi-node provider (tests/clusterkit.py `Autoscaling`, the config of
+`ray.cluster_utils.AutoscalingCluster`): a head with 0 CPUs and up to two 1-CPU worker nodes,
+started by the autoscaler when the run's Ray Train controller asks for resources. The run wants
+2 workers and goes on with 1 (scaling.min_workers=1). Every rank parks after step 3 (the latest
+checkpoint is step 2); the test kills the raylet of rank 1's node (a preempted VM: no notice);
+Ray Train restarts the worker group from checkpoint 2 with the workers the cluster then has.
+
+Checked: the nodes came with the run; the restarted group resumed at step 2 on the surviving
+node alone, without the lost one (Ray Train's elastic policy counts the nodes alive when it
+restarts; the autoscaler's replacement, if it comes during the rest of this short run, is not
+waited for); each checkpoint's data position is steps x rows per step (4) exactly, with the
+world size that wrote it; and the final weights equal an uninterrupted run's (one process,
+accumulation 2, the same 4 rows per step; the tolerance of test_train_elastic.py).
+"""
+
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import ray
+
+from chatsft.train.driver import Extras
+from tests.clusterkit import Autoscaling
+from tests.faults import ParkOnce, report_log
+from trainkit import Timer, rows_for, state_of, tiny_cfg, train_rows, weights
+
+# 2 workers x micro 2 x accumulation 1 = 4 rows per step; on 1 worker accumulation becomes 2.
+# eps well above the gradients' float noise, as in test_train_elastic.py
+RUN = ["train.max_steps=6", "train.save_every=2", "train.micro_batch_size=2", "train.lr=1e-3", "train.eps=1e-3",
+       "train.schedule=constant", "train.deepspeed.stage=2", "train.keep_checkpoints=0", "run.shared_storage=true"]
+ELASTIC = ["scaling.num_workers=2", "scaling.min_workers=1", "train.grad_accum=1", "scaling.max_failures=2"]
+
+
+def wait_for(what, value, timeout, run=None):
+    """Poll `value()` until it is truthy; fail naming `what` at the deadline, or at once if the
+    run ended meanwhile (its error shown)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = value()
+        if got:
+            return got
+        if run is not None and run.done():
+            run.result()  # raises the run's error
+            raise AssertionError(f"the run ended before {what}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def parked(folder, ranks=2):
+    found = sorted(p for p in os.listdir(folder) if p.startswith("parked-rank"))
+    if len(found) < ranks:
+        return None
+    return [json.loads((folder / name).read_text()) for name in found]
+
+
+def reports(path):
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.slow
+def test_autoscaled_run_loses_a_node_and_goes_on(tmp_path):
+    rows = rows_for(tiny_cfg(tmp_path), str(tmp_path), train_limit=40, eval_limit=0)
+    with Timer():  # the uninterrupted run: one process, 1 x 2 x 2 = 4 rows per step
+        straight = train_rows(tiny_cfg(tmp_path / "straight", *RUN, "scaling.num_workers=1", "train.grad_accum=2"),
+                              rows, local=True)
+
+    park, log = tmp_path / "park", tmp_path / "reports.jsonl"
+    park.mkdir()
+    cfg = tiny_cfg(tmp_path / "elastic", *RUN, *ELASTIC)
+    ray.shutdown()  # prepare in an earlier test may have left a Ray running
+    cluster = Autoscaling(tmp_path / "cluster", head_cpus=0, worker_cpus=1, max_workers=2).start()
+    try:
+        ray.init(address=cluster.gcs)
+        before = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        assert len(before) == 1 and ray.cluster_resources().get("CPU", 0) == 0, ray.nodes()
+        with Timer(), ThreadPoolExecutor(1) as pool:
+            run = pool.submit(train_rows, cfg, rows, local=False,
+                              extras=Extras(hooks=[ParkOnce(3, park)], ray_callbacks=[report_log(str(log))]))
+            ranks = wait_for("both ranks after step 3", lambda: parked(park), 240, run)
+            # the checkpoint of step 2 is registered with the controller before its node goes
+            wait_for("checkpoint 2", lambda: any(r["checkpoint"] == "checkpoint_000002" for r in reports(log)),
+                     60, run)
+            assert [r["world"] for r in ranks] == [2, 2]
+            nodes = [r["node_id"] for r in ranks]
+            assert len(set(nodes)) == 2 and not set(nodes) & before, (nodes, before)  # nodes the autoscaler added
+            (park / "released").write_text("")
+            cluster.lose(nodes[1])
+            result = run.result(timeout=300)
+    finally:
+        ray.shutdown()
+        cluster.stop()
+
+    m = result.metrics
+    assert m["step"] == 6
+    assert m["node_ids"] == [nodes[0]], (m["node_ids"], nodes)  # resumed on the node that is left, alone
+    # every checkpoint: its data position is steps x 4 rows, with the world size that wrote it
+    run_dir = tmp_path / "elastic" / "out" / "t"
+    states = [state_of(run_dir / f"checkpoint_{s:06d}") for s in (2, 4, 6)]
+    assert [(s["step"], s["epoch"], s["position"], s["world_size"]) for s in states] == \
+        [(2, 0, 8, 2), (4, 0, 16, 1), (6, 0, 24, 1)], states
+    assert (state_of(straight.checkpoint)["epoch"], state_of(straight.checkpoint)["position"]) == (0, 24)
+    # what the controller registered: checkpoint 2 from 2 workers, then the resumed group's from 1
+    saved = [(r["checkpoint"], r["workers"]) for r in reports(log) if r["checkpoint"]]
+    assert saved == [("checkpoint_000002", 2), ("checkpoint_000004", 1), ("checkpoint_000006", 1)], saved
+    wa, wb = weights(straight.model_dir), weights(result.model_dir)
+    worst = max(((wa[k] - wb[k]).abs().max() / wa[k].abs().max()).item() for k in wa)
+    print(f"2 -> 1 workers across a lost node vs 1 process throughout: worst relative weight difference {worst:.2e}")
+    assert worst < 1e-5
