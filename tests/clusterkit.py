@@ -105,6 +105,14 @@ if __name__ == "__main__":
     _serve(sys.argv[1], int(sys.argv[2]))
 
 
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[-1][:1] != "Z"  # a zombie has exited
+    except OSError:
+        return False
+
+
 class Autoscaling:
     """A Ray cluster grown and shrunk by Ray's autoscaler with its fake multi-node provider
     (`fake_multinode`, what `ray.cluster_utils.AutoscalingCluster` starts): a head of `head_cpus`
@@ -120,7 +128,7 @@ class Autoscaling:
     WORKER_TYPE = "ray.worker.cpu"
 
     def __init__(self, root: Path, *, head_cpus: int = 0, worker_cpus: int = 1, max_workers: int = 2,
-                 object_store_mb: int = 128):
+                 object_store_mb: int = 128, replace_lost: bool = True):
         import tempfile
 
         from ray._private.services import get_node_ip_address
@@ -137,7 +145,10 @@ class Autoscaling:
         self.config = {
             "cluster_name": "chatsft-fake", "max_workers": max_workers,
             "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
-                         "disable_launch_config_check": True, "gcs_address": self.gcs},
+                         "disable_launch_config_check": True, "gcs_address": self.gcs,
+                         # False: a node whose raylet is gone keeps its slot (max_workers) and is
+                         # never replaced, as when the cloud has no capacity left for it
+                         "worker_liveness_check": replace_lost},
             "available_node_types": {
                 "ray.head.default": {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0},
                 self.WORKER_TYPE: {"resources": {"CPU": worker_cpus, "object_store_memory": store},
@@ -164,7 +175,10 @@ class Autoscaling:
                    # a node whose raylet is gone is given up (and replaced) after this many seconds
                    AUTOSCALER_HEARTBEAT_TIMEOUT_S="5",
                    # without it `ray start --head` turns token auth on when ~/.ray/auth_token exists
-                   RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
+                   RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"),
+                   # Ray Train gives up a worker group that does not start in this time and decides
+                   # again (default 60 s): after a node is lost, its first try may still count it
+                   RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30"))
         env.pop("RAY_ADDRESS", None)
         self.log = open(self.log_dir / "cluster.log", "w")
         # --block: this process holds the head; its process group holds every node the
@@ -202,23 +216,33 @@ class Autoscaling:
                 continue
         return out
 
-    def lose(self, node_id: str) -> list[int]:
-        """The node is gone at once (a preempted spot VM, a host failure): SIGKILL its raylet
-        and agents; its workers end with their raylet. The autoscaler finds it dead."""
+    def remove(self, node_id: str, grace: float = 30) -> list[int]:
+        """Take a worker node away as the provider's terminate_node does (SIGTERM to its raylet,
+        SIGKILL after `grace` seconds): a node the autoscaler or the cloud shuts down while it
+        runs work. Its workers and agents end with their raylet."""
         import signal
 
         pids = self.pids_of(node_id)
         assert pids, f"no process of node {node_id}"
         for pid in pids:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.time() + grace
+        while time.time() < deadline and any(_alive(pid) for pid in pids):
+            time.sleep(0.2)
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
         return pids
 
     def stop(self) -> None:
+        import glob
         import shutil
         import signal
 
         if self.proc is None:
             return
+        for log in glob.glob(str(self.root / "head" / "session_latest" / "logs" / "monitor.*")):
+            shutil.copy(log, self.log_dir)  # the autoscaler's own account, kept beside the test's files
         try:  # what `ray stop --force` does, to this cluster's processes only (SIGTERM drains 30 s)
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(30)

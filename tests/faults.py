@@ -53,12 +53,13 @@ class HangOnce:
 
 class ParkOnce:
     """Every rank stops right after optimizer step `step` and waits there (at most `seconds`)
-    for its worker group to be torn down: the test takes a node away meanwhile. Each rank leaves
-    `parked-rank<k>.json` (world size, node id) in `folder`; once the test has written
-    `folder/released`, a restarted group passes the step."""
+    for its worker group to be torn down: the test takes a node away meanwhile. Each rank of a
+    group of `world` workers (None: any) leaves `parked-rank<k>.json` (world size, node id) in
+    `folder`; a smaller group waits unannounced for Ray Train to grow it. Once the test has
+    written `folder/released`, a restarted group passes the step."""
 
-    def __init__(self, step: int, folder: str, seconds: float = 300.0) -> None:
-        self.step, self.folder, self.seconds = step, str(folder), seconds
+    def __init__(self, step: int, folder: str, world=None, seconds: float = 300.0) -> None:
+        self.step, self.folder, self.world, self.seconds = step, str(folder), world, seconds
 
     def __call__(self, step: int, runtime) -> None:
         import json
@@ -66,8 +67,9 @@ class ParkOnce:
 
         if step != self.step or os.path.exists(os.path.join(self.folder, "released")):
             return
-        with open(os.path.join(self.folder, f"parked-rank{runtime.rank}.json"), "w") as f:
-            json.dump({"world": runtime.world, "node_id": runtime.node_id}, f)
+        if self.world is None or runtime.world == self.world:
+            with open(os.path.join(self.folder, f"parked-rank{runtime.rank}.json"), "w") as f:
+                json.dump({"world": runtime.world, "node_id": runtime.node_id}, f)
         deadline = time.time() + self.seconds
         while time.time() < deadline:
             time.sleep(0.2)
@@ -82,9 +84,10 @@ def report_log(path: str):
     class ReportLog(UserCallback):
         def after_report(self, run_context, metrics, checkpoint) -> None:
             import json
+            import time
 
             with open(path, "a") as f:
-                f.write(json.dumps({"checkpoint": os.path.basename(checkpoint.path) if checkpoint else None,
+                f.write(json.dumps({"time": time.time(), "checkpoint": os.path.basename(checkpoint.path) if checkpoint else None,
                                     "workers": len(metrics), "step": metrics[0].get("step")}) + "\n")
 
     return ReportLog()
