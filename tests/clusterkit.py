@@ -161,6 +161,7 @@ class Autoscaling:
             "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
         }
         self.proc = None
+        self.head_dir = self.root / "head0"
 
     def start(self, timeout: float = 120) -> "Autoscaling":
         import json
@@ -176,29 +177,33 @@ class Autoscaling:
                    AUTOSCALER_HEARTBEAT_TIMEOUT_S="5",
                    # without it `ray start --head` turns token auth on when ~/.ray/auth_token exists
                    RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"),
-                   # Ray Train gives up a worker group that does not start in this time and decides
-                   # again (default 60 s): after a node is lost, its first try may still count it
-                   RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30"))
+                   # Ray Train gives up a worker group whose placement group is not ready in this
+                   # time and decides again (default 60 s): after a node is lost, its first try
+                   # may still count it (the autoscaling coordinator's view is up to 20 s old)
+                   RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "20"))
         env.pop("RAY_ADDRESS", None)
-        self.log = open(self.log_dir / "cluster.log", "w")
-        # --block: this process holds the head; its process group holds every node the
-        # autoscaler starts (the monitor starts them, and Ray starts nothing in a new session)
-        self.proc = subprocess.Popen(
-            [ray_bin, "start", "--head", "--block", f"--port={self.port}", f"--num-cpus={self.head_cpus}",
-             f"--autoscaling-config={config}", f"--temp-dir={self.root / 'head'}", "--include-dashboard=false",
-             f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
-             f"--runtime-env-agent-port={free_port()}", f"--object-store-memory={100 * 1024 * 1024}",
-             "--disable-usage-stats"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                break
-            if "--block" in (self.log_dir / "cluster.log").read_text():  # "Ray runtime started ... --block"
-                return self
-            time.sleep(0.5)
+        # Twice: on an overloaded machine the head's raylet may miss Ray's fixed 30 s to register
+        for attempt in range(2):
+            log = self.log_dir / f"cluster{attempt}.log"
+            # --block: this process holds the head; its process group holds every node the
+            # autoscaler starts (the monitor starts them, and Ray starts nothing in a new session)
+            with open(log, "w") as out:
+                self.proc = subprocess.Popen(
+                    [ray_bin, "start", "--head", "--block", f"--port={self.port}", f"--num-cpus={self.head_cpus}",
+                     f"--autoscaling-config={config}", f"--temp-dir={self.root / f'head{attempt}'}",
+                     "--include-dashboard=false", f"--dashboard-agent-listen-port={free_port()}",
+                     f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+                     f"--object-store-memory={100 * 1024 * 1024}", "--disable-usage-stats"],
+                    stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            self.head_dir = self.root / f"head{attempt}"
+            deadline = time.time() + timeout
+            while time.time() < deadline and self.proc.poll() is None:
+                if "--block" in log.read_text():  # "Ray runtime started ... --block"
+                    return self
+                time.sleep(0.5)
+            self._kill()
         self.stop()
-        raise RuntimeError((self.log_dir / "cluster.log").read_text()[-3000:])
+        raise RuntimeError(log.read_text()[-3000:])
 
     def pids_of(self, node_id: str) -> list[int]:
         """This cluster's processes of one node: its command line names the node id (raylet,
@@ -237,16 +242,21 @@ class Autoscaling:
     def stop(self) -> None:
         import glob
         import shutil
-        import signal
 
         if self.proc is None:
             return
-        for log in glob.glob(str(self.root / "head" / "session_latest" / "logs" / "monitor.*")):
+        for log in glob.glob(str(self.head_dir / "session_latest" / "logs" / "monitor.*")):
             shutil.copy(log, self.log_dir)  # the autoscaler's own account, kept beside the test's files
-        try:  # what `ray stop --force` does, to this cluster's processes only (SIGTERM drains 30 s)
+        self._kill()
+        self.proc = None
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _kill(self) -> None:
+        """What `ray stop --force` does, to this cluster's processes only (SIGTERM drains 30 s)."""
+        import signal
+
+        try:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(30)
         except ProcessLookupError:
             pass
-        self.proc = None
-        shutil.rmtree(self.root, ignore_errors=True)

@@ -9,14 +9,14 @@ checkpoint is step 2); the test shuts rank 1's node down as the provider's termi
 (SIGTERM to its raylet), and the autoscaler does not replace it (its slot stays taken, as when
 the cloud has no capacity: `replace_lost=False`), so the outcome does not hang on a race with a
 replacement. Ray Train restarts the group from checkpoint 2 with the one worker left (its first
-try may still count the lost node and time out: RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 30 s here).
+try may still count the lost node and time out: RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 20 s here).
 
 Checked: the nodes came with the run (the head alone before it; both ranks on nodes the
 autoscaler added); the run resumed at step 2 on the remaining node alone and reached step 6;
 each checkpoint's data position is steps x rows per step (4) exactly, with the world size that
-wrote it, as Ray Train's controller registered them; and the final weights equal an
-uninterrupted run's (one process, accumulation 2, the same 4 rows per step; the tolerance of
-test_train_elastic.py).
+wrote it, as Ray Train's controller registered them. That a resume at another worker count
+ends with an uninterrupted run's weights is test_train_elastic.py's (not repeated here: a
+second run would double this test's time).
 """
 
 import json
@@ -30,12 +30,11 @@ import ray
 from chatsft.train.driver import Extras
 from tests.clusterkit import Autoscaling
 from tests.faults import ParkOnce, report_log
-from trainkit import Timer, rows_for, state_of, tiny_cfg, train_rows, weights
+from trainkit import Timer, rows_for, state_of, tiny_cfg, train_rows
 
 # 2 workers x micro 2 x accumulation 1 = 4 rows per step; on 1 worker accumulation becomes 2.
-# eps well above the gradients' float noise, as in test_train_elastic.py
-RUN = ["train.max_steps=6", "train.save_every=2", "train.micro_batch_size=2", "train.lr=1e-3", "train.eps=1e-3",
-       "train.schedule=constant", "train.deepspeed.stage=2", "train.keep_checkpoints=0", "run.shared_storage=true"]
+RUN = ["train.max_steps=6", "train.save_every=2", "train.micro_batch_size=2", "train.deepspeed.stage=2",
+       "train.keep_checkpoints=0", "run.shared_storage=true"]
 ELASTIC = ["scaling.num_workers=2", "scaling.min_workers=1", "train.grad_accum=1", "scaling.max_failures=2"]
 
 
@@ -78,9 +77,6 @@ def reports(path):
 @pytest.mark.slow
 def test_autoscaled_run_loses_a_node_and_goes_on(tmp_path):
     rows = rows_for(tiny_cfg(tmp_path), str(tmp_path), train_limit=40, eval_limit=0)
-    with Timer():  # the uninterrupted run: one process, 1 x 2 x 2 = 4 rows per step
-        straight = train_rows(tiny_cfg(tmp_path / "straight", *RUN, "scaling.num_workers=1", "train.grad_accum=2"),
-                              rows, local=True)
 
     park, log = tmp_path / "park", tmp_path / "reports.jsonl"
     park.mkdir()
@@ -126,12 +122,8 @@ def test_autoscaled_run_loses_a_node_and_goes_on(tmp_path):
     first = states[0]["world_size"]
     assert first in (1, 2) and [(s["step"], s["epoch"], s["position"], s["world_size"]) for s in states] == \
         [(2, 0, 8, first), (4, 0, 16, 1), (6, 0, 24, 1)], states
-    assert (state_of(straight.checkpoint)["epoch"], state_of(straight.checkpoint)["position"]) == (0, 24)
     # what the controller registered: checkpoint 2 from 2 workers, then the resumed group's from 1
     saved = [(r["checkpoint"], r["workers"]) for r in reports(log) if r["checkpoint"]]
     assert saved == [("checkpoint_000002", first), ("checkpoint_000004", 1), ("checkpoint_000006", 1)], saved
     print(f"checkpoint 2 by {first} workers; resumed at step 2 on 1 worker after the node was removed")
-    wa, wb = weights(straight.model_dir), weights(result.model_dir)
-    worst = max(((wa[k] - wb[k]).abs().max() / wa[k].abs().max()).item() for k in wa)
-    print(f"2 -> 1 workers across a lost node vs 1 process throughout: worst relative weight difference {worst:.2e}")
-    assert worst < 1e-5
+    assert os.path.isfile(os.path.join(result.model_dir, "config.json"))  # and it exported the model
