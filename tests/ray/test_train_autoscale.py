@@ -27,7 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import ray
 
-from chatsft.train.driver import Extras
+from chatsft.errors import UserError
+from chatsft.plan import RunPlan
+from chatsft.train.driver import Extras, check_storage
 from tests.clusterkit import Autoscaling
 from tests.faults import ParkOnce, report_log
 from trainkit import Timer, rows_for, state_of, tiny_cfg, train_rows
@@ -91,6 +93,12 @@ def test_autoscaled_run_loses_a_node_and_goes_on(tmp_path):
         clock("head up")
         before = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         assert len(before) == 1 and ray.cluster_resources().get("CPU", 0) == 0, ray.nodes()
+        # the preflight of `chatsft train` sees one node, which cannot hold the workers: the run
+        # will be multi-node, so a local run.output_dir must be shared storage
+        with pytest.raises(UserError, match="a local path on a cluster whose one node cannot hold"):
+            check_storage(RunPlan.resolve(tiny_cfg(tmp_path / "elastic", *RUN, *ELASTIC, "run.shared_storage=false")))
+        check_storage(RunPlan.resolve(cfg))  # shared: the head writes and reads it, loads the tokenizer
+        clock("preflight")
         with Timer():
             run = pool.submit(train_rows, cfg, rows, local=False,
                               extras=Extras(hooks=[ParkOnce(3, park, world=2)], ray_callbacks=[report_log(str(log))]))
