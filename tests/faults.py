@@ -51,6 +51,48 @@ class HangOnce:
             time.sleep(self.seconds)
 
 
+class ParkOnce:
+    """Every rank stops right after optimizer step `step` and waits there (at most `seconds`)
+    for its worker group to be torn down: the test takes a node away meanwhile. Each rank of a
+    group of `world` workers (None: any) leaves `parked-rank<k>.json` (world size, node id) in
+    `folder`; a smaller group waits unannounced for Ray Train to grow it. Once the test has
+    written `folder/released`, a restarted group passes the step."""
+
+    def __init__(self, step: int, folder: str, world=None, seconds: float = 300.0) -> None:
+        self.step, self.folder, self.world, self.seconds = step, str(folder), world, seconds
+
+    def __call__(self, step: int, runtime) -> None:
+        import json
+        import time
+
+        if step != self.step or os.path.exists(os.path.join(self.folder, "released")):
+            return
+        if self.world is None or runtime.world == self.world:
+            with open(os.path.join(self.folder, f"parked-rank{runtime.rank}.json"), "w") as f:
+                json.dump({"world": runtime.world, "node_id": runtime.node_id}, f)
+        deadline = time.time() + self.seconds
+        while time.time() < deadline:
+            time.sleep(0.2)
+        raise RuntimeError(f"[test] parked after step {step} for {self.seconds}s: the group was never torn down")
+
+
+def report_log(path: str):
+    """A Ray Train callback (it runs in the controller) that appends one JSON line per report
+    it has registered: the checkpoint's folder name (or None) and how many workers reported."""
+    from ray.train import UserCallback
+
+    class ReportLog(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            import json
+            import time
+
+            with open(path, "a") as f:
+                f.write(json.dumps({"time": time.time(), "checkpoint": os.path.basename(checkpoint.path) if checkpoint else None,
+                                    "workers": len(metrics), "step": metrics[0].get("step")}) + "\n")
+
+    return ReportLog()
+
+
 def _ship_by_value() -> None:
     # Ray workers may not have the tests folder on their path: send these classes by value.
     from ray import cloudpickle

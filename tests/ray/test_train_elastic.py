@@ -10,25 +10,19 @@ final weights equal an uninterrupted 2-worker run's (fp32, tight tolerance), and
 position (epoch, row) is the uninterrupted run's exactly.
 """
 
-import json
 import os
 
 import pytest
 
 from chatsft.train.driver import Extras
 from tests.faults import StopAt
-from trainkit import Timer, rows_for, tiny_cfg, train_rows, weights
+from trainkit import Timer, rows_for, state_of, tiny_cfg, train_rows, weights
 
 # eps well above the gradients' float noise: Adam's update is then smooth in the gradient, so
 # 3 vs 2 workers' summation order stays at float noise in the weights
 RUN = ["train.max_steps=4", "train.save_every=2", "train.micro_batch_size=2", "train.lr=1e-3", "train.eps=1e-3",
        "train.schedule=constant", "train.deepspeed.stage=2", "scaling.max_failures=0",
        "scaling.resources_per_worker={CPU: 0.5}"]
-
-
-def state_of(checkpoint):
-    with open(os.path.join(checkpoint, "train_state_rank0.json")) as f:
-        return json.load(f)["state"]
 
 
 @pytest.mark.slow

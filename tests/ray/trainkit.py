@@ -55,6 +55,14 @@ def weights(folder: str) -> dict[str, Any]:
     return out
 
 
+def state_of(checkpoint: str) -> dict[str, Any]:
+    """The loop state a checkpoint folder holds: step, epoch, position (rows), world_size."""
+    import json
+
+    with open(os.path.join(checkpoint, "train_state_rank0.json")) as f:
+        return json.load(f)["state"]
+
+
 class Timer:
     def __enter__(self):
         self.t0 = time.perf_counter()

@@ -232,8 +232,9 @@ def check_storage(plan: RunPlan) -> None:
     """Preflight of a multi-node run, before any compute: a local output folder must be shared
     storage (run.shared_storage), and every node must write and read run.output_dir (and see
     what the others wrote there) and load the model's config and tokenizer. One Ray task per
-    node, pinned to it; the error names the node that cannot. Nodes an autoscaler adds later
-    are not checked."""
+    node, pinned to it; the error names the node that cannot. A cluster of one node that cannot
+    hold the workers counts as multi-node: an autoscaler will add nodes for them. Nodes an
+    autoscaler adds later are not checked."""
     from chatsft.raysetup import ensure_ray
 
     cfg = plan.config
@@ -242,11 +243,13 @@ def check_storage(plan: RunPlan) -> None:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) <= 1:
-        return
+    if len(nodes) <= 1 and all(_holds(n, plan) for n in nodes):
+        return  # one machine runs it all
     if storage.is_local(plan.output_dir) and not cfg.run.shared_storage:
-        raise UserError(f"run.output_dir={cfg.run.output_dir}: a local path on a {len(nodes)}-node "
-                        "cluster; use a URI (s3://, gs://) or shared storage and set run.shared_storage: true")
+        where = (f"a {len(nodes)}-node cluster" if len(nodes) > 1 else
+                 "a cluster whose one node cannot hold the run's workers (an autoscaler adds nodes for them)")
+        raise UserError(f"run.output_dir={cfg.run.output_dir}: a local path on {where}; use a URI (s3://, "
+                        "gs://) or shared storage and set run.shared_storage: true")
     import os
 
     probes = storage.join(plan.output_dir, f".preflight-{os.urandom(4).hex()}")
@@ -268,6 +271,12 @@ def check_storage(plan: RunPlan) -> None:
             storage.remove(probes)
         except Exception:
             pass
+
+
+def _holds(node: dict, plan: RunPlan) -> bool:
+    """Whether this node has the resources of all the run's workers (scaling.num_workers)."""
+    have = node.get("Resources") or {}
+    return all(have.get(k, 0.0) >= v * plan.workers for k, v in plan.worker_resources.items())
 
 
 def _check_node(plan: RunPlan, probes: str) -> tuple[str, Optional[str]]:
