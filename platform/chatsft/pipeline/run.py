@@ -47,7 +47,7 @@ from chatsft.pipeline.fingerprint import fingerprint, rows_identity
 from chatsft.pipeline.render import FileRole, RenderSpec, Renderer
 from chatsft.pipeline.rows import EVAL, SPLITS, TRAIN
 from chatsft.plan import RunPlan
-from chatsft.sources import SourceFile, expand_source, first_records
+from chatsft.sources import SourceFile, expand_source, first_records, iter_records, unknown_format
 
 # What a user can cause, as opposed to a bug: the CLI prints these in one line.
 USER_ERRORS = (BadRecord, TemplateError, ConfigError, UserError, FileNotFoundError)
@@ -90,7 +90,7 @@ def check(plan: RunPlan) -> Checked:
     preflight(plan, fmt, opts)
     report = None
     if not plan.seq2seq:  # what the template will teach, read before anything is spent on it
-        report = template_report(fmt.template, tokenizer, first_records([s.path for s in cfg.data.train],
+        report = template_report(fmt.template, tokenizer, first_records(cfg.data.train,
                                                                           REPORT_RECORDS))
         print(format_report(report), flush=True)
     early_records(plan, files, fmt, opts)
@@ -121,9 +121,12 @@ def plan_files(cfg: Config) -> list[tuple[SourceFile, FileRole]]:
     out = []
     for key, sources, split in (("data.train", cfg.data.train, TRAIN), ("data.eval", cfg.data.eval, EVAL)):
         for i, src in enumerate(sources):
-            found = expand_source(src.path)
+            found = expand_source(src.path, src.format)
             if not found:
-                raise UserError(f"{key}[{i}].path: no JSONL file matches {src.path!r}")
+                raise UserError(f"{key}[{i}].path: no JSONL or Parquet file matches {src.path!r}")
+            unknown = unknown_format(found, f"{key}[{i}]")
+            if unknown:
+                raise UserError(unknown)
             for f in found:
                 out.append((f, FileRole(f.display, split, src.weight, carve and split == TRAIN)))
     for key, split in (("data.train", TRAIN), ("data.eval", EVAL)):
@@ -165,21 +168,20 @@ def early_records(plan: RunPlan, files: list[tuple[SourceFile, FileRole]], fmt: 
     on_bad_record=error the first bad record of the corpus, if it is among them, stops the run
     in seconds (the first file comes first in file order); a first batch in which nothing at
     all can be learned gets a warning that names the file and the reasons."""
-    from chatsft.data.conversation import iter_stream_lines, parse_line, read_chunks
+    from chatsft.data.conversation import parse_line
 
     for split in (TRAIN, EVAL):
         first = next((f for f, r in files if r.split == split and f.size > 0), None)
         if first is None:
             continue
         convs, bad = [], []
-        with storage.open_stream(first.location) as stream:
-            for n, raw in iter_stream_lines(read_chunks(stream, 1 << 16)):
-                try:
-                    convs.append(parse_line(raw, f"{first.display}:{n}"))
-                except BadRecord as e:
-                    bad.append(e)
-                if len(convs) + len(bad) >= EARLY_RECORDS:
-                    break
+        for n, raw in iter_records(first):
+            try:
+                convs.append(parse_line(raw, f"{first.display}:{n}"))
+            except BadRecord as e:
+                bad.append(e)
+            if len(convs) + len(bad) >= EARLY_RECORDS:
+                break
         outcomes = fmt.render(convs, opts)
         bad += [o for o in outcomes if isinstance(o, BadRecord)]
         if bad and plan.config.data.on_bad_record == "error":
@@ -263,7 +265,8 @@ def _execute(plan: RunPlan, checked: Checked, root: str, fp: str) -> Prepared:
     # render actors; local reads all run on the driver's node).
     sources = [f for f, _ in files]
     shared = bool(cfg.run.shared_storage)
-    units = plan_units(sources, lambda asked: _count_newlines(sources, asked, shared))
+    units = plan_units(sources, lambda asked: _count_newlines(sources, asked, shared),
+                       groups=lambda asked: _row_groups(sources, asked, shared))
     readers = min(len(units), 64)  # read tasks, each a run of files or byte ranges; each streams in blocks
     lines = read_datasource(make_datasource(sources, units, shared), num_cpus=0, override_num_blocks=readers,
                             concurrency=min(readers, max(2, cpus // 4)))
@@ -378,6 +381,20 @@ def _count_newlines(files: list[SourceFile], asked: list[tuple[int, int, int]], 
     if local:
         task = task.options(**_on_driver_node())
     return ray.get([task.remote(files[fi].location, a, b) for fi, a, b in asked])
+
+
+def _row_groups(files: list[SourceFile], asked: list[int], shared: bool) -> list[list[tuple[int, int]]]:
+    """(rows, bytes) of every row group of each asked Parquet file, read from its footer by Ray
+    tasks where the files are (the driver keeps the counts only)."""
+    import ray
+
+    from chatsft.pipeline.read import row_groups
+
+    local = not shared and any(files[fi].local for fi in asked)
+    task = ray.remote(num_cpus=0.25)(row_groups)
+    if local:
+        task = task.options(**_on_driver_node())
+    return ray.get([task.remote(files[fi].location, files[fi].display) for fi in asked])
 
 
 def _first_samples(blocks: list, split: int, n: int) -> list[dict]:
