@@ -94,6 +94,7 @@ class CpuByProcess:
 
     def __init__(self) -> None:
         self.last: dict[int, float] = {}
+        self.workers: set[int] = set()  # Ray worker processes seen (each pays Python's and Ray's start)
         self.spent: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -117,7 +118,8 @@ class CpuByProcess:
                           ("MapBatches(Renderer)", "render actors"), ("Read", "read tasks"),
                           ("block_stats", "stats tasks"), ("partition_task", "partition tasks"),
                           ("write_part", "write tasks"), ("first_samples", "preview tasks"),
-                          ("count_newlines", "newline counts"), ("IDLE", "idle ray workers")):
+                          ("count_newlines", "newline counts"), ("IDLE", "idle ray workers"),
+                          ("default_worker.py", "ray workers starting")):
             if key in name:
                 return role
         if name.startswith("ray::"):
@@ -136,6 +138,8 @@ class CpuByProcess:
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             role = self._role(name)
+            if "default_worker.py" in name or name.startswith("ray::"):
+                self.workers.add(p.pid)
             self.spent[role] = self.spent.get(role, 0.0) + cpu - self.last.get(p.pid, 0.0)
             self.last[p.pid] = cpu
 
@@ -174,7 +178,7 @@ def child_prepare(cpus: int, out: str, paths: list[str]) -> dict:
     st = p.train_stats
     return {"wall": wall, "pipeline": st["seconds"], "tokens": st["tokens"], "samples": st["samples"],
             "rows": st["rows"], "driver_rss_mb": peak_rss_mb(), "store_peak_mb": store.peak,
-            "train_dir": p.train_dir, "cpu_s": cpu.by_role(), "seconds_render": st["seconds_render"],
+            "train_dir": p.train_dir, "cpu_s": cpu.by_role(), "worker_processes": len(cpu.workers), "seconds_render": st["seconds_render"],
             "seconds_shuffle_write": st["seconds_shuffle_write"]}
 
 
@@ -300,7 +304,7 @@ def bench_size(records: int, files: int, workers: list[int], steps: int, cpus_li
               f"{r['tokens']:,} tokens, {r['rows']:,} rows); driver peak RSS {r['driver_rss_mb']:.0f} MB, "
               f"object store peak {r['store_peak_mb']:.0f} MB", flush=True)
         print(f"      read+render {r['seconds_render']:.1f} s, shuffle+write {r['seconds_shuffle_write']:.1f} s; "
-              f"CPU seconds {sum(r['cpu_s'].values()):.1f}: "
+              f"{r['worker_processes']} Ray worker processes; CPU seconds {sum(r['cpu_s'].values()):.1f}: "
               + ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_s"].items()), flush=True)
     if 1 in prep and 2 in prep:
         print(f"   prepare 2 CPUs / 1 CPU: {prep[1]['wall'] / prep[2]['wall']:.2f}x   (target >= 1.9x)")

@@ -5,8 +5,8 @@ The graph:
     JsonlLines (raw lines + path:line)        read.py; local files read on the driver's node
       -> map_batches(Renderer), actors        render.py; parse, validate, render, mixture copies
       -> blocks kept in the object store      each block carries its batches' stats rows
-      -> stats: one small task per block      counts, bad records (error mode stops here)
-      -> partition tasks, one per block       shuffle.py: range partition on the seeded key
+      -> stats: one task per group of blocks  counts, bad records (error mode stops here)
+      -> partition tasks, one per group       shuffle.py: range partition on the seeded key
       -> one task per partition               sort (or pack window by window), write part-NNNNN.parquet
 
 The shuffle after rendering uses plain Ray tasks rather than Dataset.sort:
@@ -273,11 +273,18 @@ def _execute(plan: RunPlan, checked: Checked, root: str, fp: str) -> Prepared:
     rendered = lines.map_batches(Renderer, fn_constructor_args=(spec,), batch_size=data.map_batch_size,
                                  batch_format="pyarrow", compute=_actor_pool(concurrency), num_cpus=1)
     # Run the graph and keep its blocks in the object store, in file order (preserve_order).
-    blocks = [ref for bundle in rendered.iter_internal_ref_bundles() for ref in bundle.block_refs]
+    blocks, sizes = [], []
+    for bundle in rendered.iter_internal_ref_bundles():
+        blocks += bundle.block_refs
+        sizes += [m.size_bytes or 0 for m in bundle.metadata]
     rendered_at = time.time()
 
-    task = ray.remote(num_cpus=0.25)
-    stats, bad = _collect_stats(ray.get([task(shuffle.block_stats).remote(b) for b in blocks]))
+    # The tasks after rendering each take a CPU and a run of consecutive blocks (shuffle.group_blocks):
+    # a task per block and a fraction of a CPU each made Ray start and stop worker processes at
+    # every stage (more processes than CPUs) and spent more on tasks than on the work in them.
+    task = ray.remote(num_cpus=1)
+    groups = [[blocks[i] for i in g] for g in shuffle.group_blocks(sizes, cpus)]
+    stats, bad = _collect_stats(ray.get([task(shuffle.block_stats).remote(*g) for g in groups]))
     if bad and data.on_bad_record == "error":
         fi, ln, split, ex = bad[0]
         raise BadRecord(ex["reason"], ex["detail"], ex["source"])
@@ -297,7 +304,7 @@ def _execute(plan: RunPlan, checked: Checked, root: str, fp: str) -> Prepared:
     print(f"chatsft prepare: rendered in {rendered_at - started:.1f} s; shuffling"
           f"{' and packing' if data.packing else ''} into {n_parts} Parquet file(s)", flush=True)
     cut = task(shuffle.partition_task).options(num_returns=n_parts)
-    pieces = [cut.remote(b, plans) for b in blocks]
+    pieces = [cut.remote(plans, *g) for g in groups]
     if n_parts == 1:
         pieces = [[r] for r in pieces]  # one return: a ref, not a list of refs
     write = task(shuffle.write_part).options(**_write_placement(root))
@@ -305,8 +312,8 @@ def _execute(plan: RunPlan, checked: Checked, root: str, fp: str) -> Prepared:
     for sp in plans:
         pending[sp.split] = [write.remote(sp, p, *[pc[k + p] for pc in pieces]) for p in range(sp.parts)]
         k += sp.parts
+    previews = {s: _first_samples(blocks, s, data.preview_samples) for s in splits}  # while the parts are written
     lengths = {s: ray.get(refs) for s, refs in pending.items()}
-    previews = {s: _first_samples(blocks, s, data.preview_samples) for s in splits}
     now = time.time()
     seconds = {"seconds": now - started, "seconds_render": rendered_at - started,
                "seconds_shuffle_write": now - rendered_at}
@@ -377,7 +384,7 @@ def _count_newlines(files: list[SourceFile], asked: list[tuple[int, int, int]], 
     from chatsft.pipeline.read import count_newlines
 
     local = not shared and any(files[fi].local for fi, _, _ in asked)
-    task = ray.remote(num_cpus=0.25)(count_newlines)
+    task = ray.remote(num_cpus=1)(count_newlines)
     if local:
         task = task.options(**_on_driver_node())
     return ray.get([task.remote(files[fi].location, a, b) for fi, a, b in asked])
@@ -391,7 +398,7 @@ def _row_groups(files: list[SourceFile], asked: list[int], shared: bool) -> list
     from chatsft.pipeline.read import row_groups
 
     local = not shared and any(files[fi].local for fi in asked)
-    task = ray.remote(num_cpus=0.25)(row_groups)
+    task = ray.remote(num_cpus=1)(row_groups)
     if local:
         task = task.options(**_on_driver_node())
     return ray.get([task.remote(files[fi].location, files[fi].display) for fi in asked])
@@ -401,7 +408,7 @@ def _first_samples(blocks: list, split: int, n: int) -> list[dict]:
     """The first n samples of a split in file order (blocks are in file order)."""
     import ray
 
-    task = ray.remote(num_cpus=0.25)(shuffle.first_samples)
+    task = ray.remote(num_cpus=1)(shuffle.first_samples)
     out: list[dict] = []
     for b in blocks:
         if len(out) >= n:

@@ -69,9 +69,31 @@ def _schema(table: pa.Table) -> pa.Table:
     return table if table.num_rows else RENDERED.empty_table()
 
 
-def block_stats(table: pa.Table) -> list[str]:
-    """The statistics rows (JSON) of one rendered block."""
-    return select_stats(_schema(table))["stats"].to_pylist()
+# Rendered bytes a task after rendering takes at most (a run of consecutive blocks): large enough
+# that a task's start costs little next to its work, small enough for one task's memory.
+GROUP_BYTES = 128 << 20
+
+
+def group_blocks(sizes: list[int], cpus: int, most: int = GROUP_BYTES) -> list[list[int]]:
+    """Runs of consecutive block indices, one a task: at least 2 per CPU when there are blocks
+    enough (so CPUs stay busy to the end), each of at most `most` bytes (or one block)."""
+    if not sizes:
+        return []
+    target = min(most, max(1, sum(sizes) // max(1, 2 * cpus)))
+    groups: list[list[int]] = [[]]
+    acc = 0
+    for i, size in enumerate(sizes):
+        if groups[-1] and acc + size > target:
+            groups.append([])
+            acc = 0
+        groups[-1].append(i)
+        acc += size
+    return groups
+
+
+def block_stats(*tables: pa.Table) -> list[str]:
+    """The statistics rows (JSON) of rendered blocks."""
+    return [s for t in tables for s in select_stats(_schema(t))["stats"].to_pylist()]
 
 
 def first_samples(table: pa.Table, split: int, n: int) -> list[dict]:
@@ -98,9 +120,10 @@ def partition(table: pa.Table, plans: list[SplitPlan]) -> list[pa.Table]:
     return out
 
 
-def partition_task(table: pa.Table, plans: list[SplitPlan]):
-    """`partition` shaped for a Ray task with num_returns = number of parts (one part: the table itself)."""
-    parts = partition(table, plans)
+def partition_task(plans: list[SplitPlan], *tables: pa.Table):
+    """`partition` of a run of blocks, shaped for a Ray task with num_returns = number of parts
+    (one part: the table itself)."""
+    parts = partition(pa.concat_tables([_schema(t) for t in tables]), plans)
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 
