@@ -15,8 +15,9 @@ without a sampling pass, and the partitions (hence the files) are the same
 whatever the number of blocks; it also saves Ray Data's per-stage start-up,
 which dominated small corpora.
 
-The rendered blocks stay in the object store until they are written (Ray
-spills them to disk when they outgrow it).
+The rendered blocks stay in the object store until their partition task has
+cut them, the pieces until they are written (Ray spills them to disk when they
+outgrow it).
 
 Row order is a pure function of the config and seed: every random decision is
 a hash of (seed, path:line) and rows are written in the order of a sort on
@@ -273,10 +274,7 @@ def _execute(plan: RunPlan, checked: Checked, root: str, fp: str) -> Prepared:
     rendered = lines.map_batches(Renderer, fn_constructor_args=(spec,), batch_size=data.map_batch_size,
                                  batch_format="pyarrow", compute=_actor_pool(concurrency), num_cpus=1)
     # Run the graph and keep its blocks in the object store, in file order (preserve_order).
-    blocks, sizes = [], []
-    for bundle in rendered.iter_internal_ref_bundles():
-        blocks += bundle.block_refs
-        sizes += [m.size_bytes or 0 for m in bundle.metadata]
+    blocks, sizes = _rendered_blocks(rendered)
     rendered_at = time.time()
 
     # The tasks after rendering each take a CPU and a run of consecutive blocks (shuffle.group_blocks):
@@ -303,8 +301,10 @@ def _execute(plan: RunPlan, checked: Checked, root: str, fp: str) -> Prepared:
     n_parts = sum(p.parts for p in plans)
     print(f"chatsft prepare: rendered in {rendered_at - started:.1f} s; shuffling"
           f"{' and packing' if data.packing else ''} into {n_parts} Parquet file(s)", flush=True)
+    previews = {s: _first_samples(blocks, s, data.preview_samples) for s in splits}
     cut = task(shuffle.partition_task).options(num_returns=n_parts)
     pieces = [cut.remote(plans, *g) for g in groups]
+    del blocks, groups  # each rendered block is freed once its partition task has cut it
     if n_parts == 1:
         pieces = [[r] for r in pieces]  # one return: a ref, not a list of refs
     write = task(shuffle.write_part).options(**_write_placement(root))
@@ -312,7 +312,6 @@ def _execute(plan: RunPlan, checked: Checked, root: str, fp: str) -> Prepared:
     for sp in plans:
         pending[sp.split] = [write.remote(sp, p, *[pc[k + p] for pc in pieces]) for p in range(sp.parts)]
         k += sp.parts
-    previews = {s: _first_samples(blocks, s, data.preview_samples) for s in splits}  # while the parts are written
     lengths = {s: ray.get(refs) for s, refs in pending.items()}
     now = time.time()
     seconds = {"seconds": now - started, "seconds_render": rendered_at - started,
@@ -388,6 +387,15 @@ def _count_newlines(files: list[SourceFile], asked: list[tuple[int, int, int]], 
     if local:
         task = task.options(**_on_driver_node())
     return ray.get([task.remote(files[fi].location, a, b) for fi, a, b in asked])
+
+
+def _rendered_blocks(dataset: Any) -> tuple[list, list[int]]:
+    """Run the dataset: the refs of its blocks in order, and their sizes in bytes."""
+    blocks, sizes = [], []
+    for bundle in dataset.iter_internal_ref_bundles():
+        blocks += bundle.block_refs
+        sizes += [m.size_bytes or 0 for m in bundle.metadata]
+    return blocks, sizes
 
 
 def _row_groups(files: list[SourceFile], asked: list[int], shared: bool) -> list[list[tuple[int, int]]]:
