@@ -158,7 +158,7 @@ def _export(cfg: Config, args: argparse.Namespace) -> None:
 
 
 VERBS: dict[str, tuple[Callable, str]] = {
-    "prepare": (_prepare, "JSONL -> Parquet rows + stats.json + mask preview (Ray Data)"),
+    "prepare": (_prepare, "JSONL or Parquet conversations -> Parquet rows + stats.json + mask preview (Ray Data)"),
     "train": (_train, "prepare if needed, then train (Ray Train; --local: in this process)"),
     "sweep": (_sweep, "Ray Tune over train"),
     "eval": (_eval, "evaluate a checkpoint or exported model"),

@@ -113,7 +113,8 @@ class Source:
 class DataConfig:
     train: list[Source] = doc(
         factory=lambda: [Source("chatsft://samples/train.jsonl")],
-        text="Training sources: a path, a glob, or a list of {path, weight, format}. "
+        text="Training sources: a path, a glob, a folder, or a list of {path, weight, format}; JSONL "
+        "(.jsonl) or Parquet with a `messages` column (.parquet); format: auto (by extension), jsonl, parquet. "
         "`chatsft://samples/...` names the sample data shipped with the package.",
     )
     eval: list[Source] = doc(
