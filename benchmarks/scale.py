@@ -157,6 +157,10 @@ class CpuByProcess:
 # ------------------------------------------------------------------- children
 
 
+def _pid() -> int:
+    return os.getpid()
+
+
 def child_prepare(cpus: int, out: str, paths: list[str]) -> dict:
     if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= cpus:
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cpus])  # Ray's processes inherit it
@@ -173,7 +177,7 @@ def child_prepare(cpus: int, out: str, paths: list[str]) -> dict:
     # The clock starts on a cluster that is up, as a cluster is when prepare is submitted to it: Ray's
     # own start (a worker process per CPU, importing Ray) is not prepare's, and at 1 CPU it would run
     # on the same core as the driver's checks.
-    ray.get([ray.remote(num_cpus=1)(os.getpid).remote() for _ in range(cpus)])
+    ray.get([ray.remote(num_cpus=1)(_pid).remote() for _ in range(cpus)])
     time.sleep(3)
     cfg = load_config(None, [f"run.output_dir={out}", f"data.train=[{', '.join(paths)}]", "data.max_length=1024",
                              "tracking.enabled=false"])

@@ -87,13 +87,16 @@ def iter_records(f: "SourceFile") -> Iterator[tuple[int, bytes]]:
     if not f.format:
         raise UserError(unknown_format([f], "data source") or "")
     if f.format == "parquet":
-        pf = storage.parquet_file(f.location)
-        columns = pf.schema_arrow.names
-        n = 0
-        for batch in pf.iter_batches(batch_size=1024, columns=[c for c in RECORD_COLUMNS if c in columns]):
-            for raw in parquet_records(batch, columns):
-                n += 1
-                yield n, raw
+        import pyarrow.parquet as pq
+
+        with storage.open_input(f.location) as fh:
+            pf = pq.ParquetFile(fh)
+            columns = pf.schema_arrow.names
+            n = 0
+            for batch in pf.iter_batches(batch_size=1024, columns=[c for c in RECORD_COLUMNS if c in columns]):
+                for raw in parquet_records(batch, columns):
+                    n += 1
+                    yield n, raw
         return
     with storage.open_stream(f.location) as fh:
         yield from iter_stream_lines(read_chunks(fh, 1 << 16))

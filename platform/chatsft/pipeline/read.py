@@ -131,8 +131,11 @@ def iter_range_lines(fh, start: int, end: int, newlines: int) -> Iterator[tuple[
 
 def row_groups(location: str, display: str = "") -> list[tuple[int, int]]:
     """(rows, bytes) of each row group of a Parquet file, from its footer."""
+    import pyarrow.parquet as pq
+
     try:
-        meta = storage.parquet_file(location).metadata
+        with storage.open_input(location) as fh:
+            meta = pq.ParquetFile(fh).metadata
     except (OSError, ValueError) as e:  # pyarrow: "Parquet magic bytes not found", a truncated footer
         raise UserError(f"{display or location}: not a readable Parquet file ({e})") from None
     return [(meta.row_group(g).num_rows, meta.row_group(g).total_byte_size) for g in range(meta.num_row_groups)]
@@ -140,15 +143,18 @@ def row_groups(location: str, display: str = "") -> list[tuple[int, int]]:
 
 def read_rows(f: SourceFile, u: Unit) -> Iterator[pa.Table]:
     """Blocks of LINES for the row groups of one Parquet unit: (file index, 1-based row, JSON record)."""
-    pf = storage.parquet_file(f.location)
-    columns = pf.schema_arrow.names
-    wanted = [c for c in RECORD_COLUMNS if c in columns]
-    n = u.newlines
-    for g in range(u.start, u.end):
-        for batch in pf.iter_batches(batch_size=LINES_PER_BLOCK, row_groups=[g], columns=wanted):
-            raws = parquet_records(batch, columns)
-            yield _block(u.fi, list(range(n + 1, n + 1 + len(raws))), raws)
-            n += len(raws)
+    import pyarrow.parquet as pq
+
+    with storage.open_input(f.location) as fh:
+        pf = pq.ParquetFile(fh)
+        columns = pf.schema_arrow.names
+        wanted = [c for c in RECORD_COLUMNS if c in columns]
+        n = u.newlines
+        for g in range(u.start, u.end):
+            for batch in pf.iter_batches(batch_size=LINES_PER_BLOCK, row_groups=[g], columns=wanted):
+                raws = parquet_records(batch, columns)
+                yield _block(u.fi, list(range(n + 1, n + 1 + len(raws))), raws)
+                n += len(raws)
 
 
 def read_lines(files: Sequence[SourceFile], units: Sequence[Unit]) -> Iterator[pa.Table]:
