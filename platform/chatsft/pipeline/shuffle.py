@@ -79,6 +79,7 @@ def group_blocks(sizes: list[int], cpus: int, most: int = GROUP_BYTES) -> list[l
     enough (so CPUs stay busy to the end), each of at most `most` bytes (or one block)."""
     if not sizes:
         return []
+    sizes = [max(1, s) for s in sizes]  # a size Ray did not know counts as small, not as nothing
     target = min(most, max(1, sum(sizes) // max(1, 2 * cpus)))
     groups: list[list[int]] = [[]]
     acc = 0
