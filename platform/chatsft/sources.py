@@ -85,7 +85,9 @@ def iter_records(f: "SourceFile") -> Iterator[tuple[int, bytes]]:
     """(1-based line or row, raw JSON record) of each record of a file, streamed: the lines of a
     JSONL file (blank ones skipped, still counted), the rows of a Parquet file row group by row group."""
     if not f.format:
-        raise UserError(unknown_format([f], "data source") or "")
+        ext = os.path.splitext(f.display)[1] or "(none)"
+        raise UserError(f"{f.display}: extension {ext} is neither .jsonl nor .parquet; rename the file "
+                        "(or give the source's format in the config)")
     if f.format == "parquet":
         import pyarrow.parquet as pq
 
