@@ -92,11 +92,20 @@ def sample_corpus(tmp_path) -> list[str]:
     return [a, b]
 
 
-def test_rows_equal_render_and_reuse(ray_local, tmp_path, tiny_llama_dir, tokenizer):
+def test_rows_equal_render_and_reuse(ray_local, tmp_path, tiny_llama_dir, tokenizer, monkeypatch):
+    from chatsft.data.stats import batch_pad_fraction
+    from chatsft.pipeline import shuffle
+
+    monkeypatch.setattr(shuffle, "TOKENS_PER_PART", 2000)  # several parts (the driver plans them)
     paths = sample_corpus(tmp_path)
-    cfg = config(tmp_path, tiny_llama_dir, f"data.train=[{paths[0]}, {paths[1]}]", "data.max_length=160")
+    cfg = config(tmp_path, tiny_llama_dir, f"data.train=[{paths[0]}, {paths[1]}]", "data.max_length=160",
+                 "train.micro_batch_size=3")
     p = prepare(RunPlan.resolve(cfg), force=True)
     rows = read_rows(p.train_dir)
+    assert len(glob.glob(os.path.join(p.train_dir, "*.parquet"))) > 2
+    # pad_fraction from the parts' summaries is exactly that of every row in stored order
+    lengths = [len(x) for x in rows["input_ids"].to_pylist()]
+    assert p.train_stats["pad_fraction"] == batch_pad_fraction(lengths, 3)
     assert rows.column_names == ["input_ids", "labels", "source"]
     assert rows.schema.field("input_ids").type == pa.list_(pa.int32())
     assert rows.schema.field("source").type == pa.list_(pa.string())

@@ -39,7 +39,7 @@ from chatsft.config import Config, ConfigError
 from chatsft.data.conversation import BadRecord, Conversation, Message
 from chatsft.data.formats import get_format
 from chatsft.data.render import RenderOptions, Sample
-from chatsft.data.stats import MaskStats, batch_padded_slots
+from chatsft.data.stats import MaskStats, padded_slots_of_runs
 from chatsft.data.template_report import REPORT_RECORDS, format_report, template_report
 from chatsft.data.templates import TemplateError
 from chatsft.errors import UserError, user_error_in
@@ -311,7 +311,8 @@ def _execute(plan: RunPlan, checked: Checked, root: str, fp: str) -> Prepared:
     write = task(shuffle.write_part).options(**_write_placement(root))
     pending, k = {}, 0
     for sp in plans:
-        pending[sp.split] = [write.remote(sp, p, *[pc[k + p] for pc in pieces]) for p in range(sp.parts)]
+        pending[sp.split] = [write.remote(sp, p, cfg.train.micro_batch_size, *[pc[k + p] for pc in pieces])
+                             for p in range(sp.parts)]
         k += sp.parts
     lengths = {s: ray.get(refs) for s, refs in pending.items()}
     now = time.time()
@@ -322,9 +323,7 @@ def _execute(plan: RunPlan, checked: Checked, root: str, fp: str) -> Prepared:
     out: dict[int, dict] = {}
     for split in splits:
         folder = storage.join(root, SPLITS[split])
-        inputs = np.concatenate([a for a, _ in lengths[split]])
-        labels = np.concatenate([b for _, b in lengths[split]])
-        d = split_stats(stats[split], int(inputs.size), (inputs, labels), cfg, kind, seconds, all_tokens)
+        d = split_stats(stats[split], lengths[split], cfg, kind, seconds, all_tokens)
         if checked.report is not None:
             d["template"] = checked.report
             storage.write_text(storage.join(folder, "template_report.txt"), format_report(checked.report) + "\n")
@@ -442,7 +441,7 @@ def _collect_stats(per_block: list[list[str]]) -> tuple[dict[int, MaskStats], li
 # --------------------------------------------------------------------------- reports
 
 
-def split_stats(st: MaskStats, rows: int, lengths: tuple[np.ndarray, np.ndarray], cfg: Config, kind: str,
+def split_stats(st: MaskStats, parts: list[tuple[dict, dict]], cfg: Config, kind: str,
                 seconds: dict, all_tokens: int) -> dict:
     """stats.json of one split.
 
@@ -459,12 +458,13 @@ def split_stats(st: MaskStats, rows: int, lengths: tuple[np.ndarray, np.ndarray]
     tokens_per_second: the tokens of both splits over seconds.
     """
     mb = cfg.train.micro_batch_size
-    inputs, labels = lengths
-    slots = batch_padded_slots(inputs, mb)
-    tokens = int(inputs.sum())
+    inputs, labels = [p[0] for p in parts], [p[1] for p in parts]  # pad summaries of the parts, in order
+    rows = sum(p["n"] for p in inputs)
+    slots = padded_slots_of_runs(inputs, mb)
+    tokens = sum(p["tokens"] for p in inputs)
     if kind == "seq2seq":
-        slots += batch_padded_slots(labels, mb)
-        tokens += int(labels.sum())
+        slots += padded_slots_of_runs(labels, mb)
+        tokens += sum(p["tokens"] for p in labels)
     d = st.to_dict()
     d.update({
         "rows": rows,

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from chatsft.data.keys import window_of
+from chatsft.data.stats import pad_summary
 from chatsft.pipeline.rows import (PACKED_SORT_KEY, RENDERED, SORT_KEY, pack_window, row_lengths,
                                    select_samples, select_stats, to_packed, to_unpacked, with_window)
 
@@ -144,16 +145,20 @@ def reduce_part(pieces: list[pa.Table], plan: SplitPlan) -> "pa.Table | None":
     return to_packed(rows)
 
 
-def write_part(plan: SplitPlan, p: int, *pieces: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """Reduce partition p and write it as part-{p:05d}.parquet; return its row lengths (inputs, labels).
+def write_part(plan: SplitPlan, p: int, micro_batch: int, *pieces: pa.Table) -> tuple[dict, dict]:
+    """Reduce partition p and write it as part-{p:05d}.parquet; return the pad summaries of its
+    row lengths (inputs, labels) for micro-batches of `micro_batch` rows: O(micro_batch) numbers
+    a part, so the driver never holds a number per row.
 
-    The pieces are positional so that Ray resolves them (one per rendered block).
+    The pieces are positional so that Ray resolves them (one per group of rendered blocks).
     """
     from chatsft import storage
 
     rows = reduce_part(list(pieces), plan)
     if rows is None:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        empty = pad_summary(np.zeros(0, np.int64), micro_batch)
+        return empty, empty
     storage.write_parquet(storage.join(plan.folder, f"part-{p:05d}.parquet"), rows, row_group_rows(rows))
-    return row_lengths(rows, "input_ids"), row_lengths(rows, "labels")
+    return (pad_summary(row_lengths(rows, "input_ids"), micro_batch),
+            pad_summary(row_lengths(rows, "labels"), micro_batch))
 
