@@ -105,7 +105,7 @@ def _inspect(cfg: Config, args: argparse.Namespace) -> None:
     fmt = get_format(plan.kind, cfg.data.template, tokenizer, opts.think)
     color = sys.stdout.isatty()
     shown = []
-    for item in read_local(cfg.data.train[0].path, limit=args.num):
+    for item in read_local(cfg.data.train[0].path, limit=args.num, declared=cfg.data.train[0].format):
         if isinstance(item, BadRecord):
             print(f"bad record: {item.message}")
             continue
@@ -146,7 +146,7 @@ def _template(cfg: Config, args: argparse.Namespace) -> None:
         return
     tokenizer = load_tokenizer(cfg.model)
     template = get_template(cfg.data.template, tokenizer, cfg.data.think)
-    report = template_report(template, tokenizer, first_records([s.path for s in cfg.data.train], args.num))
+    report = template_report(template, tokenizer, first_records(cfg.data.train, args.num))
     print(format_report(report))
 
 
@@ -158,7 +158,7 @@ def _export(cfg: Config, args: argparse.Namespace) -> None:
 
 
 VERBS: dict[str, tuple[Callable, str]] = {
-    "prepare": (_prepare, "JSONL -> Parquet rows + stats.json + mask preview (Ray Data)"),
+    "prepare": (_prepare, "JSONL or Parquet conversations -> Parquet rows + stats.json + mask preview (Ray Data)"),
     "train": (_train, "prepare if needed, then train (Ray Train; --local: in this process)"),
     "sweep": (_sweep, "Ray Tune over train"),
     "eval": (_eval, "evaluate a checkpoint or exported model"),

@@ -82,9 +82,14 @@ class ModelConfig:
 
 @dataclass
 class Source:
-    """One JSONL source of a mixture: a path, glob or URI and its sampling weight."""
+    """One source of a mixture: a path, glob or URI of JSONL or Parquet files, and its sampling weight."""
 
-    path: str = doc("", "Local path, glob, or pyarrow/fsspec URI (s3://...) of JSONL files.")
+    path: str = doc("", "Local path, glob, folder, or pyarrow/fsspec URI (s3://...) of JSONL or Parquet files.")
+    format: Literal["auto", "jsonl", "parquet"] = doc(
+        "auto",
+        "File format: auto (by extension: .jsonl is JSON lines, .parquet is Parquet with a "
+        "`messages` column; any other is refused), jsonl or parquet (every file of the source).",
+    )
     weight: float = doc(
         1.0,
         "Sampling weight: 2.0 repeats every record twice, 0.5 keeps a seeded half; "
@@ -94,7 +99,7 @@ class Source:
     @classmethod
     def _from_scalar(cls, value: Any) -> "Source":
         if not isinstance(value, str):
-            raise TypeError("expected a path string or {path, weight}")
+            raise TypeError("expected a path string or {path, weight, format}")
         return cls(path=value)
 
     def _validate(self, where: str) -> None:
@@ -108,7 +113,8 @@ class Source:
 class DataConfig:
     train: list[Source] = doc(
         factory=lambda: [Source("chatsft://samples/train.jsonl")],
-        text="Training sources: a path, a glob, or a list of {path, weight}. "
+        text="Training sources: a path, a glob, a folder, or a list of {path, weight, format}; JSONL "
+        "(.jsonl) or Parquet with a `messages` column (.parquet); format: auto (by extension), jsonl, parquet. "
         "`chatsft://samples/...` names the sample data shipped with the package.",
     )
     eval: list[Source] = doc(

@@ -3,21 +3,34 @@
 `chatsft://samples/...` names the sample data shipped inside the package; every
 other location goes through chatsft.storage, so local disks and object stores
 are read the same way.
+
+Two file formats, told by the extension (or the source's `format` key), never
+by looking at the content: JSONL (`.jsonl`, one record a line) and Parquet
+(`.parquet`, one record a row, in the Hugging Face datasets layout: a
+`messages` column of list<struct<role, content, ...>>, an optional `tools`
+column, other columns ignored). A Parquet row is turned into the JSON text of
+its record (`parquet_records`) and from there takes the very path a JSONL line
+takes (`parse_line`): one validator, the same reasons. Rows are numbered from 1
+within their file, as lines are, so provenance reads `path:row`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 from chatsft import storage
-from chatsft.data.conversation import (BadRecord, Conversation, iter_lines, iter_stream_lines, parse_line,
+from chatsft.errors import UserError
+from chatsft.data.conversation import (BadRecord, Conversation, iter_stream_lines, parse_line,
                                       read_chunks)
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 SCHEME = "chatsft://"
+EXTENSIONS = {".jsonl": "jsonl", ".parquet": "parquet"}  # a folder means its files of these
+RECORD_COLUMNS = ("messages", "tools")  # the columns of a Parquet file that make its records
 
 
 def resolve_uri(path: str) -> str:
@@ -27,20 +40,21 @@ def resolve_uri(path: str) -> str:
     return path
 
 
-def first_records(paths: Sequence[str], limit: int) -> Iterator[Union[Conversation, BadRecord]]:
-    """The first `limit` records of the sources in order, streamed (a large file is not read whole)."""
+def first_records(sources: Sequence[Any], limit: int) -> Iterator[Union[Conversation, BadRecord]]:
+    """The first `limit` records of the sources in order, streamed (a large file is not read whole).
+    A source is a spec string or a config Source (path and format)."""
     n = 0
-    for spec in paths:
-        for f in expand_source(spec):
-            with storage.open_stream(f.location) as fh:
-                for line, raw in iter_stream_lines(read_chunks(fh, 1 << 16)):
-                    if n >= limit:
-                        return
-                    n += 1
-                    try:
-                        yield parse_line(raw, f"{f.display}:{line}")
-                    except BadRecord as e:
-                        yield e
+    for src in sources:
+        spec, declared = (src, "auto") if isinstance(src, str) else (src.path, src.format)
+        for f in expand_source(spec, declared):
+            for line, raw in iter_records(f):
+                if n >= limit:
+                    return
+                n += 1
+                try:
+                    yield parse_line(raw, f"{f.display}:{line}")
+                except BadRecord as e:
+                    yield e
 
 
 def expand_local(path: str) -> list[str]:
@@ -48,23 +62,90 @@ def expand_local(path: str) -> list[str]:
     return [f.location for f in expand_source(path)]
 
 
-def read_local(path: str, limit: Optional[int] = None) -> Iterator[Union[Conversation, BadRecord]]:
-    """Parse the JSONL files of a source spec in this process (inspect, eval, small fixtures):
-    a Conversation or the BadRecord of each non-blank line, named as the pipeline names them."""
-    files = expand_source(path)
+def read_local(path: str, limit: Optional[int] = None,
+               declared: str = "auto") -> Iterator[Union[Conversation, BadRecord]]:
+    """Parse the files of a source spec in this process (inspect, eval, small fixtures):
+    a Conversation or the BadRecord of each record, named as the pipeline names them."""
+    files = expand_source(path, declared)
     if not files:
         raise FileNotFoundError(2, "no such file", resolve_uri(path))
     n = 0
     for f in files:
-        data = storage.read_bytes(f.location) or b""
-        for source, raw in iter_lines(data, f.display):
+        for line, raw in iter_records(f):
             if limit is not None and n >= limit:
                 return
             n += 1
             try:
-                yield parse_line(raw, source)
+                yield parse_line(raw, f"{f.display}:{line}")
             except BadRecord as e:
                 yield e
+
+
+def iter_records(f: "SourceFile") -> Iterator[tuple[int, bytes]]:
+    """(1-based line or row, raw JSON record) of each record of a file, streamed: the lines of a
+    JSONL file (blank ones skipped, still counted), the rows of a Parquet file row group by row group."""
+    if not f.format:
+        ext = os.path.splitext(f.display)[1] or "(none)"
+        raise UserError(f"{f.display}: extension {ext} is neither .jsonl nor .parquet; rename the file "
+                        "(or give the source's format in the config)")
+    if f.format == "parquet":
+        import pyarrow.parquet as pq
+
+        with storage.open_input(f.location) as fh:
+            pf = pq.ParquetFile(fh)
+            columns = pf.schema_arrow.names
+            n = 0
+            for batch in pf.iter_batches(batch_size=1024, columns=[c for c in RECORD_COLUMNS if c in columns]):
+                for raw in parquet_records(batch, columns):
+                    n += 1
+                    yield n, raw
+        return
+    with storage.open_stream(f.location) as fh:
+        yield from iter_stream_lines(read_chunks(fh, 1 << 16))
+
+
+def parquet_records(table: Any, columns: Sequence[str]) -> list[bytes]:
+    """The JSON text of the record of each row of a Parquet table (its RECORD_COLUMNS read),
+    `columns` being all of the file's columns. A null is an absent key, as in the Hugging Face
+    datasets layout, where a struct holds the union of every message's fields: a user message
+    gets `tool_calls: null`. A row without messages becomes a record of the file's other columns
+    (null), so that it is refused as `missing_messages` naming them."""
+    n = table.num_rows
+    names = table.schema.names
+    messages = table["messages"].to_pylist() if "messages" in names else [None] * n
+    tools = table["tools"].to_pylist() if "tools" in names else [None] * n
+    others = {c: None for c in columns if c != "messages"}
+    out = []
+    for m, t in zip(messages, tools):
+        record: dict = {"messages": _no_nulls(m)} if m is not None else dict(others)
+        if t is not None:
+            record["tools"] = _tools(t)
+        out.append(json.dumps(record, ensure_ascii=False, default=_jsonable).encode("utf-8"))
+    return out
+
+
+def _no_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _no_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_no_nulls(v) for v in value]
+    return value
+
+
+def _tools(value: Any) -> Any:
+    """A `tools` column holds a list of schemas, or (as many datasets store it) their JSON text."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value  # refused as bad_tools, showing the text
+    return _no_nulls(value)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
 
 
 # ------------------------------------------------------------ files of a source spec
@@ -72,20 +153,30 @@ def read_local(path: str, limit: Optional[int] = None) -> Iterator[Union[Convers
 
 @dataclass(frozen=True)
 class SourceFile:
-    """One JSONL file of a source: how records name it, where to open it, and what it is now."""
+    """One file of a source: how records name it, where to open it, and what it is now."""
 
     display: str  # the path in `path:line` provenance: as the user wrote it (chatsft:// kept)
     location: str  # a local path, or a URI any pyarrow/fsspec filesystem opens
     local: bool  # on this machine's disk (read on the driver's node in a cluster)
     size: int
     mtime_ns: int
+    format: str = "jsonl"  # "jsonl", "parquet", or "" for an extension no format has (refused)
 
 
-def expand_source(spec: str) -> list[SourceFile]:
-    """A path, glob, folder, `chatsft://` name or URI -> its files, sorted by name."""
+def format_of(path: str, declared: str = "auto") -> str:
+    """The file format of a path: the declared one, else by extension ("" when unknown)."""
+    if declared and declared != "auto":
+        return declared
+    return EXTENSIONS.get(os.path.splitext(path)[1].lower(), "")
+
+
+def expand_source(spec: str, declared: str = "auto") -> list[SourceFile]:
+    """A path, glob, folder, `chatsft://` name or URI -> its files, sorted by name; a folder means
+    its .jsonl and .parquet files. `declared`: the source's format key."""
     location = resolve_uri(spec)
     if storage.is_dir(location):
-        found = storage.list_files(location, suffix=".jsonl")
+        found = sorted((f for ext in EXTENSIONS for f in storage.list_files(location, suffix=ext)),
+                       key=lambda f: f.path)
     else:
         found = storage.glob(location)
     root = str(PACKAGE_ROOT) + os.sep
@@ -96,5 +187,16 @@ def expand_source(spec: str) -> list[SourceFile]:
             shown = SCHEME + shown[len(root):]
         elif not storage.is_uri(spec) and not os.path.isabs(spec):
             shown = os.path.relpath(f.path)  # as the user wrote it: provenance reads `data/x.jsonl:12`
-        out.append(SourceFile(shown, f.path, storage.is_local(f.path), f.size, f.mtime_ns))
+        out.append(SourceFile(shown, f.path, storage.is_local(f.path), f.size, f.mtime_ns,
+                              format_of(f.path, declared)))
     return out
+
+
+def unknown_format(files: Sequence[SourceFile], key: str) -> Optional[str]:
+    """The one-line error for files whose format no extension tells, naming the config key."""
+    unknown = [f.display for f in files if not f.format]
+    if not unknown:
+        return None
+    ext = os.path.splitext(unknown[0])[1] or "(none)"
+    return (f"{key}.path: {unknown[0]!r} has extension {ext}, which is neither .jsonl nor .parquet; "
+            f"rename it or set {key}.format: jsonl or parquet")

@@ -132,3 +132,33 @@ def test_s3_end_to_end(s3, tmp_path, monkeypatch, request):
 def _download(uri: str, local: Path) -> str:
     storage.copy_tree(uri, str(local))
     return str(local)
+
+
+def test_parquet_source_in_a_bucket_reads_row_groups_as_locally(s3, tmp_path):
+    """A glob of Parquet files in the bucket: their row groups are the read units, and what they
+    yield (rows numbered from 1 in each file, the JSON of each record) is what the same files give
+    on a local disk."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from chatsft.pipeline.read import plan_units, read_lines, row_groups
+    from chatsft.sources import expand_source
+
+    records = [json.loads(x) for x in (SAMPLES / "train.jsonl").read_text().splitlines()[:40]]
+    for name, part in (("a.parquet", records[:25]), ("b.parquet", records[25:])):
+        pq.write_table(pa.Table.from_pylist([{"id": i, **r} for i, r in enumerate(part)]), tmp_path / name,
+                       row_group_size=4)
+        s3.upload_file(str(tmp_path / name), BUCKET, f"chats/{name}")
+
+    def rows(spec):
+        files = expand_source(spec)
+        units = plan_units(files, lambda asked: [], groups=lambda fis: [row_groups(files[i].location) for i in fis])
+        out = [(files[fi].display.rsplit("/", 1)[1], n, raw) for b in read_lines(files, units)
+               for fi, n, raw in zip(b["file_idx"].to_pylist(), b["line"].to_pylist(), b["raw"].to_pylist())]
+        return files, units, out
+
+    files, units, remote = rows(f"s3://{BUCKET}/chats/*.parquet")
+    assert [f.display for f in files] == [f"s3://{BUCKET}/chats/a.parquet", f"s3://{BUCKET}/chats/b.parquet"]
+    assert all(f.format == "parquet" and not f.local for f in files) and len(units) == 7 + 4
+    _, _, local = rows(str(tmp_path / "*.parquet"))
+    assert remote == local and len(remote) == 40 and remote[25][:2] == ("b.parquet", 1)

@@ -23,6 +23,7 @@ from chatsft.sources import PACKAGE_ROOT
 from chatsft.data.templates import get_template
 from chatsft.data import keys
 from chatsft.pipeline import prepare
+from chatsft.pipeline.run import plan_files
 from chatsft.plan import RunPlan
 
 pytestmark = pytest.mark.slow
@@ -89,11 +90,20 @@ def sample_corpus(tmp_path) -> list[str]:
     return [a, b]
 
 
-def test_rows_equal_render_and_reuse(ray_local, tmp_path, tiny_llama_dir, tokenizer):
+def test_rows_equal_render_and_reuse(ray_local, tmp_path, tiny_llama_dir, tokenizer, monkeypatch):
+    from chatsft.data.stats import batch_pad_fraction
+    from chatsft.pipeline import shuffle
+
+    monkeypatch.setattr(shuffle, "TOKENS_PER_PART", 2000)  # several parts (the driver plans them)
     paths = sample_corpus(tmp_path)
-    cfg = config(tmp_path, tiny_llama_dir, f"data.train=[{paths[0]}, {paths[1]}]", "data.max_length=160")
+    cfg = config(tmp_path, tiny_llama_dir, f"data.train=[{paths[0]}, {paths[1]}]", "data.max_length=160",
+                 "train.micro_batch_size=3")
     p = prepare(RunPlan.resolve(cfg), force=True)
     rows = read_rows(p.train_dir)
+    assert len(glob.glob(os.path.join(p.train_dir, "*.parquet"))) > 2
+    # pad_fraction from the parts' summaries is exactly that of every row in stored order
+    lengths = [len(x) for x in rows["input_ids"].to_pylist()]
+    assert p.train_stats["pad_fraction"] == batch_pad_fraction(lengths, 3)
     assert rows.column_names == ["input_ids", "labels", "source"]
     assert rows.schema.field("input_ids").type == pa.list_(pa.int32())
     assert rows.schema.field("source").type == pa.list_(pa.string())
@@ -304,3 +314,91 @@ def test_job_entry_point_fails_with_one_line(tmp_path, tiny_llama_dir):
     assert res.returncode == 2, res.stderr[-2000:]
     assert res.stderr.strip().splitlines()[-1] == \
         f"chatsft prepare: error: {path}:2: empty_messages: 'messages' is empty"
+
+
+def parquet_and_jsonl_corpus(tmp_path) -> tuple[str, str, dict[int, str]]:
+    """The same conversations as Parquet (HF datasets layout: a `messages` column of structs, an
+    extra `id` column, several row groups) and as JSONL, one record a row / a line in the same
+    order; and the reason of each bad row (by its 1-based number)."""
+    records = [json.loads(x) for x in SAMPLES.read_bytes().splitlines()[:30]]
+    records.append({"messages": [
+        {"role": "user", "content": "What is 2 + 3? Use the tool."},
+        {"role": "assistant", "content": None, "reasoning_content": "I should call add.",
+         "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}]},
+        {"role": "tool", "content": "5", "tool_call_id": "call_1", "name": "add"},
+        {"role": "assistant", "content": "It is 5."}]})
+    bad = {
+        3: ({"messages": None}, "missing_messages"),
+        9: ({"messages": [{"role": "robot", "content": "beep"}, {"role": "assistant", "content": "a"}]},
+            "unknown_role"),
+        17: ({"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "a"}]}, "bad_content"),
+        18: ({"messages": []}, "empty_messages"),
+        33: ({"messages": [{"role": "user", "content": "only a question"}]}, "no_assistant"),
+    }
+    for n in sorted(bad):
+        records.insert(n - 1, bad[n][0])
+    rows = [{"id": i, **r} for i, r in enumerate(records)]
+    table = pa.Table.from_pylist(rows)
+    assert pa.types.is_list(table.schema.field("messages").type)
+    pq_path = str(tmp_path / "conv.parquet")
+    pq.write_table(table, pq_path, row_group_size=7)
+    assert pq.ParquetFile(pq_path).num_row_groups > 4
+
+    def no_nulls(v):  # what the JSONL of the same dataset says: absent keys, not nulls
+        if isinstance(v, dict):
+            return {k: no_nulls(x) for k, x in v.items() if x is not None}
+        return [no_nulls(x) for x in v] if isinstance(v, list) else v
+
+    jsonl = write_corpus(tmp_path, "conv.jsonl", [json.dumps(no_nulls(r)).encode() + b"\n" for r in rows])
+    return pq_path, jsonl, {n: reason for n, (_, reason) in bad.items()}
+
+
+def test_parquet_rows_equal_the_same_conversations_as_jsonl(ray_local, tmp_path, tiny_llama_dir):
+    pq_path, jsonl, bad = parquet_and_jsonl_corpus(tmp_path)
+    common = ["data.max_length=160", "data.on_bad_record=skip", "data.map_batch_size=4", "data.bad_examples=10"]
+    got = {}
+    for name, path in (("parquet", pq_path), ("jsonl", jsonl)):
+        cfg = config(tmp_path / name, tiny_llama_dir, f"data.train={path}", *common)
+        p = prepare(RunPlan.resolve(cfg), force=True)
+        rows = read_rows(p.train_dir)
+        by_number = {}
+        for ids, labels, (src,) in zip(rows["input_ids"].to_pylist(), rows["labels"].to_pylist(),
+                                       rows["source"].to_pylist()):
+            where, n = src.rsplit(":", 1)
+            assert where == path
+            by_number[int(n)] = (ids, labels)
+        reported = [json.loads(x) for x in open(os.path.join(p.train_dir, "bad_records.jsonl"))]
+        got[name] = (by_number, p.train_stats, [(b["source"], b["reason"]) for b in reported])
+
+    rows_pq, st_pq, bad_pq = got["parquet"]
+    rows_js, st_js, bad_js = got["jsonl"]
+    assert rows_pq == rows_js and len(rows_pq) == 31  # every good row, with exactly its line's tokens
+    assert sorted(rows_pq) == [n for n in range(1, 37) if n not in bad]
+    assert bad_pq == [(f"{pq_path}:{n}", reason) for n, reason in sorted(bad.items())]
+    assert bad_js == [(f"{jsonl}:{n}", reason) for n, reason in sorted(bad.items())]
+    assert st_pq["bad_by_reason"] == st_js["bad_by_reason"] == dict(Counter(bad.values()))
+    for key in ("records_read", "records_bad", "samples", "tokens", "supervised_tokens", "rows"):
+        assert st_pq[key] == st_js[key], key
+    assert st_pq["records_read"] == 36
+
+
+def test_parquet_bad_record_error_names_file_and_row(ray_local, tmp_path, tiny_llama_dir):
+    pq_path, _, bad = parquet_and_jsonl_corpus(tmp_path)
+    cfg = config(tmp_path, tiny_llama_dir, f"data.train={pq_path}", "data.max_length=160")
+    with pytest.raises(BadRecord) as err:
+        prepare(RunPlan.resolve(cfg), force=True)
+    assert err.value.source == f"{pq_path}:{min(bad)}" and err.value.reason == "missing_messages"
+    assert "'id'" in err.value.detail  # the row's other columns are named
+
+
+def test_unknown_extension_is_one_line_naming_the_key(tmp_path, tiny_llama_dir):
+    from chatsft.errors import UserError
+
+    path = write_corpus(tmp_path, "conv.txt", [b'{"messages": []}\n'])
+    cfg = config(tmp_path, tiny_llama_dir, f"data.train={path}")
+    with pytest.raises(UserError) as err:
+        prepare(RunPlan.resolve(cfg), force=True)
+    assert str(err.value).startswith("data.train[0].path: ") and "data.train[0].format" in str(err.value)
+    assert "\n" not in str(err.value)
+    explicit = config(tmp_path, tiny_llama_dir, f"data.train=[{{path: {path}, format: jsonl}}]")
+    assert [f.format for f, _ in plan_files(explicit)] == ["jsonl"]

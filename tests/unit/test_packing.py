@@ -92,3 +92,23 @@ def test_batch_pad_fraction():
     assert batch_pad_fraction([5, 5, 5], 2) == 0.0
     assert batch_pad_fraction([], 4) == 0.0
     assert fill_pad_fraction([2048, 1024], 2048) == pytest.approx(0.25)
+
+
+def test_pad_summaries_of_runs_give_the_slots_of_the_whole():
+    """prepare's write tasks return a pad_summary of their part's rows, not the rows' lengths; over
+    the parts in order they give exactly the slots of the whole sequence, however it is cut."""
+    import random
+
+    import numpy as np
+
+    from chatsft.data.stats import batch_padded_slots, pad_summary, padded_slots_of_runs
+
+    rng = random.Random(0)
+    for _ in range(300):
+        mb = rng.choice([1, 2, 3, 4, 8])
+        lengths = np.array([rng.randint(1, 50) for _ in range(rng.randint(0, 120))], np.int64)
+        cuts = sorted(rng.sample(range(len(lengths) + 1), rng.randint(0, min(6, len(lengths) + 1))))
+        runs = [lengths[a:b] for a, b in zip([0, *cuts], [*cuts, len(lengths)])]
+        got = padded_slots_of_runs([pad_summary(r, mb) for r in runs], mb)
+        assert got == batch_padded_slots(lengths, mb)
+        assert sum(pad_summary(r, mb)["tokens"] for r in runs) == int(lengths.sum())

@@ -181,3 +181,16 @@ def test_user_errors_come_out_of_ray_train_failures():
     assert user_error_in(group, USER_ERRORS) is worker
     assert user_error_in(ControllerError(worker), USER_ERRORS) is worker
     assert user_error_in(WorkerGroupError("Training failed", {0: RuntimeError("oom")}), USER_ERRORS) is None
+
+
+def test_group_blocks_keeps_order_bounds_bytes_and_feeds_every_cpu():
+    from chatsft.pipeline.shuffle import group_blocks
+
+    rng = random.Random(3)
+    sizes = [rng.randint(1, 1000) for _ in range(400)]
+    for cpus, most in ((1, 10**9), (2, 10**9), (2, 5000), (16, 10**9)):
+        groups = group_blocks(sizes, cpus, most)
+        assert [i for g in groups for i in g] == list(range(len(sizes)))  # consecutive runs, in order
+        assert all(sum(sizes[i] for i in g) <= max(most, max(sizes[i] for i in g)) for g in groups)
+        assert len(groups) >= min(2 * cpus, len(sizes))
+    assert group_blocks([], 2) == [] and group_blocks([0, 0, 0], 2) == [[0], [1], [2]]

@@ -68,3 +68,44 @@ def test_units_of_a_big_file_number_lines_as_the_file(tmp_path, monkeypatch):
     want = [(fi, n, raw) for fi, f in enumerate(files)
             for n, raw in iter_stream_lines(read_chunks(open(f.location, "rb")))]
     assert got == want
+
+
+def test_parquet_row_groups_are_read_units_numbered_as_the_file(tmp_path):
+    """A Parquet file of many row groups gives one read unit a row group; over all of them the
+    rows come numbered 1.. as in the file, each as the JSON text of its record (nulls of the
+    Hugging Face struct layout dropped, other columns ignored), the same as one front-to-back read."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from chatsft.pipeline.read import row_groups
+    from chatsft.sources import iter_records
+
+    rows = [{"id": i, "messages": [{"role": "user", "content": f"q{i}"},
+                                   {"role": "assistant", "content": f"a{i}", "reasoning_content": "r" if i % 3 else None}]}
+            for i in range(50)]
+    rows[7]["messages"] = None
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=6)
+    (f,) = expand_source(str(path))
+    assert f.format == "parquet"
+    units = plan_units([f], lambda asked: [], groups=lambda fis: [row_groups(f.location) for _ in fis])
+    assert len(units) == 9 and [u.newlines for u in units] == list(range(0, 50, 6))
+    got = [(n, raw) for b in read_lines([f], units)
+           for n, raw in zip(b["line"].to_pylist(), b["raw"].to_pylist())]
+    assert got == list(iter_records(f))
+    assert [n for n, _ in got] == list(range(1, 51))
+    assert json.loads(got[0][1]) == {"messages": [{"role": "user", "content": "q0"},
+                                                 {"role": "assistant", "content": "a0"}]}
+    assert json.loads(got[1][1])["messages"][1]["reasoning_content"] == "r"
+    assert json.loads(got[7][1]) == {"id": None}  # refused as missing_messages, naming the columns
+
+
+def test_format_by_extension_or_declared(tmp_path):
+    for name in ("a.jsonl", "b.parquet", "c.txt", "d.JSONL"):
+        (tmp_path / name).write_bytes(b"")
+    assert [(f.display.rsplit("/", 1)[1], f.format) for f in expand_source(str(tmp_path))] == [
+        ("a.jsonl", "jsonl"), ("b.parquet", "parquet")]  # a folder: its .jsonl and .parquet files
+    assert [f.format for f in expand_source(str(tmp_path / "*"))] == ["jsonl", "parquet", "", "jsonl"]
+    assert [f.format for f in expand_source(str(tmp_path / "c.txt"), "jsonl")] == ["jsonl"]

@@ -105,6 +105,46 @@ def batch_padded_slots(lengths: Iterable[int], batch_size: int) -> int:
     return slots
 
 
+def pad_summary(lengths: np.ndarray, batch_size: int) -> dict:
+    """What `batch_padded_slots` needs of one run of rows when it is a piece of a longer sequence
+    whose micro-batches it does not know the alignment of: O(batch_size) numbers, not one a row.
+    `slots_from[r]`: the slots of the whole micro-batches that start at row r, r + batch_size, ...
+    and end inside the run; `head`/`tail`: the first and last batch_size - 1 lengths, for the
+    micro-batches shared with the runs before and after. A short run keeps its lengths."""
+    lens = np.asarray(lengths, dtype=np.int64)
+    n, k = int(lens.size), batch_size - 1
+    if n < 2 * batch_size:
+        return {"n": n, "tokens": int(lens.sum()), "lengths": lens.tolist()}
+    slots_from = []
+    for r in range(batch_size):
+        m = (n - r) // batch_size
+        slots_from.append(int(lens[r:r + m * batch_size].reshape(m, batch_size).max(axis=1).sum()) * batch_size)
+    return {"n": n, "tokens": int(lens.sum()), "head": lens[:k].tolist(), "tail": lens[n - k:].tolist() if k else [],
+            "slots_from": slots_from}
+
+
+def padded_slots_of_runs(summaries: Iterable[dict], batch_size: int) -> int:
+    """`batch_padded_slots` of the concatenated runs, from their `pad_summary`s (in order)."""
+    slots, carry = 0, []
+    for s in summaries:
+        if "lengths" in s:
+            for x in s["lengths"]:
+                carry.append(x)
+                if len(carry) == batch_size:
+                    slots += max(carry) * batch_size
+                    carry = []
+            continue
+        need = (batch_size - len(carry)) % batch_size  # rows that complete the open micro-batch
+        if need:
+            slots += max(carry + s["head"][:need]) * batch_size
+        slots += s["slots_from"][need]
+        left = (s["n"] - need) % batch_size
+        carry = s["tail"][len(s["tail"]) - left:] if left else []
+    if carry:
+        slots += max(carry) * len(carry)
+    return slots
+
+
 def batch_pad_fraction(lengths: Iterable[int], batch_size: int) -> float:
     """Padding when rows are batched in the given order and each batch is padded to its longest row.
 

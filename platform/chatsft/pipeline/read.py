@@ -30,7 +30,8 @@ from typing import Callable, Iterator, Optional, Sequence
 import pyarrow as pa
 
 from chatsft import storage
-from chatsft.sources import SourceFile
+from chatsft.errors import UserError
+from chatsft.sources import RECORD_COLUMNS, SourceFile, parquet_records
 
 LINES_PER_BLOCK = 4096
 BYTES_PER_BLOCK = 16 << 20
@@ -42,13 +43,19 @@ LINES = pa.schema([("file_idx", pa.int32()), ("line", pa.int64()), ("raw", pa.bi
 
 @dataclass(frozen=True)
 class Unit:
-    """What one read takes: the lines of file `fi` that start in bytes [start, end); `newlines`
-    is the count of newlines before `start` (so its first line is numbered right)."""
+    """What one read takes: the lines of JSONL file `fi` that start in bytes [start, end), or the
+    row groups [start, end) of Parquet file `fi`; `newlines` is the count of newlines (rows) before
+    `start` (so its first line or row is numbered right); `nbytes` its bytes when not end - start."""
 
     fi: int
     start: int
     end: int
     newlines: int = 0
+    nbytes: int = -1
+
+    @property
+    def size(self) -> int:
+        return self.nbytes if self.nbytes >= 0 else self.end - self.start
 
 
 def ranges(size: int, split: int = 0) -> list[tuple[int, int]]:
@@ -122,10 +129,41 @@ def iter_range_lines(fh, start: int, end: int, newlines: int) -> Iterator[tuple[
         off = i + 1
 
 
+def row_groups(location: str, display: str = "") -> list[tuple[int, int]]:
+    """(rows, bytes) of each row group of a Parquet file, from its footer."""
+    import pyarrow.parquet as pq
+
+    try:
+        with storage.open_input(location) as fh:
+            meta = pq.ParquetFile(fh).metadata
+    except (OSError, ValueError) as e:  # pyarrow: "Parquet magic bytes not found", a truncated footer
+        raise UserError(f"{display or location}: not a readable Parquet file ({e})") from None
+    return [(meta.row_group(g).num_rows, meta.row_group(g).total_byte_size) for g in range(meta.num_row_groups)]
+
+
+def read_rows(f: SourceFile, u: Unit) -> Iterator[pa.Table]:
+    """Blocks of LINES for the row groups of one Parquet unit: (file index, 1-based row, JSON record)."""
+    import pyarrow.parquet as pq
+
+    with storage.open_input(f.location) as fh:
+        pf = pq.ParquetFile(fh)
+        columns = pf.schema_arrow.names
+        wanted = [c for c in RECORD_COLUMNS if c in columns]
+        n = u.newlines
+        for g in range(u.start, u.end):
+            for batch in pf.iter_batches(batch_size=LINES_PER_BLOCK, row_groups=[g], columns=wanted):
+                raws = parquet_records(batch, columns)
+                yield _block(u.fi, list(range(n + 1, n + 1 + len(raws))), raws)
+                n += len(raws)
+
+
 def read_lines(files: Sequence[SourceFile], units: Sequence[Unit]) -> Iterator[pa.Table]:
     """Blocks of LINES for the given units, streamed (a file is never held whole in memory)."""
     for u in units:
         f = files[u.fi]
+        if f.format == "parquet":
+            yield from read_rows(f, u)
+            continue
         nums: list[int] = []
         raws: list[bytes] = []
         size = 0
@@ -142,10 +180,14 @@ def read_lines(files: Sequence[SourceFile], units: Sequence[Unit]) -> Iterator[p
 
 
 def plan_units(files: Sequence[SourceFile], count: Callable[[list[tuple[int, int, int]]], list[int]],
-               split: int = 0) -> list[Unit]:
-    """The read units of `files` in file order; `count` maps (file, start, end) ranges to their
-    newline counts (Ray tasks where the files are), asked only for the ranges of split files."""
-    pieces = [(fi, a, b) for fi, f in enumerate(files) for a, b in ranges(f.size, split)]
+               split: int = 0,
+               groups: Optional[Callable[[list[int]], list[list[tuple[int, int]]]]] = None) -> list[Unit]:
+    """The read units of `files` in file order; `count` maps (file, start, end) ranges of JSONL
+    files to their newline counts (Ray tasks where the files are), asked only for the ranges of
+    split files; `groups` maps Parquet file indices to the (rows, bytes) of their row groups."""
+    parquet = [fi for fi, f in enumerate(files) if f.format == "parquet"]
+    footers = dict(zip(parquet, groups(parquet))) if parquet and groups is not None else {}
+    pieces = [(fi, a, b) for fi, f in enumerate(files) if f.format != "parquet" for a, b in ranges(f.size, split)]
     split_files = {fi for fi, a, _ in pieces if a > 0}
     asked = [p for p in pieces if p[0] in split_files]
     counts = dict(zip(asked, count(asked))) if asked else {}
@@ -153,7 +195,12 @@ def plan_units(files: Sequence[SourceFile], count: Callable[[list[tuple[int, int
     for fi, a, b in pieces:
         units.append(Unit(fi, a, b, before.get(fi, 0)))
         before[fi] = before.get(fi, 0) + counts.get((fi, a, b), 0)
-    return units
+    for fi in parquet:
+        rows = 0
+        for g, (n, nbytes) in enumerate(footers.get(fi, [])):  # one unit a row group: many read tasks
+            units.append(Unit(fi, g, g + 1, rows, max(1, nbytes)))
+            rows += n
+    return sorted(units, key=lambda u: (u.fi, u.start))
 
 
 def _block(fi: int, nums: list[int], raws: list[bytes]) -> pa.Table:
@@ -198,14 +245,14 @@ def make_datasource(files: Sequence[SourceFile], units: Sequence[Unit], shared: 
             return shared or not any(f.local for f in files)
 
         def estimate_inmemory_data_size(self) -> Optional[int]:
-            return sum(f.size for f in files)
+            return sum(u.size for u in units)
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit: Optional[int] = None,
                            data_context=None) -> list:
             tasks = []
-            for group in group_files([u.end - u.start for u in units], parallelism):
+            for group in group_files([u.size for u in units], parallelism):
                 mine = [units[i] for i in group]
-                meta = BlockMetadata(num_rows=None, size_bytes=sum(u.end - u.start for u in mine),
+                meta = BlockMetadata(num_rows=None, size_bytes=sum(u.size for u in mine),
                                      input_files=sorted({files[u.fi].display for u in mine}), exec_stats=None)
                 tasks.append(ReadTask(lambda g=tuple(mine): read_lines(files, g), meta,
                                       schema=LINES, per_task_row_limit=per_task_row_limit))

@@ -5,8 +5,8 @@ The graph:
     JsonlLines (raw lines + path:line)        read.py; local files read on the driver's node
       -> map_batches(Renderer), actors        render.py; parse, validate, render, mixture copies
       -> blocks kept in the object store      each block carries its batches' stats rows
-      -> stats: one small task per block      counts, bad records (error mode stops here)
-      -> partition tasks, one per block       shuffle.py: range partition on the seeded key
+      -> stats: one task per group of blocks  counts, bad records (error mode stops here)
+      -> partition tasks, one per group       shuffle.py: range partition on the seeded key
       -> one task per partition               sort (or pack window by window), write part-NNNNN.parquet
 
 The shuffle after rendering uses plain Ray tasks rather than Dataset.sort:
@@ -15,8 +15,9 @@ without a sampling pass, and the partitions (hence the files) are the same
 whatever the number of blocks; it also saves Ray Data's per-stage start-up,
 which dominated small corpora.
 
-The rendered blocks stay in the object store until they are written (Ray
-spills them to disk when they outgrow it).
+The rendered blocks stay in the object store until their partition task has
+cut them, the pieces until they are written (Ray spills them to disk when they
+outgrow it).
 
 Row order is a pure function of the config and seed: every random decision is
 a hash of (seed, path:line) and rows are written in the order of a sort on
@@ -38,7 +39,7 @@ from chatsft.config import Config, ConfigError
 from chatsft.data.conversation import BadRecord, Conversation, Message
 from chatsft.data.formats import get_format
 from chatsft.data.render import RenderOptions, Sample
-from chatsft.data.stats import MaskStats, batch_padded_slots
+from chatsft.data.stats import MaskStats, padded_slots_of_runs
 from chatsft.data.template_report import REPORT_RECORDS, format_report, template_report
 from chatsft.data.templates import TemplateError
 from chatsft.errors import UserError, user_error_in
@@ -47,7 +48,7 @@ from chatsft.pipeline.fingerprint import fingerprint, rows_identity
 from chatsft.pipeline.render import FileRole, RenderSpec, Renderer
 from chatsft.pipeline.rows import EVAL, SPLITS, TRAIN
 from chatsft.plan import RunPlan
-from chatsft.sources import SourceFile, expand_source, first_records
+from chatsft.sources import SourceFile, expand_source, first_records, iter_records, unknown_format
 
 # What a user can cause, as opposed to a bug: the CLI prints these in one line.
 USER_ERRORS = (BadRecord, TemplateError, ConfigError, UserError, FileNotFoundError)
@@ -90,7 +91,7 @@ def check(plan: RunPlan) -> Checked:
     preflight(plan, fmt, opts)
     report = None
     if not plan.seq2seq:  # what the template will teach, read before anything is spent on it
-        report = template_report(fmt.template, tokenizer, first_records([s.path for s in cfg.data.train],
+        report = template_report(fmt.template, tokenizer, first_records(cfg.data.train,
                                                                           REPORT_RECORDS))
         print(format_report(report), flush=True)
     early_records(plan, files, fmt, opts)
@@ -121,9 +122,12 @@ def plan_files(cfg: Config) -> list[tuple[SourceFile, FileRole]]:
     out = []
     for key, sources, split in (("data.train", cfg.data.train, TRAIN), ("data.eval", cfg.data.eval, EVAL)):
         for i, src in enumerate(sources):
-            found = expand_source(src.path)
+            found = expand_source(src.path, src.format)
             if not found:
-                raise UserError(f"{key}[{i}].path: no JSONL file matches {src.path!r}")
+                raise UserError(f"{key}[{i}].path: no JSONL or Parquet file matches {src.path!r}")
+            unknown = unknown_format(found, f"{key}[{i}]")
+            if unknown:
+                raise UserError(unknown)
             for f in found:
                 out.append((f, FileRole(f.display, split, src.weight, carve and split == TRAIN)))
     for key, split in (("data.train", TRAIN), ("data.eval", EVAL)):
@@ -165,21 +169,20 @@ def early_records(plan: RunPlan, files: list[tuple[SourceFile, FileRole]], fmt: 
     on_bad_record=error the first bad record of the corpus, if it is among them, stops the run
     in seconds (the first file comes first in file order); a first batch in which nothing at
     all can be learned gets a warning that names the file and the reasons."""
-    from chatsft.data.conversation import iter_stream_lines, parse_line, read_chunks
+    from chatsft.data.conversation import parse_line
 
     for split in (TRAIN, EVAL):
         first = next((f for f, r in files if r.split == split and f.size > 0), None)
         if first is None:
             continue
         convs, bad = [], []
-        with storage.open_stream(first.location) as stream:
-            for n, raw in iter_stream_lines(read_chunks(stream, 1 << 16)):
-                try:
-                    convs.append(parse_line(raw, f"{first.display}:{n}"))
-                except BadRecord as e:
-                    bad.append(e)
-                if len(convs) + len(bad) >= EARLY_RECORDS:
-                    break
+        for n, raw in iter_records(first):
+            try:
+                convs.append(parse_line(raw, f"{first.display}:{n}"))
+            except BadRecord as e:
+                bad.append(e)
+            if len(convs) + len(bad) >= EARLY_RECORDS:
+                break
         outcomes = fmt.render(convs, opts)
         bad += [o for o in outcomes if isinstance(o, BadRecord)]
         if bad and plan.config.data.on_bad_record == "error":
@@ -259,22 +262,28 @@ def _execute(plan: RunPlan, checked: Checked, root: str, fp: str) -> Prepared:
     concurrency = data.map_concurrency or (1, cpus)
     # Reading lines is I/O and costs little next to rendering them. The read tasks reserve no
     # CPU: with one render actor per CPU, a read task that waited for a free CPU would wait forever.
-    # Without a CPU to count, their number is capped here instead (a few readers keep up with many
-    # render actors; local reads all run on the driver's node).
+    # Without a CPU to count, their number is capped here instead: one per 4 CPUs (reading costs
+    # about 1/200 of rendering what it reads for JSONL, 1/20 for Parquet rows; each reader is a
+    # process to start, so a small cluster gets one; local reads all run on the driver's node).
     sources = [f for f, _ in files]
     shared = bool(cfg.run.shared_storage)
-    units = plan_units(sources, lambda asked: _count_newlines(sources, asked, shared))
+    units = plan_units(sources, lambda asked: _count_newlines(sources, asked, shared),
+                       groups=lambda asked: _row_groups(sources, asked, shared))
     readers = min(len(units), 64)  # read tasks, each a run of files or byte ranges; each streams in blocks
     lines = read_datasource(make_datasource(sources, units, shared), num_cpus=0, override_num_blocks=readers,
-                            concurrency=min(readers, max(2, cpus // 4)))
+                            concurrency=min(readers, max(1, cpus // 4)))
     rendered = lines.map_batches(Renderer, fn_constructor_args=(spec,), batch_size=data.map_batch_size,
                                  batch_format="pyarrow", compute=_actor_pool(concurrency), num_cpus=1)
     # Run the graph and keep its blocks in the object store, in file order (preserve_order).
-    blocks = [ref for bundle in rendered.iter_internal_ref_bundles() for ref in bundle.block_refs]
+    blocks, sizes = _rendered_blocks(rendered)
     rendered_at = time.time()
 
-    task = ray.remote(num_cpus=0.25)
-    stats, bad = _collect_stats(ray.get([task(shuffle.block_stats).remote(b) for b in blocks]))
+    # The tasks after rendering each take a CPU and a run of consecutive blocks (shuffle.group_blocks):
+    # a task per block and a fraction of a CPU each made Ray start and stop worker processes at
+    # every stage (more processes than CPUs) and spent more on tasks than on the work in them.
+    task = ray.remote(num_cpus=1)
+    groups = [[blocks[i] for i in g] for g in shuffle.group_blocks(sizes, cpus)]
+    stats, bad = _collect_stats(ray.get([task(shuffle.block_stats).remote(*g) for g in groups]))
     if bad and data.on_bad_record == "error":
         fi, ln, split, ex = bad[0]
         raise BadRecord(ex["reason"], ex["detail"], ex["source"])
@@ -293,17 +302,19 @@ def _execute(plan: RunPlan, checked: Checked, root: str, fp: str) -> Prepared:
     n_parts = sum(p.parts for p in plans)
     print(f"chatsft prepare: rendered in {rendered_at - started:.1f} s; shuffling"
           f"{' and packing' if data.packing else ''} into {n_parts} Parquet file(s)", flush=True)
+    previews = {s: _first_samples(blocks, s, data.preview_samples) for s in splits}
     cut = task(shuffle.partition_task).options(num_returns=n_parts)
-    pieces = [cut.remote(b, plans) for b in blocks]
+    pieces = [cut.remote(plans, *g) for g in groups]
+    del blocks, groups  # each rendered block is freed once its partition task has cut it
     if n_parts == 1:
         pieces = [[r] for r in pieces]  # one return: a ref, not a list of refs
     write = task(shuffle.write_part).options(**_write_placement(root))
     pending, k = {}, 0
     for sp in plans:
-        pending[sp.split] = [write.remote(sp, p, *[pc[k + p] for pc in pieces]) for p in range(sp.parts)]
+        pending[sp.split] = [write.remote(sp, p, cfg.train.micro_batch_size, *[pc[k + p] for pc in pieces])
+                             for p in range(sp.parts)]
         k += sp.parts
     lengths = {s: ray.get(refs) for s, refs in pending.items()}
-    previews = {s: _first_samples(blocks, s, data.preview_samples) for s in splits}
     now = time.time()
     seconds = {"seconds": now - started, "seconds_render": rendered_at - started,
                "seconds_shuffle_write": now - rendered_at}
@@ -312,9 +323,7 @@ def _execute(plan: RunPlan, checked: Checked, root: str, fp: str) -> Prepared:
     out: dict[int, dict] = {}
     for split in splits:
         folder = storage.join(root, SPLITS[split])
-        inputs = np.concatenate([a for a, _ in lengths[split]])
-        labels = np.concatenate([b for _, b in lengths[split]])
-        d = split_stats(stats[split], int(inputs.size), (inputs, labels), cfg, kind, seconds, all_tokens)
+        d = split_stats(stats[split], lengths[split], cfg, kind, seconds, all_tokens)
         if checked.report is not None:
             d["template"] = checked.report
             storage.write_text(storage.join(folder, "template_report.txt"), format_report(checked.report) + "\n")
@@ -374,17 +383,40 @@ def _count_newlines(files: list[SourceFile], asked: list[tuple[int, int, int]], 
     from chatsft.pipeline.read import count_newlines
 
     local = not shared and any(files[fi].local for fi, _, _ in asked)
-    task = ray.remote(num_cpus=0.25)(count_newlines)
+    task = ray.remote(num_cpus=1)(count_newlines)
     if local:
         task = task.options(**_on_driver_node())
     return ray.get([task.remote(files[fi].location, a, b) for fi, a, b in asked])
+
+
+def _rendered_blocks(dataset: Any) -> tuple[list, list[int]]:
+    """Run the dataset: the refs of its blocks in order, and their sizes in bytes."""
+    blocks, sizes = [], []
+    for bundle in dataset.iter_internal_ref_bundles():
+        blocks += bundle.block_refs
+        sizes += [m.size_bytes or 0 for m in bundle.metadata]
+    return blocks, sizes
+
+
+def _row_groups(files: list[SourceFile], asked: list[int], shared: bool) -> list[list[tuple[int, int]]]:
+    """(rows, bytes) of every row group of each asked Parquet file, read from its footer by Ray
+    tasks where the files are (the driver keeps the counts only)."""
+    import ray
+
+    from chatsft.pipeline.read import row_groups
+
+    local = not shared and any(files[fi].local for fi in asked)
+    task = ray.remote(num_cpus=1)(row_groups)
+    if local:
+        task = task.options(**_on_driver_node())
+    return ray.get([task.remote(files[fi].location, files[fi].display) for fi in asked])
 
 
 def _first_samples(blocks: list, split: int, n: int) -> list[dict]:
     """The first n samples of a split in file order (blocks are in file order)."""
     import ray
 
-    task = ray.remote(num_cpus=0.25)(shuffle.first_samples)
+    task = ray.remote(num_cpus=1)(shuffle.first_samples)
     out: list[dict] = []
     for b in blocks:
         if len(out) >= n:
@@ -409,7 +441,7 @@ def _collect_stats(per_block: list[list[str]]) -> tuple[dict[int, MaskStats], li
 # --------------------------------------------------------------------------- reports
 
 
-def split_stats(st: MaskStats, rows: int, lengths: tuple[np.ndarray, np.ndarray], cfg: Config, kind: str,
+def split_stats(st: MaskStats, parts: list[tuple[dict, dict]], cfg: Config, kind: str,
                 seconds: dict, all_tokens: int) -> dict:
     """stats.json of one split.
 
@@ -426,12 +458,13 @@ def split_stats(st: MaskStats, rows: int, lengths: tuple[np.ndarray, np.ndarray]
     tokens_per_second: the tokens of both splits over seconds.
     """
     mb = cfg.train.micro_batch_size
-    inputs, labels = lengths
-    slots = batch_padded_slots(inputs, mb)
-    tokens = int(inputs.sum())
+    inputs, labels = [p[0] for p in parts], [p[1] for p in parts]  # pad summaries of the parts, in order
+    rows = sum(p["n"] for p in inputs)
+    slots = padded_slots_of_runs(inputs, mb)
+    tokens = sum(p["tokens"] for p in inputs)
     if kind == "seq2seq":
-        slots += batch_padded_slots(labels, mb)
-        tokens += int(labels.sum())
+        slots += padded_slots_of_runs(labels, mb)
+        tokens += sum(p["tokens"] for p in labels)
     d = st.to_dict()
     d.update({
         "rows": rows,

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from chatsft.data.keys import window_of
+from chatsft.data.stats import pad_summary
 from chatsft.pipeline.rows import (PACKED_SORT_KEY, RENDERED, SORT_KEY, pack_window, row_lengths,
                                    select_samples, select_stats, to_packed, to_unpacked, with_window)
 
@@ -69,9 +70,32 @@ def _schema(table: pa.Table) -> pa.Table:
     return table if table.num_rows else RENDERED.empty_table()
 
 
-def block_stats(table: pa.Table) -> list[str]:
-    """The statistics rows (JSON) of one rendered block."""
-    return select_stats(_schema(table))["stats"].to_pylist()
+# Rendered bytes a task after rendering takes at most (a run of consecutive blocks): large enough
+# that a task's start costs little next to its work, small enough for one task's memory.
+GROUP_BYTES = 128 << 20
+
+
+def group_blocks(sizes: list[int], cpus: int, most: int = GROUP_BYTES) -> list[list[int]]:
+    """Runs of consecutive block indices, one a task: at least 2 per CPU when there are blocks
+    enough (so CPUs stay busy to the end), each of at most `most` bytes (or one block)."""
+    if not sizes:
+        return []
+    sizes = [max(1, s) for s in sizes]  # a size Ray did not know counts as small, not as nothing
+    target = min(most, max(1, sum(sizes) // max(1, 2 * cpus)))
+    groups: list[list[int]] = [[]]
+    acc = 0
+    for i, size in enumerate(sizes):
+        if groups[-1] and acc + size > target:
+            groups.append([])
+            acc = 0
+        groups[-1].append(i)
+        acc += size
+    return groups
+
+
+def block_stats(*tables: pa.Table) -> list[str]:
+    """The statistics rows (JSON) of rendered blocks."""
+    return [s for t in tables for s in select_stats(_schema(t))["stats"].to_pylist()]
 
 
 def first_samples(table: pa.Table, split: int, n: int) -> list[dict]:
@@ -98,9 +122,10 @@ def partition(table: pa.Table, plans: list[SplitPlan]) -> list[pa.Table]:
     return out
 
 
-def partition_task(table: pa.Table, plans: list[SplitPlan]):
-    """`partition` shaped for a Ray task with num_returns = number of parts (one part: the table itself)."""
-    parts = partition(table, plans)
+def partition_task(plans: list[SplitPlan], *tables: pa.Table):
+    """`partition` of a run of blocks, shaped for a Ray task with num_returns = number of parts
+    (one part: the table itself)."""
+    parts = partition(pa.concat_tables([_schema(t) for t in tables]), plans)
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 
@@ -120,16 +145,20 @@ def reduce_part(pieces: list[pa.Table], plan: SplitPlan) -> "pa.Table | None":
     return to_packed(rows)
 
 
-def write_part(plan: SplitPlan, p: int, *pieces: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """Reduce partition p and write it as part-{p:05d}.parquet; return its row lengths (inputs, labels).
+def write_part(plan: SplitPlan, p: int, micro_batch: int, *pieces: pa.Table) -> tuple[dict, dict]:
+    """Reduce partition p and write it as part-{p:05d}.parquet; return the pad summaries of its
+    row lengths (inputs, labels) for micro-batches of `micro_batch` rows: O(micro_batch) numbers
+    a part, so the driver never holds a number per row.
 
-    The pieces are positional so that Ray resolves them (one per rendered block).
+    The pieces are positional so that Ray resolves them (one per group of rendered blocks).
     """
     from chatsft import storage
 
     rows = reduce_part(list(pieces), plan)
     if rows is None:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        empty = pad_summary(np.zeros(0, np.int64), micro_batch)
+        return empty, empty
     storage.write_parquet(storage.join(plan.folder, f"part-{p:05d}.parquet"), rows, row_group_rows(rows))
-    return row_lengths(rows, "input_ids"), row_lengths(rows, "labels")
+    return (pad_summary(row_lengths(rows, "input_ids"), micro_batch),
+            pad_summary(row_lengths(rows, "labels"), micro_batch))
 
