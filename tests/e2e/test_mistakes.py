@@ -122,11 +122,11 @@ CASES = [
          "data.template=hf: the tokenizer", setup=no_chat_template),
     Case("max_length no answer fits", ["data.max_length=4"], "data.max_length=4: no answer can fit"),
     # -------------------------------------------------------------------- data
-    Case("no such file", ["data.train={tmp}/missing.jsonl"], "data.train[0].path: no JSONL file matches"),
-    Case("glob matching nothing", ["data.train={tmp}/*.json"], "data.train[0].path: no JSONL file matches"),
+    Case("no such file", ["data.train={tmp}/missing.jsonl"], "data.train[0].path: no JSONL or Parquet file matches"),
+    Case("glob matching nothing", ["data.train={tmp}/*.json"], "data.train[0].path: no JSONL or Parquet file matches"),
     Case("empty file", ["data.train={tmp}/empty.jsonl"], "data.train: {tmp}/empty.jsonl is empty",
          setup=lambda tmp: write(tmp / "empty.jsonl", [])),
-    Case("missing eval file", ["data.eval={tmp}/heldout.jsonl"], "data.eval[0].path: no JSONL file matches"),
+    Case("missing eval file", ["data.eval={tmp}/heldout.jsonl"], "data.eval[0].path: no JSONL or Parquet file matches"),
     # ----------------------------------------------------------------- records
     Case("invalid json", [BAD], "{tmp}/bad.jsonl:2: invalid_json", setup=bad_file(GOOD[0], "{not json", GOOD[1])),
     Case("invalid utf-8", [BAD], "{tmp}/bad.jsonl:1: invalid_utf8",
