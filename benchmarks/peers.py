@@ -439,6 +439,10 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="peers-rows-")
     print(f"peers: {args.threads} threads, max length {args.max_length}, lr {args.lr} cosine, AdamW(0.9, 0.95), "
           f"clip 1.0, fp32; {args.pairs} alternating pairs; chatsft --local on the torch engine (no DeepSpeed)")
+    print("  both sides train on chatsft's rows in chatsft's order (TRL: sequential sampler), no gradient "
+          "checkpointing;\n  peak RSS: chatsft's whole run (eval before and after training, final checkpoint "
+          "save; no export), TRL's training only (its eval loss is computed after the peak is read); on the qwen "
+          "model chatsft's peak is in the backward of a training step, not in eval or save", flush=True)
     try:
         for name in args.models.split(","):
             folder = model_dir(name, cache)
