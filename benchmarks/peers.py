@@ -4,9 +4,14 @@ Both sides train the same model from the same weights on the same conversations 
 package's sample data, ChatML, assistant-only loss), with the same max length, rows
 per optimizer step, AdamW settings (each side's default kernel: fused on both, TRL's
 `adamw_torch_fused` and chatsft's train.fused_optimizer), cosine schedule, clipping,
-fp32 and threads;
-packing on both (chatsft's best-fit-decreasing rows; TRL's `bfd` with padding-free
-batches) or padding on both. Each run is a subprocess of its own (peak RSS is its
+fp32 and threads, no gradient checkpointing (TRL's default is on; chatsft's off);
+packing on both (chatsft's best-fit-decreasing rows, fed to TRL pre-tokenized with
+their sequence lengths for its padding-free collator) or padding on both (TRL renders
+and tokenizes the conversations itself). Both see the same batches in the same order:
+TRL's training set is chatsft's rows in chatsft's step order (`chatsft_order`), read
+sequentially (train_sampling_strategy="sequential"), so per-step train losses agree;
+with TRL's own random sampler the eval loss after a few steps differed by ~2-3% from
+the order alone. Each run is a subprocess of its own (peak RSS is its
 ru_maxrss); runs alternate (chatsft, TRL, then TRL, chatsft, ...) and the figures are
 medians over the pairs, the ratios medians of per-pair ratios.
 
@@ -129,6 +134,54 @@ def write_rows(path: str, tokenizer, out: str, *, packed: bool, capacity: int, s
     return table.num_rows
 
 
+def chatsft_order(train_dir: str, rows: int, steps: int, seed: int = 0) -> list[int]:
+    """The stored row numbers chatsft's loop trains on, step after step (`rows` per step, one
+    worker): chatsft.data.order's lanes over the epoch order of `seed` (train/data.py
+    worker_steps), so the other side can be fed the very same batches in the same order."""
+    from chatsft.data.order import EpochOrder, lane_bounds
+    from chatsft.train.data import RowIndex
+
+    index = RowIndex.build(train_dir)
+    out: list[int] = []
+    epoch = 0
+    while len(out) < steps * rows:
+        order = EpochOrder(index.sizes, seed, epoch)
+        stored = order.stored_rows(index.chunk_starts)
+        b = lane_bounds(order.rows, rows)
+        for k in range(int(b[1] - b[0])):
+            if any(b[lane] + k >= b[lane + 1] for lane in range(rows)):
+                break  # the epoch's last, partly empty step: not reproduced on the other side
+            out.extend(int(stored[b[lane] + k]) for lane in range(rows))
+        epoch += 1
+    return out[:steps * rows]
+
+
+def trl_rows(a: dict):
+    """TRL's training set: chatsft's rows in chatsft's step order. Padded: the conversations
+    themselves (TRL renders and tokenizes them; --check shows it gets the same tokens).
+    Packed: chatsft's packed rows, pre-tokenized (input_ids, labels, seq_lengths for TRL's
+    padding-free collator), since TRL's own BFD would bin (and order) them differently."""
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    from chatsft.sources import read_local
+
+    table = pq.read_table(os.path.join(a["train_dir"], "part-00000.parquet")).to_pydict()
+    order = chatsft_order(a["train_dir"], a["rows"], a["steps"])
+    if not a["packed"]:
+        convs = {conv.source: conv for conv in read_local(TRAIN)}
+        picked = [convs[table["source"][i][0]] for i in order]
+        return Dataset.from_list([{"messages": [{"role": m.role, "content": m.content} for m in conv.messages]}
+                                  for conv in picked])
+
+    def lengths(pos: list[int]) -> list[int]:
+        starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+        return [e - s for s, e in zip(starts, starts[1:])]
+
+    return Dataset.from_list([{"input_ids": table["input_ids"][i], "labels": table["labels"][i],
+                               "seq_lengths": lengths(table["position_ids"][i])} for i in order])
+
+
 def eval_loss(model, eval_dir: str, pad_id: int) -> float:
     """The held-out loss by chatsft's definition, the same for both sides."""
     import torch
@@ -194,7 +247,7 @@ def child_chatsft(a: dict) -> dict:
                                   hooks=[lambda step, rt: ends.append(time.perf_counter())]))
     return {**summarize(ends, learned), "peak_mb": peak_mb(), "train_loss": losses[-1],
             "eval_loss": result.metrics["eval_loss"], "steps": len(ends),
-            "optim": f"AdamW fused={cfg.train.fused_optimizer}"}
+            "optim": f"AdamW fused={cfg.train.fused_optimizer}", "losses": losses}
 
 
 def child_trl(a: dict) -> dict:
@@ -208,8 +261,11 @@ def child_trl(a: dict) -> dict:
     torch.set_num_threads(a["threads"])
     tok = AutoTokenizer.from_pretrained(a["model"])
     tok.chat_template = CHATML_GENERATION
-    data = Dataset.from_list([{"messages": [{"role": m.role, "content": m.content} for m in conv.messages]}
-                              for conv in read_local(TRAIN)])
+    if a.get("check"):
+        data = Dataset.from_list([{"messages": [{"role": m.role, "content": m.content} for m in conv.messages]}
+                                  for conv in read_local(TRAIN)])
+    else:
+        data = trl_rows(a)
     model = AutoModelForCausalLM.from_pretrained(a["model"], dtype=torch.float32)
     args = SFTConfig(
         output_dir=a["out"], max_steps=a["steps"], per_device_train_batch_size=a["rows"],
@@ -217,8 +273,12 @@ def child_trl(a: dict) -> dict:
         adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, weight_decay=0.0, max_grad_norm=1.0,
         bf16=False, fp16=False, use_cpu=True, seed=0, logging_steps=1,
         save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0,
-        max_length=a["max_length"], packing=a["packed"], packing_strategy="bfd", padding_free=a["packed"],
-        assistant_only_loss=True)
+        max_length=None if a["packed"] and not a.get("check") else a["max_length"],  # packed: rows fit it
+        packing=False, padding_free=a["packed"],
+        assistant_only_loss=bool(a.get("check")) or not a["packed"],  # packed rows carry their labels
+        # chatsft's order (trl_rows), read as it is; TRL's default of gradient checkpointing
+        # (on) set to chatsft's (train.gradient_checkpointing=false)
+        train_sampling_strategy="sequential", gradient_checkpointing=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
     if a.get("check"):
         rows = [trainer.train_dataset[i] for i in range(a["check"])]
@@ -250,7 +310,8 @@ def child_trl(a: dict) -> dict:
     ev = eval_loss(trainer.model, a["eval_dir"], tok.pad_token_id)
     opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     return {**summarize(ends, learned), "peak_mb": peak, "train_loss": losses[-1], "eval_loss": ev,
-            "steps": len(ends), "optim": f"{trainer.args.optim} fused={opt.defaults.get('fused')}"}
+            "steps": len(ends), "optim": f"{trainer.args.optim} fused={opt.defaults.get('fused')}",
+            "losses": losses}
 
 
 def child_rss(a: dict) -> dict:
@@ -273,6 +334,7 @@ def child_rss(a: dict) -> dict:
                                   for conv in read_local(TRAIN, limit=4 * a["rows"])])
         model = AutoModelForCausalLM.from_pretrained(a["model"], dtype=torch.float32)
         args = SFTConfig(output_dir=a["out"], max_steps=1, per_device_train_batch_size=a["rows"],
+                         gradient_checkpointing=False,
                          learning_rate=a["lr"], bf16=False, fp16=False, use_cpu=True, save_strategy="no",
                          report_to=[], disable_tqdm=True, max_length=a["max_length"], packing=a["packed"],
                          padding_free=a["packed"], assistant_only_loss=True, logging_steps=1)
@@ -377,6 +439,10 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="peers-rows-")
     print(f"peers: {args.threads} threads, max length {args.max_length}, lr {args.lr} cosine, AdamW(0.9, 0.95), "
           f"clip 1.0, fp32; {args.pairs} alternating pairs; chatsft --local on the torch engine (no DeepSpeed)")
+    print("  both sides train on chatsft's rows in chatsft's order (TRL: sequential sampler), no gradient "
+          "checkpointing;\n  peak RSS: chatsft's whole run (eval before and after training, final checkpoint "
+          "save; no export), TRL's training only (its eval loss is computed after the peak is read); on the qwen "
+          "model chatsft's peak is in the backward of a training step, not in eval or save", flush=True)
     try:
         for name in args.models.split(","):
             folder = model_dir(name, cache)
@@ -403,6 +469,7 @@ def main() -> None:
                         print(f"  [{name} {mode} pair {pair + 1}] {side:12s} {r['learned_tok_s']:8.0f} learned tok/s  "
                               f"step {r['step_time']:.3f}s  peak {r['peak_mb']:.0f} MB  train loss "
                               f"{r['train_loss']:.4f}  eval loss {r['eval_loss']:.4f}  ({r['optim']})", flush=True)
+                        print(f"      train loss per step: {' '.join(f'{x:.5f}' for x in r['losses'])}", flush=True)
                 report(name, mode, runs, base)
     finally:
         shutil.rmtree(work, ignore_errors=True)
