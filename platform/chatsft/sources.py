@@ -43,18 +43,9 @@ def resolve_uri(path: str) -> str:
 def first_records(sources: Sequence[Any], limit: int) -> Iterator[Union[Conversation, BadRecord]]:
     """The first `limit` records of the sources in order, streamed (a large file is not read whole).
     A source is a spec string or a config Source (path and format)."""
-    n = 0
-    for src in sources:
-        spec, declared = (src, "auto") if isinstance(src, str) else (src.path, src.format)
-        for f in expand_source(spec, declared):
-            for line, raw in iter_records(f):
-                if n >= limit:
-                    return
-                n += 1
-                try:
-                    yield parse_line(raw, f"{f.display}:{line}")
-                except BadRecord as e:
-                    yield e
+    files = [f for src in sources
+             for f in expand_source(*((src, "auto") if isinstance(src, str) else (src.path, src.format)))]
+    yield from _parsed(files, limit)
 
 
 def expand_local(path: str) -> list[str]:
@@ -69,6 +60,11 @@ def read_local(path: str, limit: Optional[int] = None,
     files = expand_source(path, declared)
     if not files:
         raise FileNotFoundError(2, "no such file", resolve_uri(path))
+    yield from _parsed(files, limit)
+
+
+def _parsed(files: Sequence["SourceFile"], limit: Optional[int]) -> Iterator[Union[Conversation, BadRecord]]:
+    """The records of `files` in order, at most `limit`, each parsed or refused with its path:line."""
     n = 0
     for f in files:
         for line, raw in iter_records(f):

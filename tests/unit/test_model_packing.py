@@ -71,3 +71,39 @@ def test_packed_gradients_equal_unpacked(tiny_llama_dir):
     loss = token_loss_sum(logits[:7], parts[0]) + token_loss_sum(logits[7:], parts[1])
     loss.backward()
     torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.weight.grad, ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_right_padded_rows_need_no_mask(tiny_llama_dir, attn):
+    """collate pads on the right and passes no attention mask: every real token's logits and
+    the loss gradient are those of each row alone."""
+    import numpy as np
+
+    from chatsft.data.schema import IGNORE, Row
+    from chatsft.model.batch import collate
+    from chatsft.model.loss import full_loss
+
+    model = load_model(load_config(None, ["method.name=full", f"model.attn_implementation={attn}"]), "causal")
+    vocab = model.get_input_embeddings().num_embeddings
+    parts = seqs(vocab, [12, 5, 9], seed=4)
+    rows = [Row(p.numpy(), np.where(np.arange(len(p)) < 3, IGNORE, p.numpy())) for p in parts]
+    batch = collate(rows, pad_id=0, seq2seq=False)
+    assert "attention_mask" not in batch.inputs and batch.inputs["input_ids"].shape == (3, 12)
+
+    def loss_and_grad(fn):
+        model.zero_grad(set_to_none=True)
+        total, count = fn()
+        total.backward()
+        return total.detach(), int(count), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+
+    got = loss_and_grad(lambda: full_loss(lambda x: model(**x), batch.inputs, batch.targets))
+    alone = [loss_and_grad(lambda b=collate([r], pad_id=0, seq2seq=False): full_loss(lambda x: model(**x),
+                                                                                      b.inputs, b.targets))
+             for r in rows]
+    assert got[1] == sum(a[1] for a in alone) == (12 - 3) + (5 - 3) + (9 - 3)  # n - 3 targets a row
+    torch.testing.assert_close(got[0], sum(a[0] for a in alone), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[2], sum(a[2] for a in alone), rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # the check has teeth: with left padding and no mask, a row would see its pads
+        left = torch.zeros(1, 12, dtype=torch.long)
+        left[0, 7:] = parts[1]
+        assert (model(input_ids=left).logits[0, -1] - model(input_ids=parts[1][None]).logits[0, -1]).abs().max() > 1e-3

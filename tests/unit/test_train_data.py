@@ -146,5 +146,6 @@ def test_collate_packed_and_padded():
     assert b.num_targets == 1 and b.tokens == 3
     padded = [Row(np.array([7, 8, 9]), np.array([IGNORE, 8, 9])), Row(np.array([5]), np.array([5]))]
     b = collate(padded, pad_id=0, seq2seq=False)
-    assert b.inputs["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert set(b.inputs) == {"input_ids"}  # right padding needs no mask under causal attention
+    assert b.inputs["input_ids"].tolist() == [[7, 8, 9], [5, 0, 0]]
     assert b.targets.tolist() == [[8, 9, IGNORE], [IGNORE] * 3]

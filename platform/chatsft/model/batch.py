@@ -25,8 +25,13 @@ class Batch:
 
 
 def collate(rows: Sequence[Row], *, pad_id: int, seq2seq: bool, decoder_start: Optional[Callable] = None) -> Batch:
-    """Pad a micro-batch on the right. Causal rows: packed rows carry position_ids (no mask,
-    so attention is block-diagonal per packed sequence), unpacked rows an attention mask."""
+    """Pad a micro-batch on the right. Causal rows carry no attention mask: packed rows carry
+    position_ids (attention is then block-diagonal per packed sequence); unpacked rows need
+    nothing but causality, since right padding only ever follows a row's real tokens, which
+    causal attention never lets them see. A mask would change no logit or gradient of a real
+    token, and it costs: it turns attention off its causal kernel onto a masked one (fwd+bwd
+    of the tiny Llama on 16 padded rows: 1.3x slower with the mask). Seq2seq encoders read
+    their padding both ways, so they keep their mask."""
     import torch
 
     from chatsft.model.loss import causal_targets
@@ -55,8 +60,6 @@ def collate(rows: Sequence[Row], *, pad_id: int, seq2seq: bool, decoder_start: O
         packed = any(r.position_ids is not None for r in rows)
         if packed:
             pos = torch.zeros((len(rows), length), dtype=torch.long)
-        else:
-            mask = torch.zeros((len(rows), length), dtype=torch.long)
         for i, r in enumerate(rows):
             n = len(r.input_ids)
             ids[i, :n] = torch.from_numpy(r.input_ids)
@@ -67,13 +70,11 @@ def collate(rows: Sequence[Row], *, pad_id: int, seq2seq: bool, decoder_start: O
                 # padding is a sequence of its own (positions restart at 0): it never
                 # joins the block of the last real sequence
                 pos[i, n:] = torch.arange(length - n)
-            else:
-                mask[i, :n] = 1
         if packed:
             inputs = {"input_ids": ids, "position_ids": pos}
             targets = causal_targets(labels, pos)
         else:
-            inputs = {"input_ids": ids, "attention_mask": mask}
+            inputs = {"input_ids": ids}
             targets = causal_targets(labels, None)
     num = int((targets != IGNORE).sum())
     slots = sum(int(v.numel()) for k, v in inputs.items() if k in ("input_ids", "decoder_input_ids"))
