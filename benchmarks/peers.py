@@ -411,7 +411,10 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=2)
     p.add_argument("--steps", default="tiny=20,qwen=5", help="optimizer steps per run, per model")
     p.add_argument("--eval-convs", type=int, default=64, help="held-out conversations for the eval loss")
-    p.add_argument("--rows", default="tiny=16,qwen=8", help="rows per optimizer step, per model")
+    # 16 rows of at most 256 tokens, one micro-batch: the setting on both models. The
+    # learned head saves memory in proportion to the logits it never builds: at qwen=8 its peak
+    # is 0.76x the full head's, at 16 0.53x (measured side by side, 2026-12-02).
+    p.add_argument("--rows", default="tiny=16,qwen=16", help="rows per optimizer step, per model")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
