@@ -85,19 +85,28 @@ def iter_records(f: "SourceFile") -> Iterator[tuple[int, bytes]]:
         raise UserError(f"{f.display}: extension {ext} is neither .jsonl nor .parquet; rename the file "
                         "(or give the source's format in the config)")
     if f.format == "parquet":
-        import pyarrow.parquet as pq
-
-        with storage.open_input(f.location) as fh:
-            pf = pq.ParquetFile(fh)
-            columns = pf.schema_arrow.names
-            n = 0
-            for batch in pf.iter_batches(batch_size=1024, columns=[c for c in RECORD_COLUMNS if c in columns]):
-                for raw in parquet_records(batch, columns):
-                    n += 1
-                    yield n, raw
+        n = 0
+        for raws in parquet_record_batches(f.location):
+            for raw in raws:
+                n += 1
+                yield n, raw
         return
     with storage.open_stream(f.location) as fh:
         yield from iter_stream_lines(read_chunks(fh, 1 << 16))
+
+
+def parquet_record_batches(location: str, row_groups: Optional[Sequence[int]] = None,
+                           batch_size: int = 1024) -> Iterator[list[bytes]]:
+    """The JSON text of the records of a Parquet file (of `row_groups` only, when given), in
+    row order, a batch of at most `batch_size` rows at a time: only RECORD_COLUMNS are read."""
+    import pyarrow.parquet as pq
+
+    with storage.open_input(location) as fh:
+        pf = pq.ParquetFile(fh)
+        columns = pf.schema_arrow.names
+        wanted = [c for c in RECORD_COLUMNS if c in columns]
+        for batch in pf.iter_batches(batch_size=batch_size, row_groups=row_groups, columns=wanted):
+            yield parquet_records(batch, columns)
 
 
 def parquet_records(table: Any, columns: Sequence[str]) -> list[bytes]:

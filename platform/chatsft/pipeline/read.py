@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from chatsft import storage
 from chatsft.errors import UserError
-from chatsft.sources import RECORD_COLUMNS, SourceFile, parquet_records
+from chatsft.sources import SourceFile, parquet_record_batches
 
 LINES_PER_BLOCK = 4096
 BYTES_PER_BLOCK = 16 << 20
@@ -143,18 +143,10 @@ def row_groups(location: str, display: str = "") -> list[tuple[int, int]]:
 
 def read_rows(f: SourceFile, u: Unit) -> Iterator[pa.Table]:
     """Blocks of LINES for the row groups of one Parquet unit: (file index, 1-based row, JSON record)."""
-    import pyarrow.parquet as pq
-
-    with storage.open_input(f.location) as fh:
-        pf = pq.ParquetFile(fh)
-        columns = pf.schema_arrow.names
-        wanted = [c for c in RECORD_COLUMNS if c in columns]
-        n = u.newlines
-        for g in range(u.start, u.end):
-            for batch in pf.iter_batches(batch_size=LINES_PER_BLOCK, row_groups=[g], columns=wanted):
-                raws = parquet_records(batch, columns)
-                yield _block(u.fi, list(range(n + 1, n + 1 + len(raws))), raws)
-                n += len(raws)
+    n = u.newlines
+    for raws in parquet_record_batches(f.location, list(range(u.start, u.end)), LINES_PER_BLOCK):
+        yield _block(u.fi, list(range(n + 1, n + 1 + len(raws))), raws)
+        n += len(raws)
 
 
 def read_lines(files: Sequence[SourceFile], units: Sequence[Unit]) -> Iterator[pa.Table]:

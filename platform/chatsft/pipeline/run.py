@@ -376,16 +376,24 @@ def _on_driver_node() -> dict:
                                                                   soft=False)}
 
 
+def _where_files_are(fn: Any, files: list[SourceFile], indices: list[int], shared: bool) -> Any:
+    """`fn` as a Ray task that runs where the files of `indices` are: on the driver's node when
+    one of them is on its disk and other nodes do not see it (run.shared_storage off)."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(fn)
+    if not shared and any(files[fi].local for fi in indices):
+        task = task.options(**_on_driver_node())
+    return task
+
+
 def _count_newlines(files: list[SourceFile], asked: list[tuple[int, int, int]], shared: bool) -> list[int]:
     """Newlines of each (file, start, end) range, counted by Ray tasks where the files are."""
     import ray
 
     from chatsft.pipeline.read import count_newlines
 
-    local = not shared and any(files[fi].local for fi, _, _ in asked)
-    task = ray.remote(num_cpus=1)(count_newlines)
-    if local:
-        task = task.options(**_on_driver_node())
+    task = _where_files_are(count_newlines, files, [fi for fi, _, _ in asked], shared)
     return ray.get([task.remote(files[fi].location, a, b) for fi, a, b in asked])
 
 
@@ -405,10 +413,7 @@ def _row_groups(files: list[SourceFile], asked: list[int], shared: bool) -> list
 
     from chatsft.pipeline.read import row_groups
 
-    local = not shared and any(files[fi].local for fi in asked)
-    task = ray.remote(num_cpus=1)(row_groups)
-    if local:
-        task = task.options(**_on_driver_node())
+    task = _where_files_are(row_groups, files, asked, shared)
     return ray.get([task.remote(files[fi].location, files[fi].display) for fi in asked])
 
 
