@@ -102,10 +102,11 @@ def _inspect(cfg: Config, args: argparse.Namespace) -> None:
     plan = RunPlan.resolve(cfg)
     tokenizer = load_tokenizer(cfg.model)
     opts = RenderOptions.from_config(cfg.data)
-    fmt = get_format(plan.kind, cfg.data.template, tokenizer, opts.think)
+    fmt = get_format(plan.kind, cfg.data.template, tokenizer, opts.think, opts.chat_template_kwargs)
     color = sys.stdout.isatty()
     shown = []
-    for item in read_local(cfg.data.train[0].path, limit=args.num, declared=cfg.data.train[0].format):
+    for item in read_local(cfg.data.train[0].path, limit=args.num, declared=cfg.data.train[0].format,
+                           tool_arguments=opts.tool_arguments):
         if isinstance(item, BadRecord):
             print(f"bad record: {item.message}")
             continue
@@ -145,8 +146,8 @@ def _template(cfg: Config, args: argparse.Namespace) -> None:
               "to the decoder)")
         return
     tokenizer = load_tokenizer(cfg.model)
-    template = get_template(cfg.data.template, tokenizer, cfg.data.think)
-    report = template_report(template, tokenizer, first_records(cfg.data.train, args.num))
+    template = get_template(cfg.data.template, tokenizer, cfg.data.think, cfg.data.chat_template_kwargs)
+    report = template_report(template, tokenizer, first_records(cfg.data.train, args.num, cfg.data.tool_arguments))
     print(format_report(report))
 
 

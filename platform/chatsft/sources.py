@@ -40,12 +40,13 @@ def resolve_uri(path: str) -> str:
     return path
 
 
-def first_records(sources: Sequence[Any], limit: int) -> Iterator[Union[Conversation, BadRecord]]:
+def first_records(sources: Sequence[Any], limit: int,
+                  tool_arguments: str = "json") -> Iterator[Union[Conversation, BadRecord]]:
     """The first `limit` records of the sources in order, streamed (a large file is not read whole).
-    A source is a spec string or a config Source (path and format)."""
+    A source is a spec string or a config Source (path and format); `tool_arguments`: data.tool_arguments."""
     files = [f for src in sources
              for f in expand_source(*((src, "auto") if isinstance(src, str) else (src.path, src.format)))]
-    yield from _parsed(files, limit)
+    yield from _parsed(files, limit, tool_arguments)
 
 
 def expand_local(path: str) -> list[str]:
@@ -53,17 +54,18 @@ def expand_local(path: str) -> list[str]:
     return [f.location for f in expand_source(path)]
 
 
-def read_local(path: str, limit: Optional[int] = None,
-               declared: str = "auto") -> Iterator[Union[Conversation, BadRecord]]:
+def read_local(path: str, limit: Optional[int] = None, declared: str = "auto",
+               tool_arguments: str = "json") -> Iterator[Union[Conversation, BadRecord]]:
     """Parse the files of a source spec in this process (inspect, eval, small fixtures):
     a Conversation or the BadRecord of each record, named as the pipeline names them."""
     files = expand_source(path, declared)
     if not files:
         raise FileNotFoundError(2, "no such file", resolve_uri(path))
-    yield from _parsed(files, limit)
+    yield from _parsed(files, limit, tool_arguments)
 
 
-def _parsed(files: Sequence["SourceFile"], limit: Optional[int]) -> Iterator[Union[Conversation, BadRecord]]:
+def _parsed(files: Sequence["SourceFile"], limit: Optional[int],
+            tool_arguments: str) -> Iterator[Union[Conversation, BadRecord]]:
     """The records of `files` in order, at most `limit`, each parsed or refused with its path:line."""
     n = 0
     for f in files:
@@ -72,7 +74,7 @@ def _parsed(files: Sequence["SourceFile"], limit: Optional[int]) -> Iterator[Uni
                 return
             n += 1
             try:
-                yield parse_line(raw, f"{f.display}:{line}")
+                yield parse_line(raw, f"{f.display}:{line}", tool_arguments)
             except BadRecord as e:
                 yield e
 

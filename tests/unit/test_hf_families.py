@@ -57,24 +57,38 @@ def with_reasoning(record, *reasonings):
     return out
 
 
-def reference(tok, record, folded=False):
-    """What apply_chat_template gives for the record (its system folded where the template refuses one)."""
+def with_call_ids(messages):
+    """The messages with every call that has no id given one as Kimi K2 names them: functions.NAME:IDX, IDX
+    counting the record's calls from 0 (what chatsft hands a template that names calls by id)."""
+    out, n = json.loads(json.dumps(messages)), 0
+    for m in out:
+        for call in m.get("tool_calls") or []:
+            call.setdefault("id", f"functions.{call['function']['name']}:{n}")
+            n += 1
+    return out
+
+
+def reference(tok, record, folded=False, ids=False, **kwargs):
+    """What apply_chat_template gives for the record (its system folded where the template refuses one;
+    calls given ids where the template names calls by id; `kwargs`: the template's variables)."""
     msgs = record["messages"]
     if folded:
         msgs = parse_record(json.loads(json.dumps(record)))
         from chatsft.data.conversation import merge_system
 
         msgs = [{"role": m.role, "content": m.content} for m in merge_system(msgs.messages)]
-    return list(tok.apply_chat_template(msgs, tools=record.get("tools"), tokenize=True, return_dict=False))
+    if ids:
+        msgs = with_call_ids(msgs)
+    return list(tok.apply_chat_template(msgs, tools=record.get("tools"), tokenize=True, return_dict=False, **kwargs))
 
 
 def marked(tok, s):
     return "".join(f"«{text}»" if learned else text for text, learned in runs(tok, s.input_ids, s.labels))
 
 
-def rendered(tok, record, think=None, folded=False):
-    (s,) = render_conversation(record, tok, "hf", think=think).samples
-    assert s.input_ids.tolist() == reference(tok, record, folded)
+def rendered(tok, record, think=None, folded=False, ids=False, **kwargs):
+    (s,) = render_conversation(record, tok, "hf", think=think, chat_template_kwargs=kwargs).samples
+    assert s.input_ids.tolist() == reference(tok, record, folded, ids, **kwargs)
     learned = s.labels != IGNORE
     assert (s.labels[learned] == s.input_ids[learned]).all() and (s.answer_of_token[learned] >= 0).all()
     return s
@@ -319,15 +333,19 @@ def answers_learned(tok, s):
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+VARIANTS = [(name, {}) for name in sorted(FAMILIES)] + [("gemma4", {"enable_thinking": True}),
+                                                         ("kimi", {"thinking": False})]
+
+
+@pytest.mark.parametrize("name, kwargs", VARIANTS, ids=[f"{n}{'-' + str(k) if k else ''}" for n, k in VARIANTS])
 @SETTINGS
 @given(data=st.data())
-def test_every_family_on_random_dialogues(family, name, data):
+def test_every_family_on_random_dialogues(family, name, kwargs, data):
     tok = family(name)
     fam = FAMILIES[name]
     record = data.draw(dialogues(name))
-    t = get_template("hf", tok)
-    s = rendered(tok, record, folded=t.info["system"].startswith("folded"))
+    t = get_template("hf", tok, None, kwargs)
+    s = rendered(tok, record, folded=t.info["system"].startswith("folded"), ids=fam.call_ids, **kwargs)
     # The hot path (headers in order) and the report's walk (every message found) place alike.
     conv = parse_record(record)
     assert t.segments(conv.messages, conv.tool_schemas) == t.explain(conv.messages, conv.tool_schemas, Counter())
@@ -344,7 +362,7 @@ def test_every_family_on_random_dialogues(family, name, data):
             body = m["content"].strip() if fam.trims else m["content"]
             assert body in text
         for call in m.get("tool_calls", []):
-            assert call["function"]["name"] in text
+            assert call["function"]["name"] in text  # by name, or inside its id functions.NAME:IDX
         index = record["messages"].index(m)
         if m.get("reasoning_content") and index > final_user and fam.reasoning:
             assert m["reasoning_content"].strip() in text  # a final answer's reasoning is learned
