@@ -357,6 +357,18 @@ def analyse(j: Jinja, atoms: Atoms) -> Shape:
         y = r.find(_U2) + len(_U2)
         think_open = r[y + shared: r.find(_R2)].strip() or None  # after the user's closing and the header
         think_close = r[r.find(_R2) + len(_R2): r.find(_A2)].strip() or None
+        if think_open is None and y + shared > r.find(_R2):  # the header as found holds the opener (below)
+            opener = atoms.last(r, y, r.find(_R2))
+            think_open = r[opener.start(): r.find(_R2)].strip() or None if opener is not None else None
+    # Thinking off by the template's variables (Kimi's thinking=false, Qwen3's enable_thinking=false): the
+    # generation prompt closes an empty think block that a final answer's history writes too, so the
+    # probes read it as part of the header. It is what the prompt adds: an answer with reasoning opens its
+    # own block right after the header.
+    if think_open and think_close and think_open in header:
+        h = header.rfind(think_open)
+        block = header[h:]
+        if block.startswith(think_open) and block[len(think_open):].strip() == think_close:
+            header, gen_extra, lead = header[:h], block + gen_extra, block + lead
 
     # Without a header, an answer starts after the marker that closes the user turn (or tool result).
     closers = []

@@ -326,6 +326,7 @@ def _execute(plan: RunPlan, checked: Checked, root: str, fp: str) -> Prepared:
         d = split_stats(stats[split], lengths[split], cfg, kind, seconds, all_tokens)
         if checked.report is not None:
             d["template"] = checked.report
+            d["serving_parity"] = checked.report["serving_parity"]["share"]  # a number: an MLflow metric
             storage.write_text(storage.join(folder, "template_report.txt"), format_report(checked.report) + "\n")
         storage.write_text(storage.join(folder, "stats.json"), json.dumps(d, indent=2, ensure_ascii=False) + "\n")
         storage.write_text(storage.join(folder, "mask_preview.html"),
