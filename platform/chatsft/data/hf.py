@@ -121,6 +121,26 @@ def _remember_safe_attributes(env: Any) -> None:
     env.is_safe_attribute = is_safe_attribute
 
 
+# `m.role` on a message dict: the sandbox tries the attribute first (a dict has none of that name: an
+# AttributeError raised and caught), then the key, and a missing key raises a KeyError too. A plain dict's
+# attributes are its class's (no instance __dict__), so for a name the class lacks the answer is the key,
+# or undefined: the same value without the exceptions, a third of the render of a template that reads
+# message fields (Gemma 4, Kimi K2 style).
+_DICT_ATTRIBUTES = frozenset(dir(dict))
+
+
+def _dict_keys_directly(env: Any) -> None:
+    attribute_of = env.getattr
+    undefined = env.undefined
+
+    def getattr_(obj: Any, attribute: str) -> Any:
+        if type(obj) is dict and attribute not in _DICT_ATTRIBUTES:
+            return obj[attribute] if attribute in obj else undefined(obj=obj, name=attribute)
+        return attribute_of(obj, attribute)
+
+    env.getattr = getattr_
+
+
 class Jinja:
     """Renders the template exactly as apply_chat_template(tokenize=False) does, without its
     per-call overhead (several times the cost of the render itself)."""
@@ -146,6 +166,7 @@ class Jinja:
         if source not in self._compiled:
             template = self._fresh(source)
             _remember_safe_attributes(template.environment)
+            _dict_keys_directly(template.environment)
             self._compiled[source] = template
         return self._compiled[source]
 
@@ -667,7 +688,7 @@ class Locator:
         out: list[_Answer] = []
         cursor = 0
         found = True  # was the message before this one found (so the cursor is past it)?
-        quick = bool(H) and not s.gen_extra  # a plain answer after a header: placed inline, below
+        quick = bool(H)  # a plain answer after a header: placed inline, below
         # A header holding a special token is only where the template wrote it; one per answer, they
         # are the answers' in order: the user and tool texts need not be found (the report still does).
         ordered = notes is None and self.header_marked and len(heads) == n_answers
@@ -749,6 +770,9 @@ class Locator:
         if j == len(stop_pos) or (k + 1 < len(heads) and heads[k + 1] < stop_pos[j]):
             return None  # no stop before the next header: _place decides
         bound, stop = stop_at[j]
+        extra = self.shape.gen_extra
+        if extra and full.startswith(extra, start, bound):
+            start += len(extra)  # the prompt at inference holds it: context, as _place makes it
         p = start
         close = self.shape.think_close
         if close:
