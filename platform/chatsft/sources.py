@@ -7,8 +7,8 @@ are read the same way.
 Two file formats, told by the extension (or the source's `format` key), never
 by looking at the content: JSONL (`.jsonl`, one record a line) and Parquet
 (`.parquet`, one record a row, in the Hugging Face datasets layout: a
-`messages` column of list<struct<role, content, ...>>, an optional `tools`
-column, other columns ignored). A Parquet row is turned into the JSON text of
+`messages` column of list<struct<role, content, ...>> or of JSON text, an
+optional `tools` column, other columns ignored). A Parquet row is turned into the JSON text of
 its record (`parquet_records`) and from there takes the very path a JSONL line
 takes (`parse_line`): one validator, the same reasons. Rows are numbered from 1
 within their file, as lines are, so provenance reads `path:row`.
@@ -124,6 +124,8 @@ def parquet_records(table: Any, columns: Sequence[str]) -> list[bytes]:
     others = {c: None for c in columns if c != "messages"}
     out = []
     for m, t in zip(messages, tools):
+        if isinstance(m, str):
+            m = _decoded(m)  # a `messages` column of JSON text: the list it spells
         record: dict = {"messages": _no_nulls(m)} if m is not None else dict(others)
         if t is not None:
             record["tools"] = _tools(t)
@@ -141,12 +143,15 @@ def _no_nulls(value: Any) -> Any:
 
 def _tools(value: Any) -> Any:
     """A `tools` column holds a list of schemas, or (as many datasets store it) their JSON text."""
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except ValueError:
-            return value  # refused as bad_tools, showing the text
-    return _no_nulls(value)
+    return _decoded(value) if isinstance(value, str) else _no_nulls(value)
+
+
+def _decoded(text: str) -> Any:
+    """JSON text -> its value; text that is not JSON stays text, to be refused naming its column."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _jsonable(value: Any) -> Any:
