@@ -184,3 +184,22 @@ def test_template_verb_reports_features_and_serving_parity(tmp_path, tiny_llama_
         assert "serving parity: 0 of 5 answers (0.0%)" in out
         assert "differ 4: the generation prompt adds '<|channel>thought\\n<channel|>', which the history does " \
                "not hold" in out
+
+
+def test_prepare_refuses_arguments_that_are_not_json_in_one_line_before_ray_starts(tmp_path, tiny_llama_dir, capsys):
+    import ray
+
+    from chatsft.cli import main
+
+    good = record(ARGS)
+    data = tmp_path / "calls.jsonl"
+    data.write_text(json.dumps(good) + "\n" + json.dumps(record("{to: station")) + "\n")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"run: {{output_dir: {tmp_path / 'run'}}}\ndata: {{train: {data}}}\n")
+    assert main(["prepare", str(config), f"model.name_or_path={tiny_llama_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"chatsft prepare: error: {data}:2: bad_tool_arguments: a tool call's arguments are text that is "
+                   "not JSON of an object (data.tool_arguments): messages[1].tool_calls[0].function.arguments is not "
+                   "JSON (Expecting property name enclosed in double quotes at column 2: '{to: station'); set "
+                   "data.tool_arguments=keep_text to train on it as the text it is\n")
+    assert not ray.is_initialized() and not (tmp_path / "run" / "data").exists()
