@@ -164,8 +164,8 @@ VERBS: dict[str, tuple[Callable, str]] = {
     "sweep": (_sweep, "Ray Tune over train"),
     "eval": (_eval, "evaluate a checkpoint or exported model"),
     "inspect": (_inspect, "show rendered samples coloured by supervision, and per-turn loss weights"),
-    "template": (_template, "what the chat template will teach: strategy, stops, think policy, learned "
-                            "tokens by role, records refused"),
+    "template": (_template, "what the chat template will teach: strategy, stops, think policy, features, "
+                            "learned tokens by role, records refused, serving parity"),
     "export": (_export, "write a Hugging Face model folder (LoRA merged or the adapter alone)"),
 }
 
