@@ -257,10 +257,13 @@ def keys_listing(args: Sequence[str]) -> str:
         raise UserError(f"no config key starts with {prefix!r}{hint}")
     if config is None and not overrides:
         return "\n".join(f"{key} = {default}\n    {text}" for key, default, text in chosen)
-    values = load_config(config, overrides).flat()
+    tree = load_config(config, overrides).to_dict()
     out = []
     for key, default, text in chosen:
-        value = repr(values[key]) if key in values else default
+        node = tree
+        for part in key.split("."):  # not flat(): it splits a mapping-valued key into its entries
+            node = node[part]
+        value = repr(node)
         mark = "*" if value != default else " "
         out.append(f"{mark} {key} = {value}" + (f"   (default {default})" if value != default else "")
                    + f"\n      {text}")

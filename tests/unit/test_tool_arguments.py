@@ -203,3 +203,17 @@ def test_prepare_refuses_arguments_that_are_not_json_in_one_line_before_ray_star
                    "JSON (Expecting property name enclosed in double quotes at column 2: '{to: station'); set "
                    "data.tool_arguments=keep_text to train on it as the text it is\n")
     assert not ray.is_initialized() and not (tmp_path / "run" / "data").exists()
+
+
+def test_keys_document_the_new_data_keys_and_show_a_configs_mapping(tmp_path):
+    from pathlib import Path
+
+    from chatsft.cli import keys_listing
+
+    text = keys_listing(["data.tool_arguments"])
+    assert text.startswith("data.tool_arguments = 'json'\n") and "keep_text" in text and "bad_tool_arguments" in text
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "gemma4-31b-lora.yaml"
+    text = keys_listing([str(recipe), "data.chat_template_kwargs"])
+    assert "* data.chat_template_kwargs = {'enable_thinking': False}   (default {})" in text
+    text = keys_listing([str(recipe), "scaling.resources_per_worker"])  # a mapping key showed its default
+    assert "* scaling.resources_per_worker = {'CPU': 8.0, 'GPU': 1.0}   (default {})" in text
