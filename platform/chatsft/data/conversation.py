@@ -121,7 +121,7 @@ class ToolCall:
         if isinstance(args, dict):
             return args
         try:
-            value = loads(args)
+            value = json.loads(args)  # not through `loads`: arguments rarely repeat, and would evict the tools lists
         except ValueError:
             return None
         return value if isinstance(value, dict) else None
