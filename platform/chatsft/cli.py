@@ -102,10 +102,11 @@ def _inspect(cfg: Config, args: argparse.Namespace) -> None:
     plan = RunPlan.resolve(cfg)
     tokenizer = load_tokenizer(cfg.model)
     opts = RenderOptions.from_config(cfg.data)
-    fmt = get_format(plan.kind, cfg.data.template, tokenizer, opts.think)
+    fmt = get_format(plan.kind, cfg.data.template, tokenizer, opts.think, opts.chat_template_kwargs)
     color = sys.stdout.isatty()
     shown = []
-    for item in read_local(cfg.data.train[0].path, limit=args.num, declared=cfg.data.train[0].format):
+    for item in read_local(cfg.data.train[0].path, limit=args.num, declared=cfg.data.train[0].format,
+                           tool_arguments=opts.tool_arguments):
         if isinstance(item, BadRecord):
             print(f"bad record: {item.message}")
             continue
@@ -145,8 +146,8 @@ def _template(cfg: Config, args: argparse.Namespace) -> None:
               "to the decoder)")
         return
     tokenizer = load_tokenizer(cfg.model)
-    template = get_template(cfg.data.template, tokenizer, cfg.data.think)
-    report = template_report(template, tokenizer, first_records(cfg.data.train, args.num))
+    template = get_template(cfg.data.template, tokenizer, cfg.data.think, cfg.data.chat_template_kwargs)
+    report = template_report(template, tokenizer, first_records(cfg.data.train, args.num, cfg.data.tool_arguments))
     print(format_report(report))
 
 
@@ -163,8 +164,8 @@ VERBS: dict[str, tuple[Callable, str]] = {
     "sweep": (_sweep, "Ray Tune over train"),
     "eval": (_eval, "evaluate a checkpoint or exported model"),
     "inspect": (_inspect, "show rendered samples coloured by supervision, and per-turn loss weights"),
-    "template": (_template, "what the chat template will teach: strategy, stops, think policy, learned "
-                            "tokens by role, records refused"),
+    "template": (_template, "what the chat template will teach: strategy, stops, think policy, features, "
+                            "learned tokens by role, records refused, serving parity"),
     "export": (_export, "write a Hugging Face model folder (LoRA merged or the adapter alone)"),
 }
 
@@ -256,10 +257,13 @@ def keys_listing(args: Sequence[str]) -> str:
         raise UserError(f"no config key starts with {prefix!r}{hint}")
     if config is None and not overrides:
         return "\n".join(f"{key} = {default}\n    {text}" for key, default, text in chosen)
-    values = load_config(config, overrides).flat()
+    tree = load_config(config, overrides).to_dict()
     out = []
     for key, default, text in chosen:
-        value = repr(values[key]) if key in values else default
+        node = tree
+        for part in key.split("."):  # not flat(): it splits a mapping-valued key into its entries
+            node = node[part]
+        value = repr(node)
         mark = "*" if value != default else " "
         out.append(f"{mark} {key} = {value}" + (f"   (default {default})" if value != default else "")
                    + f"\n      {text}")

@@ -20,7 +20,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from chatsft.data.options import Organization, Template, Think, TrainOn, Truncation
+from chatsft.data.options import Organization, Template, Think, ToolArguments, TrainOn, Truncation
 
 
 class ConfigError(ValueError):
@@ -130,6 +130,15 @@ class DataConfig:
         None, "Think blocks: learn, mask_empty or drop_history; unset: what the chat template does at "
         "inference (`chatsft template` says which)."
     )
+    chat_template_kwargs: dict[str, Any] = doc(
+        factory=dict, text="data.template=hf: extra variables for the template, as apply_chat_template(**kwargs) "
+        "and vLLM's chat_template_kwargs take them (e.g. {enable_thinking: true}); serve with the same ones."
+    )
+    tool_arguments: ToolArguments = doc(
+        ToolArguments.JSON, "A tool call's arguments given as text: json (it must be JSON of an object, which "
+        "the template gets as it renders one; else the record is refused: bad_tool_arguments) or keep_text "
+        "(text that is not JSON is trained on as the text the record gave)."
+    )
     max_length: int = doc(1024, "Maximum tokens per sample (and per packed row); encoder length for seq2seq.")
     max_target_length: int = doc(256, "Seq2seq only: maximum decoder (label) tokens.")
     truncation: Truncation = doc(Truncation.TURNS, "turns, right or drop (see Truncation).")
@@ -155,6 +164,12 @@ class DataConfig:
                 raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
         if self.map_concurrency < 0:
             raise ConfigError(f"{where}.map_concurrency: must be >= 0")
+        if self.chat_template_kwargs and self.template != Template.HF:
+            raise ConfigError(f"{where}.chat_template_kwargs: only for data.template=hf (the tokenizer's own "
+                              f"template); data.template is {self.template.value}")
+        reserved = sorted(set(self.chat_template_kwargs) & {"messages", "tools", "documents", "add_generation_prompt"})
+        if reserved:
+            raise ConfigError(f"{where}.chat_template_kwargs.{reserved[0]}: chatsft sets it for every render")
 
 
 # ------------------------------------------------------------------------ method

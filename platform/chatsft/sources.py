@@ -7,8 +7,8 @@ are read the same way.
 Two file formats, told by the extension (or the source's `format` key), never
 by looking at the content: JSONL (`.jsonl`, one record a line) and Parquet
 (`.parquet`, one record a row, in the Hugging Face datasets layout: a
-`messages` column of list<struct<role, content, ...>>, an optional `tools`
-column, other columns ignored). A Parquet row is turned into the JSON text of
+`messages` column of list<struct<role, content, ...>> or of JSON text, an
+optional `tools` column, other columns ignored). A Parquet row is turned into the JSON text of
 its record (`parquet_records`) and from there takes the very path a JSONL line
 takes (`parse_line`): one validator, the same reasons. Rows are numbered from 1
 within their file, as lines are, so provenance reads `path:row`.
@@ -40,12 +40,13 @@ def resolve_uri(path: str) -> str:
     return path
 
 
-def first_records(sources: Sequence[Any], limit: int) -> Iterator[Union[Conversation, BadRecord]]:
+def first_records(sources: Sequence[Any], limit: int,
+                  tool_arguments: str = "json") -> Iterator[Union[Conversation, BadRecord]]:
     """The first `limit` records of the sources in order, streamed (a large file is not read whole).
-    A source is a spec string or a config Source (path and format)."""
+    A source is a spec string or a config Source (path and format); `tool_arguments`: data.tool_arguments."""
     files = [f for src in sources
              for f in expand_source(*((src, "auto") if isinstance(src, str) else (src.path, src.format)))]
-    yield from _parsed(files, limit)
+    yield from _parsed(files, limit, tool_arguments)
 
 
 def expand_local(path: str) -> list[str]:
@@ -53,17 +54,18 @@ def expand_local(path: str) -> list[str]:
     return [f.location for f in expand_source(path)]
 
 
-def read_local(path: str, limit: Optional[int] = None,
-               declared: str = "auto") -> Iterator[Union[Conversation, BadRecord]]:
+def read_local(path: str, limit: Optional[int] = None, declared: str = "auto",
+               tool_arguments: str = "json") -> Iterator[Union[Conversation, BadRecord]]:
     """Parse the files of a source spec in this process (inspect, eval, small fixtures):
     a Conversation or the BadRecord of each record, named as the pipeline names them."""
     files = expand_source(path, declared)
     if not files:
         raise FileNotFoundError(2, "no such file", resolve_uri(path))
-    yield from _parsed(files, limit)
+    yield from _parsed(files, limit, tool_arguments)
 
 
-def _parsed(files: Sequence["SourceFile"], limit: Optional[int]) -> Iterator[Union[Conversation, BadRecord]]:
+def _parsed(files: Sequence["SourceFile"], limit: Optional[int],
+            tool_arguments: str) -> Iterator[Union[Conversation, BadRecord]]:
     """The records of `files` in order, at most `limit`, each parsed or refused with its path:line."""
     n = 0
     for f in files:
@@ -72,7 +74,7 @@ def _parsed(files: Sequence["SourceFile"], limit: Optional[int]) -> Iterator[Uni
                 return
             n += 1
             try:
-                yield parse_line(raw, f"{f.display}:{line}")
+                yield parse_line(raw, f"{f.display}:{line}", tool_arguments)
             except BadRecord as e:
                 yield e
 
@@ -122,6 +124,8 @@ def parquet_records(table: Any, columns: Sequence[str]) -> list[bytes]:
     others = {c: None for c in columns if c != "messages"}
     out = []
     for m, t in zip(messages, tools):
+        if isinstance(m, str):
+            m = _decoded(m)  # a `messages` column of JSON text: the list it spells
         record: dict = {"messages": _no_nulls(m)} if m is not None else dict(others)
         if t is not None:
             record["tools"] = _tools(t)
@@ -139,12 +143,15 @@ def _no_nulls(value: Any) -> Any:
 
 def _tools(value: Any) -> Any:
     """A `tools` column holds a list of schemas, or (as many datasets store it) their JSON text."""
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except ValueError:
-            return value  # refused as bad_tools, showing the text
-    return _no_nulls(value)
+    return _decoded(value) if isinstance(value, str) else _no_nulls(value)
+
+
+def _decoded(text: str) -> Any:
+    """JSON text -> its value; text that is not JSON stays text, to be refused naming its column."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _jsonable(value: Any) -> Any:

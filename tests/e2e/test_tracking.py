@@ -65,6 +65,7 @@ def test_a_training_run_holds_params_metrics_stats_preview_plots_and_a_model(tmp
     m = run.data.metrics
     assert 0 < m["data/train/supervision_ratio"] < 1 and m["data/train/records_bad"] == 0
     assert "data/eval/samples" in m and "data/train/pad_fraction" in m
+    assert m["data/train/serving_parity"] == 1.0  # chatml trained as the tokenizer's own template serves it
     files = set(artifacts(client, run.info.run_id))
     assert {"config.yaml", "data/train/stats.json", "data/train/mask_preview.html", "data/eval/stats.json",
             "plots/loss.png", "plots/data_train.png"} <= files

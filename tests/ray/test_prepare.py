@@ -182,6 +182,7 @@ MALFORMED = [
     (b'{"messages": [{"role": "user", "content": "<|user_end|>"}, {"role": "assistant", "content": "c"}]}\n', "control_token_in_content"),
     (b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": 5}]}\n', "bad_reasoning"),
     (b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "tool_calls": [{"name": "f"}]}]}\n', "bad_tool_call"),
+    (b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{x: 1"}}]}]}\n', "bad_tool_arguments"),
     (b'{"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "r", "name": 7}, {"role": "assistant", "content": "a"}]}\n', "bad_tool_message"),
     (b'{"tools": {"name": "f"}, "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n', "bad_tools"),
     (b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": "r"}]}\n', "unsupported_field"),
@@ -209,7 +210,8 @@ def test_malformed_corpus_skip_counts_every_reason(ray_local, tmp_path, tiny_lla
     p = prepare(RunPlan.resolve(cfg), force=True)
     expected = Counter(reason for _, reason in MALFORMED if reason)
     hf_only = {"template_error", "answer_not_in_render", "answer_not_located", "reasoning_not_rendered",
-               "tool_call_not_in_render", "generation_mask_mismatch"}  # what only a model's own template does
+               "tool_call_not_in_render", "generation_mask_mismatch", "reasoning_unsupported",
+               "tool_calls_unsupported", "tool_results_unsupported"}  # what only a model's own template does
     assert set(REASONS) - set(expected) == hf_only  # every other reason is in the corpus
     st = p.train_stats
     assert st["bad_by_reason"] == dict(expected) and st["records_bad"] == sum(expected.values())
@@ -249,7 +251,12 @@ def test_hf_template_error_is_a_counted_bad_record(ray_local, tmp_path, tiny_lla
     assert p.train_stats["bad_by_reason"] == {"template_error": 1} and p.train_stats["samples"] == 2
     report = p.train_stats["template"]  # the report read the same records before the work started
     assert report["strategy"] == "located" and report["records"]["refused"] == {"template_error": 1}
-    assert "refused template_error: 1" in open(os.path.join(p.train_dir, "template_report.txt")).read()
+    text = open(os.path.join(p.train_dir, "template_report.txt")).read()
+    assert "refused template_error: 1" in text
+    # Serving parity: both answers are trained on what the template serves before them (stats.json, as a
+    # number too, for MLflow).
+    assert report["serving_parity"]["answers"] == 2 and report["serving_parity"]["same"] == 2
+    assert p.train_stats["serving_parity"] == 1.0 and "serving parity: 2 of 2 answers (100.0%)" in text
     bad = [json.loads(x) for x in open(os.path.join(p.train_dir, "bad_records.jsonl"))]
     assert bad[0]["source"] == f"{path}:2" and "alternate" in bad[0]["detail"]
 

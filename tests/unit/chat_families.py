@@ -9,7 +9,17 @@ glm       no end-of-turn marker: the next role tag is where the model stops; <th
           before each earlier answer (d)
 llama31   a system header with a date even without a system message; content trimmed;
           a tool call replaces the answer's text (e, h)
-gemma4    the generation prompt closes an empty thought channel the history never shows (f)
+gemma4    the generation prompt closes an empty thought channel the history never shows, unless
+          enable_thinking (which also opens a system turn with <|think|>) (f); a thought channel
+          for answers after the last user message; calls written `call:NAME{key:<|"|>value<|"|>}`
+          from an object (text arguments would be printed raw inside the braces); tool results
+          written into the model's own turn right after its calls, the next answer continuing that
+          turn with no header, and `<|tool_response>` the model's stop after calls (Gemma 4)
+gemma4_echo  a Gemma variant that writes tool output into the next model turn, after its header
+kimi      Kimi K2 style: calls named by their id (`functions.NAME:IDX`), not by the function, in a
+          `<|tool_calls_section_begin|>` section; `<think></think>` before earlier answers, the
+          final ones' reasoning in `<think>`; `thinking=false` closes an empty think block in the
+          generation prompt
 gemma2    raises on a system message; roles must alternate; content trimmed (i)
 smol      {% generation %} markers around the answer and its end token (j)
 deepseek  after tool results the answer follows the results' closing marker with no assistant header:
@@ -161,27 +171,125 @@ LLAMA31 = (
     "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
 )
 
-GEMMA4 = (
+_GEMMA4_ARG = (  # a value as Gemma 4 prints one: strings quoted with the <|"|> token, keys sorted, bare
+    "{%- macro arg(v) -%}"
+    "{%- if v is string -%}{{- '<|\"|>' + v + '<|\"|>' -}}"
+    "{%- elif v is boolean -%}{{- 'true' if v else 'false' -}}"
+    "{%- elif v is mapping -%}{{- '{' -}}{%- for k, x in v | dictsort -%}{{- k + ':' + arg(x) -}}"
+    "{%- if not loop.last -%}{{- ',' -}}{%- endif -%}{%- endfor -%}{{- '}' -}}"
+    "{%- elif v is sequence -%}{{- '[' -}}{%- for x in v -%}{{- arg(x) -}}{%- if not loop.last -%}{{- ',' -}}"
+    "{%- endif -%}{%- endfor -%}{{- ']' -}}"
+    "{%- elif v is none -%}{{- 'null' -}}{%- else -%}{{- v | string -}}{%- endif -%}"
+    "{%- endmacro -%}"
+)
+_GEMMA4_HEAD = (
     "{{- bos_token -}}"
+    "{%- set think = enable_thinking is defined and enable_thinking -%}"
+    "{%- set ns = namespace(last_user=-1, prev='', scan=false, pending=[]) -%}"
+    "{%- set rest = messages[1:] if messages[0].role == 'system' else messages -%}"
+    "{%- if think or tools or messages[0].role == 'system' -%}"
+    "{{- '<|turn>system\\n' -}}"
+    "{%- if think -%}{{- '<|think|>\\n' -}}{%- endif -%}"
+    "{%- if messages[0].role == 'system' -%}{{- messages[0].content | trim -}}{%- endif -%}"
+    "{%- for t in tools or [] -%}"
+    "{{- '<|tool>declaration:' + t.function.name + '{description:' + arg(t.function.description or '') + '}<tool|>' -}}"
+    "{%- endfor -%}"
+    "{{- '<turn|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- for m in rest -%}{%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}{%- endfor -%}"
+)
+_GEMMA4_BODY = (  # an answer's thought channel, text and calls
+    "{%- if m.reasoning_content and loop.index0 > ns.last_user -%}"
+    "{{- '<|channel>thought\\n' + m.reasoning_content + '<channel|>' -}}"
+    "{%- endif -%}"
+    "{%- if m.content is string -%}{{- m.content.split('<channel|>')[-1] | trim -}}{%- endif -%}"
+    "{%- for call in m.tool_calls or [] -%}"
+    "{{- '<|tool_call>call:' + call.function.name + '{' -}}"
+    "{%- if call.function.arguments is mapping -%}"
+    "{%- for k, v in call.function.arguments | dictsort -%}{{- k + ':' + arg(v) -}}"
+    "{%- if not loop.last -%}{{- ',' -}}{%- endif -%}{%- endfor -%}"
+    "{%- else -%}{{- call.function.arguments -}}{%- endif -%}"
+    "{{- '}<tool_call|>' -}}"
+    "{%- endfor -%}"
+)
+_GEMMA4_RESULT = "'<|tool_response>response:' + (f.name or 'tool') + '{value:' + arg(f.content) + '}<tool_response|>'"
+
+GEMMA4 = (
+    _GEMMA4_ARG + _GEMMA4_HEAD +
+    "{%- for m in rest -%}"
+    "{%- if m.role != 'tool' -%}"
+    "{%- set role = 'model' if m.role == 'assistant' else m.role -%}"
+    "{%- if not (role == 'model' and ns.prev == 'tool_response') -%}{{- '<|turn>' + role + '\\n' -}}{%- endif -%}"
+    "{%- set ns.prev = role -%}"
+    "{%- if role == 'model' -%}" + _GEMMA4_BODY +
+    "{%- else -%}{{- m.content | trim -}}{%- endif -%}"
+    "{%- if m.tool_calls -%}"
+    "{%- set ns.scan = true -%}"
+    "{%- for f in rest[loop.index0 + 1:] -%}"
+    "{%- if f.role != 'tool' -%}{%- set ns.scan = false -%}{%- endif -%}"
+    "{%- if ns.scan -%}{{- " + _GEMMA4_RESULT + " -}}{%- set ns.prev = 'tool_response' -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if ns.prev != 'tool_response' -%}{{- '<|tool_response>' -}}{%- endif -%}"
+    "{%- else -%}{{- '<turn|>\\n' -}}{%- endif -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{%- if ns.prev != 'tool_response' -%}{{- '<|turn>model\\n' -}}{%- endif -%}"
+    "{%- if not think -%}{{- '<|channel>thought\\n<channel|>' -}}{%- endif -%}"
+    "{%- endif -%}"
+)
+
+GEMMA4_ECHO = (  # tool output kept back and written into the next model turn, after its header
+    _GEMMA4_ARG + _GEMMA4_HEAD +
+    "{%- for m in rest -%}"
+    "{%- if m.role == 'tool' -%}{%- set ns.pending = ns.pending + [m] -%}"
+    "{%- else -%}"
+    "{%- set role = 'model' if m.role == 'assistant' else m.role -%}"
+    "{{- '<|turn>' + role + '\\n' -}}"
+    "{%- if role == 'model' -%}"
+    "{%- for f in ns.pending -%}{{- " + _GEMMA4_RESULT + " -}}{%- endfor -%}{%- set ns.pending = [] -%}"
+    + _GEMMA4_BODY +
+    "{%- else -%}{{- m.content | trim -}}{%- endif -%}"
+    "{{- '<turn|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|turn>model\\n' -}}"
+    "{%- for f in ns.pending -%}{{- " + _GEMMA4_RESULT + " -}}{%- endfor -%}"
+    "{%- if not think -%}{{- '<|channel>thought\\n<channel|>' -}}{%- endif -%}"
+    "{%- endif -%}"
+)
+
+KIMI = (
+    "{%- if tools -%}{{- '<|im_system|>tool_declare<|im_middle|>' + tools | tojson + '<|im_end|>' -}}{%- endif -%}"
     "{%- set ns = namespace(last_user=-1) -%}"
     "{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if tools -%}{{- '<|turn>system\\nTools:' -}}"
-    "{%- for t in tools -%}{{- '\\n' + t | tojson -}}{%- endfor -%}{{- '<turn|>\\n' -}}{%- endif -%}"
+    "{%- if messages[0].role != 'system' -%}"
+    "{{- '<|im_system|>system<|im_middle|>You are a helpful assistant.<|im_end|>' -}}{%- endif -%}"
     "{%- for m in messages -%}"
-    "{%- set role = 'model' if m.role == 'assistant' else m.role -%}"
-    "{{- '<|turn>' + role + '\\n' -}}"
-    "{%- if m.role == 'assistant' and loop.index0 > ns.last_user and m.reasoning_content -%}"
-    "{{- '<|channel>thought\\n' + m.reasoning_content + '<channel|>' -}}"
+    "{%- if m.role == 'system' -%}{{- '<|im_system|>system<|im_middle|>' + m.content + '<|im_end|>' -}}"
+    "{%- elif m.role == 'user' -%}{{- '<|im_user|>user<|im_middle|>' + m.content + '<|im_end|>' -}}"
+    "{%- elif m.role == 'tool' -%}"
+    "{{- '<|im_system|>tool<|im_middle|>## Return of ' -}}{{- m.tool_call_id -}}{{- '\\n' + m.content + '<|im_end|>' -}}"
+    "{%- else -%}"
+    "{{- '<|im_assistant|>assistant<|im_middle|>' -}}"
+    "{%- if loop.index0 > ns.last_user -%}{{- '<think>' + (m.reasoning_content or '') + '</think>' -}}"
+    "{%- else -%}{{- '<think></think>' -}}{%- endif -%}"
+    "{%- if m.content is string -%}{{- m.content -}}{%- endif -%}"
+    "{%- if m.tool_calls -%}"
+    "{{- '<|tool_calls_section_begin|>' -}}"
+    "{%- for call in m.tool_calls -%}"
+    "{{- '<|tool_call_begin|>' -}}{{- call.id -}}{{- '<|tool_call_argument_begin|>' -}}"
+    "{{- call.function.arguments if call.function.arguments is string else call.function.arguments | tojson -}}"
+    "{{- '<|tool_call_end|>' -}}"
+    "{%- endfor -%}"
+    "{{- '<|tool_calls_section_end|>' -}}"
     "{%- endif -%}"
-    "{%- if m.content is string -%}{{- m.content | trim -}}{%- endif -%}"
-    "{%- for call in m.tool_calls or [] -%}"
-    "{{- '<|tool_call>call:' + call.function.name + (call.function.arguments | tojson) + '<tool_call|>' -}}"
+    "{{- '<|im_end|>' -}}"
+    "{%- endif -%}"
     "{%- endfor -%}"
-    "{{- '<turn|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|turn>model\\n' -}}"
-    "{%- if not enable_thinking | default(false) -%}{{- '<|channel>thought\\n<channel|>' -}}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_assistant|>assistant<|im_middle|>' -}}"
+    "{%- if thinking is defined and not thinking -%}{{- '<think></think>' -}}{%- endif -%}"
     "{%- endif -%}"
 )
 
@@ -253,9 +361,12 @@ class Family:
     tools: bool = False  # the template renders tool calls and tool messages
     alternate: bool = False  # roles must alternate user/assistant
     trims: bool = False  # the template trims answers
+    call_ids: bool = False  # calls are named by id: chatsft gives functions.NAME:IDX to calls without one
     stop: dict = field(default_factory=dict)  # what ends an answer: "turn" (the marker), "next" (role tag)
 
 
+GEMMA4_SPECIALS = ("<bos>", "<eos>", "<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>",
+                   "<|tool_response>", "<tool_response|>", "<|tool>", "<tool|>", "<|think|>", '<|"|>')
 THINK_TAGS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
 
 FAMILIES = {
@@ -273,8 +384,13 @@ FAMILIES = {
     "llama31": Family(LLAMA31, ("<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>",
                                 "<|eom_id|>", "<|end_of_text|>"), "<|begin_of_text|>", "<|eot_id|>",
                       tools=True, trims=True),
-    "gemma4": Family(GEMMA4, ("<bos>", "<eos>", "<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|tool_call>",
-                              "<tool_call|>"), "<bos>", "<eos>", reasoning=True, tools=True, trims=True),
+    "gemma4": Family(GEMMA4, GEMMA4_SPECIALS, "<bos>", "<eos>", reasoning=True, tools=True, trims=True),
+    # Tool calls render; tool results do not (the template echoes them where the next answer is learned).
+    "gemma4_echo": Family(GEMMA4_ECHO, GEMMA4_SPECIALS, "<bos>", "<eos>", reasoning=True, trims=True),
+    "kimi": Family(KIMI, ("<|im_system|>", "<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|im_middle|>",
+                          "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", "<|tool_call_begin|>",
+                          "<|tool_call_argument_begin|>", "<|tool_call_end|>", "[EOS]"), None, "<|im_end|>",
+                   ("<think>", "</think>"), reasoning=True, tools=True, call_ids=True),
     "gemma2": Family(GEMMA2, ("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"), "<bos>", "<eos>",
                      alternate=True, trims=True),
     "deepseek": Family(DEEPSEEK, ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",

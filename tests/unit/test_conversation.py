@@ -49,6 +49,12 @@ CASES = {
                                              {"role": "assistant", "content": "a"}]}),
                          "f.jsonl:7: bad_tool_message: a tool message's tool_call_id or name is not a string: "
                          "messages[1].tool_call_id is int"),
+    "bad_tool_arguments": (_line({"messages": [{"role": "user", "content": "q"}, {
+        "role": "assistant", "content": None,
+        "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{to: station}"}}]}]}),
+        "f.jsonl:7: bad_tool_arguments: a tool call's arguments are text that is not JSON of an object "
+        "(data.tool_arguments): messages[1].tool_calls[0].function.arguments is not JSON (Expecting property "
+        "name enclosed in double quotes at column 2: '{to: station}'); set data.tool_arguments=keep_text"),
     "bad_tools": (_line({"tools": {"name": "f"}, "messages": [{"role": "user", "content": "q"},
                                                               {"role": "assistant", "content": "a"}]}),
                   "f.jsonl:7: bad_tools: the record's tools is not a list of JSON schema objects: got dict"),
@@ -68,7 +74,8 @@ def test_each_invalid_record_has_its_reason_and_message(reason):
 def test_every_reason_is_tested_somewhere():
     template_reasons = {"bad_order", "unsupported_role", "control_token_in_content", "template_error",
                         "unsupported_field", "answer_not_in_render", "answer_not_located", "reasoning_not_rendered",
-                        "tool_call_not_in_render", "generation_mask_mismatch"}
+                        "tool_call_not_in_render", "generation_mask_mismatch", "reasoning_unsupported",
+                        "tool_calls_unsupported", "tool_results_unsupported"}
     assert set(REASONS) == set(CASES) | template_reasons
 
 
@@ -101,6 +108,33 @@ def test_reasoning_and_tool_fields_parse_and_round_trip():
     assert conv.tool_schemas == record["tools"]
     assert conv.to_record() == record
     assert hash(conv) == hash(parse_line(_line(record), "t:1"))
+
+
+def test_tool_arguments_as_an_object_or_json_text_and_the_call_id():
+    def record(*calls):
+        return {"messages": [{"role": "user", "content": "q"},
+                             {"role": "assistant", "content": None, "tool_calls": list(calls)}]}
+
+    obj = {"type": "function", "function": {"name": "route", "arguments": {"to": "station", "n": [1, 2]}}}
+    text = {"type": "function", "id": "call_7", "function": {"name": "route",
+                                                              "arguments": '{"to": "station", "n": [1, 2]}'}}
+    a, b = parse_line(_line(record(obj, text))).messages[1].tool_calls
+    assert a.arguments_object == b.arguments_object == {"to": "station", "n": [1, 2]}
+    assert isinstance(b.arguments, str)  # the record's own spelling is kept; templates get what they render
+    assert (a.id, b.id) == (None, "call_7")
+    # Text that is not JSON of an object: refused naming the call, or kept as text when the config says so.
+    for bad, says in (("{to: station}", "is not JSON"), ("[1, 2]", "is JSON of a list, not of an object"),
+                      ('"station"', "is JSON of a str, not of an object")):
+        call = {"type": "function", "function": {"name": "route", "arguments": bad}}
+        with pytest.raises(BadRecord) as e:
+            parse_line(_line(record(obj, call)), "t.jsonl:3")
+        assert e.value.reason == "bad_tool_arguments" and str(e.value).startswith("t.jsonl:3: bad_tool_arguments")
+        assert f"messages[1].tool_calls[1].function.arguments {says}" in str(e.value)
+        kept = parse_line(_line(record(obj, call)), "t.jsonl:3", tool_arguments="keep_text").messages[1].tool_calls[1]
+        assert kept.arguments == bad and kept.arguments_object is None
+    with pytest.raises(BadRecord) as e:
+        parse_line(_line(record({**obj, "id": 5})))
+    assert e.value.reason == "bad_tool_call"
 
 
 def test_lines_blank_bom_and_crlf():

@@ -57,24 +57,38 @@ def with_reasoning(record, *reasonings):
     return out
 
 
-def reference(tok, record, folded=False):
-    """What apply_chat_template gives for the record (its system folded where the template refuses one)."""
+def with_call_ids(messages):
+    """The messages with every call that has no id given one as Kimi K2 names them: functions.NAME:IDX, IDX
+    counting the record's calls from 0 (what chatsft hands a template that names calls by id)."""
+    out, n = json.loads(json.dumps(messages)), 0
+    for m in out:
+        for call in m.get("tool_calls") or []:
+            call.setdefault("id", f"functions.{call['function']['name']}:{n}")
+            n += 1
+    return out
+
+
+def reference(tok, record, folded=False, ids=False, **kwargs):
+    """What apply_chat_template gives for the record (its system folded where the template refuses one;
+    calls given ids where the template names calls by id; `kwargs`: the template's variables)."""
     msgs = record["messages"]
     if folded:
         msgs = parse_record(json.loads(json.dumps(record)))
         from chatsft.data.conversation import merge_system
 
         msgs = [{"role": m.role, "content": m.content} for m in merge_system(msgs.messages)]
-    return list(tok.apply_chat_template(msgs, tools=record.get("tools"), tokenize=True, return_dict=False))
+    if ids:
+        msgs = with_call_ids(msgs)
+    return list(tok.apply_chat_template(msgs, tools=record.get("tools"), tokenize=True, return_dict=False, **kwargs))
 
 
 def marked(tok, s):
     return "".join(f"«{text}»" if learned else text for text, learned in runs(tok, s.input_ids, s.labels))
 
 
-def rendered(tok, record, think=None, folded=False):
-    (s,) = render_conversation(record, tok, "hf", think=think).samples
-    assert s.input_ids.tolist() == reference(tok, record, folded)
+def rendered(tok, record, think=None, folded=False, ids=False, **kwargs):
+    (s,) = render_conversation(record, tok, "hf", think=think, chat_template_kwargs=kwargs).samples
+    assert s.input_ids.tolist() == reference(tok, record, folded, ids, **kwargs)
     learned = s.labels != IGNORE
     assert (s.labels[learned] == s.input_ids[learned]).all() and (s.answer_of_token[learned] >= 0).all()
     return s
@@ -247,6 +261,171 @@ def test_j_generation_markers_are_used_and_agree_with_the_rule(family):
         "<|im_start|>assistant\n«See you.<|im_end|>»\n")
 
 
+def test_f_gemma4_results_go_into_the_model_turn_and_the_next_answer_goes_on_in_it(family):
+    # Gemma 4 writes a call's results into the model's own turn, then the next answer with no header;
+    # the model's stop after its calls is `<|tool_response>`. Before, one failing probe refused the whole
+    # template ("no assistant header after the previous message").
+    tok = family("gemma4")
+    t = get_template("hf", tok)
+    assert t.info["stops"] == ["<turn|>", "<|tool_response>"] and t.info["call_stop"] == "<|tool_response>"
+    assert all(f["supported"] for f in t.info["features"].values())
+    record = with_reasoning(TOOL_REC, "Look it up.")
+    s = rendered(tok, record)
+    tools_turn = ('<bos><|turn>system\n<|tool>declaration:route{description:<|"|>Distance to a place.<|"|>}<tool|>'
+                  "<turn|>\n<|turn>user\nHow far is it?<turn|>\n<|turn>model\n")
+    assert marked(tok, s) == (
+        tools_turn + '«<|channel>thought\nLook it up.<channel|><|tool_call>call:route{to:<|"|>station<|"|>}'
+        '<tool_call|><|tool_response>»response:route{value:<|"|>2 km<|"|>}<tool_response|>«It is 2 km.<turn|>»\n')
+    learned = learned_tokens(tok, s)
+    assert learned[learned.index("<tool_call|>") + 1] == "<|tool_response>" and learned[-1] == "<turn|>"
+    # Thinking on (enable_thinking): a system turn opens with <|think|>, the generation prompt adds nothing,
+    # and the default policy learns only the final exchange's thought channels.
+    on = get_template("hf", tok, None, {"enable_thinking": True})
+    assert on.info["generation_prompt_extra"] == "" and on.think == "drop_history"
+    s = rendered(tok, record, enable_thinking=True)
+    assert marked(tok, s).startswith("<bos><|turn>system\n<|think|>\n<|tool>declaration:route")
+    assert marked(tok, s).endswith("<|turn>model\n«<|channel>thought\nLook it up.<channel|><|tool_call>call:route"
+                                   '{to:<|"|>station<|"|>}<tool_call|><|tool_response>»response:route{value:<|"|>'
+                                   '2 km<|"|>}<tool_response|>«It is 2 km.<turn|>»\n')
+
+
+def test_f_gemma4_answer_after_a_result_is_placed_when_its_prompt_keeps_reasoning_the_whole_drops(family):
+    # A question after the tool exchange makes the template drop the call's thought channel from the whole
+    # record, while the prompt of the answer after the result keeps it: the answer starts after the
+    # result's closing marker, and the report says the context differs from the one served.
+    tok = family("gemma4")
+    record = with_reasoning(TOOL_REC, "Look it up.")
+    record["messages"] += [{"role": "user", "content": "And back?"}, {"role": "assistant", "content": "Also 2 km."}]
+    s = rendered(tok, record, enable_thinking=True)
+    assert marked(tok, s).endswith(
+        '<|turn>model\n«<|tool_call>call:route{to:<|"|>station<|"|>}<tool_call|><|tool_response>»response:route'
+        '{value:<|"|>2 km<|"|>}<tool_response|>«It is 2 km.<turn|>»\n<|turn>user\nAnd back?<turn|>\n'
+        "<|turn>model\n«Also 2 km.<turn|>»\n")
+    t = get_template("hf", tok, None, {"enable_thinking": True})
+    r = template_report(t, tok, [parse_record(record, "g.jsonl:1")])
+    assert r["notes"]["answers placed after the tool result they follow (no header before them)"] == 1
+    assert r["serving_parity"]["answers"] == 3 and r["serving_parity"]["same"] == 2
+    assert r["serving_parity"]["differ"] == {
+        "the record's render drops earlier reasoning that the prompt at inference holds": 1}
+
+
+def test_kimi_calls_are_named_by_id_and_calls_without_one_get_functions_name_idx(family):
+    tok = family("kimi")
+    t = get_template("hf", tok)
+    assert t.info["features"]["tool_calls"] == {
+        "supported": True, "how": "named by their id (calls without one get functions.NAME:IDX), arguments given "
+                                  "as an object"}
+    second = {"type": "function", "function": {"name": "route", "arguments": '{"to": "home"}'}}
+    own = {"type": "function", "id": "call_x7", "function": {"name": "log", "arguments": {}}}
+    record = json.loads(json.dumps(TOOL_REC))
+    record["messages"][3:3] = [{"role": "assistant", "content": "And home?", "tool_calls": [second, own]},
+                               {"role": "tool", "content": "5 km", "tool_call_id": "functions.route:1"},
+                               {"role": "tool", "content": "ok", "tool_call_id": "call_x7"}]
+    s = rendered(tok, record, ids=True)
+    assert marked(tok, s) == (
+        '<|im_system|>tool_declare<|im_middle|>[{"type": "function", "function": {"name": "route", "description": '
+        '"Distance to a place.", "parameters": {"type": "object", "properties": {"to": {"type": "string"}}}}}]'
+        "<|im_end|><|im_system|>system<|im_middle|>You are a helpful assistant.<|im_end|>"
+        "<|im_user|>user<|im_middle|>How far is it?<|im_end|><|im_assistant|>assistant<|im_middle|>"
+        "«<think></think><|tool_calls_section_begin|><|tool_call_begin|>functions.route:0"
+        '<|tool_call_argument_begin|>{"to": "station"}<|tool_call_end|><|tool_calls_section_end|><|im_end|>»'
+        "<|im_system|>tool<|im_middle|>## Return of c1\n2 km<|im_end|><|im_assistant|>assistant<|im_middle|>"
+        "«<think></think>And home?<|tool_calls_section_begin|><|tool_call_begin|>functions.route:1"
+        '<|tool_call_argument_begin|>{"to": "home"}<|tool_call_end|><|tool_call_begin|>call_x7'
+        "<|tool_call_argument_begin|>{}<|tool_call_end|><|tool_calls_section_end|><|im_end|>»"
+        "<|im_system|>tool<|im_middle|>## Return of functions.route:1\n5 km<|im_end|>"
+        "<|im_system|>tool<|im_middle|>## Return of call_x7\nok<|im_end|>"
+        "<|im_assistant|>assistant<|im_middle|>«<think></think>It is 2 km.<|im_end|>»")
+    r = template_report(t, tok, [parse_record(record, "k.jsonl:1")])
+    assert r["notes"]["tool calls given an id functions.NAME:IDX (the record had none)"] == 2
+    assert f"  {'tool calls':<20}supported: named by their id" in format_report(r)
+
+
+def test_kimi_thinking_off_closes_an_empty_think_block_the_history_holds_too(family):
+    # With thinking=false the generation prompt ends in `<think></think>`, which the history writes too:
+    # that block is context, as at inference, and every answer's context is what is served.
+    tok = family("kimi")
+    t = get_template("hf", tok, None, {"thinking": False})
+    assert t.info["generation_prompt_extra"] == "<think></think>" and t.think == "mask_empty"
+    s = rendered(tok, REC, thinking=False)
+    assert marked(tok, s).endswith("<|im_assistant|>assistant<|im_middle|><think></think>«Hello!<|im_end|>»"
+                                   "<|im_user|>user<|im_middle|>Bye<|im_end|><|im_assistant|>assistant<|im_middle|>"
+                                   "<think></think>«See you.<|im_end|>»")
+    r = template_report(t, tok, [parse_record(REC, "k.jsonl:1"), parse_record(TOOL_REC, "k.jsonl:2")])
+    assert r["serving_parity"] | {"examples": {}} == {
+        "reference": "apply_chat_template(history, add_generation_prompt=True)", "answers": 4, "same": 4,
+        "share": 1.0, "differ": {}, "examples": {}}
+
+
+def test_gemma4_echo_refuses_tool_results_alone_and_renders_the_rest_exactly(family):
+    # The variant writes what a tool returned into the next model turn, after its header: learning that answer
+    # would teach the model to write the tool's output. Tool results are off; plain dialogues and calls are not.
+    tok = family("gemma4_echo")
+    t = get_template("hf", tok)
+    f = t.info["features"]
+    assert f["tool_calls"]["supported"] and f["reasoning"]["supported"] and not f["tool_results"]["supported"]
+    assert f["tool_results"]["how"].startswith("the template writes what a tool returned where the next answer is "
+                                               "learned (after its header)")
+    s = rendered(tok, REC)
+    assert marked(tok, s) == (
+        "<bos><|turn>system\nBe brief.<turn|>\n<|turn>user\nHi there<turn|>\n<|turn>model\n«Hello!<turn|>»\n"
+        "<|turn>user\nBye<turn|>\n<|turn>model\n«See you.<turn|>»\n")
+    calls_only = {"tools": TOOLS, "messages": TOOL_REC["messages"][:2]}
+    assert marked(tok, rendered(tok, calls_only)).endswith(
+        '<|turn>model\n«<|tool_call>call:route{to:<|"|>station<|"|>}<tool_call|><turn|>»\n')
+    with pytest.raises(BadRecord) as e:
+        render_conversation(TOOL_REC, tok, "hf", source="e.jsonl:5")
+    assert e.value.reason == "tool_results_unsupported"
+    assert str(e.value) == ("e.jsonl:5: tool_results_unsupported: the chat template cannot render tool results as "
+                            "context (chatsft template says why): messages[2] is a tool result, and the template "
+                            "writes what a tool returned where the next answer is learned (after its header): it "
+                            "would be learned as the model's words")
+
+
+RAISES_ON = {  # a template that cannot take one feature, and the record that uses it
+    "tool_calls": ("{%- if m.tool_calls -%}{{- raise_exception('tool calls are not supported') -}}{%- endif -%}",
+                   TOOL_REC, 1, "calls a tool, and the template fails on a tool call (tool calls are not supported)"),
+    "reasoning": ("{%- if m.reasoning_content -%}{{- raise_exception('no thinking here') -}}{%- endif -%}",
+                  with_reasoning(REC, None, "Say goodbye."), 4,
+                  "carries reasoning_content, and the template fails on an answer with reasoning_content "
+                  "(no thinking here)"),
+}
+
+
+@pytest.mark.parametrize("feature", sorted(RAISES_ON))
+def test_a_failing_probe_turns_off_its_feature_alone(family, feature):
+    tok = family("qwen3")
+    guard, record, index, why = RAISES_ON[feature]
+    original = tok.chat_template
+    tok.chat_template = original.replace("{%- for m in messages -%}{%- if m.role == 'user' or",
+                                         "{%- for m in messages -%}" + guard + "{%- if m.role == 'user' or")
+    assert tok.chat_template != original
+    try:
+        t = get_template("hf", tok)
+        f = t.info["features"]
+        assert not f[feature]["supported"] and [k for k, v in f.items() if not v["supported"]] == (
+            ["tool_calls", "tool_results"] if feature == "tool_calls" else [feature])
+        # A plain dialogue renders exactly as before: the ids are the template's, the same answers learned.
+        s = rendered(tok, REC)
+        assert marked(tok, s) == (
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+            "<|im_start|>assistant\n«Hello!<|im_end|>»\n<|im_start|>user\nBye<|im_end|>\n"
+            "<|im_start|>assistant\n«<think>\n\n</think>\n\nSee you.<|im_end|>»\n")
+        # A record that uses the feature is refused, naming it and what the template does.
+        with pytest.raises(BadRecord) as e:
+            render_conversation(record, tok, "hf", source="r.jsonl:9")
+        assert e.value.reason == f"{feature}_unsupported" and e.value.detail == f"messages[{index}] {why}"
+        assert str(e.value).startswith(f"r.jsonl:9: {feature}_unsupported: ")
+        r = template_report(t, tok, [parse_record(REC, "r.jsonl:1"), parse_record(record, "r.jsonl:2")])
+        assert r["records"]["refused"] == {f"{feature}_unsupported": 1} and r["records"]["rendered"] == 1
+        text = format_report(r)
+        label = {"tool_calls": "tool calls", "reasoning": "reasoning_content"}[feature]
+        assert f"  {label:<20}UNSUPPORTED: the template {why.split('the template ')[1]}; records that use it " \
+               f"are refused ({feature}_unsupported)" in text
+    finally:
+        tok.chat_template = original
+
+
 def test_j_generation_markers_that_learn_past_the_stop_are_not_used(family):
     tok = family("smol")
     tok.chat_template = SMOL.replace("{{- m.content + '<|im_end|>' -}}{%- endgeneration -%}{{- '\\n' -}}",
@@ -269,9 +448,10 @@ TEXT = st.text(alphabet=st.sampled_from(ALPHABET), min_size=0, max_size=16)
 
 
 @st.composite
-def dialogues(draw, name):
+def dialogues(draw, name, tools_too=False):
     """A record the family's template can render: tagged texts (§U1§ ...) so what is learned can be told
-    apart from what is not whatever the random text is."""
+    apart from what is not whatever the random text is. `tools_too`: tool calls and results even where
+    the family does not render them all."""
     fam = FAMILIES[name]
     msgs, n = [], 0
     if draw(st.booleans()):
@@ -280,7 +460,7 @@ def dialogues(draw, name):
     for turn in range(draw(st.integers(1, 3))):
         # Now and then a blank question: nothing to find it by.
         msgs.append({"role": "user", "content": draw(st.sampled_from([f"§U{turn}§" + draw(TEXT)] * 5 + [" ", "\n"]))})
-        steps = draw(st.integers(0, 2)) if fam.tools and not fam.alternate else 0
+        steps = draw(st.integers(0, 2)) if (fam.tools or tools_too) and not fam.alternate else 0
         for step in range(steps + 1):
             answer = {"role": "assistant", "content": f"§A{n}§" + draw(TEXT)}
             if fam.reasoning and draw(st.booleans()):
@@ -319,15 +499,20 @@ def answers_learned(tok, s):
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+VARIANTS = [(name, {}) for name in sorted(FAMILIES)] + [("gemma4", {"enable_thinking": True}),
+                                                         ("kimi", {"thinking": False}),
+                                                         ("qwen3", {"enable_thinking": False})]
+
+
+@pytest.mark.parametrize("name, kwargs", VARIANTS, ids=[f"{n}{'-' + str(k) if k else ''}" for n, k in VARIANTS])
 @SETTINGS
 @given(data=st.data())
-def test_every_family_on_random_dialogues(family, name, data):
+def test_every_family_on_random_dialogues(family, name, kwargs, data):
     tok = family(name)
     fam = FAMILIES[name]
     record = data.draw(dialogues(name))
-    t = get_template("hf", tok)
-    s = rendered(tok, record, folded=t.info["system"].startswith("folded"))
+    t = get_template("hf", tok, None, kwargs)
+    s = rendered(tok, record, folded=t.info["system"].startswith("folded"), ids=fam.call_ids, **kwargs)
     # The hot path (headers in order) and the report's walk (every message found) place alike.
     conv = parse_record(record)
     assert t.segments(conv.messages, conv.tool_schemas) == t.explain(conv.messages, conv.tool_schemas, Counter())
@@ -344,7 +529,7 @@ def test_every_family_on_random_dialogues(family, name, data):
             body = m["content"].strip() if fam.trims else m["content"]
             assert body in text
         for call in m.get("tool_calls", []):
-            assert call["function"]["name"] in text
+            assert call["function"]["name"] in text  # by name, or inside its id functions.NAME:IDX
         index = record["messages"].index(m)
         if m.get("reasoning_content") and index > final_user and fam.reasoning:
             assert m["reasoning_content"].strip() in text  # a final answer's reasoning is learned
@@ -352,6 +537,21 @@ def test_every_family_on_random_dialogues(family, name, data):
         last = index == len(record["messages"]) - 1
         if t.info["stop_kind"] == "end-of-turn marker" or not last:
             assert any(text.endswith(stop) for stop in stops), (text, stops)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_echo_refuses_exactly_the_records_with_tool_results(family, data):
+    tok = family("gemma4_echo")
+    record = data.draw(dialogues("gemma4_echo", tools_too=True))
+    results = [i for i, m in enumerate(record["messages"]) if m["role"] == "tool"]
+    if results:
+        with pytest.raises(BadRecord) as e:
+            render_conversation(record, tok, "hf")
+        assert e.value.reason == "tool_results_unsupported" and e.value.detail.startswith(f"messages[{results[0]}] ")
+    else:  # with or without calls and reasoning: exactly the template's ids, every answer learned
+        s = rendered(tok, record)
+        assert len(answers_learned(tok, s)) == sum(m["role"] == "assistant" for m in record["messages"])
 
 
 @pytest.mark.parametrize("name", ["glm", "qwen3"])

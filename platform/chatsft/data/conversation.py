@@ -6,11 +6,16 @@ user can open the file at the right place.
 
 Reasoning and tools come in the shape Hugging Face chat templates read: an
 assistant message may carry `reasoning_content` (a string) and `tool_calls`
-(`[{"type": "function", "function": {"name", "arguments"}}]`, content then
+(`[{"type": "function", "function": {"name", "arguments"}, "id"?}]`, content then
 optional), a `tool` message `tool_call_id` and `name`, and the record a `tools`
 list of JSON schemas. Tool calls and schemas are kept as the JSON text the
 record gave, so a template gets back exactly what the record said and a
 Conversation stays hashable.
+
+A call's `arguments` may be an object or its JSON text (OpenAI's wire format; Parquet
+files store them so, where one Arrow schema cannot hold every tool's argument names):
+text must decode to an object, else the record is refused (`bad_tool_arguments`), unless
+`tool_arguments="keep_text"` keeps such text as the record gave it.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ REASONS = {
     "bad_part": "a content part is not {type, text} with a known type and string text",
     "bad_reasoning": "an assistant message's reasoning_content is not a string",
     "bad_tool_call": "a tool call is not {\"type\": \"function\", \"function\": {\"name\", \"arguments\"}}",
+    "bad_tool_arguments": "a tool call's arguments are text that is not JSON of an object (data.tool_arguments)",
     "bad_tool_message": "a tool message's tool_call_id or name is not a string",
     "bad_tools": "the record's tools is not a list of JSON schema objects",
     "empty_answer": "an assistant message has no content",
@@ -51,6 +57,9 @@ REASONS = {
     "reasoning_not_rendered": "the chat template drops the reasoning of a final answer",
     "tool_call_not_in_render": "the chat template drops a tool call of an answer",
     "generation_mask_mismatch": "the template's {% generation %} markers disagree with what the model emits",
+    "reasoning_unsupported": "the chat template cannot render reasoning_content (chatsft template says why)",
+    "tool_calls_unsupported": "the chat template cannot render tool calls (chatsft template says why)",
+    "tool_results_unsupported": "the chat template cannot render tool results as context (chatsft template says why)",
 }
 
 
@@ -94,6 +103,7 @@ def loads(text: str) -> Any:
 class ToolCall:
     name: str
     raw: str  # the call as the record gave it, JSON text
+    id: Optional[str] = None  # the call's `id`, if the record gave one
 
     @property
     def call(self) -> dict:
@@ -103,6 +113,18 @@ class ToolCall:
     def arguments(self) -> Any:
         """An object, or the string of JSON the record gave (OpenAI style)."""
         return self.call["function"]["arguments"]
+
+    @property
+    def arguments_object(self) -> Optional[dict]:
+        """The arguments as an object (JSON text decoded); None for text kept as text (not JSON)."""
+        args = self.arguments
+        if isinstance(args, dict):
+            return args
+        try:
+            value = json.loads(args)  # not through `loads`: arguments rarely repeat, and would evict the tools lists
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
 
 
 @dataclass(frozen=True)
@@ -164,8 +186,9 @@ class Conversation:
         return record
 
 
-def parse_line(line: Union[str, bytes], source: str = "") -> Conversation:
-    """One JSONL line -> Conversation, or BadRecord with its reason and source."""
+def parse_line(line: Union[str, bytes], source: str = "", tool_arguments: str = "json") -> Conversation:
+    """One JSONL line -> Conversation, or BadRecord with its reason and source. `tool_arguments`:
+    data.tool_arguments (options.ToolArguments: json or keep_text)."""
     if isinstance(line, bytes):
         try:
             line = line.decode("utf-8")
@@ -176,10 +199,10 @@ def parse_line(line: Union[str, bytes], source: str = "") -> Conversation:
         record = json.loads(line)
     except json.JSONDecodeError as e:
         raise BadRecord("invalid_json", f"{e.msg} at column {e.colno}", source) from None
-    return parse_record(record, source)
+    return parse_record(record, source, tool_arguments)
 
 
-def parse_record(record: object, source: str = "") -> Conversation:
+def parse_record(record: object, source: str = "", tool_arguments: str = "json") -> Conversation:
     """A decoded JSON value -> Conversation, validating the schema (not the template's rules)."""
     if not isinstance(record, dict):
         raise BadRecord("not_an_object", f"got {type(record).__name__}", source)
@@ -198,7 +221,7 @@ def parse_record(record: object, source: str = "") -> Conversation:
         if role not in ROLES:
             raise BadRecord("unknown_role", f"messages[{i}].role = {role!r}", source)
         value = m.get("content")
-        calls = _parse_tool_calls(m, i, source) if role == "assistant" and "tool_calls" in m else ()
+        calls = _parse_tool_calls(m, i, source, tool_arguments) if role == "assistant" and "tool_calls" in m else ()
         # An answer that only calls tools may leave content out (null), as OpenAI-style records do.
         content = None if value is None and calls else _parse_content(value, i, source)
         if role == "assistant" and not calls and not _has_text(content):
@@ -226,7 +249,7 @@ def parse_record(record: object, source: str = "") -> Conversation:
     return Conversation(tuple(messages), source, tools)
 
 
-def _parse_tool_calls(m: dict, i: int, source: str) -> tuple[ToolCall, ...]:
+def _parse_tool_calls(m: dict, i: int, source: str, tool_arguments: str) -> tuple[ToolCall, ...]:
     calls = m["tool_calls"]
     if calls is None:
         return ()
@@ -237,10 +260,24 @@ def _parse_tool_calls(m: dict, i: int, source: str) -> tuple[ToolCall, ...]:
         fn = c.get("function") if isinstance(c, dict) else None
         if (not isinstance(fn, dict) or c.get("type", "function") != "function"
                 or not isinstance(fn.get("name"), str) or not fn["name"]
-                or not isinstance(fn.get("arguments"), (dict, str))):
+                or not isinstance(fn.get("arguments"), (dict, str))
+                or not isinstance(c.get("id", ""), (str, type(None)))):
             raise BadRecord("bad_tool_call", f"messages[{i}].tool_calls[{j}]", source)
-        out.append(ToolCall(fn["name"], json.dumps(c, ensure_ascii=False)))
+        call = ToolCall(fn["name"], json.dumps(c, ensure_ascii=False), c.get("id") or None)
+        if tool_arguments != "keep_text" and isinstance(fn["arguments"], str) and call.arguments_object is None:
+            raise BadRecord("bad_tool_arguments", f"messages[{i}].tool_calls[{j}].function.arguments "
+                            f"{_not_an_object(fn['arguments'])}; set data.tool_arguments=keep_text to train on "
+                            "it as the text it is", source)
+        out.append(call)
     return tuple(out)
+
+
+def _not_an_object(text: str) -> str:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        return f"is not JSON ({getattr(e, 'msg', e)} at column {getattr(e, 'colno', '?')}: {text[:40]!r})"
+    return f"is JSON of a {type(value).__name__}, not of an object"
 
 
 def _parse_content(value: object, i: int, source: str) -> Content:

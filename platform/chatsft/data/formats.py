@@ -82,9 +82,11 @@ class Seq2SeqFormat:
         return None  # any valid record has an encoder text and a target
 
 
-def get_format(kind: str, template: Any, tokenizer: Any, think: Any = None) -> Union[ChatFormat, Seq2SeqFormat]:
-    """The format of a model of `kind` ("causal" / "seq2seq") with chat template `template` and
-    think policy `think` (data.think; None: what the template does at inference)."""
+def get_format(kind: str, template: Any, tokenizer: Any, think: Any = None,
+               template_kwargs: Optional[dict] = None) -> Union[ChatFormat, Seq2SeqFormat]:
+    """The format of a model of `kind` ("causal" / "seq2seq") with chat template `template`, think
+    policy `think` (data.think; None: what the template does at inference) and, for hf, the
+    template's extra variables (data.chat_template_kwargs)."""
     if kind == "seq2seq":
         return Seq2SeqFormat(tokenizer)
-    return ChatFormat(get_template(template, tokenizer, think), tokenizer)
+    return ChatFormat(get_template(template, tokenizer, think, template_kwargs), tokenizer)

@@ -22,6 +22,15 @@ silently wrong mask.
 
 A template with `{% generation %}` markers: its spans (Hugging Face's assistant mask) are used,
 and each record's spans must equal what the rule locates.
+
+Features degrade one at a time: a probe for reasoning, tool calls or tool results that fails turns
+that feature off alone (`Shape.features` says why); records that do not use it render as before,
+records that do are refused with the feature named (`reasoning_unsupported`, ...).
+
+Tool calls go to the template as it renders them: `arguments` as an object or as JSON text,
+whichever the probes show it renders as an object (never a double-encoded string), and, for a
+template that names a call by its id rather than its function (Kimi K2), an id
+`functions.NAME:IDX` (IDX counting the record's calls from 0) for every call without one.
 """
 
 from __future__ import annotations
@@ -30,17 +39,21 @@ import json
 import re
 from bisect import bisect_left
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from chatsft.data.conversation import BadRecord, Message, merge_system
+from chatsft.data.conversation import BadRecord, Message, ToolCall, merge_system
 
 # Probe texts: words no template writes, so each is found exactly where its message went.
 _SYS, _U1, _A1, _U2, _A2 = ("Zqs system probe.", "Zqu first question?", "Zqa first answer.",
                             "Zqu second question?", "Zqa second answer.")
 _R1, _R2, _TOOL = "Zqr first thought.", "Zqr second thought.", "Zqt tool result."
 _FN = "zq_lookup"
-_CALL = {"type": "function", "function": {"name": _FN, "arguments": {"zq_key": "zq value"}}}
+_ARGS = {"zq_key": "zq value"}
+_CALL = {"type": "function", "function": {"name": _FN, "arguments": _ARGS}}
+# Ids a call probe tries, after none: Kimi K2's form, and Mistral's nine alphanumerics.
+_CALL_IDS = (f"functions.{_FN}:0", "zqcall001")
+FEATURES = {"reasoning": "reasoning_content", "tool_calls": "tool calls", "tool_results": "tool results"}
 _SCHEMA = {"type": "function", "function": {"name": _FN, "description": "Zq probe tool.",
                                             "parameters": {"type": "object",
                                                            "properties": {"zq_key": {"type": "string"}}}}}
@@ -76,6 +89,11 @@ class Shape:
     render: str = "compiled"  # compiled | apply_chat_template (when the direct render differed)
     default_think: str = "learn"
     default_think_why: str = ""
+    features: dict = field(default_factory=dict)  # FEATURES key -> what the template does wrong (absent: fine)
+    call_key: str = "name"  # a call is found in the render by its function's name, or by its id (Kimi K2)
+    arguments: str = "object"  # what the template gets as a call's arguments: object, or JSON text
+    call_stop: Optional[str] = None  # what ends an answer that calls tools, where no turn end follows it
+    result_closers: tuple[str, ...] = ()  # the marker that ends a tool result (before the answer after it)
 
 
 # The sandbox decides, on every `message.content.strip()` or `loop.index0`, whether the
@@ -103,13 +121,34 @@ def _remember_safe_attributes(env: Any) -> None:
     env.is_safe_attribute = is_safe_attribute
 
 
+# `m.role` on a message dict: the sandbox tries the attribute first (a dict has none of that name: an
+# AttributeError raised and caught), then the key, and a missing key raises a KeyError too. A plain dict's
+# attributes are its class's (no instance __dict__), so for a name the class lacks the answer is the key,
+# or undefined: the same value without the exceptions, a third of the render of a template that reads
+# message fields (Gemma 4, Kimi K2 style).
+_DICT_ATTRIBUTES = frozenset(dir(dict))
+
+
+def _dict_keys_directly(env: Any) -> None:
+    attribute_of = env.getattr
+    undefined = env.undefined
+
+    def getattr_(obj: Any, attribute: str) -> Any:
+        if type(obj) is dict and attribute not in _DICT_ATTRIBUTES:
+            return obj[attribute] if attribute in obj else undefined(obj=obj, name=attribute)
+        return attribute_of(obj, attribute)
+
+    env.getattr = getattr_
+
+
 class Jinja:
     """Renders the template exactly as apply_chat_template(tokenize=False) does, without its
     per-call overhead (several times the cost of the render itself)."""
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, extra: Optional[dict] = None):
         self.tok = tokenizer
-        self.kwargs = dict(tokenizer.special_tokens_map)
+        self.extra = dict(extra or {})  # data.chat_template_kwargs: over the special tokens, as transformers does
+        self.kwargs = {**tokenizer.special_tokens_map, **self.extra}
         self.slow = False
         self._sources: dict[bool, str] = {}
         self._compiled: dict[str, Any] = {}
@@ -127,6 +166,7 @@ class Jinja:
         if source not in self._compiled:
             template = self._fresh(source)
             _remember_safe_attributes(template.environment)
+            _dict_keys_directly(template.environment)
             self._compiled[source] = template
         return self._compiled[source]
 
@@ -138,7 +178,7 @@ class Jinja:
 
     def render(self, msgs: list[dict], tools: Optional[list], gen: bool) -> str:
         if self.slow:
-            return self.tok.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=gen)
+            return self.reference(msgs, tools, gen)
         return self._compile(self.source(tools)).render(messages=msgs, tools=tools, documents=None,
                                                         add_generation_prompt=gen, **self.kwargs)
 
@@ -146,7 +186,8 @@ class Jinja:
         return self._indices(self._compile(self.source(tools)), msgs, tools, None, False, **self.kwargs)
 
     def reference(self, msgs: list[dict], tools: Optional[list], gen: bool) -> str:
-        return self.tok.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=gen)
+        return self.tok.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=gen,
+                                            **self.extra)
 
 
 def hf_message(m: Message, fenced: Optional[str] = None) -> dict:
@@ -324,17 +365,31 @@ def analyse(j: Jinja, atoms: Atoms) -> Shape:
         system = "folded"
 
     # Reasoning: rendered for every answer, the final one only, or none; its think tags.
+    features: dict[str, str] = {}
     reasoning, think_open, think_close = "none", None, None
     try:
         r = j.render([u1, {**a1, "thinking": _R1, "reasoning_content": _R1}, u2,
                       {"thinking": _R2, **a2, "reasoning_content": _R2}], None, False)
-    except Exception:
+    except Exception as e:
         r = ""
+        features["reasoning"] = f"fails on an answer with reasoning_content ({short(e)})"
     if _R2 in r:
         reasoning = "all" if _R1 in r else "final"
         y = r.find(_U2) + len(_U2)
         think_open = r[y + shared: r.find(_R2)].strip() or None  # after the user's closing and the header
         think_close = r[r.find(_R2) + len(_R2): r.find(_A2)].strip() or None
+        if think_open is None and y + shared > r.find(_R2):  # the header as found holds the opener (below)
+            opener = atoms.last(r, y, r.find(_R2))
+            think_open = r[opener.start(): r.find(_R2)].strip() or None if opener is not None else None
+    # Thinking off by the template's variables (Kimi's thinking=false, Qwen3's enable_thinking=false): the
+    # generation prompt closes an empty think block that a final answer's history writes too, so the
+    # probes read it as part of the header. It is what the prompt adds: an answer with reasoning opens its
+    # own block right after the header.
+    if think_open and think_close and think_open in header:
+        h = header.rfind(think_open)
+        block = header[h:]
+        if block.startswith(think_open) and block[len(think_open):].strip() == think_close:
+            header, gen_extra, lead = header[:h], block + gen_extra, block + lead
 
     # Without a header, an answer starts after the marker that closes the user turn (or tool result).
     closers = []
@@ -342,27 +397,51 @@ def analyse(j: Jinja, atoms: Atoms) -> Shape:
     if last is not None:
         closers.append(last.group())
 
-    # Tools: does a tool call show, and where does a tool-calling answer stop?
-    tools = False
+    # Tools: how a call is given and shown, what ends an answer that calls, where a tool result goes.
+    tools, arguments, call_key, call_stop, result_closers = False, "object", "name", None, ()
     try:
-        call_msg = {"role": "assistant", "tool_calls": [_CALL]}
-        tool_msg = {"role": "tool", "content": _TOOL, "tool_call_id": "call_zq", "name": _FN}
-        with_tool = j.render([u1, call_msg, tool_msg, a2], [_SCHEMA], False)
-        at = with_tool.find(_FN, with_tool.find(_U1) + len(_U1))
-        tools = at >= 0 and _TOOL in with_tool
-        if tools and not header:
-            after = with_tool.find(_TOOL) + len(_TOOL)
+        arguments, call_key, call, call_only = _probe_calls(j, u1)
+    except ValueError as e:
+        features["tool_calls"] = str(e)
+        features["tool_results"] = "cannot render the tool calls they answer"
+    else:
+        tools = True
+        call_msg = {"role": "assistant", "tool_calls": [call]}
+        key = call["id"] if call_key == "id" else _FN
+        tool_msg = {"role": "tool", "content": _TOOL, "tool_call_id": call.get("id", "call_zq"), "name": _FN}
+        try:
+            with_tool = j.render([u1, call_msg, tool_msg, a2], [_SCHEMA], False)
+        except Exception as e:
+            with_tool = ""
+            features["tool_results"] = f"fails on a tool result after a call ({short(e)})"
+        if with_tool and _TOOL not in with_tool:
+            features["tool_results"] = "drops what a tool returned"
+        elif with_tool:
+            x = with_tool.find(key, with_tool.find(_U1) + len(_U1)) + len(key)
+            tool_at = with_tool.find(_TOOL, x)
+            cut = atoms.safe_cut(with_tool, common_prefix_len(call_only, with_tool))
+            after = tool_at + len(_TOOL)
             closed = atoms.last(with_tool, after, with_tool.find(_A2, after))
-            if closed is not None and closed.group() not in closers:
-                closers.append(closed.group())
-        if tools and not turn_end:
-            before = j.render([u1, call_msg], [_SCHEMA], False)
-            cut = atoms.safe_cut(with_tool, common_prefix_len(before, with_tool))
-            opener = atoms.first(with_tool, cut)
-            if opener is not None and opener.group(0) not in stops:
-                stops.append(opener.group(0))
-    except Exception:
-        tools = False
+            if closed is not None:
+                result_closers = (closed.group(),)
+                if not header and closed.group() not in closers:
+                    closers.append(closed.group())
+            if not turn_end:  # GLM: the model stops at the tag that opens the tool result
+                opener = atoms.first(with_tool, cut)
+                if opener is not None and opener.group(0) not in stops:
+                    stops.append(opener.group(0))
+            elif with_tool.find(turn_end, x, tool_at) < 0:
+                # No turn end between the calls and their results (Gemma 4: the results go into the model's
+                # turn): the answer stops at the last marker the template writes after the calls either way.
+                closed = atoms.last(with_tool, x, cut)
+                if closed is None:
+                    features["tool_calls"] = ("writes nothing between a call and its result: a model would never "
+                                              "learn to stop after its calls")
+                    features["tool_results"] = features["tool_calls"]
+                else:
+                    call_stop = closed.group()
+                    if call_stop not in stops:
+                        stops.append(call_stop)
 
     eos = getattr(j.tok, "eos_token", None)
     if not turn_end and eos and eos not in stops and atoms.re is not None and eos in atoms.tokens:
@@ -370,9 +449,43 @@ def analyse(j: Jinja, atoms: Atoms) -> Shape:
 
     markers = bool(_GENERATION_TAG.search(j.source(None) or "")) and not j.slow
     shape = Shape(header, gen_extra, turn_end, tuple(stops), think_open, think_close, lead, system,
-                  reasoning, tools, markers, closers=tuple(closers))
+                  reasoning, tools, markers, closers=tuple(closers), features=features, call_key=call_key,
+                  arguments=arguments, call_stop=call_stop, result_closers=result_closers)
     shape.default_think, shape.default_think_why = default_think(shape)
     return shape
+
+
+def _probe_calls(j: Jinja, u1: dict) -> tuple[str, str, dict, str]:
+    """How the template takes a call: (arguments "object" or "text", found by "name" or "id", the probe
+    call in that form, the render of the dialogue ending in that call). ValueError: it takes none."""
+    seen: list[str] = []
+    for probe_id in (None, *_CALL_IDS):
+        chosen = None
+        for arguments, value in (("object", _ARGS), ("text", json.dumps(_ARGS))):
+            call = {"type": "function", "function": {"name": _FN, "arguments": value}}
+            if probe_id:
+                call["id"] = probe_id
+            try:
+                text = j.render([u1, {"role": "assistant", "tool_calls": [call]}], [_SCHEMA], False)
+            except Exception as e:
+                seen.append(f"fails on a tool call ({short(e)})")
+                continue
+            after = text[text.find(_U1) + len(_U1):]
+            if '\\"zq_key' in after or "'zq_key'" in after:  # a JSON string of JSON, or Python's repr
+                seen.append(f"renders the arguments as a string, not an object "
+                            f"({shown(after[max(0, after.find('zq_key') - 3):], 30)})")
+                continue
+            chosen = (arguments, call, text, after)
+            break
+        if chosen is None:
+            continue
+        arguments, call, text, after = chosen
+        if probe_id and probe_id in after:
+            return arguments, "id", call, text
+        if _FN in after:
+            return arguments, "name", call, text
+        seen.append("writes neither the function's name nor the call's id")
+    raise ValueError(seen[0] if seen else "renders no tool call")
 
 
 def default_think(s: Shape) -> tuple[str, str]:
@@ -406,8 +519,8 @@ class _Answer:
 class Locator:
     """Text and learned character spans of one record, under the rule."""
 
-    def __init__(self, tokenizer: Any, think: Optional[str]):
-        self.j = Jinja(tokenizer)
+    def __init__(self, tokenizer: Any, think: Optional[str], template_kwargs: Optional[dict] = None):
+        self.j = Jinja(tokenizer, template_kwargs)
         self.atoms = Atoms(tokenizer)
         self.shape = analyse(self.j, self.atoms)
         self.think = think or self.shape.default_think
@@ -423,13 +536,18 @@ class Locator:
         probes = [([{"role": "user", "content": _U1}, {"role": "assistant", "content": _A1}], None, False),
                   ([{"role": "user", "content": _U1}], None, True)]
         if self.shape.tools:
-            probes.append(([{"role": "user", "content": _U1}, {"role": "assistant", "tool_calls": [_CALL]}],
+            call = self.call_dict(ToolCall(_FN, json.dumps(_CALL)), 0)
+            probes.append(([{"role": "user", "content": _U1}, {"role": "assistant", "tool_calls": [call]}],
                            [_SCHEMA], False))
         if self.j.slow:
             self.shape.render = "apply_chat_template"
             return
         for msgs, tools, gen in probes:
-            if self.j.render(msgs, tools, gen) != self.j.reference(msgs, tools, gen):
+            try:
+                same = self.j.render(msgs, tools, gen) == self.j.reference(msgs, tools, gen)
+            except Exception:
+                same = False
+            if not same:
                 self.j.slow = True
                 self.shape.render = "apply_chat_template"
                 self.shape.markers = False
@@ -442,12 +560,77 @@ class Locator:
             return merge_system(messages), True
         return messages, False
 
+    def call_dict(self, t: ToolCall, index: int) -> dict:
+        """A call as the template takes it: arguments as it renders an object (decoded from JSON text, or
+        encoded as such), and an id functions.NAME:INDEX where the template names calls by id."""
+        c = t.call
+        fn = c["function"]
+        args = fn["arguments"]
+        if self.shape.arguments == "object" and isinstance(args, str):
+            decoded = t.arguments_object
+            args = decoded if decoded is not None else args  # text kept as text (data.tool_arguments)
+        elif self.shape.arguments == "text" and not isinstance(args, str):
+            args = json.dumps(args, ensure_ascii=False)
+        named = self.shape.call_key == "id" and t.id is None
+        if args is fn["arguments"] and not named:
+            return c
+        out = {**c, "function": {**fn, "arguments": args}}
+        if named:
+            out["id"] = f"functions.{t.name}:{index}"
+        return out
+
+    def dicts(self, typed: Sequence[Message], fenced: Any, notes: Optional[Counter] = None) -> list[dict]:
+        """The messages as the template gets them (tool calls as call_dict makes them)."""
+        out = []
+        calls = 0
+        for m in typed:
+            d = hf_message(m, None if isinstance(m.content, str) or m.content is None else fenced(m))
+            if m.tool_calls:
+                d["tool_calls"] = [self.call_dict(t, calls + k) for k, t in enumerate(m.tool_calls)]
+                if notes is not None and self.shape.call_key == "id":
+                    given = sum(t.id is None for t in m.tool_calls)
+                    if given:
+                        notes["tool calls given an id functions.NAME:IDX (the record had none)"] += given
+                calls += len(m.tool_calls)
+            out.append(d)
+        return out
+
+    def refuse_unsupported(self, typed: Sequence[Message]) -> None:
+        """A record that uses a feature the template cannot render is refused, naming the feature."""
+        off = self.shape.features
+        if not off:
+            return
+        for i, m in enumerate(typed):
+            if m.role == "tool" and "tool_results" in off:
+                feature, what = "tool_results", "is a tool result"
+            elif m.tool_calls and "tool_calls" in off:
+                feature, what = "tool_calls", "calls a tool"
+            elif m.reasoning is not None and "reasoning" in off:
+                feature, what = "reasoning", "carries reasoning_content"
+            else:
+                continue
+            raise BadRecord(f"{feature}_unsupported", f"messages[{i}] {what}, and the template {off[feature]}")
+
+    def contexts(self, messages: Sequence[Message], tools: Optional[list], fenced: Any) -> list[Optional[str]]:
+        """What the model reads before each answer at inference: the template's render of the history with
+        the generation prompt (None where the template fails on it)."""
+        typed, _ = self.messages(messages)
+        msgs = self.dicts(typed, fenced)
+        out: list[Optional[str]] = []
+        for i, m in enumerate(typed):
+            if m.role == "assistant":
+                try:
+                    out.append(self.j.render(msgs[:i], tools, True))
+                except Exception:
+                    out.append(None)
+        return out
+
     def locate(self, messages: Sequence[Message], tools: Optional[list], fenced: Any,
                notes: Optional[Counter] = None) -> tuple[str, list[_Answer], list[dict]]:
         """(text, one _Answer per assistant message, the dicts rendered)."""
         typed, folded = self.messages(messages)
-        msgs = [hf_message(m, None if isinstance(m.content, str) or m.content is None else fenced(m))
-                for m in typed]
+        self.refuse_unsupported(typed)
+        msgs = self.dicts(typed, fenced, notes)
         spans = None
         try:
             if self.shape.markers:
@@ -505,7 +688,7 @@ class Locator:
         out: list[_Answer] = []
         cursor = 0
         found = True  # was the message before this one found (so the cursor is past it)?
-        quick = bool(H) and not s.gen_extra  # a plain answer after a header: placed inline, below
+        quick = bool(H)  # a plain answer after a header: placed inline, below
         # A header holding a special token is only where the template wrote it; one per answer, they
         # are the answers' in order: the user and tool texts need not be found (the report still does).
         ordered = notes is None and self.header_marked and len(heads) == n_answers
@@ -551,18 +734,24 @@ class Locator:
                 a = self._place(full, i, m, msgs[i], cursor, hk, stop_at, stop_pos, final, notes, None, False)
             except Unlocatable as why:
                 start = self._prefix_start(full, msgs, i, tools, cursor)
-                if start is None:
+                # After a tool result, with no header of its own (Gemma 4 goes on in the model's turn): the
+                # answer starts after the marker that closes a tool result, where its own prompt, rendered
+                # otherwise than the whole (earlier reasoning kept), does not show it.
+                after_result = start is None and bool(s.result_closers) and i > 0 and typed[i - 1].role == "tool"
+                if start is None and not after_result:
                     if why.reason:
                         raise BadRecord(why.reason, str(why)) from None
                     raise BadRecord("answer_not_located", f"answer {len(out)} (messages[{i}]): {why}; "
                                     "rendering its prompt alone does not match the whole either") from None
                 try:
-                    a = self._place(full, i, m, msgs[i], cursor, heads, stop_at, stop_pos, final, notes, start, True)
+                    a = self._place(full, i, m, msgs[i], cursor, heads, stop_at, stop_pos, final, notes, start, True,
+                                    after_result)
                 except Unlocatable as why2:
                     raise BadRecord(why2.reason or "answer_not_in_render",
                                     f"answer {len(out)} (messages[{i}]): {why2}") from None
                 if notes is not None:
-                    notes["answers placed by rendering their own prompt (no header before them)"] += 1
+                    notes["answers placed after the tool result they follow (no header before them)" if after_result
+                          else "answers placed by rendering their own prompt (no header before them)"] += 1
             out.append(a)
             cursor, found = a.end, True
         return out
@@ -581,6 +770,9 @@ class Locator:
         if j == len(stop_pos) or (k + 1 < len(heads) and heads[k + 1] < stop_pos[j]):
             return None  # no stop before the next header: _place decides
         bound, stop = stop_at[j]
+        extra = self.shape.gen_extra
+        if extra and full.startswith(extra, start, bound):
+            start += len(extra)  # the prompt at inference holds it: context, as _place makes it
         p = start
         close = self.shape.think_close
         if close:
@@ -604,16 +796,17 @@ class Locator:
 
     def _place(self, full: str, i: int, m: Message, d: dict, cursor: int, heads: list[int],
                stop_at: list, stop_pos: list[int], final: bool, notes: Optional[Counter],
-               start: Optional[int], last_try: bool) -> _Answer:
+               start: Optional[int], last_try: bool, after_result: bool = False) -> _Answer:
         """Where answer i is. Until the last try (the answer's own prompt rendered), anything not found
-        may mean the wrong header was taken: Unlocatable, and the caller tries that way."""
+        may mean the wrong header was taken: Unlocatable, and the caller tries that way. `after_result`:
+        the answer starts after the marker closing the tool result before it (no header is looked for)."""
 
         def refuse(reason: str, detail: str) -> Exception:
             return BadRecord(reason, detail) if last_try else Unlocatable(detail, reason)
 
         s = self.shape
         H = s.header
-        if start is None and H:
+        if start is None and H and not after_result:
             k = bisect_left(heads, cursor)
             if k == len(heads):
                 raise Unlocatable("no assistant header after the previous message")
@@ -656,18 +849,22 @@ class Locator:
             pieces.append(("content", at, at + n))
             content_at = (at, at + n)
             p = at + n
-        for call in m.tool_calls:
-            at = full.find(call.name, p, bound)
+        by_id = s.call_key == "id"
+        for call in d.get("tool_calls", ()):
+            name = call["function"]["name"]
+            key = call["id"] if by_id else name
+            at = full.find(key, p, bound)
             if at < 0:
-                raise refuse("tool_call_not_in_render", f"messages[{i}]: the call to {call.name!r} is not in "
-                             "the render")
-            pieces.append(("tool_call", at, at + len(call.name)))
-            p = at + len(call.name)
+                what = f"the call {key!r} to {name!r}" if by_id else f"the call to {name!r}"
+                raise refuse("tool_call_not_in_render", f"messages[{i}]: {what} is not in the render")
+            pieces.append(("tool_call", at, at + len(key)))
+            p = at + len(key)
         if not pieces:
             raise Unlocatable("it has nothing to find")
         first = pieces[0][1]
         if start is None:  # no header: the prompt ends with the closing marker of a user turn or tool result
-            start = max((full.rfind(c, cursor, first) + len(c) for c in s.closers
+            marks = s.result_closers if after_result else s.closers
+            start = max((full.rfind(c, cursor, first) + len(c) for c in marks
                          if full.rfind(c, cursor, first) >= 0), default=-1)
             if start < 0:
                 raise Unlocatable("no closing marker between the previous message and the answer")

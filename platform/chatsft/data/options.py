@@ -41,3 +41,10 @@ class Think(str, enum.Enum):
     LEARN = "learn"  # every think block as rendered, empty or not
     MASK_EMPTY = "mask_empty"  # an empty think block is context: the model must not learn to skip thinking
     DROP_HISTORY = "drop_history"  # only the final exchange's think blocks; earlier ones are context
+
+
+class ToolArguments(str, enum.Enum):
+    """What becomes of a tool call's `arguments` given as text that is not JSON of an object."""
+
+    JSON = "json"  # refused (bad_tool_arguments): a model must not learn to call with broken arguments
+    KEEP_TEXT = "keep_text"  # kept as the text the record gave, and rendered as the template renders text

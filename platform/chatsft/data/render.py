@@ -21,7 +21,7 @@ import re
 
 import numpy as np
 
-from chatsft.data.options import Organization, Think, TrainOn, Truncation
+from chatsft.data.options import Organization, Think, ToolArguments, TrainOn, Truncation
 from chatsft.data.conversation import BadRecord, Conversation, Message, parse_record
 from chatsft.data.schema import IGNORE
 from chatsft.data.templates import ChatTemplate, TemplateError, get_template
@@ -59,12 +59,16 @@ class RenderOptions:
     truncation: Truncation = Truncation.TURNS
     max_target_length: Optional[int] = None  # seq2seq decoder length
     think: Optional[Think] = None  # bound into the template (get_template); None: the template's own
+    tool_arguments: ToolArguments = ToolArguments.JSON  # how records are parsed (parse_line)
+    # data.chat_template_kwargs, bound into an hf template (get_template) with think
+    chat_template_kwargs: dict = field(default_factory=dict, hash=False)
 
     @classmethod
     def from_config(cls, data: Any) -> "RenderOptions":
         return cls(Organization(data.organization), TrainOn(data.train_on), data.max_length,
                    Truncation(data.truncation), data.max_target_length,
-                   Think(data.think) if data.think is not None else None)
+                   Think(data.think) if data.think is not None else None, ToolArguments(data.tool_arguments),
+                   dict(data.chat_template_kwargs))
 
 
 def render_conversation(
@@ -78,9 +82,10 @@ def render_conversation(
     """Render one record; raises BadRecord if it cannot be rendered with this template.
 
     `template` is a bound ChatTemplate or a format name; with a name, `think=` picks the think policy."""
-    conv = record if isinstance(record, Conversation) else parse_record(record, source)
     opts = RenderOptions(**{k: _coerce(k, v) for k, v in options.items()})
-    tpl = template if isinstance(template, ChatTemplate) else get_template(template, tokenizer, opts.think)
+    conv = record if isinstance(record, Conversation) else parse_record(record, source, opts.tool_arguments)
+    tpl = template if isinstance(template, ChatTemplate) else get_template(template, tokenizer, opts.think,
+                                                                           opts.chat_template_kwargs)
     (outcome,) = render_batch([conv], tokenizer, tpl, opts)
     if isinstance(outcome, BadRecord):
         raise outcome
@@ -88,7 +93,8 @@ def render_conversation(
 
 
 def _coerce(key: str, value: Any) -> Any:
-    kinds = {"organization": Organization, "train_on": TrainOn, "truncation": Truncation, "think": Think}
+    kinds = {"organization": Organization, "train_on": TrainOn, "truncation": Truncation, "think": Think,
+             "tool_arguments": ToolArguments}
     return kinds[key](value) if key in kinds and value is not None else value
 
 

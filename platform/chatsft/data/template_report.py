@@ -2,13 +2,21 @@
 
 `template_report` renders the first records exactly as prepare does and says: which strategy placed
 the answers (built-in, located, {% generation %} markers), the stop each answer learns, the think
-policy and why it is the default, the tokens of each role and how many of them are learned (only
-answers may be), and the kinds of record the template refuses, with an example each.
+policy and why it is the default, which features (reasoning, tool calls, tool results) the template
+renders, the tokens of each role and how many of them are learned (only answers may be), the kinds
+of record the template refuses, with an example each, and the serving parity.
+
+Serving parity: of the answers, how many are trained on a context whose ids are exactly what the
+model reads at inference before it (`apply_chat_template(history, add_generation_prompt=True)`,
+`ChatTemplate.contexts`); for the others, why not (the generation prompt adds an empty think block
+the history lacks, the record's render drops earlier reasoning that the prompt keeps, ...). A model
+trained on contexts it never sees served learns well and answers badly.
 """
 
 from __future__ import annotations
 
 import json
+from bisect import bisect_left
 from collections import Counter
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
@@ -29,6 +37,10 @@ def template_report(template: ChatTemplate, tokenizer: Any,
     tokens, learned = Counter(), Counter()
     stops: Counter = Counter()
     answers = masked_think = rendered = 0
+    parity_same = 0
+    parity_why: Counter = Counter()
+    parity_examples: dict[str, str] = {}
+    backend = tokenizer.backend_tokenizer
     stop_texts = [s for s in template.info.get("stops", []) if s]
     for item in records:
         if isinstance(item, BadRecord):
@@ -55,6 +67,17 @@ def template_report(template: ChatTemplate, tokenizer: Any,
                 learned[role] += 1
         per_answer = _answers(segs)
         answers += len(per_answer)
+        if template.contexts is not None:
+            starts = _answer_starts(segs)
+            offsets = [a for a, _ in enc.offsets]
+            for k, (start, served) in enumerate(zip(starts, template.contexts(item.messages, item.tool_schemas))):
+                why, detail = _parity(text, start, served, enc.ids[:bisect_left(offsets, start)], backend,
+                                      _history(item, k))
+                if why is None:
+                    parity_same += 1
+                else:
+                    parity_why[why] += 1
+                    parity_examples.setdefault(why, f"{item.source} answer {k}{': ' + detail if detail else ''}")
         for k, (learned_text, holes) in per_answer.items():
             hit = next((s for s in stop_texts if learned_text.rstrip().endswith(s)), None)
             stops[hit or "none"] += 1
@@ -72,7 +95,62 @@ def template_report(template: ChatTemplate, tokenizer: Any,
         "stops_learned": dict(sorted(stops.items())),
         "context_blocks_in_answers": masked_think,
         "notes": dict(sorted(notes.items())),
+        "serving_parity": {"reference": info.get("serving_reference", ""), "answers": answers,
+                           "same": parity_same,
+                           "share": round(parity_same / answers, 4) if answers else None,
+                           "differ": dict(parity_why.most_common()), "examples": parity_examples},
     }
+
+
+def _answer_starts(segs: Sequence[Segment]) -> list[int]:
+    """The character where each answer's first segment starts (what the model emits after its prompt)."""
+    starts: dict[int, int] = {}
+    pos = 0
+    for s in segs:
+        if s.answer >= 0 and s.answer not in starts:
+            starts[s.answer] = pos
+        pos += len(s.text)
+    return [starts[k] for k in sorted(starts)]
+
+
+def _history(conv: Conversation, k: int) -> list:
+    """The messages before answer k."""
+    seen = -1
+    for i, m in enumerate(conv.messages):
+        if m.role == "assistant":
+            seen += 1
+            if seen == k:
+                return list(conv.messages[:i])
+    return list(conv.messages)
+
+
+def _parity(text: str, start: int, served: Optional[str], trained_ids: list, backend: Any,
+            history: list) -> tuple[Optional[str], str]:
+    """(None, "") when the ids before the answer are what a server puts before it; else (why, detail)."""
+    if served is None:
+        return "the template fails on the history alone (with the generation prompt)", ""
+    trained = text[:start]
+    if served == trained:
+        if backend.encode(served, add_special_tokens=False).ids == trained_ids:
+            return None, ""
+        return "the answer's first token merges with the end of the prompt: the ids differ at the boundary", ""
+    if served.startswith(trained):
+        return f"the generation prompt adds {_shown(served[len(trained):])}, which the history does not hold", ""
+    if trained.startswith(served):
+        return (f"the history holds {_shown(trained[len(served):])} before the answer, where the generation "
+                "prompt ends"), ""
+    thoughts = [m.reasoning.strip() for m in history if m.role == "assistant" and m.reasoning and m.reasoning.strip()]
+    if any(r in served and r not in trained for r in thoughts):
+        return "the record's render drops earlier reasoning that the prompt at inference holds", ""
+    if any(r in trained and r not in served for r in thoughts):
+        return "the prompt at inference drops earlier reasoning that the record's render holds", ""
+    cut = next((i for i, (a, b) in enumerate(zip(served, trained)) if a != b), min(len(served), len(trained)))
+    return ("the history before the answer renders otherwise at inference",
+            f"served {_shown(served[cut:])}, trained {_shown(trained[cut:])}")
+
+
+def _shown(text: str, n: int = 40) -> str:
+    return repr(text if len(text) <= n else text[:n] + "...")
 
 
 def _supervised_chars(segs: Sequence[Segment], n: int) -> bytearray:
@@ -133,8 +211,8 @@ def format_report(r: dict, limit: Optional[int] = None) -> str:
         row("assistant header", repr(r["header"]) if r["header"] else "none: the answer follows the user's "
             "closing marker")
     if r.get("generation_prompt_extra"):
-        row("generation prompt", f"adds {r['generation_prompt_extra']!r} after the header; "
-            "the history does not show it")
+        row("generation prompt", f"adds {r['generation_prompt_extra']!r} after the header: context, where "
+            "an answer's history holds it too")
     lead = r.get("between_header_and_answer")
     if lead:
         tags = r.get("think_tags") or []
@@ -143,12 +221,10 @@ def format_report(r: dict, limit: Optional[int] = None) -> str:
         row("before an answer", f"{lead!r} ({what})")
     row("stop learned", f"{', '.join(repr(s) for s in r.get('stops', []))} ({r.get('stop_kind', '')})")
     row("system message", r.get("system", ""))
-    reasoning = {"all": "rendered for every answer", "final": "rendered for the final answer only",
-                 "none": "not rendered"}.get(r.get("reasoning_rendered", ""), "")
+    if r.get("chat_template_kwargs"):
+        row("template variables", ", ".join(f"{k}={v!r}" for k, v in r["chat_template_kwargs"].items()))
     if r.get("think_tags"):
-        reasoning += f"; think tags {r['think_tags'][0]!r} {r['think_tags'][1]!r}"
-    row("reasoning_content", reasoning)
-    row("tool calls", "rendered" if r.get("tool_calls_rendered") else "not rendered")
+        row("think tags", f"{r['think_tags'][0]!r} {r['think_tags'][1]!r}")
     default = r.get("think_default")
     think = r.get("think", "")
     row("think policy", f"{think}" + (" (default: " + r.get("think_default_why", "") + ")" if think == default
@@ -157,6 +233,12 @@ def format_report(r: dict, limit: Optional[int] = None) -> str:
         row("render", "through apply_chat_template (the direct render differed)")
     if r.get("markers_note"):
         row("markers", r["markers_note"])
+    lines.append("features")
+    for key, label in (("reasoning", "reasoning_content"), ("tool_calls", "tool calls"),
+                       ("tool_results", "tool results")):
+        f = r.get("features", {}).get(key)
+        if f is not None:
+            lines.append(f"  {label:<20}{'supported' if f['supported'] else 'UNSUPPORTED'}: {f['how']}")
     rec = r["records"]
     lines.append(f"first {rec['read']} records{'' if limit is None else f' (of --num {limit})'}: "
                  f"{rec['rendered']} rendered, {sum(rec['refused'].values())} refused")
@@ -178,6 +260,12 @@ def format_report(r: dict, limit: Optional[int] = None) -> str:
         lines.append(f"  {note}: {n:,}")
     for reason, n in rec["refused"].items():
         lines.append(f"  refused {reason}: {n:,}, e.g. {rec['refused_examples'][reason]}")
+    p = r.get("serving_parity")
+    if p and p["answers"]:
+        lines.append(f"serving parity: {p['same']:,} of {p['answers']:,} answers ({p['share']:.1%}) are trained on "
+                     f"exactly the ids the model reads before them at inference, {p['reference']}")
+        for why, n in p["differ"].items():
+            lines.append(f"  differ {n:,}: {why}, e.g. {p['examples'][why]}")
     return "\n".join(lines)
 
 

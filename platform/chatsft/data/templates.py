@@ -36,6 +36,7 @@ the template's own rendering says (hf.default_think).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections import Counter
@@ -75,6 +76,9 @@ class ChatTemplate:
     info: dict = field(default_factory=dict, compare=False)
     # (messages, tools, notes Counter) -> segments, counting what happened into notes (the report).
     explain: Optional[Callable[..., list[Segment]]] = field(default=None, compare=False)
+    # (messages, tools) -> for each answer, the text a server puts before it (None where it cannot):
+    # what the serving-parity figure of the report compares with the training render.
+    contexts: Optional[Callable[..., list[Optional[str]]]] = field(default=None, compare=False)
 
     def check_content(self, messages: Sequence[Message]) -> None:
         if self._control_re is None:
@@ -346,15 +350,15 @@ def _special_prompt(messages: Sequence[Message]) -> str:
 # ----------------------------------------------------------------------------- hf
 
 
-def _hf_template(tokenizer: Any, think: Optional[str]) -> ChatTemplate:
-    from chatsft.data.hf import Locator, hf_message
+def _hf_template(tokenizer: Any, think: Optional[str], template_kwargs: Optional[dict]) -> ChatTemplate:
+    from chatsft.data.hf import Locator
 
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError(
             f"data.template=hf: the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat_template"
         )
     try:
-        loc = Locator(tokenizer, think)
+        loc = Locator(tokenizer, think, template_kwargs)
     except ValueError as e:
         raise TemplateError(f"data.template=hf: cannot locate the assistant's answers in the tokenizer's "
                             f"chat template ({e}); pick a built-in template instead") from None
@@ -391,17 +395,19 @@ def _hf_template(tokenizer: Any, think: Optional[str]) -> ChatTemplate:
         return explain(messages, tools, None)
 
     def prompt(messages: Sequence[Message]) -> str:
-        msgs = [hf_message(m, _fenced_text(m) if not isinstance(m.content, (str, type(None))) else None)
-                for m in loc.messages(messages)[0]]
-        return loc.j.render(msgs, None, True)
+        return loc.j.render(loc.dicts(loc.messages(messages)[0], _fenced_text), None, True)
+
+    def contexts(messages: Sequence[Message], tools: Optional[list] = None) -> list[Optional[str]]:
+        return loc.contexts(messages, tools, _fenced_text)
 
     shape = loc.shape
     end = shape.turn_end or shape.stops[0]
     special = {t for t in getattr(tokenizer, "all_special_tokens", []) if t}
     markers = tuple(sorted(special | set(shape.stops), key=len, reverse=True))
     t = _with_control_re(ChatTemplate("hf", segments, prompt, end, (), think=loc.think, explain=explain,
-                                      info=_hf_info(loc)), markers)
+                                      info=_hf_info(loc), contexts=contexts), markers)
     _self_check(t, loc)
+    t.info.update(_hf_info(loc))  # the check may have turned features (or the markers) off
     return t
 
 
@@ -436,35 +442,65 @@ def _hf_info(loc: Any) -> dict:
         "think_default_why": s.default_think_why,
         "think_tags": [s.think_open, s.think_close] if s.think_close else None,
         "reasoning_rendered": s.reasoning,
-        "tool_calls_rendered": s.tools,
+        "tool_calls_rendered": s.tools and "tool_calls" not in s.features,
         "system": how,
+        "features": _hf_features(s),
+        "serving_reference": "apply_chat_template(history, add_generation_prompt=True)",
     }
     if s.markers_note:
         info["markers_note"] = s.markers_note
+    if s.call_stop:
+        info["call_stop"] = s.call_stop
+    if loc.j.extra:
+        info["chat_template_kwargs"] = dict(loc.j.extra)
     return info
 
 
+def _hf_features(s: Any) -> dict:
+    """Each feature: {"supported": bool, "how": what the template does with it (or why it cannot)}."""
+    reasoning = {"all": "rendered for every answer", "final": "rendered for the answers after the last user "
+                 "message only (earlier ones' reasoning is dropped, as at inference)",
+                 "none": "not rendered: a final answer carrying it is refused (reasoning_not_rendered), an "
+                 "earlier one's is dropped as the template drops it"}[s.reasoning]
+    calls = (f"named by {'their id (calls without one get functions.NAME:IDX)' if s.call_key == 'id' else 'the function'}"
+             f", arguments given as {'an object' if s.arguments == 'object' else 'JSON text'}"
+             + (f", the answer stops at {s.call_stop!r} after its calls" if s.call_stop else ""))
+    how = {"reasoning": reasoning, "tool_calls": calls, "tool_results": "context, never learned"}
+    out = {}
+    for key in ("reasoning", "tool_calls", "tool_results"):
+        why = s.features.get(key)
+        out[key] = ({"supported": False, "how": f"the template {why}; records that use it are refused "
+                                                f"({key}_unsupported)"}
+                    if why else {"supported": True, "how": how[key]})
+    return out
+
+
 def _self_check(t: ChatTemplate, loc: Any) -> None:
-    """The locator on probe dialogues: every answer learned, no other message's text learned. Also decides
-    whether {% generation %} markers agree with the rule (else the located mask is used)."""
+    """The locator on probe dialogues: every answer learned, no other message's text learned. A plain
+    dialogue that fails refuses the template; one that uses a feature (reasoning, tool calls, tool
+    results) turns that feature off alone. Also decides whether {% generation %} markers agree with the
+    rule (else the located mask is used)."""
     from chatsft.data.conversation import ToolCall
 
     sys_, q1, q2, a1, a2, r2 = ("Zqs be brief.", "Zqu how far?", "Zqu and back?", "Zqa two miles.",
                                 "Zqa four miles.", "Zqr add both legs.")
     call = ToolCall("zq_route", json.dumps({"type": "function", "function": {"name": "zq_route",
                                                                             "arguments": {"to": "zq"}}}))
+    asks = Message("assistant", None, tool_calls=(call,))
+    tools = [{"type": "function", "function": {"name": "zq_route", "parameters": {}}}]
     dialogues = [
-        ((Message("system", sys_), Message("user", q1), Message("assistant", a1), Message("user", q2),
-          Message("assistant", a2)), None),
-        ((Message("user", q1), Message("assistant", a1), Message("user", q2),
-          Message("assistant", a2, reasoning=r2)), None),
+        (None, (Message("system", sys_), Message("user", q1), Message("assistant", a1), Message("user", q2),
+                Message("assistant", a2)), None),
+        ("reasoning", (Message("user", q1), Message("assistant", a1), Message("user", q2),
+                       Message("assistant", a2, reasoning=r2)), None),
+        ("tool_calls", (Message("user", q1), asks), tools),
+        ("tool_results", (Message("user", q1), asks, Message("tool", "Zqt 2 miles", tool_call_id="c1",
+                                                             name="zq_route"), Message("assistant", a2)), tools),
     ]
-    if loc.shape.tools:
-        dialogues.append(((Message("user", q1), Message("assistant", None, tool_calls=(call,)),
-                           Message("tool", "Zqt 2 miles", tool_call_id="c1", name="zq_route"),
-                           Message("assistant", a2)),
-                          [{"type": "function", "function": {"name": "zq_route", "parameters": {}}}]))
-    for i, (msgs, tools) in enumerate(dialogues):
+    off = loc.shape.features
+    for feature, msgs, tools in dialogues:
+        if feature in off:
+            continue
         try:
             segs = t.segments(msgs, tools)
         except BadRecord as e:
@@ -473,31 +509,55 @@ def _self_check(t: ChatTemplate, loc: Any) -> None:
                 loc.shape.markers_note = f"{{% generation %}} markers not used: {e.detail}"
                 t.info["strategy"], t.info["markers_note"] = "located", loc.shape.markers_note
                 return _self_check(t, loc)
-            if e.reason == "reasoning_not_rendered" and i == 1:
+            if e.reason == "reasoning_not_rendered" and feature == "reasoning":
                 continue  # a template without reasoning: records that carry it are refused one by one
+            problem = f"cannot place a probe's answer ({e.detail or e.reason})"
+        else:
+            problem = _learned_problem(segs, msgs, loc)
+        if problem is None:
+            continue
+        if feature is None:
             raise TemplateError(f"data.template=hf: cannot locate the assistant's answers in the tokenizer's "
-                                f"chat template ({e.detail or e.reason}); pick a built-in template instead") from None
-        learned = "".join(s.text for s in segs if s.supervised)
-        for m in msgs:
-            text = m.text.strip()
-            if m.role == "assistant" and text and text not in learned:
-                raise TemplateError(f"data.template=hf: the answer {text!r} of a probe is not learned")
-            if m.role != "assistant" and text and text in learned:
-                raise TemplateError(f"data.template=hf: the {m.role} text {text!r} of a probe would be learned")
+                                f"chat template ({problem}); pick a built-in template instead")
+        off[feature] = problem
+        if feature == "tool_calls":
+            off.setdefault("tool_results", "cannot render the tool calls they answer")
+
+
+def _learned_problem(segs: Sequence[Segment], msgs: Sequence[Message], loc: Any) -> Optional[str]:
+    learned = "".join(s.text for s in segs if s.supervised)
+    for m in msgs:
+        text = m.text.strip()
+        if m.role == "assistant" and text and text not in learned:
+            return f"does not let the answer {text!r} of a probe be learned"
+        if m.role == "tool" and text and text in learned:
+            return ("writes what a tool returned where the next answer is learned (after its header): it would "
+                    "be learned as the model's words")
+        if m.role != "assistant" and text and text in learned:
+            return f"puts the {m.role} text {text!r} of a probe where an answer is learned"
+        for k, call in enumerate(m.tool_calls):
+            key = loc.call_dict(call, k).get("id") if loc.shape.call_key == "id" else call.name
+            if key not in learned:
+                return f"does not let a probe's call to {call.name!r} be learned"
+    return None
 
 
 # ---------------------------------------------------------------------- registry
 
 
-def get_template(name: str, tokenizer: Any, think: Optional[str] = None) -> ChatTemplate:
-    """Bind a format (and a think policy; None: the format's own) to a tokenizer; refuse it if its
-    control tokens are not single tokens."""
+def get_template(name: str, tokenizer: Any, think: Optional[str] = None,
+                 template_kwargs: Optional[dict] = None) -> ChatTemplate:
+    """Bind a format (and a think policy; None: the format's own; and, for hf, the template's extra
+    variables, data.chat_template_kwargs) to a tokenizer; refuse it if its control tokens are not
+    single tokens."""
     name = getattr(name, "value", name)
     think = getattr(think, "value", think)
     if think is not None and think not in ("learn", "mask_empty", "drop_history"):
         raise TemplateError(f"data.think: expected learn, mask_empty or drop_history; got {think!r}")
     if name == "hf":
-        return _hf_template(tokenizer, think)
+        return _hf_template(tokenizer, think, template_kwargs)
+    if template_kwargs:
+        raise TemplateError(f"data.chat_template_kwargs: only for data.template=hf, not {name}")
     eos = getattr(tokenizer, "eos_token", None)
     policy = think or "learn"
     if name == "chatml":
@@ -526,17 +586,58 @@ def get_template(name: str, tokenizer: Any, think: Optional[str] = None) -> Chat
         )
     special = set(getattr(tokenizer, "all_special_tokens", []) or [])
     markers = tuple(sorted(set(t.control_tokens) | {s for s in special if s}, key=len, reverse=True))
+    served = bool(getattr(tokenizer, "chat_template", None))
     info = {"strategy": "built-in", "stops": [t.end_of_turn], "stop_kind": "end-of-turn marker",
             "think": policy, "think_default": "learn",
             "think_default_why": "a built-in format renders every think block a record carries",
             "reasoning_rendered": ("final" if policy == "drop_history" else "all") if name == "chatml" else "none",
             "tool_calls_rendered": name in ("chatml", "llama3"),
-            "system": "folded into the first user turn" if name in ("chatglm2", "special") else "kept where it is"}
-    return _with_control_re(ChatTemplate(t.name, t.segments, t.prompt, t.end_of_turn, t.control_tokens,
-                                         think=policy, info=info), markers)
+            "system": "folded into the first user turn" if name in ("chatglm2", "special") else "kept where it is",
+            "features": _builtin_features(name),
+            "serving_reference": ("apply_chat_template(history, add_generation_prompt=True): the tokenizer's own "
+                                  "chat template, which a server uses" if served else
+                                  f"the {name} prompt chatsft evaluates with (the tokenizer has no chat template)")}
+    return _with_control_re(dataclasses.replace(t, think=policy, info=info,
+                                                contexts=_served_contexts(tokenizer, t.prompt, served)), markers)
+
+
+def _builtin_features(name: str) -> dict:
+    family = {"chatml": "as Qwen renders them", "llama3": "as Llama 3.1 renders them"}
+    out = {}
+    for key, what in (("reasoning", "reasoning_content"), ("tool_calls", "tool_calls"),
+                      ("tool_results", "tool messages")):
+        if name == "chatml" or (name == "llama3" and key != "reasoning"):
+            out[key] = {"supported": True, "how": f"rendered {family[name]}" if key != "tool_results"
+                        else "context, never learned"}
+        else:
+            out[key] = {"supported": False, "how": f"{name} has no rendering for {what}; records that carry it are "
+                                                   "refused (unsupported_field)"}
+    return out
+
+
+def _served_contexts(tokenizer: Any, prompt: Callable, served: bool) -> Callable:
+    """For a built-in format: what a server puts before each answer (the tokenizer's own chat template,
+    or without one, the format's prompt)."""
+    from chatsft.data.hf import hf_message
+
+    def contexts(messages: Sequence[Message], tools: Optional[list] = None) -> list[Optional[str]]:
+        out: list[Optional[str]] = []
+        msgs = [hf_message(m, None if isinstance(m.content, (str, type(None))) else _fenced_text(m))
+                for m in messages] if served else []
+        for i, m in enumerate(messages):
+            if m.role != "assistant":
+                continue
+            try:
+                out.append(tokenizer.apply_chat_template(msgs[:i], tools=tools, tokenize=False,
+                                                         add_generation_prompt=True)
+                           if served else prompt(messages[:i]))
+            except Exception:
+                out.append(None)
+        return out
+
+    return contexts
 
 
 def _with_control_re(t: ChatTemplate, markers: tuple[str, ...]) -> ChatTemplate:
     pattern = re.compile("|".join(re.escape(m) for m in markers)) if markers else None
-    return ChatTemplate(t.name, t.segments, t.prompt, t.end_of_turn, markers, pattern, t.think, t.info,
-                        t.explain)
+    return dataclasses.replace(t, control_tokens=markers, _control_re=pattern)

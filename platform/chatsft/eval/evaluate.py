@@ -61,7 +61,7 @@ def evaluate_model(model: Any, tokenizer: Any, cfg: Any, tasks: Optional[Sequenc
     else:
         tasks = [t if isinstance(t, Task) else task_from_spec(t, [s.path for s in cfg.data.eval]) for t in tasks]
     fmt = get_format("seq2seq" if is_encoder_decoder(model) else "causal", cfg.data.template, tokenizer,
-                     cfg.data.think)
+                     cfg.data.think, cfg.data.chat_template_kwargs)
     metrics: dict[str, float] = {}
     for task in tasks:
         run = run_task(task, model, fmt, cfg)

@@ -63,7 +63,8 @@ class Renderer:
 
         self.spec = spec
         self.tokenizer = spec.tokenizer if spec.tokenizer is not None else load_tokenizer(spec.model)
-        self.format = get_format(spec.kind, spec.template, self.tokenizer, spec.options.think)
+        self.format = get_format(spec.kind, spec.template, self.tokenizer, spec.options.think,
+                                 spec.options.chat_template_kwargs)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return render_lines(self.spec, self.format,
@@ -95,7 +96,7 @@ def render_lines(spec: RenderSpec, fmt: Any, file_idx: list[int],
             split, n_copies = role.split, keys.copies(spec.seed, source, role.weight)
         stats[split].records_read += 1
         try:
-            conv = parse_line(raw, source)
+            conv = parse_line(raw, source, spec.options.tool_arguments)
         except BadRecord as e:
             add_bad(e, fi, ln, split, raw)
             continue

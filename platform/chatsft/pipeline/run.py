@@ -87,12 +87,12 @@ def check(plan: RunPlan) -> Checked:
     files = plan_files(cfg)
     tokenizer = load_tokenizer(cfg.model)
     opts = RenderOptions.from_config(cfg.data)
-    fmt = get_format(plan.kind, cfg.data.template, tokenizer, opts.think)
+    fmt = get_format(plan.kind, cfg.data.template, tokenizer, opts.think, opts.chat_template_kwargs)
     preflight(plan, fmt, opts)
     report = None
     if not plan.seq2seq:  # what the template will teach, read before anything is spent on it
-        report = template_report(fmt.template, tokenizer, first_records(cfg.data.train,
-                                                                          REPORT_RECORDS))
+        report = template_report(fmt.template, tokenizer, first_records(cfg.data.train, REPORT_RECORDS,
+                                                                          opts.tool_arguments))
         print(format_report(report), flush=True)
     early_records(plan, files, fmt, opts)
     identity = rows_identity(cfg, plan.kind, [(SPLITS[r.split], f) for f, r in files], tokenizer)
@@ -178,7 +178,7 @@ def early_records(plan: RunPlan, files: list[tuple[SourceFile, FileRole]], fmt: 
         convs, bad = [], []
         for n, raw in iter_records(first):
             try:
-                convs.append(parse_line(raw, f"{first.display}:{n}"))
+                convs.append(parse_line(raw, f"{first.display}:{n}", opts.tool_arguments))
             except BadRecord as e:
                 bad.append(e)
             if len(convs) + len(bad) >= EARLY_RECORDS:
@@ -326,6 +326,7 @@ def _execute(plan: RunPlan, checked: Checked, root: str, fp: str) -> Prepared:
         d = split_stats(stats[split], lengths[split], cfg, kind, seconds, all_tokens)
         if checked.report is not None:
             d["template"] = checked.report
+            d["serving_parity"] = checked.report["serving_parity"]["share"]  # a number: an MLflow metric
             storage.write_text(storage.join(folder, "template_report.txt"), format_report(checked.report) + "\n")
         storage.write_text(storage.join(folder, "stats.json"), json.dumps(d, indent=2, ensure_ascii=False) + "\n")
         storage.write_text(storage.join(folder, "mask_preview.html"),
