@@ -190,6 +190,11 @@ class _ChunkedCE(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        # Under autocast the projections below run in its dtype; an in-place addmm_ is never
+        # autocast, so the weight gradient's matmul is cast by hand (in fp32 it was the slowest
+        # matmul of a GPU step) and accumulated in the weight's own dtype.
+        device = hidden.device.type
+        cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start:start + chunk]
             t = targets[start:start + chunk]
@@ -200,7 +205,9 @@ class _ChunkedCE(torch.autograd.Function):
             p[torch.arange(len(t), device=t.device), t] -= 1.0
             if need_h:
                 grad_h[start:start + chunk] = p.to(weight.dtype) @ weight
-            if need_w:
+            if need_w and cast is not None:
+                grad_w += p.t().to(cast) @ h.to(cast)
+            elif need_w:
                 grad_w.addmm_(p.t().to(h.dtype), h)
             if need_b:
                 grad_b += p.sum(0)
