@@ -58,7 +58,7 @@ carried (the benchmark within 7 minutes, then the gpu-marked tests within 130 s;
 under $OUT: pip.log, gpu.log (this table), rows.log (every row's output), results.json, pytest.log;
 about 9.5 minutes in all, so a 600 s timeout and a 15-minute lease with the machine's start):
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl > $OUT/pip.log 2>&1 || { tail -3 $OUT/pip.log; exit 1; }; export PYTHONPATH=/tmp/site:platform PYTHONUNBUFFERED=1 CHATSFT_CACHE=/tmp/chatsft-cache; python3 benchmarks/gpu.py --budget-s 420 --out $OUT 2>&1 | tee $OUT/gpu.log; timeout -k 5 130 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 60 --durations 10 $(grep -rl "mark.gpu" tests) > $OUT/pytest.log 2>&1; echo "pytest exit $?"; tail -25 $OUT/pytest.log
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl > $OUT/pip.log 2>&1 || { tail -3 $OUT/pip.log; exit 1; }; export PYTHONPATH=/tmp/site:platform PYTHONUNBUFFERED=1 CHATSFT_CACHE=/tmp/chatsft-cache HF_HUB_OFFLINE=1; python3 benchmarks/gpu.py --budget-s 420 --out $OUT 2>&1 | tee $OUT/gpu.log; timeout -k 5 130 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 60 --durations 10 $(grep -rl "mark.gpu" tests) > $OUT/pytest.log 2>&1; echo "pytest exit $?"; tail -25 $OUT/pytest.log
 """
 
 from __future__ import annotations
