@@ -634,6 +634,8 @@ def report(rows, results, shape: "Shape", facts, micro, length, args, dry, out_d
           f"({learned:.1%} of the tokens): {shape.done(1, learned, c) / shape.flops(1, c):.0%} of the counted "
           f"FLOPs are done; TRL scores every position")
     verdicts = targets(rows, results)
+    if dry:
+        verdicts[0] = "targets (dry run: one timed CPU step a row, the code exercised, nothing measured):"
     for line in verdicts:
         print(line)
     prof = head.get("profile")
