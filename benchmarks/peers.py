@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
@@ -71,26 +72,38 @@ WARM = 1  # steps not timed (the first allocates and warms up)
 # ------------------------------------------------------------------------ shared setup
 
 
+# Qwen2.5-0.5B's shape: hidden 896, 14 heads / 2 KV heads, MLP 4864, tied embeddings and the full
+# 151,936-token vocabulary (benchmarks/gpu.py builds all 24 layers, this file 2).
+QWEN_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_attention_heads=14,
+                num_key_value_heads=2, tie_word_embeddings=True)
+
+
 def model_dir(name: str, cache: str) -> str:
     from chatsft.builtin import resolve
 
-    tiny = resolve("builtin:tiny-llama")
     if name == "tiny":
-        return tiny
-    out = os.path.join(cache, "qwen2-shaped-2l-151936")
+        return resolve("builtin:tiny-llama")
+    return qwen_shaped(os.path.join(cache, "qwen2-shaped-2l-151936"), layers=2, max_positions=1024)
+
+
+def qwen_shaped(out: str, *, layers: int, max_positions: int, dtype=None, **shape) -> str:
+    """A Qwen2 of QWEN_05B's shape (`shape` overrides it) with `layers` layers and seeded weights,
+    saved in `dtype` (default fp32) with the tiny tokenizer (ids < 761 occur, but every step
+    still scores the whole vocabulary); built once into `out`."""
     if os.path.exists(os.path.join(out, "config.json")):
         return out
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(tiny)
-    config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=2,
-                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                         bos_token_id=tok.bos_token_id)
+    from chatsft.builtin import resolve
+
+    tok = AutoTokenizer.from_pretrained(resolve("builtin:tiny-llama"))
+    config = Qwen2Config(**{**QWEN_05B, **shape}, num_hidden_layers=layers, max_position_embeddings=max_positions,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
     torch.manual_seed(0)
     tmp = out + ".tmp"
-    Qwen2ForCausalLM(config).save_pretrained(tmp)
+    model = Qwen2ForCausalLM(config)
+    (model if dtype is None else model.to(dtype)).save_pretrained(tmp)
     tok.save_pretrained(tmp)
     os.replace(tmp, out)
     return out
@@ -204,9 +217,11 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def summarize(ends: list[float], learned: list[int]) -> dict:
-    times = [b - a for a, b in zip(ends[WARM:], ends[WARM + 1:])]
-    tokens = learned[WARM + 1:len(ends)]
+def summarize(ends: list[float], learned: list[int], warm: int = WARM) -> dict:
+    """Step ends (from the first step's) and learned tokens per step -> time and learned tokens/s
+    of the steps after the first `warm` + 1 (a step's time runs from the previous step's end)."""
+    times = [b - a for a, b in zip(ends[warm:], ends[warm + 1:])]
+    tokens = learned[warm + 1:len(ends)]
     return {"step_time": sum(times) / len(times), "learned_tok_s": sum(tokens) / sum(times),
             "learned_per_step": sum(tokens) / len(tokens)}
 
@@ -250,7 +265,12 @@ def child_chatsft(a: dict) -> dict:
             "optim": f"AdamW fused={cfg.train.fused_optimizer}", "losses": losses}
 
 
-def child_trl(a: dict) -> dict:
+def trl_trainer(a: dict, model_kwargs: Optional[dict] = None, **settings):
+    """TRL's SFTTrainer set up as the module docstring says, on `a` (model, rows, steps, lr, ...);
+    `settings` replace SFTConfig fields and `model_kwargs` from_pretrained's (benchmarks/gpu.py: bf16
+    on CUDA, Liger, an attention kernel). Returns (trainer, clock): clock.ends are the times
+    steps end (the device synchronized first), clock.learned the learned tokens of each batch
+    the collator made, clock.losses the logged losses; None with a["check"]."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -258,7 +278,6 @@ def child_trl(a: dict) -> dict:
 
     from chatsft.sources import read_local
 
-    torch.set_num_threads(a["threads"])
     tok = AutoTokenizer.from_pretrained(a["model"])
     tok.chat_template = CHATML_GENERATION
     if a.get("check"):
@@ -266,8 +285,8 @@ def child_trl(a: dict) -> dict:
                                   for conv in read_local(TRAIN)])
     else:
         data = trl_rows(a)
-    model = AutoModelForCausalLM.from_pretrained(a["model"], dtype=torch.float32)
-    args = SFTConfig(
+    model = AutoModelForCausalLM.from_pretrained(a["model"], **{"dtype": torch.float32, **(model_kwargs or {})})
+    args = SFTConfig(**{**dict(
         output_dir=a["out"], max_steps=a["steps"], per_device_train_batch_size=a["rows"],
         gradient_accumulation_steps=1, learning_rate=a["lr"], lr_scheduler_type="cosine", warmup_steps=0,
         adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, weight_decay=0.0, max_grad_norm=1.0,
@@ -278,40 +297,55 @@ def child_trl(a: dict) -> dict:
         assistant_only_loss=bool(a.get("check")) or not a["packed"],  # packed rows carry their labels
         # chatsft's order (trl_rows), read as it is; TRL's default of gradient checkpointing
         # (on) set to chatsft's (train.gradient_checkpointing=false)
-        train_sampling_strategy="sequential", gradient_checkpointing=False)
+        train_sampling_strategy="sequential", gradient_checkpointing=False), **settings})
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
     if a.get("check"):
-        rows = [trainer.train_dataset[i] for i in range(a["check"])]
-        return {"rows": [{"input_ids": r["input_ids"], "mask": [int(x != -100) for x in r["labels"]]} for r in rows]}
-    ends: list[float] = []
-    learned: list[int] = []
-    losses: list[float] = []
+        return trainer, None
     collate = trainer.data_collator
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.ends: list[float] = []
+            self.learned: list[int] = []
+            self.losses: list[float] = []
+
+        def on_step_end(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.ends.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+
+    clock = Clock()
 
     def counting(features):
         batch = collate(features)
-        learned.append(int((batch["labels"] != -100).sum()))
+        clock.learned.append(int((batch["labels"] != -100).sum()))
         return batch
 
     trainer.data_collator = counting
     trainer.train_dataset = trainer.train_dataset  # the dataloader is built at train(): it takes `counting`
+    trainer.add_callback(clock)
+    return trainer, clock
 
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            ends.append(time.perf_counter())
 
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
+def child_trl(a: dict) -> dict:
+    import torch
 
-    trainer.add_callback(Clock())
+    torch.set_num_threads(a["threads"])
+    trainer, clock = trl_trainer(a)
+    if a.get("check"):
+        rows = [trainer.train_dataset[i] for i in range(a["check"])]
+        return {"rows": [{"input_ids": r["input_ids"], "mask": [int(x != -100) for x in r["labels"]]} for r in rows]}
     trainer.train()
     peak = peak_mb()  # before the eval below, which is chatsft's code
-    ev = eval_loss(trainer.model, a["eval_dir"], tok.pad_token_id)
+    ev = eval_loss(trainer.model, a["eval_dir"], trainer.processing_class.pad_token_id)
     opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-    return {**summarize(ends, learned), "peak_mb": peak, "train_loss": losses[-1], "eval_loss": ev,
-            "steps": len(ends), "optim": f"{trainer.args.optim} fused={opt.defaults.get('fused')}",
-            "losses": losses}
+    return {**summarize(clock.ends, clock.learned), "peak_mb": peak, "train_loss": clock.losses[-1], "eval_loss": ev,
+            "steps": len(clock.ends), "optim": f"{trainer.args.optim} fused={opt.defaults.get('fused')}",
+            "losses": clock.losses}
 
 
 def child_rss(a: dict) -> dict:

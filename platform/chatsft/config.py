@@ -641,6 +641,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
                 errors.append(str(e).split(": ", 1)[-1])
         raise ConfigError(f"{where}: {' or '.join(errors)}")
     if origin is Literal:
+        if isinstance(value, bool) and ("on" if value else "off") in args:
+            return "on" if value else "off"  # YAML 1.1 reads a bare off (on, no, yes) as a boolean
         if value in args:
             return value
         raise ConfigError(f"{where}: expected one of {', '.join(map(str, args))}; got {_show(value)}")

@@ -32,6 +32,16 @@ def test_overrides_are_typed(tmp_path):
     assert cfg.method.lora.target_modules == ["q_proj"]
 
 
+def test_off_is_the_choice_not_a_boolean(tmp_path):
+    """YAML reads a bare `off` as false: a choice named off (train.compile) still takes it."""
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  compile: off\n")
+    assert load_config(f).train.compile == "off"
+    assert load_config(None, ["train.compile=layers", "train.compile=off"]).train.compile == "off"
+    with pytest.raises(ConfigError, match="train.compile: expected one of off, layers, decoder; got True"):
+        load_config(None, ["train.compile=on"])
+
+
 def test_sources_accept_a_path_a_list_or_weighted_entries():
     cfg = load_config(None, ["data.train=a.jsonl"])
     assert [(s.path, s.weight) for s in cfg.data.train] == [("a.jsonl", 1.0)]

@@ -94,6 +94,40 @@ def test_chunked_cross_entropy_equals_torch(chunk):
         torch.testing.assert_close(a, e, rtol=RTOL, atol=ATOL)
 
 
+def test_under_autocast_every_matmul_of_the_head_runs_in_its_dtype():
+    """fp32 weights under bf16 autocast (the torch engine's bf16 with master weights): the head's
+    matmuls run in bf16 as the full path's do, the weight gradient's included (an in-place
+    addmm_ is never autocast: in fp32 it was the slowest matmul of a GPU step); the loss and
+    gradients are the full path's to bf16 rounding."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Matmuls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+                self.dtypes |= {a.dtype for a in args[-2:]}
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(12, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    t = torch.randint(0, 50, (12,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(F.linear(h, w).float(), t, reduction="sum")
+        ref_grads = torch.autograd.grad(ref, (h, w))
+        with Matmuls() as seen:
+            got = learned_cross_entropy(h, w, None, t, 5)
+            grads = torch.autograd.grad(got, (h, w))
+    assert seen.dtypes == {torch.bfloat16}
+    assert got.dtype == torch.float32 and all(x.dtype == torch.float32 for x in grads)
+    torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-2)
+    for a, e in zip(grads, ref_grads):
+        torch.testing.assert_close(a, e, rtol=2e-2, atol=2e-2)
+
+
 # ------------------------------------------------------------------ the tiny Llama
 
 

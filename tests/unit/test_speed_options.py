@@ -82,6 +82,16 @@ def test_fused_kernel_missing_is_a_user_error(tiny_llama_dir, head, package):
         loss_function(model, head, device="cuda")  # a CUDA device asked for: the package decides
 
 
+def test_cce_refuses_an_output_bias(tiny_llama_dir):
+    """Cut Cross-Entropy (25.1.1, the version on PyPI) has no bias argument: a biased head is refused
+    by name before any package or device is looked at."""
+    model = load_model(cfg_with(), "causal")
+    head = model.get_output_embeddings()
+    model.set_output_embeddings(torch.nn.Linear(head.in_features, head.out_features, bias=True))
+    with pytest.raises(UserError, match="train.loss_head=cce: Cut Cross-Entropy takes no output bias"):
+        loss_function(model, "cce", device="cuda")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("head", ["liger", "cce"])

@@ -86,8 +86,13 @@ def loss_function(model: torch.nn.Module, head: str = "learned", chunk: int = 0,
     """
     if head == "full":
         return full_loss, "full logits (train.loss_head=full)"
-    kernel = _kernel(head, torch.device(device)) if head in KERNELS else None
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head == "cce" and getattr(out, "bias", None) is not None:
+        from chatsft.errors import UserError
+
+        raise UserError("train.loss_head=cce: Cut Cross-Entropy takes no output bias and this model's output "
+                        "layer has one; use train.loss_head=liger or learned")
+    kernel = _kernel(head, torch.device(device)) if head in KERNELS else None
     config = getattr(model, "config", None)
     transform = next((a for a in _LOGIT_TRANSFORMS if getattr(config, a, None) not in (None, 1, 1.0)), None)
     if out is None or type(out) not in (torch.nn.Linear, LearnedHead) or transform:
@@ -133,8 +138,13 @@ def _kernel(head: str, device: torch.device) -> Callable:
             return lambda hidden, weight, bias, targets, chunk: fused(weight, hidden, targets, bias).float()
         from cut_cross_entropy import linear_cross_entropy
 
-        return lambda hidden, weight, bias, targets, chunk: linear_cross_entropy(
-            hidden, weight, targets, bias=bias, ignore_index=IGNORE, reduction="sum").float()
+        def cce(hidden, weight, bias, targets, chunk):  # no bias: loss_function refuses a head with one
+            if torch.is_autocast_enabled(hidden.device.type):  # its kernels take the dtype they are given
+                dtype = torch.get_autocast_dtype(hidden.device.type)
+                hidden, weight = hidden.to(dtype), weight.to(dtype)
+            return linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE, reduction="sum").float()
+
+        return cce
     except ImportError:
         raise UserError(f"train.loss_head={head}: the {package} package is not installed here: "
                         f"pip install {package}, or use train.loss_head=learned") from None
@@ -190,6 +200,11 @@ class _ChunkedCE(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        # Under autocast the projections below run in its dtype; an in-place addmm_ is never
+        # autocast, so the weight gradient's matmul is cast by hand (in fp32 it was the slowest
+        # matmul of a GPU step) and accumulated in the weight's own dtype.
+        device = hidden.device.type
+        cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start:start + chunk]
             t = targets[start:start + chunk]
@@ -200,7 +215,9 @@ class _ChunkedCE(torch.autograd.Function):
             p[torch.arange(len(t), device=t.device), t] -= 1.0
             if need_h:
                 grad_h[start:start + chunk] = p.to(weight.dtype) @ weight
-            if need_w:
+            if need_w and cast is not None:
+                grad_w += p.t().to(cast) @ h.to(cast)
+            elif need_w:
                 grad_w.addmm_(p.t().to(h.dtype), h)
             if need_b:
                 grad_b += p.sum(0)
