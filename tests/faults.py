@@ -76,6 +76,25 @@ class ParkOnce:
         raise RuntimeError(f"[test] parked after step {step} for {self.seconds}s: the group was never torn down")
 
 
+class StepLog:
+    """Not a fault: rank 0 appends each optimizer step it runs to `path`, one a line, so a test
+    sees which steps a run trained (and so which checkpoint its workers resumed from)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = str(path)
+
+    def __call__(self, step: int, runtime) -> None:
+        if runtime.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(f"{step}\n")
+
+    def steps(self) -> list[int]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            return [int(line) for line in f if line.strip()]
+
+
 def report_log(path: str):
     """A Ray Train callback (it runs in the controller) that appends one JSON line per report
     it has registered: the checkpoint's folder name (or None) and how many workers reported."""
