@@ -95,23 +95,6 @@ class StepLog:
             return [int(line) for line in f if line.strip()]
 
 
-def report_log(path: str):
-    """A Ray Train callback (it runs in the controller) that appends one JSON line per report
-    it has registered: the checkpoint's folder name (or None) and how many workers reported."""
-    from ray.train import UserCallback
-
-    class ReportLog(UserCallback):
-        def after_report(self, run_context, metrics, checkpoint) -> None:
-            import json
-            import time
-
-            with open(path, "a") as f:
-                f.write(json.dumps({"time": time.time(), "checkpoint": os.path.basename(checkpoint.path) if checkpoint else None,
-                                    "workers": len(metrics), "step": metrics[0].get("step")}) + "\n")
-
-    return ReportLog()
-
-
 def _ship_by_value() -> None:
     # Ray workers may not have the tests folder on their path: send these classes by value.
     from ray import cloudpickle

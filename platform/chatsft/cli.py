@@ -154,7 +154,8 @@ def _export(cfg: Config, args: argparse.Namespace) -> None:
     from chatsft.plan import RunPlan
     from chatsft.train.export import export_cli
 
-    export_cli(RunPlan.resolve(cfg), checkpoint=args.checkpoint, out=args.out, adapter_only=args.adapter_only)
+    export_cli(RunPlan.resolve(cfg), checkpoint=args.checkpoint, out=args.out, adapter_only=args.adapter_only,
+               force=args.force)
 
 
 VERBS: dict[str, tuple[Callable, str]] = {
@@ -188,7 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="records of data.train to render for the report")
         if verb == "export":
             p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the latest)")
-            p.add_argument("--out", default=None, help="output folder (default: <run.output_dir>/model)")
+            p.add_argument("--out", default=None, help="output folder (default: the run's model/); it is replaced "
+                           "whole, so it must be new, empty or a previous export of the same kind")
+            p.add_argument("--force", action="store_true", help="replace --out even though it holds other files "
+                           "(never the run's folder, one above it, or the working folder)")
             p.add_argument("--adapter-only", action="store_true", help="PEFT: write the adapter, not merged")
     keys = sub.add_parser("keys", help="list every config key with its default and meaning",
                           description="chatsft keys [PREFIX | CONFIG.yaml [PREFIX]] [overrides]: every config "

@@ -37,6 +37,11 @@ class RunPlan:
     worker_resources: dict  # Ray resources of one training worker
     threads: int  # CPU threads of one training worker (torch intra-op, Arrow)
     eval_split: EvalSplit  # "sources": data.eval; "carve": data.eval_fraction of train; "none"
+    # The run's exported Hugging Face folder and its result.json: <output_dir>/model and
+    # <output_dir>/result.json, unless those are another run name's; then in <output_dir>/<run.name>/
+    # (`run_files`).
+    model_dir: str
+    result_path: str
 
     # ---------------------------------------------------------------- locations
 
@@ -46,19 +51,10 @@ class RunPlan:
         return storage.join(self.output_dir, "data")
 
     @property
-    def model_dir(self) -> str:
-        """The exported Hugging Face folder."""
-        return storage.join(self.output_dir, "model")
-
-    @property
     def checkpoint_dir(self) -> str:
         """Where this run's checkpoints are: Ray Train's run folder (storage_path/name), which
         --local uses too, so either mode resumes the other's checkpoints."""
         return storage.join(self.output_dir, self.config.run.name)
-
-    @property
-    def result_path(self) -> str:
-        return storage.join(self.output_dir, "result.json")
 
     @property
     def seq2seq(self) -> bool:
@@ -82,18 +78,65 @@ class RunPlan:
         if not local:
             _check_elastic(sc.min_workers, workers, cfg.train.micro_batch_size, global_batch)
         threads = cfg.train.threads or (local_cores() if local else max(1, int(resources.get("CPU", 1))))
+        output_dir = storage.absolute(cfg.run.output_dir)
+        model_dir, result_path = run_files(output_dir, cfg.run.name)
         return cls(
             config=cfg,
             kind=kind,
             local=local,
-            output_dir=storage.absolute(cfg.run.output_dir),
+            output_dir=output_dir,
             tracking_uri=tracking_uri(cfg) if cfg.tracking.enabled else None,
             workers=workers,
             global_batch=global_batch,
             worker_resources=resources,
             threads=threads,
             eval_split="sources" if cfg.data.eval else ("carve" if cfg.data.eval_fraction > 0 else "none"),
+            model_dir=model_dir,
+            result_path=result_path,
         )
+
+
+RESULT = "result.json"
+EXPORT_MARKER = "chatsft_export.json"  # what chatsft writes into every model folder it exports
+
+
+def run_files(output_dir: str, name: str) -> tuple[str, str]:
+    """(model folder, result.json) of run `name` in `output_dir`. The folder's own `model/` and
+    `result.json` belong to the first run name that writes them, so a folder of one run reads as it
+    always did; a run of another name gets its own, in its checkpoint folder `<name>/`, and never
+    overwrites the first one's. A run that has its own there keeps them there."""
+    own = storage.join(output_dir, name)
+    if storage.exists(storage.join(own, RESULT)) or storage.exists(storage.join(own, "model")):
+        return storage.join(own, "model"), storage.join(own, RESULT)
+    owner = _owner(output_dir)
+    if owner is None or owner == name:
+        return storage.join(output_dir, "model"), storage.join(output_dir, RESULT)
+    return storage.join(own, "model"), storage.join(own, RESULT)
+
+
+def _owner(output_dir: str) -> Optional[str]:
+    """The run name whose `model/` and `result.json` are at the top of `output_dir`: None when
+    there are none, "?" when they are there but say no name (files chatsft cannot place are
+    taken for someone else's)."""
+    import json
+
+    for path, keys in ((storage.join(output_dir, RESULT), ("run",)),
+                       (storage.join(output_dir, "model", EXPORT_MARKER), ("run",))):
+        raw = storage.read_bytes(path)
+        if raw is None:
+            continue
+        try:
+            data = json.loads(raw)
+        except ValueError:  # UnicodeDecodeError too
+            return "?"
+        name = data.get(keys[0]) if isinstance(data, dict) else None
+        if name:
+            return str(name)
+        checkpoint = data.get("checkpoint") if isinstance(data, dict) else None
+        if checkpoint:  # a result.json of an older chatsft: <output_dir>/<name>/checkpoint_N
+            return storage.basename(checkpoint.rstrip("/").rsplit("/", 1)[0])
+        return "?"
+    return "?" if storage.exists(storage.join(output_dir, "model")) else None
 
 
 def local_cores() -> int:

@@ -196,11 +196,14 @@ def world(tmp_path):
     (ckpt / "train_state_rank0.json").write_text(json.dumps({"state": {"step": 2, "epoch": 0, "position": 32,
                                                                        "world_size": 1, "metrics": {}}}))
     (ckpt / "state").mkdir()
-    (ckpt / "state" / "mp_rank_00_model_states.pt").write_bytes(os.urandom(256))
+    import torch
+
+    torch.save({"module": {"w": torch.randn(4)}}, ckpt / "state" / "mp_rank_00_model_states.pt")
     for name in ("data/prepare.json", "data/train/part-00000.parquet", "data/train/stats.json",
-                 "model/config.json", "model/model.safetensors", "result.json"):
+                 "model/config.json", "model/model.safetensors"):
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_bytes(os.urandom(64))
+    (out / "result.json").write_text(json.dumps({"run": "t", "checkpoint": str(ckpt), "metrics": {}}))
     return tmp_path
 
 
