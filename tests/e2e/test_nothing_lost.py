@@ -132,3 +132,24 @@ def test_a_corrupt_newest_checkpoint_is_named_and_the_one_before_used(tmp_path, 
     assert json.loads((tmp_path / "out" / "result.json").read_text())["resumed"]["checkpoint"] == named
     assert log.steps() == [3, 4, 5, 6]  # the workers loaded checkpoint 2, the one named
     assert resumed.metrics["step"] == 6
+
+
+def test_a_second_run_name_gets_its_own_model_and_result(tmp_path):
+    rows = rows_for(tiny_cfg(tmp_path), str(tmp_path), train_limit=16, eval_limit=0)
+    first = train_rows(tiny_cfg(tmp_path, *RUN, "train.max_steps=1"), rows, local=True)
+    out = tmp_path / "out"
+    assert first.model_dir == str(out / "model")
+    kept = {k: v for k, v in snapshot(out).items() if k.startswith(("model/", "result.json", "t/"))}
+
+    second = train_rows(tiny_cfg(tmp_path, *RUN, "train.max_steps=2", "run.name=u"), rows, local=True)
+    assert second.model_dir == str(out / "u" / "model")
+    now = snapshot(out)
+    assert {k: now.get(k) for k in kept} == kept, "the second run name overwrote the first one's files"
+    assert json.loads((out / "result.json").read_text())["run"] == "t"
+    result = json.loads((out / "u" / "result.json").read_text())
+    assert result["run"] == "u" and result["metrics"]["step"] == 2 and result["model_dir"] == second.model_dir
+    assert (out / "u" / "model" / "config.json").exists()
+    # each name finds its own again: the first run resumes into the folder's model/ as before
+    again = train_rows(tiny_cfg(tmp_path, *RUN, "train.max_steps=2"), rows, local=True)
+    assert again.model_dir == str(out / "model") and again.resume.step == 1
+    assert json.loads((out / "u" / "result.json").read_text()) == result
