@@ -135,6 +135,8 @@ def _inspect(cfg: Config, args: argparse.Namespace) -> None:
 def _template(cfg: Config, args: argparse.Namespace) -> None:
     """What the chat template will teach: strategy, stops, think policy, learned tokens by role, refusals."""
     from chatsft.data.template_report import format_report, template_report
+    from chatsft.pipeline.rows import TRAIN
+    from chatsft.pipeline.run import plan_files
     from chatsft.sources import first_records
     from chatsft.data.templates import get_template
     from chatsft.model import load_tokenizer
@@ -144,9 +146,14 @@ def _template(cfg: Config, args: argparse.Namespace) -> None:
         print("chat template: none (an encoder-decoder model: the history goes to the encoder, each answer "
               "to the decoder)")
         return
+    files = plan_files(cfg)  # the sources exist, are not all empty and have a format
+    records = list(first_records(cfg.data.train, args.num))
+    if not records:
+        shown = ", ".join(f.display for f, role in files if role.split == TRAIN)
+        raise UserError(f"data.train: {shown} hold no records (blank lines only): there is nothing to report on")
     tokenizer = load_tokenizer(cfg.model)
     template = get_template(cfg.data.template, tokenizer, cfg.data.think)
-    report = template_report(template, tokenizer, first_records(cfg.data.train, args.num))
+    report = template_report(template, tokenizer, records)
     print(format_report(report))
 
 

@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from chatsft import storage
 from chatsft.data.options import Organization, Template, Think, TrainOn, Truncation
 
 
@@ -84,7 +85,8 @@ class ModelConfig:
 class Source:
     """One source of a mixture: a path, glob or URI of JSONL or Parquet files, and its sampling weight."""
 
-    path: str = doc("", "Local path, glob, folder, or pyarrow/fsspec URI (s3://...) of JSONL or Parquet files.")
+    path: str = doc("", "Local path, glob, folder, or pyarrow/fsspec URI (s3://...) of JSONL or Parquet files; a "
+                    "local path is made absolute when the config loads (against the working folder).")
     format: Literal["auto", "jsonl", "parquet"] = doc(
         "auto",
         "File format: auto (by extension: .jsonl is JSON lines, .parquet is Parquet with a "
@@ -107,6 +109,10 @@ class Source:
             raise ConfigError(f"{where}.path: must not be empty")
         if self.weight < 0:
             raise ConfigError(f"{where}.weight: must be >= 0, got {self.weight}")
+        # Absolute from here on: Ray tasks and workers run in other folders, and a resume started
+        # from another folder (or spelling the same file absolute) must name the same file.
+        if not storage.is_uri(self.path):
+            self.path = storage.absolute(self.path)
 
 
 @dataclass
@@ -532,8 +538,11 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: typing.Seque
                 mark = getattr(e, "problem_mark", None)
                 line = f":{mark.line + 1}" if mark is not None else ""
                 raise ConfigError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
-        if loaded is None:
-            loaded = {}
+        if loaded is None or loaded == {}:
+            # Trained on, an empty file would be the defaults (the tiny model on the sample chats)
+            # without a word that the file said nothing.
+            raise ConfigError(f"{path}: the config file is empty (no keys); write the sections you mean "
+                              "(`chatsft keys` lists every key, configs/ has recipes)")
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         raw = loaded

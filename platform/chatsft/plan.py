@@ -60,14 +60,28 @@ class RunPlan:
     def seq2seq(self) -> bool:
         return self.kind == "seq2seq"
 
+    @property
+    def local_batch_note(self) -> Optional[str]:
+        """--local trains one worker: when the config's scaling.num_workers would take more rows per
+        optimizer step, the line that says so (None when the two agree)."""
+        tr, workers = self.config.train, self.config.scaling.num_workers
+        if not self.local or workers == 1:
+            return None
+        return (f"--local trains 1 worker: {self.global_batch} rows per optimizer step (train.micro_batch_size "
+                f"{tr.micro_batch_size} x train.grad_accum {tr.grad_accum}), not the "
+                f"{self.global_batch * workers} of the config's scaling.num_workers={workers}; set "
+                f"train.grad_accum={tr.grad_accum * workers} for the same batch")
+
     # ---------------------------------------------------------------- resolving
 
     @classmethod
     def resolve(cls, cfg: Config, *, local: bool = False) -> "RunPlan":
+        from chatsft.model.check import check_model
         from chatsft.model.tokenizer import model_kind
 
         kind = model_kind(cfg.model)
         _check_kind(cfg, kind)
+        check_model(cfg, kind)
         _check_output(cfg.run.output_dir)
         sc = cfg.scaling
         workers = 1 if local else sc.num_workers
@@ -78,6 +92,7 @@ class RunPlan:
         if not local:
             _check_elastic(sc.min_workers, workers, cfg.train.micro_batch_size, global_batch)
         threads = cfg.train.threads or (local_cores() if local else max(1, int(resources.get("CPU", 1))))
+        _check_stores(cfg)
         output_dir = storage.absolute(cfg.run.output_dir)
         model_dir, result_path = run_files(output_dir, cfg.run.name)
         return cls(
@@ -159,6 +174,21 @@ def tracking_uri(cfg: Config) -> str:
     out = cfg.run.output_dir
     folder = Path("." if storage.is_uri(out) else out).absolute()
     return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def _check_stores(cfg: Config) -> None:
+    """Every object store the run reads or writes answers, before anything is spent: a bucket
+    without credentials or an endpoint that does not answer is named by its key in seconds, not
+    after the store's client has retried for minutes."""
+    keys = [("run.output_dir", cfg.run.output_dir)]
+    keys += [(f"data.{split}[{i}].path", src.path) for split in ("train", "eval")
+             for i, src in enumerate(getattr(cfg.data, split))]
+    from chatsft.sources import resolve_uri
+
+    for key, path in keys:
+        problem = storage.probe(resolve_uri(path))
+        if problem:
+            raise ConfigError(f"{key}={path}: {problem}")
 
 
 def _check_output(output_dir: str) -> None:

@@ -46,9 +46,10 @@ def model_kind(model_cfg: Any) -> str:
                             "folder, or set model.kind to causal or seq2seq")
         with open(local, encoding="utf-8") as f:
             conf = json.load(f)
-        if "model_type" not in conf and "is_encoder_decoder" not in conf:
-            raise UserError(f"model.name_or_path={model_cfg.name_or_path}: its config.json names no "
-                            "model_type, so the kind of model is unknown; set model.kind to causal or seq2seq")
+        if "model_type" not in conf:
+            from chatsft.model.check import missing_model_type
+
+            raise UserError(missing_model_type(model_cfg.name_or_path, path))
         return "seq2seq" if conf.get("is_encoder_decoder") else "causal"
     from transformers import AutoConfig
 

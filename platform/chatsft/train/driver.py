@@ -63,6 +63,8 @@ def train(cfg: Config, local: bool = False, *, callbacks: Optional[list[Callable
     from chatsft.pipeline.run import check
 
     plan = RunPlan.resolve(cfg, local=local)
+    if plan.local_batch_note:
+        say(plan.local_batch_note)
     tracked = preflight(cfg, plan.tracking_uri)
     checked = check(plan)  # the data and format, in seconds, before Ray starts
     if not local:
