@@ -65,7 +65,9 @@ def missing_model_type(name: str, path: str) -> str:
                                                             MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
 
         names = {**MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, **MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES}
-        found = [t for arch in archs for t, a in names.items() if a == arch]
+        found = [t for arch in archs[:1] for t, a in names.items() if a == arch]
+        # several types share an architecture class (exaone, llama, ... -> LlamaForCausalLM): its own first
+        found.sort(key=lambda t: not archs[0].lower().startswith(t.replace("_", "")))
         if found:
             hint = f' ("model_type": "{found[0]}" for its architecture {archs[0]})'
     except (OSError, ValueError, AttributeError):

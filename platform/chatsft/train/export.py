@@ -68,6 +68,9 @@ def export_kind(plan: RunPlan, adapter_only: bool) -> str:
     """What `chatsft export` writes: "adapter" (a PEFT adapter alone) or "model" (full weights)."""
     method = plan.config.method
     if method.name == "full":
+        if adapter_only:
+            raise UserError("--adapter-only: method.name=full trains every weight, there is no adapter to "
+                            "export; leave --adapter-only out (the full model is exported)")
         return "model"
     return "adapter" if adapter_only or method.export == "adapter" or method.name == "prompt_tuning" else "model"
 

@@ -34,6 +34,7 @@ from chatsft import storage
 from chatsft.errors import UserError
 from chatsft.plan import RunPlan
 from chatsft.train import checkpoint as ckpt
+from chatsft.train.progress import say
 
 MANIFEST = "chatsft_run.json"
 VERSION = 2  # 2: the data order of chatsft.data.order by lanes (a version-1 position means other rows)
@@ -56,11 +57,10 @@ class Resume:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (folder, problem): newer, not whole
 
     def describe(self) -> str:
-        passed = "".join(f"skipping {path}: {problem}; " for path, problem in self.skipped)
         if self.checkpoint is None:
             moved = f" (the previous run was moved to {self.archived})" if self.archived else ""
-            return f"{passed}fresh run: no checkpoint to resume{moved}"
-        text = f"{passed}resuming from {self.checkpoint} at step {self.step}"
+            return f"fresh run: no checkpoint to resume{moved}"
+        text = f"resuming from {self.checkpoint} at step {self.step}"
         if self.workers and self.workers[0] != self.workers[1]:
             text += (f" on {self.workers[1]} workers (was {self.workers[0]}); accumulation "
                      f"{self.accum[0]} -> {self.accum[1]}, {self.manifest['rows_per_step']} rows per step as before")
@@ -114,6 +114,8 @@ def check(plan: RunPlan, rows: Optional[dict]) -> Resume:
         return Resume(mine, archived=archive(plan) if anything else None)
     latest, broken = ckpt.usable(plan.checkpoint_dir)
     skipped = [(f.path, f.problem) for f in broken]
+    for path, problem in skipped:  # said at once: also when the comparison below refuses the run
+        say(f"skipping {path}: {problem}")
     if latest is None:
         return Resume(mine, skipped=skipped)
     text = storage.read_text(storage.join(latest, MANIFEST))
