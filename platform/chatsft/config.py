@@ -307,7 +307,9 @@ class TrainConfig:
     eval_every: int = doc(0, "Steps between eval-loss passes; 0: only at the end.")
     eval_metrics_every: int = doc(0, "Steps between task evaluations (see eval); 0: only at the end.")
     save_every: int = doc(0, "Steps between checkpoints; 0: only at the end.")
-    keep_checkpoints: int = doc(2, "Checkpoints kept by Ray Train.")
+    keep_checkpoints: int = doc(
+        2, "Whole checkpoints kept (the newest); 0 keeps all. Retention deletes only whole checkpoints older "
+        "than the newest ones kept; a partial or corrupt folder is never counted nor deleted.")
     stall_timeout_s: float = doc(
         0.0,
         "Hang watchdog; 0: off. When no optimizer step ends within this many seconds (count any "
