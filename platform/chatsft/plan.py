@@ -14,6 +14,7 @@ The plan is plain data: it travels to Ray workers with the config inside it.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -95,6 +96,7 @@ class RunPlan:
         _check_stores(cfg)
         output_dir = storage.absolute(cfg.run.output_dir)
         model_dir, result_path = run_files(output_dir, cfg.run.name)
+        _check_rows_folder(cfg.run.output_dir, storage.join(output_dir, "data"))
         return cls(
             config=cfg,
             kind=kind,
@@ -135,8 +137,7 @@ def _owner(output_dir: str) -> Optional[str]:
     taken for someone else's)."""
     import json
 
-    for path, keys in ((storage.join(output_dir, RESULT), ("run",)),
-                       (storage.join(output_dir, "model", EXPORT_MARKER), ("run",))):
+    for path in (storage.join(output_dir, RESULT), storage.join(output_dir, "model", EXPORT_MARKER)):
         raw = storage.read_bytes(path)
         if raw is None:
             continue
@@ -144,12 +145,12 @@ def _owner(output_dir: str) -> Optional[str]:
             data = json.loads(raw)
         except ValueError:  # UnicodeDecodeError too
             return "?"
-        name = data.get(keys[0]) if isinstance(data, dict) else None
-        if name:
-            return str(name)
-        checkpoint = data.get("checkpoint") if isinstance(data, dict) else None
-        if checkpoint:  # a result.json of an older chatsft: <output_dir>/<name>/checkpoint_N
-            return storage.basename(checkpoint.rstrip("/").rsplit("/", 1)[0])
+        if not isinstance(data, dict):
+            return "?"
+        if data.get("run"):
+            return str(data["run"])
+        if data.get("checkpoint"):  # a result.json of an older chatsft: <output_dir>/<name>/checkpoint_N
+            return storage.basename(str(data["checkpoint"]).rstrip("/").rsplit("/", 1)[0])
         return "?"
     return "?" if storage.exists(storage.join(output_dir, "model")) else None
 
@@ -174,6 +175,26 @@ def tracking_uri(cfg: Config) -> str:
     out = cfg.run.output_dir
     folder = Path("." if storage.is_uri(out) else out).absolute()
     return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+# What prepare writes into <output_dir>/data/{train,eval}/, and replaces whole when the rows are stale.
+ROW_FILES = re.compile(r"(part-\d+\.parquet|stats\.json|mask_preview\.html|bad_records\.jsonl|template_report\.txt"
+                       r"|.*\.tmp-\d+)$")
+
+
+def _check_rows_folder(key_value: str, data_dir: str) -> None:
+    """prepare replaces <output_dir>/data/train and data/eval whole: they must hold nothing but
+    rows prepare wrote (an output_dir pointed at a project whose data/train holds the corpus
+    would lose it)."""
+    for split in ("train", "eval"):
+        folder = storage.join(data_dir, split)
+        others = [f.path for f in storage.list_files(folder, recursive=True)
+                  if not ROW_FILES.fullmatch(storage.basename(f.path))]
+        if others:
+            shown = ", ".join(storage.basename(p) for p in others[:3]) + (
+                f" and {len(others) - 3} more" if len(others) > 3 else "")
+            raise ConfigError(f"run.output_dir={key_value}: {folder} holds files chatsft did not write ({shown}), "
+                              "and prepare replaces that folder with its rows; use another run.output_dir")
 
 
 def _check_stores(cfg: Config) -> None:

@@ -342,6 +342,10 @@ CASES = [
     Case("resume with another seed", ["run.seed=1"], "run.seed 0 -> 1"),
     Case("resume with another data file", ["data.train={tmp}/other.jsonl"], "data.train",
          setup=lambda tmp: write(tmp / "other.jsonl", GOOD[:20])),
+    Case("an output folder whose data/ is the user's", ["run.output_dir={tmp}/proj",
+                                                        "data.train={tmp}/proj/data/train/chats.jsonl"],
+         "run.output_dir={tmp}/proj: {tmp}/proj/data/train holds files chatsft did not write (chats.jsonl)",
+         setup=lambda tmp: write(tmp / "proj" / "data" / "train" / "chats.jsonl", GOOD)),
     # --------------------------------------------------------------------- data paths
     Case("a literal name with glob characters", ["data.train={tmp}/chats[1].jsonl"],
          "{tmp}/chats[1].jsonl:1: invalid_json", setup=glob_named),

@@ -181,6 +181,7 @@ def _train_on_ray(plan: RunPlan, args: WorkerArgs, ray_callbacks: list) -> dict[
     ensure_ray()
     cfg = plan.config
     sc = cfg.scaling
+    _set_aside_ray_registry(plan)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"args": args},
@@ -214,6 +215,21 @@ def _train_on_ray(plan: RunPlan, args: WorkerArgs, ray_callbacks: list) -> dict[
             raise
         raise user from None
     return dict(result.return_value or {})  # rank 0's final metrics (the loop returns them)
+
+
+# Ray Train's record of the checkpoints reported to it, in its run folder (ray.train.v2 constants).
+# Runs of an older chatsft reported theirs; Ray refuses to start a run whose record names a checkpoint
+# that is gone, and retention here deletes checkpoints it does not tell Ray about.
+RAY_REGISTRY = "checkpoint_manager_snapshot.json"
+
+
+def _set_aside_ray_registry(plan: RunPlan) -> None:
+    """Move an older chatsft's Ray checkpoint record aside (renamed, not deleted): the folder, not
+    Ray's record, says which checkpoints there are."""
+    found = storage.join(plan.checkpoint_dir, RAY_REGISTRY)
+    if storage.exists(found):
+        storage.move(found, f"{found}.set-aside")
+        say(f"moved Ray Train's checkpoint record of an older chatsft aside: {found}.set-aside")
 
 
 def _summary(result: TrainResult, plan: RunPlan) -> None:
