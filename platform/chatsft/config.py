@@ -40,7 +40,9 @@ def doc(default: Any = dataclasses.MISSING, text: str = "", *, factory: Any = No
 
 @dataclass
 class RunConfig:
-    name: str = doc("chatsft", "Run name: MLflow run name and Ray Train run name.")
+    name: str = doc("chatsft", "Run name: MLflow run name, Ray Train run name and the checkpoint folder "
+                    "<output_dir>/<name>/. The output_dir's model/ and result.json belong to the first name that "
+                    "writes them; another name writes its own into <output_dir>/<name>/.")
     output_dir: str = doc(
         "runs/chatsft",
         "Where prepared data, checkpoints, the exported model and the local MLflow "
