@@ -76,21 +76,23 @@ class ParkOnce:
         raise RuntimeError(f"[test] parked after step {step} for {self.seconds}s: the group was never torn down")
 
 
-def report_log(path: str):
-    """A Ray Train callback (it runs in the controller) that appends one JSON line per report
-    it has registered: the checkpoint's folder name (or None) and how many workers reported."""
-    from ray.train import UserCallback
+class StepLog:
+    """Not a fault: rank 0 appends each optimizer step it runs to `path`, one a line, so a test
+    sees which steps a run trained (and so which checkpoint its workers resumed from)."""
 
-    class ReportLog(UserCallback):
-        def after_report(self, run_context, metrics, checkpoint) -> None:
-            import json
-            import time
+    def __init__(self, path: str) -> None:
+        self.path = str(path)
 
-            with open(path, "a") as f:
-                f.write(json.dumps({"time": time.time(), "checkpoint": os.path.basename(checkpoint.path) if checkpoint else None,
-                                    "workers": len(metrics), "step": metrics[0].get("step")}) + "\n")
+    def __call__(self, step: int, runtime) -> None:
+        if runtime.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(f"{step}\n")
 
-    return ReportLog()
+    def steps(self) -> list[int]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            return [int(line) for line in f if line.strip()]
 
 
 def _ship_by_value() -> None:

@@ -136,6 +136,8 @@ def _inspect(cfg: Config, args: argparse.Namespace) -> None:
 def _template(cfg: Config, args: argparse.Namespace) -> None:
     """What the chat template will teach: strategy, stops, think policy, learned tokens by role, refusals."""
     from chatsft.data.template_report import format_report, template_report
+    from chatsft.pipeline.rows import TRAIN
+    from chatsft.pipeline.run import plan_files
     from chatsft.sources import first_records
     from chatsft.data.templates import get_template
     from chatsft.model import load_tokenizer
@@ -145,9 +147,14 @@ def _template(cfg: Config, args: argparse.Namespace) -> None:
         print("chat template: none (an encoder-decoder model: the history goes to the encoder, each answer "
               "to the decoder)")
         return
+    files = plan_files(cfg)  # the sources exist, are not all empty and have a format
+    records = list(first_records(cfg.data.train, args.num, cfg.data.tool_arguments))
+    if not records:
+        shown = ", ".join(f.display for f, role in files if role.split == TRAIN)
+        raise UserError(f"data.train: {shown} hold no records (blank lines only): there is nothing to report on")
     tokenizer = load_tokenizer(cfg.model)
     template = get_template(cfg.data.template, tokenizer, cfg.data.think, cfg.data.chat_template_kwargs)
-    report = template_report(template, tokenizer, first_records(cfg.data.train, args.num, cfg.data.tool_arguments))
+    report = template_report(template, tokenizer, records)
     print(format_report(report))
 
 
@@ -155,7 +162,8 @@ def _export(cfg: Config, args: argparse.Namespace) -> None:
     from chatsft.plan import RunPlan
     from chatsft.train.export import export_cli
 
-    export_cli(RunPlan.resolve(cfg), checkpoint=args.checkpoint, out=args.out, adapter_only=args.adapter_only)
+    export_cli(RunPlan.resolve(cfg), checkpoint=args.checkpoint, out=args.out, adapter_only=args.adapter_only,
+               force=args.force)
 
 
 VERBS: dict[str, tuple[Callable, str]] = {
@@ -189,7 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="records of data.train to render for the report")
         if verb == "export":
             p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the latest)")
-            p.add_argument("--out", default=None, help="output folder (default: <run.output_dir>/model)")
+            p.add_argument("--out", default=None, help="output folder (default: the run's model/); it is replaced "
+                           "whole, so it must be new, empty or a previous export of the same kind")
+            p.add_argument("--force", action="store_true", help="replace --out even though it holds other files "
+                           "(never the run's folder, one above it, or the working folder)")
             p.add_argument("--adapter-only", action="store_true", help="PEFT: write the adapter, not merged")
     keys = sub.add_parser("keys", help="list every config key with its default and meaning",
                           description="chatsft keys [PREFIX | CONFIG.yaml [PREFIX]] [overrides]: every config "

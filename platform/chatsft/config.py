@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from chatsft import storage
 from chatsft.data.options import Organization, Template, Think, ToolArguments, TrainOn, Truncation
 
 
@@ -39,7 +40,9 @@ def doc(default: Any = dataclasses.MISSING, text: str = "", *, factory: Any = No
 
 @dataclass
 class RunConfig:
-    name: str = doc("chatsft", "Run name: MLflow run name and Ray Train run name.")
+    name: str = doc("chatsft", "Run name: MLflow run name, Ray Train run name and the checkpoint folder "
+                    "<output_dir>/<name>/. The output_dir's model/ and result.json belong to the first name that "
+                    "writes them; another name writes its own into <output_dir>/<name>/.")
     output_dir: str = doc(
         "runs/chatsft",
         "Where prepared data, checkpoints, the exported model and the local MLflow "
@@ -84,7 +87,8 @@ class ModelConfig:
 class Source:
     """One source of a mixture: a path, glob or URI of JSONL or Parquet files, and its sampling weight."""
 
-    path: str = doc("", "Local path, glob, folder, or pyarrow/fsspec URI (s3://...) of JSONL or Parquet files.")
+    path: str = doc("", "Local path, glob, folder, or pyarrow/fsspec URI (s3://...) of JSONL or Parquet files; a "
+                    "local path is made absolute when the config loads (against the working folder).")
     format: Literal["auto", "jsonl", "parquet"] = doc(
         "auto",
         "File format: auto (by extension: .jsonl is JSON lines, .parquet is Parquet with a "
@@ -107,6 +111,10 @@ class Source:
             raise ConfigError(f"{where}.path: must not be empty")
         if self.weight < 0:
             raise ConfigError(f"{where}.weight: must be >= 0, got {self.weight}")
+        # Absolute from here on: Ray tasks and workers run in other folders, and a resume started
+        # from another folder (or spelling the same file absolute) must name the same file.
+        if not storage.is_uri(self.path):
+            self.path = storage.absolute(self.path)
 
 
 @dataclass
@@ -316,7 +324,9 @@ class TrainConfig:
     eval_every: int = doc(0, "Steps between eval-loss passes; 0: only at the end.")
     eval_metrics_every: int = doc(0, "Steps between task evaluations (see eval); 0: only at the end.")
     save_every: int = doc(0, "Steps between checkpoints; 0: only at the end.")
-    keep_checkpoints: int = doc(2, "Checkpoints kept by Ray Train.")
+    keep_checkpoints: int = doc(
+        2, "Whole checkpoints kept (the newest); 0 keeps all. Retention deletes only whole checkpoints older "
+        "than the newest ones kept; a partial or corrupt folder is never counted nor deleted.")
     stall_timeout_s: float = doc(
         0.0,
         "Hang watchdog; 0: off. When no optimizer step ends within this many seconds (count any "
@@ -547,8 +557,11 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: typing.Seque
                 mark = getattr(e, "problem_mark", None)
                 line = f":{mark.line + 1}" if mark is not None else ""
                 raise ConfigError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
-        if loaded is None:
-            loaded = {}
+        if loaded is None or loaded == {}:
+            # Trained on, an empty file would be the defaults (the tiny model on the sample chats)
+            # without a word that the file said nothing.
+            raise ConfigError(f"{path}: the config file is empty (no keys); write the sections you mean "
+                              "(`chatsft keys` lists every key, configs/ has recipes)")
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         raw = loaded

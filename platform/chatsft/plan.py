@@ -14,6 +14,7 @@ The plan is plain data: it travels to Ray workers with the config inside it.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -37,6 +38,11 @@ class RunPlan:
     worker_resources: dict  # Ray resources of one training worker
     threads: int  # CPU threads of one training worker (torch intra-op, Arrow)
     eval_split: EvalSplit  # "sources": data.eval; "carve": data.eval_fraction of train; "none"
+    # The run's exported Hugging Face folder and its result.json: <output_dir>/model and
+    # <output_dir>/result.json, unless those are another run name's; then in <output_dir>/<run.name>/
+    # (`run_files`).
+    model_dir: str
+    result_path: str
 
     # ---------------------------------------------------------------- locations
 
@@ -46,32 +52,37 @@ class RunPlan:
         return storage.join(self.output_dir, "data")
 
     @property
-    def model_dir(self) -> str:
-        """The exported Hugging Face folder."""
-        return storage.join(self.output_dir, "model")
-
-    @property
     def checkpoint_dir(self) -> str:
         """Where this run's checkpoints are: Ray Train's run folder (storage_path/name), which
         --local uses too, so either mode resumes the other's checkpoints."""
         return storage.join(self.output_dir, self.config.run.name)
 
     @property
-    def result_path(self) -> str:
-        return storage.join(self.output_dir, "result.json")
-
-    @property
     def seq2seq(self) -> bool:
         return self.kind == "seq2seq"
+
+    @property
+    def local_batch_note(self) -> Optional[str]:
+        """--local trains one worker: when the config's scaling.num_workers would take more rows per
+        optimizer step, the line that says so (None when the two agree)."""
+        tr, workers = self.config.train, self.config.scaling.num_workers
+        if not self.local or workers == 1:
+            return None
+        return (f"--local trains 1 worker: {self.global_batch} rows per optimizer step (train.micro_batch_size "
+                f"{tr.micro_batch_size} x train.grad_accum {tr.grad_accum}), not the "
+                f"{self.global_batch * workers} of the config's scaling.num_workers={workers}; set "
+                f"train.grad_accum={tr.grad_accum * workers} for the same batch")
 
     # ---------------------------------------------------------------- resolving
 
     @classmethod
     def resolve(cls, cfg: Config, *, local: bool = False) -> "RunPlan":
+        from chatsft.model.check import check_model
         from chatsft.model.tokenizer import model_kind
 
         kind = model_kind(cfg.model)
         _check_kind(cfg, kind)
+        check_model(cfg, kind)
         _check_output(cfg.run.output_dir)
         sc = cfg.scaling
         workers = 1 if local else sc.num_workers
@@ -82,18 +93,66 @@ class RunPlan:
         if not local:
             _check_elastic(sc.min_workers, workers, cfg.train.micro_batch_size, global_batch)
         threads = cfg.train.threads or (local_cores() if local else max(1, int(resources.get("CPU", 1))))
+        _check_stores(cfg)
+        output_dir = storage.absolute(cfg.run.output_dir)
+        model_dir, result_path = run_files(output_dir, cfg.run.name)
+        _check_rows_folder(cfg.run.output_dir, storage.join(output_dir, "data"))
         return cls(
             config=cfg,
             kind=kind,
             local=local,
-            output_dir=storage.absolute(cfg.run.output_dir),
+            output_dir=output_dir,
             tracking_uri=tracking_uri(cfg) if cfg.tracking.enabled else None,
             workers=workers,
             global_batch=global_batch,
             worker_resources=resources,
             threads=threads,
             eval_split="sources" if cfg.data.eval else ("carve" if cfg.data.eval_fraction > 0 else "none"),
+            model_dir=model_dir,
+            result_path=result_path,
         )
+
+
+RESULT = "result.json"
+EXPORT_MARKER = "chatsft_export.json"  # what chatsft writes into every model folder it exports
+
+
+def run_files(output_dir: str, name: str) -> tuple[str, str]:
+    """(model folder, result.json) of run `name` in `output_dir`. The folder's own `model/` and
+    `result.json` belong to the first run name that writes them, so a folder of one run reads as it
+    always did; a run of another name gets its own, in its checkpoint folder `<name>/`, and never
+    overwrites the first one's. A run that has its own there keeps them there."""
+    own = storage.join(output_dir, name)
+    if storage.exists(storage.join(own, RESULT)) or storage.exists(storage.join(own, "model")):
+        return storage.join(own, "model"), storage.join(own, RESULT)
+    owner = _owner(output_dir)
+    if owner is None or owner == name:
+        return storage.join(output_dir, "model"), storage.join(output_dir, RESULT)
+    return storage.join(own, "model"), storage.join(own, RESULT)
+
+
+def _owner(output_dir: str) -> Optional[str]:
+    """The run name whose `model/` and `result.json` are at the top of `output_dir`: None when
+    there are none, "?" when they are there but say no name (files chatsft cannot place are
+    taken for someone else's)."""
+    import json
+
+    for path in (storage.join(output_dir, RESULT), storage.join(output_dir, "model", EXPORT_MARKER)):
+        raw = storage.read_bytes(path)
+        if raw is None:
+            continue
+        try:
+            data = json.loads(raw)
+        except ValueError:  # UnicodeDecodeError too
+            return "?"
+        if not isinstance(data, dict):
+            return "?"
+        if data.get("run"):
+            return str(data["run"])
+        if data.get("checkpoint"):  # a result.json of an older chatsft: <output_dir>/<name>/checkpoint_N
+            return storage.basename(str(data["checkpoint"]).rstrip("/").rsplit("/", 1)[0])
+        return "?"
+    return "?" if storage.exists(storage.join(output_dir, "model")) else None
 
 
 def local_cores() -> int:
@@ -116,6 +175,41 @@ def tracking_uri(cfg: Config) -> str:
     out = cfg.run.output_dir
     folder = Path("." if storage.is_uri(out) else out).absolute()
     return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+# What prepare writes into <output_dir>/data/{train,eval}/, and replaces whole when the rows are stale.
+ROW_FILES = re.compile(r"(part-\d+\.parquet|stats\.json|mask_preview\.html|bad_records\.jsonl|template_report\.txt"
+                       r"|.*\.tmp-\d+)$")
+
+
+def _check_rows_folder(key_value: str, data_dir: str) -> None:
+    """prepare replaces <output_dir>/data/train and data/eval whole: they must hold nothing but
+    rows prepare wrote (an output_dir pointed at a project whose data/train holds the corpus
+    would lose it)."""
+    for split in ("train", "eval"):
+        folder = storage.join(data_dir, split)
+        others = [f.path for f in storage.list_files(folder, recursive=True)
+                  if not ROW_FILES.fullmatch(storage.basename(f.path))]
+        if others:
+            shown = ", ".join(storage.basename(p) for p in others[:3]) + (
+                f" and {len(others) - 3} more" if len(others) > 3 else "")
+            raise ConfigError(f"run.output_dir={key_value}: {folder} holds files chatsft did not write ({shown}), "
+                              "and prepare replaces that folder with its rows; use another run.output_dir")
+
+
+def _check_stores(cfg: Config) -> None:
+    """Every object store the run reads or writes answers, before anything is spent: a bucket
+    without credentials or an endpoint that does not answer is named by its key in seconds, not
+    after the store's client has retried for minutes."""
+    keys = [("run.output_dir", cfg.run.output_dir)]
+    keys += [(f"data.{split}[{i}].path", src.path) for split in ("train", "eval")
+             for i, src in enumerate(getattr(cfg.data, split))]
+    from chatsft.sources import resolve_uri
+
+    for key, path in keys:
+        problem = storage.probe(resolve_uri(path))
+        if problem:
+            raise ConfigError(f"{key}={path}: {problem}")
 
 
 def _check_output(output_dir: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any, Optional
 
 # Set by Ray's job supervisor in the environment of a `ray job submit` entrypoint: the job's
@@ -53,8 +54,26 @@ def runtime_env() -> dict[str, Any]:
 
 def ensure_ray(**kwargs: Any) -> None:
     """Join the cluster this runs in (RAY_ADDRESS, which `ray job submit` sets, or one started
-    with `ray start` on this machine), else start a local Ray; no-op when already connected."""
+    with `ray start` on this machine), else start a local Ray; no-op when already connected.
+    Joining a cluster this process did not start is said, with its address and size: a Ray left
+    running on the machine is joined as silently as the one a job was submitted to."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(runtime_env=runtime_env() or None, **kwargs)
+    if ray.is_initialized():
+        return
+    ray.init(runtime_env=runtime_env() or None, **kwargs)
+    node = getattr(ray._private.worker, "_global_node", None)  # this driver's node; head: Ray started here
+    if node is not None and not node.is_head():
+        sys.stdout.write(f"[chatsft] {joined_cluster()}\n")
+        sys.stdout.flush()
+
+
+def joined_cluster() -> str:
+    """The line that names the running Ray cluster this process is connected to."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    total = ray.cluster_resources()
+    gpus = f", {total['GPU']:g} GPUs" if total.get("GPU") else ""
+    return (f"joined the Ray cluster at {ray.get_runtime_context().gcs_address} (not started by chatsft): "
+            f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}, {total.get('CPU', 0):g} CPUs{gpus}")

@@ -205,10 +205,40 @@ def expand_source(spec: str, declared: str = "auto") -> list[SourceFile]:
 
 
 def unknown_format(files: Sequence[SourceFile], key: str) -> Optional[str]:
-    """The one-line error for files whose format no extension tells, naming the config key."""
+    """The one-line error for files whose format no extension tells, or whose first bytes are not
+    that format (every local file; the first of a bucket's, a request each), naming the config key."""
     unknown = [f.display for f in files if not f.format]
-    if not unknown:
-        return None
-    ext = os.path.splitext(unknown[0])[1] or "(none)"
-    return (f"{key}.path: {unknown[0]!r} has extension {ext}, which is neither .jsonl nor .parquet; "
-            f"rename it or set {key}.format: jsonl or parquet")
+    if unknown:
+        ext = os.path.splitext(unknown[0])[1] or "(none)"
+        return (f"{key}.path: {unknown[0]!r} has extension {ext}, which is neither .jsonl nor .parquet; "
+                f"rename it or set {key}.format: jsonl or parquet")
+    for i, f in enumerate(files):
+        if f.size and (f.local or i == 0):
+            problem = _not_its_format(f, key)
+            if problem:
+                return f"{key}.path: {f.display} {problem}"
+    return None
+
+
+PARQUET_MAGIC = b"PAR1"
+_OTHERS = {b"\x1f\x8b": "gzip-compressed", b"PK\x03\x04": "a zip archive", b"BZh": "bzip2-compressed",
+           b"\x28\xb5\x2f\xfd": "zstd-compressed"}
+
+
+def _not_its_format(f: SourceFile, key: str) -> Optional[str]:
+    """What is wrong with a file whose first bytes are not its format's, or None."""
+    with storage.open_stream(f.location) as fh:
+        head = bytes(fh.read(4))
+    if f.format == "parquet":
+        if head == PARQUET_MAGIC:
+            return None
+        what = next((name for magic, name in _OTHERS.items() if head.startswith(magic)), None)
+        if what is None and head[:1] in (b"{", b"["):
+            return f"is read as Parquet but holds JSON lines; name it .jsonl or set {key}.format: jsonl"
+        return f"is read as Parquet but is not a Parquet file ({what or f'it begins with {head!r}'})"
+    if head == PARQUET_MAGIC:
+        return f"is read as JSON lines but is a Parquet file; name it .parquet or set {key}.format: parquet"
+    what = next((name for magic, name in _OTHERS.items() if head.startswith(magic)), None)
+    if what:
+        return f"is read as JSON lines but is {what}; decompress it first (chatsft reads plain JSON lines)"
+    return None

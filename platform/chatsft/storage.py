@@ -81,6 +81,40 @@ def outer(path: str, inner: str) -> str:
 # ---------------------------------------------------------------------- reading
 
 
+PROBE_TIMEOUT_S = 15.0  # an object store that has not answered one look-up by then is not answering
+
+
+def probe(path: str, timeout_s: float = PROBE_TIMEOUT_S) -> Optional[str]:
+    """None when the store behind URI `path` answers a look-up of it (found or not) within
+    `timeout_s`; else why not, in one line (no credentials, an endpoint that refuses or does not
+    answer, access denied). Local paths are not probed. A store's client retries for minutes
+    before it gives up, and holds the process until it has: the look-up runs in a child process,
+    ended at the deadline."""
+    import subprocess
+    import sys
+
+    if is_local(path):
+        return None
+    scheme = path.split(SCHEME_SEP, 1)[0]
+    hint = {"s3": "; check the endpoint (AWS_ENDPOINT_URL) and the credentials (AWS_ACCESS_KEY_ID and "
+                  "AWS_SECRET_ACCESS_KEY, a profile or an instance role)",
+            "gs": "; check the credentials (GOOGLE_APPLICATION_CREDENTIALS or the node's service account)"}.get(scheme, "")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    try:
+        done = subprocess.run([sys.executable, "-c", _PROBE, path], capture_output=True, text=True,
+                              timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        return f"the object store did not answer within {timeout_s:g} s{hint}"
+    if done.returncode == 0:
+        return None
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    text = " ".join((lines[-1] if lines else f"exit code {done.returncode}").split())
+    return f"the object store cannot be read: {text[:300]}{hint}"
+
+
+_PROBE = "import sys\nfrom chatsft import storage\nstorage.exists(sys.argv[1])\n"
+
+
 @dataclass(frozen=True)
 class FileInfo:
     path: str  # in the caller's terms (URI stays URI)
@@ -145,11 +179,12 @@ def list_dirs(folder: str) -> list[str]:
 
 def glob(pattern: str) -> list[FileInfo]:
     """Files matching a glob, sorted by path, as `glob.glob(recursive=True)` matches them:
-    `*` and `?` stay inside one folder, `**` crosses folders, `[...]` is a class."""
+    `*` and `?` stay inside one folder, `**` crosses folders, `[...]` is a class. A file whose
+    very name is `pattern` (`chats[1].jsonl`) is that file: the literal name wins over the glob."""
     import pyarrow.fs as pafs
 
-    if not any(ch in pattern for ch in _GLOB):
-        found = info(pattern)
+    found = info(pattern)
+    if found or not any(ch in pattern for ch in _GLOB):
         return [found] if found else []
     fs, inner = filesystem(pattern)
     cut = min(inner.index(ch) for ch in _GLOB if ch in inner)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from chatsft import storage
 from chatsft.config import Config, from_dict, set_key
@@ -169,7 +169,7 @@ def sweep(cfg: Config) -> SweepResult:
                                   verbose=1),
     )
     grid = tuner.fit()
-    outcomes = [_outcome(r, metric, mode, plan.output_dir) for r in grid]
+    outcomes = [_outcome(r, metric, mode, lambda name: _trial_checkpoint(plan, name)) for r in grid]
     ok = [t for t in outcomes if t.best is not None and math.isfinite(t.best)]
     best = (min if mode == "min" else max)(ok, key=lambda t: t.best) if ok else None
     result = SweepResult(outcomes, best, None, None, None, parent.run_id if parent else None)
@@ -261,9 +261,16 @@ def _EvalsToTune(metric: str):
 # -------------------------------------------------------------------- results
 
 
-def _outcome(r: Any, metric: str, mode: str, where: str) -> TrialOutcome:
-    """What a trial did; `where` is the sweep's output dir, whose scheme Tune's checkpoint paths
-    lack (s3://bucket/x is reported as bucket/x)."""
+def _trial_checkpoint(plan: RunPlan, trial: str) -> Optional[str]:
+    """The newest whole checkpoint in a trial's folder (its workers write them there, not to Tune)."""
+    from chatsft.train.checkpoint import latest
+
+    run = trial_config(plan, {}, trial).run
+    return latest(storage.join(run.output_dir, run.name))
+
+
+def _outcome(r: Any, metric: str, mode: str, checkpoint_of: Callable[[str], Optional[str]]) -> TrialOutcome:
+    """What a trial did; `checkpoint_of(trial name)` finds its newest whole checkpoint."""
     df = r.metrics_dataframe
     values = [] if df is None or metric not in df else [float(v) for v in df[metric].dropna()]
     finite = [v for v in values if math.isfinite(v)]
@@ -272,12 +279,11 @@ def _outcome(r: Any, metric: str, mode: str, where: str) -> TrialOutcome:
     done = bool(m.get("trial_finished"))
     status = "ERROR" if r.error else ("TERMINATED" if done else "STOPPED")
     name = storage.basename(r.path) if r.path else "?"
-    checkpoints = [] if df is None or "checkpoint_path" not in df else list(df["checkpoint_path"].dropna())
     steps = int(df["step"].max()) if df is not None and "step" in df and len(df) else 0
     return TrialOutcome(name=name, params=dict(r.config), status=status, best=best,
                         last=values[-1] if values else None, steps=steps,
                         error=_error_line(r.error) if r.error else None,
-                        model_dir=m.get("model_dir") or None, checkpoint=storage.outer(where, checkpoints[-1]) if checkpoints else None)
+                        model_dir=m.get("model_dir") or None, checkpoint=checkpoint_of(name) if r.path else None)
 
 
 def _name(trial: Any) -> str:

@@ -14,7 +14,7 @@ try may still count the lost node and time out: RAY_TRAIN_WORKER_GROUP_START_TIM
 Checked: the nodes came with the run (the head alone before it; both ranks on nodes the
 autoscaler added); the run resumed at step 2 on the remaining node alone and reached step 6;
 each checkpoint's data position is steps x rows per step (4) exactly, with the world size that
-wrote it, as Ray Train's controller registered them. That a resume at another worker count
+wrote it, and each is whole (every file its rank-0 state lists). That a resume at another worker count
 ends with an uninterrupted run's weights is test_train_elastic.py's (not repeated here: a
 second run would double this test's time).
 """
@@ -31,7 +31,8 @@ from chatsft.errors import UserError
 from chatsft.plan import RunPlan
 from chatsft.train.driver import Extras, check_storage
 from tests.clusterkit import Autoscaling
-from tests.faults import ParkOnce, report_log
+from chatsft.train import checkpoint as ckpt
+from tests.faults import ParkOnce
 from trainkit import Timer, rows_for, state_of, tiny_cfg, train_rows
 
 # 2 workers x micro 2 x accumulation 1 = 4 rows per step; on 1 worker accumulation becomes 2.
@@ -72,15 +73,11 @@ def parked(folder, ranks=2):
     return [json.loads((folder / name).read_text()) for name in found]
 
 
-def reports(path):
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 @pytest.mark.slow
 def test_autoscaled_run_loses_a_node_and_goes_on(tmp_path):
     rows = rows_for(tiny_cfg(tmp_path), str(tmp_path), train_limit=40, eval_limit=0)
 
-    park, log = tmp_path / "park", tmp_path / "reports.jsonl"
+    park = tmp_path / "park"
     park.mkdir()
     cfg = tiny_cfg(tmp_path / "elastic", *RUN, *ELASTIC)
     ray.shutdown()  # prepare in an earlier test may have left a Ray running
@@ -101,13 +98,13 @@ def test_autoscaled_run_loses_a_node_and_goes_on(tmp_path):
         clock("preflight")
         with Timer():
             run = pool.submit(train_rows, cfg, rows, local=False,
-                              extras=Extras(hooks=[ParkOnce(3, park, world=2)], ray_callbacks=[report_log(str(log))]))
+                              extras=Extras(hooks=[ParkOnce(3, park, world=2)]))
             ranks = wait_for("both ranks after step 3", lambda: parked(park), 240, run)
             clock("both ranks parked after step 3")
-            # the checkpoint of step 2 is registered with the controller before its node goes
-            wait_for("checkpoint 2", lambda: any(r["checkpoint"] == "checkpoint_000002" for r in reports(log)),
-                     60, run)
-            clock("checkpoint 2 registered")
+            # the checkpoint of step 2 is whole in the run's folder before its node goes
+            run_dir = tmp_path / "elastic" / "out" / "t"
+            wait_for("checkpoint 2", lambda: (ckpt.latest(str(run_dir)) or "").endswith("checkpoint_000002"), 60, run)
+            clock("checkpoint 2 written")
             assert [r["world"] for r in ranks] == [2, 2]
             nodes = [r["node_id"] for r in ranks]
             alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
@@ -127,15 +124,14 @@ def test_autoscaled_run_loses_a_node_and_goes_on(tmp_path):
     assert m["step"] == 6
     assert m["node_ids"] == [nodes[0]], (m["node_ids"], nodes)  # resumed on the node that is left, alone
     # every checkpoint: its data position is steps x 4 rows, with the world size that wrote it
-    run_dir = tmp_path / "elastic" / "out" / "t"
     states = [state_of(run_dir / f"checkpoint_{s:06d}") for s in (2, 4, 6)]
     # (checkpoint 2 is of 1 worker when the group started before the second node was up and
     # Ray Train grew it at its next elastic check: the 2-worker group then resumed from it)
     first = states[0]["world_size"]
     assert first in (1, 2) and [(s["step"], s["epoch"], s["position"], s["world_size"]) for s in states] == \
         [(2, 0, 8, first), (4, 0, 16, 1), (6, 0, 24, 1)], states
-    # what the controller registered: checkpoint 2 from 2 workers, then the resumed group's from 1
-    saved = [(r["checkpoint"], r["workers"]) for r in reports(log) if r["checkpoint"]]
-    assert saved == [("checkpoint_000002", first), ("checkpoint_000004", 1), ("checkpoint_000006", 1)], saved
+    # every checkpoint whole, as each group wrote it (none was cut off by the node's removal)
+    found = [(os.path.basename(f.path), f.problem) for f in ckpt.scan(str(run_dir))]
+    assert found == [("checkpoint_000002", None), ("checkpoint_000004", None), ("checkpoint_000006", None)], found
     print(f"checkpoint 2 by {first} workers; resumed at step 2 on 1 worker after the node was removed")
     assert os.path.isfile(os.path.join(result.model_dir, "config.json"))  # and it exported the model

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -42,11 +43,33 @@ def test_off_is_the_choice_not_a_boolean(tmp_path):
         load_config(None, ["train.compile=on"])
 
 
-def test_sources_accept_a_path_a_list_or_weighted_entries():
+def test_sources_accept_a_path_a_list_or_weighted_entries(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     cfg = load_config(None, ["data.train=a.jsonl"])
-    assert [(s.path, s.weight) for s in cfg.data.train] == [("a.jsonl", 1.0)]
+    assert [(s.path, s.weight) for s in cfg.data.train] == [(str(tmp_path / "a.jsonl"), 1.0)]
     cfg = load_config(None, ["data.train=[a.jsonl, {path: b.jsonl, weight: 2}]"])
-    assert [(s.path, s.weight) for s in cfg.data.train] == [("a.jsonl", 1.0), ("b.jsonl", 2.0)]
+    assert [(s.path, s.weight) for s in cfg.data.train] == [(str(tmp_path / "a.jsonl"), 1.0),
+                                                            (str(tmp_path / "b.jsonl"), 2.0)]
+
+
+def test_data_paths_are_absolute_from_config_load(tmp_path, monkeypatch):
+    """A Ray task runs in another folder, a resume may start in another one or spell the file
+    absolute: all of them see the one file the config named when it loaded."""
+    monkeypatch.chdir(tmp_path)
+    relative = load_config(None, ["data.train=data/x.jsonl", "data.eval=[~/h.jsonl]"])
+    monkeypatch.chdir("/")
+    absolute = load_config(None, [f"data.train={tmp_path}/data/x.jsonl", "data.eval=[~/h.jsonl]"])
+    assert relative.data.train[0].path == absolute.data.train[0].path == str(tmp_path / "data" / "x.jsonl")
+    assert relative.data.eval[0].path == os.path.expanduser("~/h.jsonl")
+    uri = load_config(None, ["data.train=[s3://b/x.jsonl, chatsft://samples/train.jsonl]"])
+    assert [s.path for s in uri.data.train] == ["s3://b/x.jsonl", "chatsft://samples/train.jsonl"]
+
+
+def test_an_empty_config_file_is_refused(tmp_path):
+    for text in ("", "# only a comment\n", "{}\n"):
+        (tmp_path / "c.yaml").write_text(text)
+        with pytest.raises(ConfigError, match="the config file is empty"):
+            load_config(tmp_path / "c.yaml")
 
 
 @pytest.mark.parametrize("override, message", [

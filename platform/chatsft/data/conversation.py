@@ -63,6 +63,20 @@ REASONS = {
 }
 
 
+# Oddities of a record that is kept: counted by name in stats.json (`notes_by_reason`) and in
+# prepare's summary, so nothing is dropped unseen.
+NOTES = {
+    "trailing_turn": "the dialogue goes on after its last answer (a user or tool turn): that part teaches nothing",
+    "ignored_field": "a message has a field its role does not carry (reasoning_content or tool_calls off an "
+                     "answer, tool_call_id or name off a tool message, or a key chatsft does not read); it is "
+                     "ignored",
+}
+# The keys each role's message is read with; any other (not null) is an ignored field.
+CARRIED = {"system": ("role", "content"), "user": ("role", "content"),
+           "assistant": ("role", "content", "reasoning_content", "tool_calls"),
+           "tool": ("role", "content", "tool_call_id", "name")}
+
+
 class BadRecord(ValueError):
     """A record that cannot be trained on. `reason` is a key of REASONS."""
 
@@ -170,6 +184,7 @@ class Conversation:
     messages: tuple[Message, ...]
     source: str = ""  # "path:line"
     tools: Optional[str] = None  # the record's tools list, JSON text
+    notes: tuple[str, ...] = ()  # keys of NOTES: what is odd about this kept record
 
     @property
     def tool_schemas(self) -> Optional[list]:
@@ -214,6 +229,7 @@ def parse_record(record: object, source: str = "", tool_arguments: str = "json")
     if not raw:
         raise BadRecord("empty_messages", "", source)
     messages = []
+    ignored = False
     for i, m in enumerate(raw):
         if not isinstance(m, dict):
             raise BadRecord("message_not_an_object", f"messages[{i}] is {type(m).__name__}", source)
@@ -229,6 +245,7 @@ def parse_record(record: object, source: str = "", tool_arguments: str = "json")
         if len(m) == 2 and not calls:  # role and content: the common case, kept cheap
             messages.append(Message(role, content))
             continue
+        ignored = ignored or any(v is not None and k not in CARRIED[role] for k, v in m.items())
         reasoning = m.get("reasoning_content") if role == "assistant" else None
         if reasoning is not None and not isinstance(reasoning, str):
             raise BadRecord("bad_reasoning", f"messages[{i}].reasoning_content is {type(reasoning).__name__}",
@@ -241,12 +258,13 @@ def parse_record(record: object, source: str = "", tool_arguments: str = "json")
         messages.append(Message(role, content, reasoning, calls, call_id, name))
     if not any(m.role == "assistant" for m in messages):
         raise BadRecord("no_assistant", "", source)
+    notes = (("trailing_turn",) if messages[-1].role != "assistant" else ()) + (("ignored_field",) if ignored else ())
     tools = record.get("tools")
     if tools is not None:
         if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
             raise BadRecord("bad_tools", f"got {type(tools).__name__}", source)
         tools = json.dumps(tools, ensure_ascii=False)
-    return Conversation(tuple(messages), source, tools)
+    return Conversation(tuple(messages), source, tools, notes)
 
 
 def _parse_tool_calls(m: dict, i: int, source: str, tool_arguments: str) -> tuple[ToolCall, ...]:

@@ -28,6 +28,7 @@ class MaskStats:
     eot_supervised: int = 0
     dropped_no_supervision: int = 0
     dropped_too_long: int = 0
+    notes_by_reason: Counter = field(default_factory=Counter)  # kept records with an oddity (NOTES)
 
     def add_sample(self, s: Sample) -> None:
         self.samples += 1
@@ -40,6 +41,9 @@ class MaskStats:
     def add_dropped(self, dropped: Counter) -> None:
         self.dropped_no_supervision += dropped.get("no_supervision", 0)
         self.dropped_too_long += dropped.get("too_long", 0)
+
+    def add_notes(self, notes: Iterable[str]) -> None:
+        self.notes_by_reason.update(notes)
 
     def add_bad(self, reason: str) -> None:
         self.records_bad += 1
@@ -54,6 +58,7 @@ class MaskStats:
     def to_dict(self) -> dict:
         d = {name: getattr(self, name) for name in self.__dataclass_fields__}
         d["bad_by_reason"] = dict(sorted(self.bad_by_reason.items()))
+        d["notes_by_reason"] = dict(sorted(self.notes_by_reason.items()))
         d["supervision_ratio"] = self.supervised_tokens / self.tokens if self.tokens else 0.0
         return d
 
@@ -61,6 +66,7 @@ class MaskStats:
     def from_dict(cls, d: dict) -> "MaskStats":
         kwargs = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         kwargs["bad_by_reason"] = Counter(d.get("bad_by_reason", {}))
+        kwargs["notes_by_reason"] = Counter(d.get("notes_by_reason", {}))
         return cls(**kwargs)
 
 

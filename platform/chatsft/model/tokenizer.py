@@ -44,11 +44,16 @@ def model_kind(model_cfg: Any) -> str:
             raise UserError(f"model.name_or_path={model_cfg.name_or_path}: the folder has no config.json "
                             "(a tokenizer alone?), so the kind of model is unknown; point it at a model "
                             "folder, or set model.kind to causal or seq2seq")
-        with open(local, encoding="utf-8") as f:
-            conf = json.load(f)
-        if "model_type" not in conf and "is_encoder_decoder" not in conf:
-            raise UserError(f"model.name_or_path={model_cfg.name_or_path}: its config.json names no "
-                            "model_type, so the kind of model is unknown; set model.kind to causal or seq2seq")
+        try:
+            with open(local, encoding="utf-8") as f:
+                conf = json.load(f)
+        except ValueError as e:
+            raise UserError(f"model.name_or_path={model_cfg.name_or_path}: {local} is not valid JSON "
+                            f"({first_line(e)})") from None
+        if "model_type" not in conf:
+            from chatsft.model.check import missing_model_type
+
+            raise UserError(missing_model_type(model_cfg.name_or_path, path))
         return "seq2seq" if conf.get("is_encoder_decoder") else "causal"
     from transformers import AutoConfig
 

@@ -123,6 +123,7 @@ def render_lines(spec: RenderSpec, fmt: Any, file_idx: list[int],
             add_bad(outcome, fi, ln, split, raw_of[(fi, ln)])
             continue
         st = stats[split]
+        st.add_notes(conv.notes)
         st.add_dropped(Counter({r: n * n_copies for r, n in outcome.dropped.items()}))
         for sub, s in enumerate(outcome.samples):
             if limit is not None and len(s) > limit:

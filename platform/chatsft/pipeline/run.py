@@ -513,11 +513,13 @@ def summary(p: Prepared, on_bad_record: str) -> str:
         if st is None:
             continue
         bad = ", ".join(f"{k} {v}" for k, v in st["bad_by_reason"].items()) or "none"
+        noted = ", ".join(f"{k} {v}" for k, v in st.get("notes_by_reason", {}).items())
         lines += [
             f"{name}: {folder}",
             f"  records read {st['records_read']:,}   bad {st['records_bad']:,} ({bad})"
             + ("   [skipped: on_bad_record=skip; examples in bad_records.jsonl]"
-               if st["records_bad"] and on_bad_record == "skip" else ""),
+               if st["records_bad"] and on_bad_record == "skip" else "")
+            + (f"   kept but noted: {noted}" if noted else ""),
             f"  samples {st['samples']:,}   rows {st['rows']:,}"
             + (f" (packed, {st['sequences_per_row']:.1f} per row)" if st["packing"] else "")
             + f"   tokens {st['tokens']:,}   supervised {st['supervised_tokens']:,} "

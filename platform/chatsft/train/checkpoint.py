@@ -1,20 +1,24 @@
 """What a checkpoint holds beside the engine's weights and optimizer: where the loop is, and RNG.
 
-Every rank writes `train_state_rank{r}.json` into the checkpoint folder (the
-engine writes its own shards next to it); Ray Train merges the folders of all
-ranks into one. The step is the number of optimizer steps done, `position`
-the rows of the current epoch already consumed, so a resumed run takes the
-very next global batch.
+Every rank writes its engine shards and `train_state_rank{r}.json` into the
+checkpoint folder of the run (the same folder whichever of Ray Train or
+`--local` runs the loop); rank 0 writes its state last, once all ranks' files
+are there, listing every file with its size. A checkpoint is whole when that
+state is there and the files are as it lists them; `latest` (what every run
+resumes) and `prune` (retention) see only whole ones. The step is the number of
+optimizer steps done, `position` the rows of the current epoch already
+consumed, so a resumed run takes the very next global batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -55,11 +59,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def write_state(folder: str, rank: int, state: TrainState) -> None:
-    os.makedirs(folder, exist_ok=True)
-    data = {"state": asdict(state), "rng": rng_state()}
-    with open(os.path.join(folder, STATE.format(rank=rank)), "w", encoding="utf-8") as f:
-        json.dump(data, f)
+def write_state(folder: str, rank: int, state: TrainState, files: Optional[dict[str, int]] = None) -> None:
+    """This rank's loop state and RNG into `folder` (a local path or URI). Rank 0's is written
+    last, once every rank's files are in place, with `files` (each file's size): its presence
+    says the checkpoint is complete, the sizes let a reader tell a file cut short."""
+    data: dict[str, Any] = {"state": asdict(state), "rng": rng_state()}
+    if files is not None:
+        data["files"] = files
+    storage.write_text(storage.join(folder, STATE.format(rank=rank)), json.dumps(data))
 
 
 def read_state(folder: str, rank: int) -> tuple[TrainState, Optional[dict[str, Any]]]:
@@ -83,25 +90,110 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint_{step:06d}"
 
 
-def _complete(folders: list[str]) -> list[tuple[int, str]]:
-    """(step, folder) of the checkpoint folders whose rank-0 state was written (it is written last)."""
+def listing(folder: str) -> dict[str, int]:
+    """Every file under `folder` (local or URI): its path relative to the folder -> its size."""
+    root = folder.rstrip("/") + "/"
+    return {f.path[len(root):] if f.path.startswith(root) else os.path.relpath(f.path, folder): f.size
+            for f in storage.list_files(folder, recursive=True)}
+
+
+# ------------------------------------------------------------- which checkpoints are whole
+
+
+@dataclass(frozen=True)
+class Found:
+    """A checkpoint folder of a run: its step, where it is, and what is wrong with it (None: whole)."""
+
+    step: int
+    path: str
+    problem: Optional[str] = None
+
+
+def problem_of(folder: str) -> Optional[str]:
+    """Why the checkpoint in `folder` cannot be resumed, or None when it is whole: its rank-0 state
+    (written last) must be there, every file it lists at its size, every JSON readable and every
+    torch file's zip directory intact (a file cut short or overwritten loses it). Reads the state
+    and the tail of each torch file, never the weights."""
+    text = storage.read_text(storage.join(folder, STATE.format(rank=0)))
+    if text is None:
+        return f"partial: no {STATE.format(rank=0)} (its save was cut off before it completed)"
+    try:
+        listed = json.loads(text).get("files")
+    except ValueError:
+        return f"corrupt: {STATE.format(rank=0)} is not valid JSON"
+    have = listing(folder)
+    for name, size in sorted((listed or {}).items()):
+        if name not in have:
+            return f"partial: {name} is missing"
+        if have[name] != size:
+            return f"partial: {name} has {have[name]} of its {size} bytes"
+    for name in sorted(have):
+        path = storage.join(folder, name)
+        if name.endswith(".json"):
+            try:
+                json.loads(storage.read_text(path) or "")
+            except ValueError:
+                return f"corrupt: {name} is not valid JSON"
+        elif name.endswith(".pt") and not _zip_intact(path):
+            return f"corrupt: {name} is not a readable torch file"
+    return None
+
+
+def _zip_intact(path: str) -> bool:
+    """torch.save writes a zip archive: its central directory, at the end, names every record."""
+    import zipfile
+
+    try:
+        with storage.open_input(path) as fh, zipfile.ZipFile(fh) as z:
+            return bool(z.namelist())
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return False
+
+
+def scan(folder: str) -> list[Found]:
+    """Every checkpoint folder under a run's checkpoint folder (local or URI), oldest first, each
+    with its problem (None: whole)."""
     found = []
-    for path in folders:
+    for path in storage.list_dirs(folder):
         m = CHECKPOINT_RE.search(path.rstrip("/"))
-        if m and storage.exists(storage.join(path, STATE.format(rank=0))):
-            found.append((int(m.group(1)), path))
-    return sorted(found)
+        if m:
+            found.append(Found(int(m.group(1)), path, problem_of(path)))
+    return sorted(found, key=lambda f: f.step)
+
+
+def usable(folder: str) -> tuple[Optional[str], list[Found]]:
+    """The newest whole checkpoint (None if there is none), and the broken ones newer than it
+    (partial or corrupt), which a resume skips and names."""
+    found = scan(folder)
+    whole = [f for f in found if f.problem is None]
+    newest = whole[-1] if whole else None
+    skipped = [f for f in found if f.problem is not None and (newest is None or f.step > newest.step)]
+    return (newest.path if newest else None), skipped
 
 
 def latest(folder: str) -> Optional[str]:
-    """The newest complete checkpoint under a run's checkpoint folder (local or URI), or None."""
-    found = _complete(storage.list_dirs(folder))
-    return found[-1][1] if found else None
+    """The newest whole checkpoint under a run's checkpoint folder (local or URI), or None: the one
+    a run resumes, whichever of Ray Train's workers or --local wrote it."""
+    return usable(folder)[0]
 
 
 def prune(folder: str, keep: int) -> None:
-    """Remove all but the newest `keep` checkpoints (0 keeps all)."""
+    """Retention: delete the whole checkpoints older than the newest `keep` whole ones (0 keeps
+    all). A partial or corrupt folder is neither counted nor deleted, so it never takes the place
+    of the last good checkpoint."""
     if keep <= 0:
         return
-    for _, path in _complete(storage.list_dirs(folder))[:-keep]:
-        storage.remove(path)
+    whole = [f for f in scan(folder) if f.problem is None]
+    for f in whole[:-keep]:
+        storage.remove(f.path)
+
+
+@contextlib.contextmanager
+def local_copy(folder: str) -> Iterator[str]:
+    """The checkpoint as a local folder for the duration (a URI's files copied to scratch first)."""
+    if not storage.is_uri(folder):
+        yield folder
+        return
+    with storage.scratch("chatsft-resume-") as tmp:
+        storage.copy_tree(folder, tmp)
+        yield tmp

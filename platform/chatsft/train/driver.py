@@ -11,6 +11,7 @@ from chatsft import storage
 from chatsft.config import Config
 from chatsft.errors import UserError
 from chatsft.plan import RunPlan
+from chatsft.train.checkpoint import latest
 from chatsft.train.data import RowIndex, count_rows, parquet_files
 from chatsft.train.loop import StepHook, WorkerArgs, run_local, train_loop_per_worker
 from chatsft.train.progress import say
@@ -62,6 +63,8 @@ def train(cfg: Config, local: bool = False, *, callbacks: Optional[list[Callable
     from chatsft.pipeline.run import check
 
     plan = RunPlan.resolve(cfg, local=local)
+    if plan.local_batch_note:
+        say(plan.local_batch_note)
     tracked = preflight(cfg, plan.tracking_uri)
     checked = check(plan)  # the data and format, in seconds, before Ray starts
     if not local:
@@ -112,7 +115,10 @@ def train_on_rows(plan: RunPlan, rows: "Rows", extras: Optional[Extras] = None) 
     extras = extras or Extras()
     if rows.train_rows == 0:
         raise UserError(f"data.train: no training rows after prepare ({rows.train_dir})")
-    resume = extras.resume or check_resume(plan, None)
+    resume = extras.resume
+    if resume is None:
+        resume = check_resume(plan, None)
+        say(resume.describe())
     plan = resume.apply(plan)  # another worker count: the checkpoint's rows per step
     stalls = extras.stall_dir or stall_dir(plan)
     args = WorkerArgs(plan=plan, train=RowIndex.build(rows.train_dir),
@@ -124,12 +130,11 @@ def train_on_rows(plan: RunPlan, rows: "Rows", extras: Optional[Extras] = None) 
     model_dir = plan.model_dir if extras.export else None
     try:
         if plan.local:
-            from chatsft.train.checkpoint import latest
-
             metrics = run_local(args)
-            out = TrainResult(metrics or {}, latest(plan.checkpoint_dir), model_dir)
         else:
-            out = _train_on_ray(plan, args, model_dir, list(extras.ray_callbacks))
+            metrics = _train_on_ray(plan, args, list(extras.ray_callbacks))
+        # the run's newest whole checkpoint: the one a next run resumes, whoever wrote it
+        out = TrainResult(metrics or {}, latest(plan.checkpoint_dir), model_dir)
     except Exception as e:
         reasons = stall_reasons(stalls) if stalls else []
         if reasons:  # the attempts ran out (scaling.max_failures): say why the last one was stopped
@@ -164,9 +169,11 @@ def stall_reasons(folder: str) -> list[str]:
 # ------------------------------------------------------------------------- ray
 
 
-def _train_on_ray(plan: RunPlan, args: WorkerArgs, model_dir: Optional[str], ray_callbacks: list) -> TrainResult:
-    from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
-                           ScalingConfig)
+def _train_on_ray(plan: RunPlan, args: WorkerArgs, ray_callbacks: list) -> dict[str, Any]:
+    """Run the loop on a TorchTrainer; rank 0's final metrics. The workers write their
+    checkpoints into the run's folder themselves (train/loop.py `save`): Ray Train gets none, so
+    its registry cannot name another checkpoint than the folder holds, nor delete one."""
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from chatsft.raysetup import ensure_ray
@@ -174,6 +181,7 @@ def _train_on_ray(plan: RunPlan, args: WorkerArgs, model_dir: Optional[str], ray
     ensure_ray()
     cfg = plan.config
     sc = cfg.scaling
+    _set_aside_ray_registry(plan)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"args": args},
@@ -192,7 +200,6 @@ def _train_on_ray(plan: RunPlan, args: WorkerArgs, model_dir: Optional[str], ray
         run_config=RunConfig(
             name=cfg.run.name, storage_path=plan.output_dir,
             failure_config=FailureConfig(max_failures=sc.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None),
             callbacks=ray_callbacks,
             logging_config=LoggingConfig(log_level="WARNING")),
         # No Ray Dataset: each worker reads its own rows from the files (train/data.py says why).
@@ -207,15 +214,29 @@ def _train_on_ray(plan: RunPlan, args: WorkerArgs, model_dir: Optional[str], ray
         if user is None:
             raise
         raise user from None
-    # Ray gives the path inside its filesystem ("bucket/run/..."): the URI is what users and export take
-    checkpoint = storage.outer(plan.output_dir, result.checkpoint.path) if result.checkpoint is not None else None
-    return TrainResult(dict(result.metrics or {}), checkpoint, model_dir)
+    return dict(result.return_value or {})  # rank 0's final metrics (the loop returns them)
+
+
+# Ray Train's record of the checkpoints reported to it, in its run folder (ray.train.v2 constants).
+# Runs of an older chatsft reported theirs; Ray refuses to start a run whose record names a checkpoint
+# that is gone, and retention here deletes checkpoints it does not tell Ray about.
+RAY_REGISTRY = "checkpoint_manager_snapshot.json"
+
+
+def _set_aside_ray_registry(plan: RunPlan) -> None:
+    """Move an older chatsft's Ray checkpoint record aside (renamed, not deleted): the folder, not
+    Ray's record, says which checkpoints there are."""
+    found = storage.join(plan.checkpoint_dir, RAY_REGISTRY)
+    if storage.exists(found):
+        storage.move(found, f"{found}.set-aside")
+        say(f"moved Ray Train's checkpoint record of an older chatsft aside: {found}.set-aside")
 
 
 def _summary(result: TrainResult, plan: RunPlan) -> None:
     """The last line a user reads, and `result.json` beside the run for scripts and jobs."""
     storage.write_text(plan.result_path, json.dumps(
-        {"metrics": result.metrics, "checkpoint": result.checkpoint, "model_dir": result.model_dir,
+        {"run": plan.config.run.name, "metrics": result.metrics, "checkpoint": result.checkpoint,
+         "model_dir": result.model_dir,
          "resumed": result.resume.to_json() if result.resume and result.resume.checkpoint else None},
         indent=2, default=str))
     m = result.metrics

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from chatsft import storage
 from chatsft.errors import UserError
-from chatsft.plan import RunPlan
+from chatsft.plan import EXPORT_MARKER, RunPlan
 from chatsft.train.progress import say
 
 
@@ -35,7 +35,7 @@ def export_from_engine(engine: Any, tokenizer: Any, plan: RunPlan, *, rank: int,
         if rank != 0:
             return None
         model = engine.model  # ZeRO 0-2 and the torch path keep whole weights on every rank
-    return _write(model, tokenizer, out_dir or plan.model_dir, merged=cfg.method.export == "merged",
+    return _write(model, tokenizer, out_dir or plan.model_dir, plan, merged=cfg.method.export == "merged",
                   export_model=export_model, stop_tokens=stop_tokens(plan, tokenizer), inplace=True)
 
 
@@ -47,13 +47,88 @@ def stop_tokens(plan: RunPlan, tokenizer: Any) -> tuple[str, ...]:
     return () if eot is None else (eot,)
 
 
-def _write(model: Any, tokenizer: Any, out_dir: str, *, merged: bool, export_model, **options: Any) -> str:
-    """Write the folder locally, then publish it whole at `out_dir` (a local path or a URI)."""
+def _write(model: Any, tokenizer: Any, out_dir: str, plan: RunPlan, *, merged: bool, export_model,
+           checkpoint: Optional[str] = None, **options: Any) -> str:
+    """Write the folder locally, then publish it whole at `out_dir` (a local path or a URI), with
+    the marker that tells a later export (and a later run) what it is and whose."""
+    import json
+
     model.eval()
     with storage.staged_dir(out_dir) as tmp:
         export_model(model, tokenizer, tmp, merged=merged, **options)
+        kind = "adapter" if os.path.exists(os.path.join(tmp, "adapter_config.json")) else "model"
+        with open(os.path.join(tmp, EXPORT_MARKER), "w", encoding="utf-8") as f:
+            json.dump({"kind": kind, "run": plan.config.run.name, "output_dir": plan.output_dir,
+                       "checkpoint": checkpoint}, f, indent=1)
     say(f"exported model to {out_dir}")
     return out_dir
+
+
+def export_kind(plan: RunPlan, adapter_only: bool) -> str:
+    """What `chatsft export` writes: "adapter" (a PEFT adapter alone) or "model" (full weights)."""
+    method = plan.config.method
+    if method.name == "full":
+        if adapter_only:
+            raise UserError("--adapter-only: method.name=full trains every weight, there is no adapter to "
+                            "export; leave --adapter-only out (the full model is exported)")
+        return "model"
+    return "adapter" if adapter_only or method.export == "adapter" or method.name == "prompt_tuning" else "model"
+
+
+def check_out(plan: RunPlan, out: Optional[str], kind: str, force: bool) -> str:
+    """Where `chatsft export` may write: the folder is replaced whole, so it must be the run's own
+    model folder, a new or empty one, or a previous export of the same kind; any other folder
+    only with --force; never the run's folder, one above it or the working folder, or inside the
+    checkpoints or rows (not even with --force)."""
+    import json
+
+    if out is None:
+        return plan.model_dir
+    target = storage.absolute(out).rstrip("/") or "/"
+    if target == plan.model_dir:
+        return target
+    never = [(plan.output_dir, "the run's output folder (run.output_dir)"),
+             (plan.checkpoint_dir, "the run's checkpoint folder"), (plan.data_dir, "the run's prepared rows")]
+    if storage.is_local(target):
+        never += [(os.getcwd(), "the working folder"), (os.path.expanduser("~"), "the home folder")]
+    for folder, what in never:
+        if _within(folder, target):
+            where = "is" if _same(folder, target) else "holds"
+            raise UserError(f"--out {out}: it {where} {what} ({folder}); an export replaces the folder it is "
+                            "written to, so it goes into a folder of its own (e.g. a new one)")
+    for folder, what in never[1:3]:
+        if _within(target, folder):
+            raise UserError(f"--out {out}: it is inside {what} ({folder}); export into a folder of its own")
+    if storage.is_file(target):
+        raise UserError(f"--out {out}: is a file; give a folder (a new one, or a previous export)")
+    held = storage.list_files(target, recursive=True) if storage.is_dir(target) else []
+    if not held or force:
+        return target
+    text = storage.read_text(storage.join(target, EXPORT_MARKER))
+    try:
+        marker = json.loads(text) if text else None
+    except ValueError:
+        marker = None
+    if isinstance(marker, dict) and marker.get("kind") == kind:
+        return target
+    if isinstance(marker, dict):
+        raise UserError(f"--out {out}: holds a previous export of another kind ({marker.get('kind')}, this one "
+                        f"is {kind}); export into another folder, or add --force to replace it")
+    names = sorted(os.path.relpath(f.path, target) if storage.is_local(target) else f.path[len(target) + 1:]
+                   for f in held)
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    raise UserError(f"--out {out}: the folder is not empty and is not a chatsft export ({shown}); an export "
+                    "replaces the whole folder, so give a new or empty one, or add --force to replace it")
+
+
+def _same(a: str, b: str) -> bool:
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def _within(inner: str, outer: str) -> bool:
+    """`inner` is `outer` or a path below it (local paths or URIs, both absolute)."""
+    inner, outer = inner.rstrip("/"), outer.rstrip("/")
+    return inner == outer or inner.startswith(outer + "/") or (outer == "" and inner.startswith("/"))
 
 
 def _load_weights(model: Any, state: dict, what: str) -> None:
@@ -90,25 +165,36 @@ def checkpoint_weights(folder: str) -> dict:
 
 
 def export_cli(plan: RunPlan, checkpoint: Optional[str] = None, out: Optional[str] = None,
-               adapter_only: bool = False) -> str:
-    """`chatsft export`: the latest (or given) checkpoint of the run -> a Hugging Face folder."""
+               adapter_only: bool = False, force: bool = False) -> str:
+    """`chatsft export`: the newest whole (or the given) checkpoint of the run -> a Hugging Face
+    folder, written only where `check_out` allows."""
     from chatsft.model import export_model, load_model, load_tokenizer
-    from chatsft.train.checkpoint import latest
+    from chatsft.train.checkpoint import problem_of, usable
 
     cfg = plan.config
-    folder = checkpoint or latest(plan.checkpoint_dir)
+    target = check_out(plan, out, export_kind(plan, adapter_only), force)
+    if checkpoint is None:
+        folder, skipped = usable(plan.checkpoint_dir)
+        for f in skipped:
+            say(f"skipping {f.path}: {f.problem}")
+    else:
+        folder = storage.absolute(checkpoint)
     if folder is None:
         raise UserError(f"run.output_dir={cfg.run.output_dir}: no checkpoint of run {cfg.run.name!r} found "
                         "(train first, or pass --checkpoint)")
     if not storage.is_dir(folder):
-        raise UserError(f"--checkpoint {folder}: no such folder")
+        raise UserError(f"--checkpoint {checkpoint}: no such folder")
+    problem = problem_of(folder) if checkpoint is not None else None
+    if problem:
+        raise UserError(f"--checkpoint {checkpoint}: {problem}")
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg, plan.kind, tokenizer=tokenizer)
     with storage.scratch("chatsft-checkpoint-") as local:
         if storage.is_uri(folder):
             storage.copy_tree(folder, local)
-            folder = local
-        _load_weights(model, checkpoint_weights(folder), f"the weights in {folder}")
+        _load_weights(model, checkpoint_weights(local if storage.is_uri(folder) else folder),
+                      f"the weights in {folder}")
     merged = cfg.method.export == "merged" and not adapter_only
-    return _write(model, tokenizer, out or plan.model_dir, merged=merged, export_model=export_model,
+    return _write(model, tokenizer, target, plan, merged=merged, export_model=export_model,
+                  checkpoint=folder,
                   stop_tokens=stop_tokens(plan, tokenizer), inplace=True)

@@ -30,6 +30,7 @@ import numpy as np
 
 from chatsft.data.order import micro_batches
 from chatsft.errors import UserError
+from chatsft.model.common import first_line
 from chatsft.plan import RunPlan
 from chatsft.train import checkpoint as ckpt
 from chatsft.train.checkpoint import TrainState
@@ -70,9 +71,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
 def run_local(args: WorkerArgs) -> dict[str, Any]:
     """The same loop in this process (world size 1)."""
     plan = args.plan
-    runtime = LocalRuntime.start(use_gpu=plan.config.scaling.use_gpu, checkpoint_dir=plan.checkpoint_dir,
-                                 keep=plan.config.train.keep_checkpoints)
-    return run(args, runtime)
+    return run(args, LocalRuntime.start(use_gpu=plan.config.scaling.use_gpu))
 
 
 # ------------------------------------------------------------------------ the run
@@ -209,7 +208,7 @@ def setup(args: WorkerArgs, rt: WorkerRuntime) -> Worker:
     train = dataclasses.replace(cfg.train, grad_accum=accum)
     engine = build_engine(model, param_groups(model, train), train, world_size=rt.world, device=rt.device)
     total = total_steps(args.train.rows, plan.global_batch, cfg.train.epochs, cfg.train.max_steps)
-    state, last_saved = _resume(engine, rt, cfg.run.seed, plan.global_batch, cfg.train.micro_batch_size)
+    state, last_saved = _resume(engine, rt, plan)
     return Worker(args, rt, tokenizer, engine,
                   pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
                   decoder_start=decoder_start(model) if plan.seq2seq else None, loss=loss,
@@ -389,26 +388,36 @@ def task_scores(w: Worker) -> dict[str, float]:
 # --------------------------------------------------------------------- checkpoints
 
 
-def _resume(engine, rt: WorkerRuntime, seed: int, global_batch: int, micro: int) -> tuple[TrainState, int]:
-    """Restore weights, optimizer, loop position and RNG from the latest checkpoint, if any (saved
-    by any number of workers: the data position and the engine's state do not depend on it)."""
-    with rt.latest_checkpoint() as folder:
-        if folder is None:
-            _seed_rank(seed, rt.rank)
-            return TrainState(world_size=rt.world), -1
+def _resume(engine, rt: WorkerRuntime, plan: RunPlan) -> tuple[TrainState, int]:
+    """Restore weights, optimizer, loop position and RNG from the newest whole checkpoint of the
+    run's folder, if any: rank 0 finds it (train/checkpoint.py, the very function the driver named
+    it with) and every rank loads that one. Saved by any number of workers: the data position and
+    the engine's state do not depend on it."""
+    seed, micro, global_batch = plan.config.run.seed, plan.config.train.micro_batch_size, plan.global_batch
+    chosen = rt.gather(ckpt.latest(plan.checkpoint_dir) or "" if rt.rank == 0 else "")[0]
+    if not chosen:
+        _seed_rank(seed, rt.rank)
+        return TrainState(world_size=rt.world), -1
+    with ckpt.local_copy(chosen) as folder:
         state, rng = ckpt.read_state(folder, rt.rank)
-        engine.load(folder, saved_world=state.world_size)
+        try:
+            engine.load(folder, saved_world=state.world_size)
+        except Exception as e:  # what the whole-checkpoint checks cannot see (a flipped byte)
+            raise UserError(f"{chosen}: this checkpoint cannot be loaded ({first_line(e)}); move it out of "
+                            f"{plan.checkpoint_dir} to resume from the one before it, or set "
+                            "train.resume=never to start fresh (the old run is archived, not deleted)") from e
     if rng is not None and state.world_size == rt.world:
         ckpt.set_rng_state(rng)
     else:
         _seed_rank(seed + state.step, rt.rank)
     accum, accum_was = global_batch // (micro * rt.world), global_batch // (micro * state.world_size)
     if rt.rank == 0:
-        say(f"resumed from {folder} at step {state.step} (epoch {state.epoch}, row {state.position})")
+        say(f"resumed from {chosen} at step {state.step} (epoch {state.epoch}, row {state.position})")
         if state.world_size != rt.world:
             say(f"resumed at step {state.step} on {rt.world} workers (was {state.world_size}); accumulation "
                 f"{accum_was} -> {accum}, {global_batch} rows per step as before")
     state.world_size = rt.world
+    state.metrics["resumed_from"] = chosen
     return state, state.step
 
 
@@ -422,21 +431,36 @@ def _seed_rank(seed: int, rank: int) -> None:
 
 
 def save(w: Worker) -> None:
-    """A checkpoint of this step: every rank writes its shards and state into a local folder
-    and hands it to the runtime (collective)."""
+    """A checkpoint of this step in the run's checkpoint folder (collective). Every rank writes its
+    shards and state into a local folder and copies it there; once all have (the gather), rank 0
+    writes its own state last, listing every file: only then is the checkpoint whole (a save cut
+    off before leaves a folder no resume takes). Then retention (train.keep_checkpoints)."""
     import shutil
 
-    state = w.state
+    from chatsft import storage
+
+    state, rt, plan = w.state, w.rt, w.args.plan
     state.metrics = {k: v for k, v in w.metrics.items() if isinstance(v, (int, float))}
     name = ckpt.checkpoint_name(state.step)
+    target = storage.join(plan.checkpoint_dir, name)
     tmp = tempfile.mkdtemp(prefix=f"chatsft-{name}-")
     try:
-        w.engine.save(tmp, w.rt.rank)
-        if w.rt.rank == 0 and w.args.manifest:
+        w.engine.save(tmp, rt.rank)
+        if rt.rank == 0 and w.args.manifest:
             with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
                 json.dump(w.args.manifest, f, indent=1, default=str)
-        ckpt.write_state(tmp, w.rt.rank, state)  # last: a folder with rank 0's state is complete
-        w.rt.report(_reportable(w.metrics), checkpoint=tmp, name=name)
+        if rt.rank != 0:
+            ckpt.write_state(tmp, rt.rank, state)
+        if rt.rank == 0:
+            storage.remove(target)  # a folder of this name that never completed (a save cut off)
+        rt.barrier()
+        if os.listdir(tmp):
+            storage.copy_tree(tmp, target)
+        files = [json.loads(x) for x in rt.gather(json.dumps(ckpt.listing(tmp)))]
+        if rt.rank == 0:
+            ckpt.write_state(target, 0, state, files={k: v for f in files for k, v in f.items()})
+            ckpt.prune(plan.checkpoint_dir, w.cfg.train.keep_checkpoints)
+        rt.report(_reportable(w.metrics))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     w.last_saved = state.step

@@ -34,6 +34,7 @@ from chatsft import storage
 from chatsft.errors import UserError
 from chatsft.plan import RunPlan
 from chatsft.train import checkpoint as ckpt
+from chatsft.train.progress import say
 
 MANIFEST = "chatsft_run.json"
 VERSION = 2  # 2: the data order of chatsft.data.order by lanes (a version-1 position means other rows)
@@ -53,6 +54,7 @@ class Resume:
     archived: Optional[str] = None  # where train.resume=never moved the old run
     workers: Optional[tuple[int, int]] = None  # (checkpoint's, now) when the worker count changed
     accum: Optional[tuple[int, int]] = None  # train.grad_accum (checkpoint's, now) that keeps rows per step
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (folder, problem): newer, not whole
 
     def describe(self) -> str:
         if self.checkpoint is None:
@@ -72,6 +74,7 @@ class Resume:
 
     def to_json(self) -> dict:
         return {"checkpoint": self.checkpoint, "step": self.step, "archived": self.archived,
+                "skipped": [{"checkpoint": path, "problem": problem} for path, problem in self.skipped],
                 "changed": {k: {"was": a, "now": b} for k, (a, b) in self.changed.items()},
                 "workers": list(self.workers) if self.workers else None,
                 "grad_accum": list(self.accum) if self.accum else None}
@@ -105,11 +108,16 @@ def manifest(plan: RunPlan, rows: Optional[dict]) -> dict:
 def check(plan: RunPlan, rows: Optional[dict]) -> Resume:
     """Compare with the latest checkpoint of the run's folder; refuse, archive, or resume."""
     mine = manifest(plan, rows)
-    latest = ckpt.latest(plan.checkpoint_dir)
-    if latest is None:
-        return Resume(mine)
     if plan.config.train.resume == "never":
-        return Resume(mine, archived=archive(plan))
+        anything = storage.exists(plan.checkpoint_dir) or storage.exists(plan.model_dir) or storage.exists(
+            plan.result_path)
+        return Resume(mine, archived=archive(plan) if anything else None)
+    latest, broken = ckpt.usable(plan.checkpoint_dir)
+    skipped = [(f.path, f.problem) for f in broken]
+    for path, problem in skipped:  # said at once: also when the comparison below refuses the run
+        say(f"skipping {path}: {problem}")
+    if latest is None:
+        return Resume(mine, skipped=skipped)
     text = storage.read_text(storage.join(latest, MANIFEST))
     if text is None:
         raise UserError(f"run.output_dir={plan.config.run.output_dir}: {latest} was written without a run "
@@ -126,7 +134,8 @@ def check(plan: RunPlan, rows: Optional[dict]) -> Resume:
     changed = {f"train.{k}": (theirs["optimization"].get(k), v) for k, v in mine["optimization"].items()
                if theirs["optimization"].get(k) != v}
     state, _ = ckpt.read_state_at(latest)
-    return Resume(mine, checkpoint=latest, step=state.step, changed=changed, workers=workers, accum=accum)
+    return Resume(mine, checkpoint=latest, step=state.step, changed=changed, workers=workers, accum=accum,
+                  skipped=skipped)
 
 
 def _elastic(theirs: dict, mine: dict,

@@ -1,23 +1,26 @@
-"""Where a training worker runs: its rank and world, its checkpoints and its reports (the rows it
-reads itself: train/data.py).
+"""Where a training worker runs: its rank and world, its collectives and its reports (the rows
+it reads itself: train/data.py; its checkpoints it writes itself into the run's folder:
+loop.save, train/checkpoint.py).
 
 The loop (loop.py) talks only to a `WorkerRuntime`, in the shape of Ray Train
 v2's TrainContext: `RayRuntime` is a worker of a TorchTrainer; `LocalRuntime`
 is this process alone (`chatsft train --local`: debugging, GPU benchmarks), a
 one-process gloo/NCCL group so the loop's collectives and DeepSpeed run
 unchanged. Nothing in the loop asks which one it has.
+
+Checkpoints are not the runtime's: both write them into the run's checkpoint
+folder the same way and resume the newest whole one found there, so a Ray run
+resumes what a `--local` run saved and the other way round. Ray Train gets
+metrics only; its own checkpoint registry (and its retention, num_to_keep)
+would know only the checkpoints its workers reported.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any, ContextManager, Iterator, Optional, Protocol
-
-from chatsft import storage
-from chatsft.train import checkpoint as ckpt
+from typing import Any, Protocol
 
 
 class WorkerRuntime(Protocol):
@@ -27,12 +30,8 @@ class WorkerRuntime(Protocol):
     device: Any  # torch.device
     node_id: str
 
-    def latest_checkpoint(self) -> ContextManager[Optional[str]]:
-        """A local folder holding the latest checkpoint, for the duration of the `with`, or None."""
-
-    def report(self, metrics: dict[str, Any], checkpoint: Optional[str] = None, name: Optional[str] = None) -> None:
-        """Hand metrics (and a finished local checkpoint folder, called `name`) to whoever keeps them.
-        Collective: every rank calls it with its own folder."""
+    def report(self, metrics: dict[str, Any]) -> None:
+        """Hand metrics to whoever keeps them. Collective: every rank calls it."""
 
     def all_reduce(self, values: list[float]) -> list[float]:
         """Element-wise sums over all ranks (float64)."""
@@ -97,24 +96,10 @@ class RayRuntime(_Collectives):
         return cls(c.get_world_rank(), c.get_world_size(), c.get_local_rank(), ray.train.torch.get_device(),
                    ray.get_runtime_context().get_node_id())
 
-    @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[Optional[str]]:
+    def report(self, metrics: dict[str, Any]) -> None:
         import ray.train
 
-        found = ray.train.get_checkpoint()
-        if found is None:
-            yield None
-            return
-        with found.as_directory() as folder:
-            yield folder
-
-    def report(self, metrics: dict[str, Any], checkpoint: Optional[str] = None, name: Optional[str] = None) -> None:
-        import ray.train
-        from ray.train import Checkpoint
-
-        plain = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, list))}
-        ray.train.report(plain, checkpoint=Checkpoint.from_directory(checkpoint) if checkpoint else None,
-                         checkpoint_dir_name=name)
+        ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str, list))})
 
 
 # ------------------------------------------------------------------------- local
@@ -122,19 +107,16 @@ class RayRuntime(_Collectives):
 
 @dataclass
 class LocalRuntime(_Collectives):
-    """This process alone. Checkpoints go to the run's checkpoint folder (the one Ray Train
-    uses too), published whole and pruned to `keep`."""
+    """This process alone."""
 
     device: Any
-    checkpoint_dir: str
-    keep: int
     rank: int = 0
     world: int = 1
     local_rank: int = 0
     node_id: str = "local"
 
     @classmethod
-    def start(cls, *, use_gpu: bool, checkpoint_dir: str, keep: int) -> "LocalRuntime":
+    def start(cls, *, use_gpu: bool) -> "LocalRuntime":
         import torch
         import torch.distributed as dist
 
@@ -150,23 +132,10 @@ class LocalRuntime(_Collectives):
                                "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
             dist.init_process_group("nccl" if gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                                     rank=0, world_size=1)
-        return cls(device, checkpoint_dir, keep)
+        return cls(device)
 
-    @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[Optional[str]]:
-        found = ckpt.latest(self.checkpoint_dir)
-        if found is None or not storage.is_uri(found):
-            yield found
-            return
-        with storage.scratch("chatsft-resume-") as tmp:
-            storage.copy_tree(found, tmp)
-            yield tmp
-
-    def report(self, metrics: dict[str, Any], checkpoint: Optional[str] = None, name: Optional[str] = None) -> None:
-        if checkpoint is None:
-            return  # metrics reach the progress log and callbacks already; nobody else listens
-        storage.publish_dir(checkpoint, storage.join(self.checkpoint_dir, name or storage.basename(checkpoint)))
-        ckpt.prune(self.checkpoint_dir, self.keep)
+    def report(self, metrics: dict[str, Any]) -> None:
+        pass  # metrics reach the progress log and callbacks already; nobody else listens
 
 
 def _free_port() -> int:
