@@ -191,6 +191,7 @@ def test_prepare_refuses_arguments_that_are_not_json_in_one_line_before_ray_star
 
     from chatsft.cli import main
 
+    ray.shutdown()  # an earlier test's shared local Ray would hide whether prepare started one
     good = record(ARGS)
     data = tmp_path / "calls.jsonl"
     data.write_text(json.dumps(good) + "\n" + json.dumps(record("{to: station")) + "\n")
