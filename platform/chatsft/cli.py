@@ -15,8 +15,7 @@ from typing import Callable, Optional, Sequence
 from chatsft.config import Config, describe, load_config
 from chatsft.data.conversation import BadRecord
 from chatsft.data.template_report import REPORT_RECORDS
-from chatsft.errors import UserError, user_error_in
-from chatsft.pipeline.run import USER_ERRORS
+from chatsft.errors import UserError, one_line, user_error_in
 
 
 def _prepare(cfg: Config, args: argparse.Namespace) -> None:
@@ -224,8 +223,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(keys_listing([*args.args, *extra]))
         except BrokenPipeError:  # `chatsft keys | head`
             sys.stderr.close()
-        except USER_ERRORS as e:
-            print(f"chatsft keys: error: {_one_line(e)}", file=sys.stderr)
+        except UserError as e:
+            print(f"chatsft keys: error: {one_line(e)}", file=sys.stderr)
             return 2
         return 0
     try:
@@ -236,10 +235,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     except Exception as e:
         # A user error raised inside a Ray task, actor or training worker reaches us wrapped.
-        user = user_error_in(e, USER_ERRORS)
+        user = user_error_in(e)
         if user is None:
             raise
-        print(f"chatsft {args.verb}: error: {_one_line(user)}", file=sys.stderr)
+        print(f"chatsft {args.verb}: error: {one_line(user)}", file=sys.stderr)
         return 2
     return 0
 
@@ -292,13 +291,6 @@ def job_main(verb: str, argv: Sequence[str]) -> int:
     if verb != "eval":  # eval joins only if its rows must be prepared (prepare joins then)
         ensure_ray()
     return main([verb, *argv])
-
-
-def _one_line(e: BaseException) -> str:
-    if isinstance(e, FileNotFoundError) and e.filename:
-        return f"{e.filename}: file not found"
-    text = str(e).strip() or type(e).__name__
-    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -22,10 +22,7 @@ import yaml
 
 from chatsft import storage
 from chatsft.data.options import Organization, Template, Think, ToolArguments, TrainOn, Truncation
-
-
-class ConfigError(ValueError):
-    """A user error in a config file or override; the message names the key."""
+from chatsft.errors import ConfigError  # noqa: F401  (raised here, defined with the others)
 
 
 def doc(default: Any = dataclasses.MISSING, text: str = "", *, factory: Any = None):

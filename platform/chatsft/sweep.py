@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 
 from chatsft import storage
 from chatsft.config import Config, from_dict, set_key
-from chatsft.errors import UserError
+from chatsft.errors import UserError, one_line
 from chatsft.plan import RunPlan
 
 
@@ -282,21 +282,13 @@ def _outcome(r: Any, metric: str, mode: str, checkpoint_of: Callable[[str], Opti
     steps = int(df["step"].max()) if df is not None and "step" in df and len(df) else 0
     return TrialOutcome(name=name, params=dict(r.config), status=status, best=best,
                         last=values[-1] if values else None, steps=steps,
-                        error=_error_line(r.error) if r.error else None,
+                        error=one_line(r.error) if r.error else None,
                         model_dir=m.get("model_dir") or None, checkpoint=checkpoint_of(name) if r.path else None)
 
 
 def _name(trial: Any) -> str:
     """Trial name = its folder name = the suffix of its run name and MLflow run."""
     return f"trial_{trial.trial_id}"
-
-
-def _error_line(error: BaseException) -> str:
-    cause = error
-    while getattr(cause, "cause", None) is not None or cause.__cause__ is not None:
-        cause = getattr(cause, "cause", None) or cause.__cause__
-    lines = [ln for ln in str(cause).strip().splitlines() if ln.strip()]
-    return (lines[-1] if lines else type(cause).__name__)[:160]
 
 
 def table(trials: list[TrialOutcome], best: Optional[TrialOutcome], metric: str) -> str:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from chatsft import storage
-from chatsft.errors import UserError
+from chatsft.errors import UserError, one_line
 
 log = logging.getLogger("chatsft.tracking")
 
@@ -159,7 +159,7 @@ class Tracker:
                 self.last_step = self._last_logged_steps()
         except Exception as e:
             raise UserError(f"tracking.uri: cannot open an MLflow run at {redact('uri', self.uri)}: "
-                            f"{_one_line(e)}") from None
+                            f"{one_line(e)}") from None
         self._thread = threading.Thread(target=self._drain, name="mlflow-logger", daemon=True)
         self._thread.start()
         return self.run_id
@@ -322,7 +322,7 @@ class Tracker:
                     break
                 except Exception as e:  # the server is away, or a transient error
                     if attempt == tries - 1:
-                        self.failures.append(f"{what}: {_one_line(e)}")
+                        self.failures.append(f"{what}: {one_line(e)}")
                         down = True
                     else:
                         time.sleep(self.backoff * 2 ** attempt)
@@ -356,11 +356,6 @@ def _pip_requirements() -> list[str]:
 def _param_value(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return text if len(text) <= 6000 else text[:5997] + "..."
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return " ".join(text.split())[:300]
 
 
 # ---------------------------------------------------------------------- plots
@@ -531,7 +526,7 @@ class RunRecord:
         self.tracker.set_tags({"stalls": len(reasons), "stall_reason": reasons[-1] if reasons else ""})
 
     def fail(self, error: BaseException) -> None:
-        self.tracker.set_tags({"error": _one_line(error)})
+        self.tracker.set_tags({"error": one_line(error)})
         self.tracker.finish("FAILED")
 
     def _history(self) -> dict[str, list[tuple[int, float]]]:
@@ -542,5 +537,5 @@ class RunRecord:
             try:
                 out[key] = [(m.step, m.value) for m in self.tracker._client.get_metric_history(self.run_id, key)]
             except Exception as e:
-                self.tracker.failures.append(f"history {key}: {_one_line(e)}")
+                self.tracker.failures.append(f"history {key}: {one_line(e)}")
         return out

@@ -157,30 +157,32 @@ def test_seq2seq_rows_hold_encoder_input_and_decoder_labels(tiny_llama_dir, toke
 
 def test_user_errors_come_out_of_ray_wrappers():
     from chatsft.data.templates import TemplateError
-    from chatsft.errors import user_error_in
-    from chatsft.pipeline.run import USER_ERRORS
+    from chatsft.errors import one_line, user_error_in
 
     original = TemplateError("data.template=hf: no chat_template")
     wrapper = RuntimeError("ray::MapWorker ... traceback ...")
     wrapper.__cause__ = original
-    assert user_error_in(wrapper, USER_ERRORS) is original
-    assert user_error_in(RuntimeError("a bug"), USER_ERRORS) is None
+    assert user_error_in(wrapper) is original
+    assert user_error_in(RuntimeError("a bug")) is None
 
 
 def test_user_errors_come_out_of_ray_train_failures():
     from ray.exceptions import RayTaskError
     from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
-    from chatsft.errors import UserError, user_error_in
-    from chatsft.pipeline.run import USER_ERRORS
+    from chatsft.errors import UserError, one_line, user_error_in
 
     worker = UserError("model.name_or_path=x: cannot load")
     task = RayTaskError("train_fn", "traceback text", worker).as_instanceof_cause()
-    assert user_error_in(task, USER_ERRORS) is worker  # the original, not Ray's subclassing wrapper
+    assert user_error_in(task) is worker  # the original, not Ray's subclassing wrapper
     group = WorkerGroupError("Training failed", {1: task})
-    assert user_error_in(group, USER_ERRORS) is worker
-    assert user_error_in(ControllerError(worker), USER_ERRORS) is worker
-    assert user_error_in(WorkerGroupError("Training failed", {0: RuntimeError("oom")}), USER_ERRORS) is None
+    assert user_error_in(group) is worker
+    assert user_error_in(ControllerError(worker)) is worker
+    assert user_error_in(WorkerGroupError("Training failed", {0: RuntimeError("oom")})) is None
+    # One line, in the error's own words, from under Ray's wrappers; long text cut, whitespace collapsed.
+    assert one_line(group) == one_line(task) == "model.name_or_path=x: cannot load"
+    assert one_line(RuntimeError("a\n  b " + "x" * 500)).startswith("a b xx") and len(one_line(RuntimeError("x" * 500))) == 400
+    assert one_line(FileNotFoundError(2, "No such file or directory", "/a/b")) == "/a/b: file not found"
 
 
 def test_group_blocks_keeps_order_bounds_bytes_and_feeds_every_cpu():

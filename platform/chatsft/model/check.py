@@ -16,8 +16,7 @@ from typing import Any, Optional
 
 from chatsft.builtin import resolve
 from chatsft.config import ConfigError
-from chatsft.errors import UserError
-from chatsft.model.common import first_line
+from chatsft.errors import UserError, one_line
 
 # What architectures call the number of positions they were built for.
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "max_seq_len")
@@ -48,7 +47,7 @@ def model_config(model_cfg: Any) -> Any:
         if "model_type" in str(e):
             raise UserError(missing_model_type(model_cfg.name_or_path, path)) from None
         raise UserError(f"model.name_or_path={model_cfg.name_or_path}: cannot read its config: "
-                        f"{first_line(e)}") from None
+                        f"{one_line(e)}") from None
 
 
 def missing_model_type(name: str, path: str) -> str:

@@ -36,8 +36,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Optional
 
 from chatsft.builtin import resolve
-from chatsft.errors import UserError
-from chatsft.model.common import enable_checkpointing, first_line
+from chatsft.errors import UserError, one_line
+from chatsft.model.common import enable_checkpointing
 from chatsft.model.peft import RESIZED_ATTR, wrap_lora, wrap_prompt_tuning
 from chatsft.model.tokenizer import load_tokenizer
 
@@ -137,11 +137,11 @@ def _from_pretrained(cfg: "Config", kind: str, kwargs: dict, attn: Optional[str]
             except (ValueError, ImportError) as e:
                 if cfg.model.attn_implementation != "auto":
                     raise UserError(f"model.attn_implementation={attn}: not usable here: "
-                                    f"{first_line(e)}") from None
+                                    f"{one_line(e)}") from None
                 # auto picked flash attention but this architecture has none: default kernel
         return auto.from_pretrained(path, **kwargs)
     except OSError as e:
-        raise UserError(f"model.name_or_path={cfg.model.name_or_path}: cannot load: {first_line(e)}") from None
+        raise UserError(f"model.name_or_path={cfg.model.name_or_path}: cannot load: {one_line(e)}") from None
 
 
 def _check_qlora() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from chatsft.errors import UserError
-from chatsft.model.common import enable_checkpointing, first_line
+from chatsft.errors import UserError, one_line
+from chatsft.model.common import enable_checkpointing
 
 if TYPE_CHECKING:
     from chatsft.config import Config
@@ -103,7 +103,7 @@ def wrap_lora(cfg: "Config", model, kind: str, new_tokens: Sequence[int] = ()):
     try:
         peft_model = get_peft_model(model, conf)
     except ValueError as e:  # a target name that matches nothing
-        raise UserError(f"method.lora.target_modules={targets}: {first_line(e)}") from None
+        raise UserError(f"method.lora.target_modules={targets}: {one_line(e)}") from None
     _record_base(peft_model, cfg)
     return peft_model
 

@@ -12,8 +12,7 @@ import os
 from typing import Any
 
 from chatsft.builtin import resolve
-from chatsft.errors import UserError
-from chatsft.model.common import first_line
+from chatsft.errors import UserError, one_line
 
 
 def load_tokenizer(model_cfg: Any):
@@ -49,7 +48,7 @@ def model_kind(model_cfg: Any) -> str:
                 conf = json.load(f)
         except ValueError as e:
             raise UserError(f"model.name_or_path={model_cfg.name_or_path}: {local} is not valid JSON "
-                            f"({first_line(e)})") from None
+                            f"({one_line(e)})") from None
         if "model_type" not in conf:
             from chatsft.model.check import missing_model_type
 
@@ -62,7 +61,7 @@ def model_kind(model_cfg: Any) -> str:
                                           revision=model_cfg.revision)
     except (OSError, ValueError) as e:
         raise UserError(f"model.name_or_path={model_cfg.name_or_path}: cannot read its config to tell the "
-                        f"kind of model ({first_line(e)}); set model.kind to causal or seq2seq, or fix the "
+                        f"kind of model ({one_line(e)}); set model.kind to causal or seq2seq, or fix the "
                         "path") from None
     return "seq2seq" if getattr(conf, "is_encoder_decoder", False) else "causal"
 

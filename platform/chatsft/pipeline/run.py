@@ -42,17 +42,13 @@ from chatsft.data.render import RenderOptions, Sample
 from chatsft.data.stats import MaskStats, padded_slots_of_runs
 from chatsft.data.template_report import REPORT_RECORDS, format_report, template_report
 from chatsft.data.templates import TemplateError
-from chatsft.errors import UserError, user_error_in
+from chatsft.errors import UserError, user_errors_unwrapped
 from chatsft.pipeline import shuffle
 from chatsft.pipeline.fingerprint import fingerprint, rows_identity
 from chatsft.pipeline.render import FileRole, RenderSpec, Renderer
 from chatsft.pipeline.rows import EVAL, SPLITS, TRAIN
 from chatsft.plan import RunPlan
 from chatsft.sources import SourceFile, expand_source, first_records, iter_records, unknown_format
-
-# What a user can cause, as opposed to a bug: the CLI prints these in one line.
-USER_ERRORS = (BadRecord, TemplateError, ConfigError, UserError, FileNotFoundError)
-
 
 @dataclass
 class Prepared:
@@ -231,14 +227,8 @@ def _run(plan: RunPlan, checked: Checked, root: str, fp: str) -> Prepared:
     # Blocks in order: `take` gives the first records of the files, and sorted blocks are written in order.
     ctx.execution_options.preserve_order = True
     try:
-        return _execute(plan, checked, root, fp)
-    except USER_ERRORS:
-        raise
-    except Exception as e:  # a user error raised inside a Ray worker comes back wrapped
-        user = user_error_in(e, USER_ERRORS)
-        if user is not None:
-            raise user from None
-        raise
+        with user_errors_unwrapped():  # a user error raised inside a Ray worker comes back wrapped
+            return _execute(plan, checked, root, fp)
     finally:
         ctx.execution_options.preserve_order = saved
 

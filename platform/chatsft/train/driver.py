@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 
 from chatsft import storage
 from chatsft.config import Config
-from chatsft.errors import UserError
+from chatsft.errors import UserError, one_line, user_errors_unwrapped
 from chatsft.plan import RunPlan
 from chatsft.train.checkpoint import latest
 from chatsft.train.data import RowIndex, count_rows, parquet_files
@@ -204,16 +204,9 @@ def _train_on_ray(plan: RunPlan, args: WorkerArgs, ray_callbacks: list) -> dict[
             logging_config=LoggingConfig(log_level="WARNING")),
         # No Ray Dataset: each worker reads its own rows from the files (train/data.py says why).
     )
-    try:
+    # A worker's user error (a model that cannot load, ...) comes back wrapped.
+    with user_errors_unwrapped():
         result = trainer.fit()
-    except Exception as e:  # a worker's user error (a model that cannot load, ...) comes back wrapped
-        from chatsft.errors import user_error_in
-        from chatsft.pipeline.run import USER_ERRORS
-
-        user = user_error_in(e, USER_ERRORS)
-        if user is None:
-            raise
-        raise user from None
     return dict(result.return_value or {})  # rank 0's final metrics (the loop returns them)
 
 
@@ -318,7 +311,7 @@ def _check_node(plan: RunPlan, probes: str) -> tuple[str, Optional[str]]:
         if storage.read_text(path) != node_id:
             return name, f"run.output_dir={cfg.run.output_dir}: a file written there reads back differently"
     except Exception as e:
-        return name, f"run.output_dir={cfg.run.output_dir}: cannot write and read it: {_one_line(e)}"
+        return name, f"run.output_dir={cfg.run.output_dir}: cannot write and read it: {one_line(e)}"
     try:
         from transformers import AutoConfig
 
@@ -326,12 +319,10 @@ def _check_node(plan: RunPlan, probes: str) -> tuple[str, Optional[str]]:
                                    revision=cfg.model.revision)
         load_tokenizer(cfg.model)
     except Exception as e:
-        return name, f"model.name_or_path={cfg.model.name_or_path}: cannot load its config or tokenizer: {_one_line(e)}"
+        return name, f"model.name_or_path={cfg.model.name_or_path}: cannot load its config or tokenizer: {one_line(e)}"
     return name, None
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join((str(e).strip() or type(e).__name__).split())[:400]
 
 
 # --------------------------------------------------------------------- prepare

@@ -29,8 +29,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from chatsft.data.order import micro_batches
-from chatsft.errors import UserError
-from chatsft.model.common import first_line
+from chatsft.errors import UserError, one_line
 from chatsft.plan import RunPlan
 from chatsft.train import checkpoint as ckpt
 from chatsft.train.checkpoint import TrainState
@@ -403,7 +402,7 @@ def _resume(engine, rt: WorkerRuntime, plan: RunPlan) -> tuple[TrainState, int]:
         try:
             engine.load(folder, saved_world=state.world_size)
         except Exception as e:  # what the whole-checkpoint checks cannot see (a flipped byte)
-            raise UserError(f"{chosen}: this checkpoint cannot be loaded ({first_line(e)}); move it out of "
+            raise UserError(f"{chosen}: this checkpoint cannot be loaded ({one_line(e)}); move it out of "
                             f"{plan.checkpoint_dir} to resume from the one before it, or set "
                             "train.resume=never to start fresh (the old run is archived, not deleted)") from e
     if rng is not None and state.world_size == rt.world:
