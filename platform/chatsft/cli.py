@@ -66,7 +66,7 @@ def _eval_loss(plan, model, tokenizer) -> float:
     from chatsft.eval.generation import model_device
     from chatsft.eval.loss import loss_sums
     from chatsft.model import load_tokenizer
-    from chatsft.model.batch import decoder_start
+    from chatsft.model.batch import pad_id
     from chatsft.model.loss import loss_function
     from chatsft.model.tokenizer import same_vocabulary
     from chatsft.pipeline import prepare
@@ -82,16 +82,14 @@ def _eval_loss(plan, model, tokenizer) -> float:
     total, count = loss_sums(lambda inputs: model(**inputs), iter_rows(file_batches(prepared.eval_dir)()),
                              loss=loss,
                              micro_batch=plan.config.train.micro_batch_size,
-                             pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-                             seq2seq=plan.seq2seq, decoder_start=decoder_start(model) if plan.seq2seq else None,
+                             collate=plan.kind.batcher(pad_id(tokenizer), model),
                              device=model_device(model))
     return total / count if count else float("nan")
 
 
 def _inspect(cfg: Config, args: argparse.Namespace) -> None:
     """Render the first samples of the first train source and show what each token teaches."""
-    from chatsft.data.formats import get_format
-    from chatsft.data.preview import as_shown, to_html, to_terminal, weights_table
+    from chatsft.data.preview import to_html, to_terminal, weights_table
     from chatsft.data.render import RenderOptions
     from chatsft.data.stats import sample_stats, turn_weights
     from chatsft.model import load_tokenizer
@@ -101,7 +99,7 @@ def _inspect(cfg: Config, args: argparse.Namespace) -> None:
     plan = RunPlan.resolve(cfg)
     tokenizer = load_tokenizer(cfg.model)
     opts = RenderOptions.from_config(cfg.data)
-    fmt = get_format(plan.kind, cfg.data.template, tokenizer, opts.think, opts.chat_template_kwargs)
+    fmt = plan.kind.format(cfg.data.template, tokenizer, opts.think, opts.chat_template_kwargs)
     color = sys.stdout.isatty()
     shown = []
     for item in read_local(cfg.data.train[0].path, limit=args.num, declared=cfg.data.train[0].format,
@@ -118,14 +116,14 @@ def _inspect(cfg: Config, args: argparse.Namespace) -> None:
             st = sample_stats(s)
             print(f"-- {s.source}: {st['tokens']} tokens, {st['supervised']} supervised "
                   f"({st['ratio']:.0%}){', truncated' if s.truncated else ''}")
-            print(to_terminal(tokenizer, as_shown(s, plan.seq2seq), color=color))
+            print(to_terminal(tokenizer, plan.kind.shown(s), color=color))
         for reason, n in result.dropped.items():
             print(f"-- dropped {n} sample(s): {reason}")
-        if not plan.seq2seq:  # a seq2seq sample is one answer: there are no turns to weigh
+        if plan.kind.decoder_only:  # an encoder-decoder sample is one answer: there are no turns to weigh
             print(weights_table(turn_weights(result.samples, "token"), "per-turn loss weight, token mean (trained)"))
             print(weights_table(turn_weights(result.samples, "sample"), "per-turn loss weight, per-sample mean"))
         print()
-        shown += [as_shown(s, plan.seq2seq) for s in result.samples]
+        shown += [plan.kind.shown(s) for s in result.samples]
     if args.html:
         with open(args.html, "w", encoding="utf-8") as f:
             f.write(to_html(tokenizer, shown))
@@ -142,7 +140,7 @@ def _template(cfg: Config, args: argparse.Namespace) -> None:
     from chatsft.model import load_tokenizer
     from chatsft.plan import RunPlan
 
-    if RunPlan.resolve(cfg).seq2seq:
+    if not RunPlan.resolve(cfg).kind.decoder_only:
         print("chat template: none (an encoder-decoder model: the history goes to the encoder, each answer "
               "to the decoder)")
         return

@@ -132,13 +132,13 @@ def sweep(cfg: Config) -> SweepResult:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from chatsft.raysetup import ensure_ray
-    from chatsft.tracking import RunRecord, preflight
+    from chatsft.tracking import RunRecord, should_track
     from chatsft.train.driver import check_storage, prepared_rows
 
     plan = RunPlan.resolve(cfg)
     check_sweep(plan)
     space = search_space(plan)
-    tracked = preflight(cfg, plan.tracking_uri)
+    tracked = should_track(cfg.tracking, plan.tracking_uri)
     ensure_ray()
     check_storage(plan)
     rows = prepared_rows(plan)  # once, shared by every trial
@@ -318,19 +318,16 @@ def _record(parent: Any, cfg: Config, trials: list[TrialOutcome], best: Optional
     if best is not None:
         t.log_values({f"best_{metric}": best.best})
         t.set_tags({"best_trial": best.name, **{f"best.{k}": v for k, v in best.params.items()}})
-    t.wait()
-    client = t._client
-    children = client.search_runs([client.get_run(t.run_id).info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{t.run_id}'")
+    children = t.child_runs()
     by_trial = {c.data.tags.get("mlflow.runName", "").removeprefix(f"{cfg.run.name}-"): c for c in children}
     for trial in trials:
         child = by_trial.get(trial.name)
         if child is None:
             continue
         if best is not None and trial.name == best.name:
-            client.set_tag(child.info.run_id, "best", "true")
+            t.set_tags({"best": "true"}, run_id=child.info.run_id)
             t.set_tags({"best_run_id": child.info.run_id})
-        client.set_tag(child.info.run_id, "sweep_status", trial.status)
+        t.set_tags({"sweep_status": trial.status}, run_id=child.info.run_id)
         if child.info.status == "RUNNING":  # stopped by the scheduler mid-run
-            client.set_terminated(child.info.run_id, "KILLED")
+            t.terminate(child.info.run_id, "KILLED")
     t.finish("FINISHED")

@@ -14,7 +14,7 @@ import pytest
 from chatsft.config import load_config
 from chatsft.data.render import RenderOptions
 from chatsft.sources import PACKAGE_ROOT, SourceFile
-from chatsft.data.formats import get_format
+from chatsft.model.kind import CAUSAL, SEQ2SEQ
 from chatsft.data import keys
 from chatsft.pipeline.fingerprint import fingerprint, rows_identity
 from chatsft.pipeline.read import group_files
@@ -57,14 +57,14 @@ def test_group_files_keeps_order_and_bounds():
 def spec_for(tmp_model, **kw):
     cfg = load_config(None, [f"model.name_or_path={tmp_model}"])
     files = (FileRole("a.jsonl", TRAIN, 1.5, True), FileRole("b.jsonl", EVAL, 1.0, False))
-    base = dict(model=cfg.model, template="chatml", options=RenderOptions(max_length=128), kind="causal",
+    base = dict(model=cfg.model, template="chatml", options=RenderOptions(max_length=128), kind=CAUSAL,
                 seed=5, eval_fraction=0.2, files=files, bad_examples=2)
     base.update(kw)
     return RenderSpec(**base)
 
 
 def render_chunks(spec, tokenizer, chunks):
-    fmt = get_format(spec.kind, spec.template, tokenizer)
+    fmt = spec.kind.format(spec.template, tokenizer)
     return [render_lines(spec, fmt, [fi for fi, _, _ in c], [ln for _, ln, _ in c],
                          [raw for _, _, raw in c]) for c in chunks]
 
@@ -138,10 +138,10 @@ def test_seq2seq_rows_hold_encoder_input_and_decoder_labels(tiny_llama_dir, toke
     from chatsft.data.render import render_seq2seq
 
     opts = RenderOptions(organization=Organization.SPLIT_TURN, max_length=48, max_target_length=12)
-    spec = spec_for(tiny_llama_dir, kind="seq2seq", options=opts, eval_fraction=0.0,
+    spec = spec_for(tiny_llama_dir, kind=SEQ2SEQ, options=opts, eval_fraction=0.0,
                     files=(FileRole("a.jsonl", TRAIN, 1.0, False),))
     items = [(0, n, raw) for n, raw in enumerate(LINES[:20], 1)]
-    block = render_lines(spec, get_format("seq2seq", "chatml", tokenizer), [0] * 20, list(range(1, 21)), [r for _, _, r in items])
+    block = render_lines(spec, SEQ2SEQ.format("chatml", tokenizer), [0] * 20, list(range(1, 21)), [r for _, _, r in items])
     plan = plan_split(TRAIN, 100, 1000, False, 16, 48, spec.seed, "unused")
     rows = reduce_part(partition(block, [plan]), plan)
     assert rows.column_names == ["input_ids", "labels", "source"]

@@ -22,7 +22,7 @@ from chatsft.errors import UserError, one_line
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "max_seq_len")
 
 
-def check_model(cfg: Any, kind: str) -> None:
+def check_model(cfg: Any, kind: Any) -> None:
     """Refuse, naming the key, what the model's config says cannot work (see the module doc)."""
     conf = model_config(cfg.model)
     positions = max_positions(conf)
@@ -84,17 +84,15 @@ def max_positions(conf: Any) -> Optional[int]:
     return None
 
 
-def _check_targets(cfg: Any, conf: Any, kind: str, targets: list[str]) -> None:
+def _check_targets(cfg: Any, conf: Any, kind: Any, targets: list[str]) -> None:
     import torch
-
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     try:
         from transformers.pytorch_utils import Conv1D
         adaptable: tuple[type, ...] = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, Conv1D)
     except ImportError:
         adaptable = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d)
-    auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+    auto = kind.auto()
     with torch.device("meta"):
         model = auto.from_config(conf, trust_remote_code=cfg.model.trust_remote_code)
     modules = list(model.named_modules())

@@ -33,11 +33,12 @@ Rules this module decides (the trainer relies on them):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from chatsft.builtin import resolve
 from chatsft.errors import UserError, one_line
 from chatsft.model.common import enable_checkpointing
+from chatsft.model.kind import ModelKind, as_kind
 from chatsft.model.peft import RESIZED_ATTR, wrap_lora, wrap_prompt_tuning
 from chatsft.model.tokenizer import load_tokenizer
 
@@ -79,7 +80,7 @@ def attn_implementation(cfg: "Config", dtype: "torch.dtype", cuda: Optional[bool
     return None
 
 
-def load_model(cfg: "Config", kind: str, *, tokenizer: Any = None) -> "torch.nn.Module":
+def load_model(cfg: "Config", kind: Union[ModelKind, str], *, tokenizer: Any = None) -> "torch.nn.Module":
     """The model of `cfg.model` with `cfg.method` applied, in train mode, ready for DeepSpeed.
 
     `tokenizer` (optional) saves a second load; it sizes the embeddings (grown when
@@ -125,10 +126,8 @@ def load_model(cfg: "Config", kind: str, *, tokenizer: Any = None) -> "torch.nn.
     return model
 
 
-def _from_pretrained(cfg: "Config", kind: str, kwargs: dict, attn: Optional[str]):
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+def _from_pretrained(cfg: "Config", kind: Union[ModelKind, str], kwargs: dict, attn: Optional[str]):
+    auto = as_kind(kind).auto()
     path = resolve(cfg.model.name_or_path)
     try:
         if attn is not None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 from chatsft.errors import UserError, one_line
 from chatsft.model.common import enable_checkpointing
+from chatsft.model.kind import ModelKind, as_kind
 
 if TYPE_CHECKING:
     from chatsft.config import Config
@@ -68,12 +69,6 @@ def _new_token_rows(model, new_tokens: Sequence[int], saved: Sequence[str]) -> O
     return rows or None
 
 
-def _task_type(kind: str):
-    from peft import TaskType
-
-    return TaskType.SEQ_2_SEQ_LM if kind == "seq2seq" else TaskType.CAUSAL_LM
-
-
 def _record_base(peft_model, cfg: "Config") -> None:
     # The adapter names the base as the config does (a hub id or `builtin:...`), not
     # the local cache folder it was loaded from, so it loads back on any machine.
@@ -82,7 +77,7 @@ def _record_base(peft_model, cfg: "Config") -> None:
     conf.revision = cfg.model.revision
 
 
-def wrap_lora(cfg: "Config", model, kind: str, new_tokens: Sequence[int] = ()):
+def wrap_lora(cfg: "Config", model, kind: Union[ModelKind, str], new_tokens: Sequence[int] = ()):
     from peft import LoraConfig, get_peft_model
 
     lc = cfg.method.lora
@@ -98,7 +93,7 @@ def wrap_lora(cfg: "Config", model, kind: str, new_tokens: Sequence[int] = ()):
     targets = default_target_modules(model) if lc.target_modules == "auto" else list(lc.target_modules)
     conf = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=targets,
                       modules_to_save=list(lc.modules_to_save) or None, bias="none",
-                      task_type=_task_type(kind),
+                      task_type=as_kind(kind).task_type(),
                       trainable_token_indices=_new_token_rows(model, new_tokens, lc.modules_to_save))
     try:
         peft_model = get_peft_model(model, conf)
@@ -108,17 +103,17 @@ def wrap_lora(cfg: "Config", model, kind: str, new_tokens: Sequence[int] = ()):
     return peft_model
 
 
-def wrap_prompt_tuning(cfg: "Config", model, kind: str, tokenizer):
+def wrap_prompt_tuning(cfg: "Config", model, kind: Union[ModelKind, str], tokenizer):
     from peft import PromptEncoderConfig, PromptTuningConfig, PromptTuningInit, get_peft_model
 
     pc = cfg.method.prompt_tuning
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(model)
     if pc.variant == "p_tuning":
-        conf = PromptEncoderConfig(task_type=_task_type(kind), num_virtual_tokens=pc.num_virtual_tokens,
+        conf = PromptEncoderConfig(task_type=as_kind(kind).task_type(), num_virtual_tokens=pc.num_virtual_tokens,
                                    encoder_hidden_size=pc.encoder_hidden_size)
     else:
-        conf = PromptTuningConfig(task_type=_task_type(kind), num_virtual_tokens=pc.num_virtual_tokens,
+        conf = PromptTuningConfig(task_type=as_kind(kind).task_type(), num_virtual_tokens=pc.num_virtual_tokens,
                                   prompt_tuning_init=PromptTuningInit.RANDOM)
     peft_model = get_peft_model(model, conf)
     if pc.variant == "prompt_tuning" and pc.init_text:

@@ -37,9 +37,8 @@ import numpy as np
 from chatsft import storage
 from chatsft.config import Config, ConfigError
 from chatsft.data.conversation import BadRecord, Conversation, Message
-from chatsft.data.formats import get_format
 from chatsft.data.render import RenderOptions, Sample
-from chatsft.data.stats import MaskStats, padded_slots_of_runs
+from chatsft.data.stats import MaskStats
 from chatsft.data.template_report import REPORT_RECORDS, format_report, template_report
 from chatsft.data.templates import TemplateError
 from chatsft.errors import UserError, user_errors_unwrapped
@@ -83,15 +82,15 @@ def check(plan: RunPlan) -> Checked:
     files = plan_files(cfg)
     tokenizer = load_tokenizer(cfg.model)
     opts = RenderOptions.from_config(cfg.data)
-    fmt = get_format(plan.kind, cfg.data.template, tokenizer, opts.think, opts.chat_template_kwargs)
+    fmt = plan.kind.format(cfg.data.template, tokenizer, opts.think, opts.chat_template_kwargs)
     preflight(plan, fmt, opts)
     report = None
-    if not plan.seq2seq:  # what the template will teach, read before anything is spent on it
+    if plan.kind.decoder_only:  # what the template will teach, read before anything is spent on it
         report = template_report(fmt.template, tokenizer, first_records(cfg.data.train, REPORT_RECORDS,
                                                                           opts.tool_arguments))
         print(format_report(report), flush=True)
     early_records(plan, files, fmt, opts)
-    identity = rows_identity(cfg, plan.kind, [(SPLITS[r.split], f) for f, r in files], tokenizer)
+    identity = rows_identity(cfg, plan.kind.name, [(SPLITS[r.split], f) for f, r in files], tokenizer)
     return Checked(files, tokenizer, fmt, opts, identity, report)
 
 
@@ -437,7 +436,7 @@ def _collect_stats(per_block: list[list[str]]) -> tuple[dict[int, MaskStats], li
 # --------------------------------------------------------------------------- reports
 
 
-def split_stats(st: MaskStats, parts: list[tuple[dict, dict]], cfg: Config, kind: str,
+def split_stats(st: MaskStats, parts: list[tuple[dict, dict]], cfg: Config, kind: Any,
                 seconds: dict, all_tokens: int) -> dict:
     """stats.json of one split.
 
@@ -445,8 +444,8 @@ def split_stats(st: MaskStats, parts: list[tuple[dict, dict]], cfg: Config, kind
     stored order in micro-batches of train.micro_batch_size, and each micro-batch
     is padded to its longest row; pad_fraction = 1 - tokens / padded slots. For
     packed rows, pad_fraction_to_max_length is the padding if every row were
-    padded to data.max_length (static shapes). For seq2seq, encoder and decoder
-    tensors are padded separately and both count.
+    padded to data.max_length (static shapes). The model's kind says what is padded
+    (an encoder-decoder pads encoder and decoder tensors separately, and both count).
 
     seconds: wall time of the pipeline for both splits, read through written
     files (seconds_render: reading and rendering; seconds_shuffle_write: the
@@ -456,11 +455,7 @@ def split_stats(st: MaskStats, parts: list[tuple[dict, dict]], cfg: Config, kind
     mb = cfg.train.micro_batch_size
     inputs, labels = [p[0] for p in parts], [p[1] for p in parts]  # pad summaries of the parts, in order
     rows = sum(p["n"] for p in inputs)
-    slots = padded_slots_of_runs(inputs, mb)
-    tokens = sum(p["tokens"] for p in inputs)
-    if kind == "seq2seq":
-        slots += padded_slots_of_runs(labels, mb)
-        tokens += sum(p["tokens"] for p in labels)
+    tokens, slots = kind.padding(inputs, labels, mb)
     d = st.to_dict()
     d.update({
         "rows": rows,
@@ -488,11 +483,11 @@ def _nothing_left(split: int, st: MaskStats, cfg: Config, paths: list[str]) -> s
             f"{st.dropped_too_long} dropped as too long")
 
 
-def _preview_html(tokenizer: Any, rows: list[dict], kind: str, name: str) -> str:
-    from chatsft.data.preview import as_shown, to_html
+def _preview_html(tokenizer: Any, rows: list[dict], kind: Any, name: str) -> str:
+    from chatsft.data.preview import to_html
 
-    samples = [as_shown(Sample(np.asarray(r["input_ids"], np.int32), np.asarray(r["labels"], np.int32),
-                               r["source"], truncated=bool(r["truncated"])), kind == "seq2seq") for r in rows]
+    samples = [kind.shown(Sample(np.asarray(r["input_ids"], np.int32), np.asarray(r["labels"], np.int32),
+                                 r["source"], truncated=bool(r["truncated"]))) for r in rows]
     return to_html(tokenizer, samples, title=f"chatsft mask preview: {name} (first records in file order)")
 
 

@@ -58,14 +58,14 @@ def train(cfg: Config, local: bool = False, *, callbacks: Optional[list[Callable
     `callbacks(step, metrics)` run on rank 0, `hooks(step, runtime)` on every rank after every
     step. The tracking server is checked before any compute is spent; once training runs,
     tracking problems never stop it."""
-    from chatsft.tracking import preflight
+    from chatsft.tracking import should_track
 
     from chatsft.pipeline.run import check
 
     plan = RunPlan.resolve(cfg, local=local)
     if plan.local_batch_note:
         say(plan.local_batch_note)
-    tracked = preflight(cfg, plan.tracking_uri)
+    tracked = should_track(cfg.tracking, plan.tracking_uri)
     checked = check(plan)  # the data and format, in seconds, before Ray starts
     if not local:
         check_storage(plan)
@@ -103,7 +103,8 @@ def train_tracked(plan: RunPlan, rows: "Rows", *, tracked: bool, extras: Optiona
     if record is not None:
         if result.stalls:
             record.log_stalls(extras.stall_dir, result.stalls)
-        record.complete(result.metrics, result.model_dir, result.checkpoint, seq2seq=plan.seq2seq)
+        record.complete(result.metrics, result.model_dir, result.checkpoint,
+                        mlflow_task=plan.kind.mlflow_task, auto_class=plan.kind.auto_class)
         result.run_id = record.run_id
     return result
 

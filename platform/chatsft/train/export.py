@@ -41,9 +41,7 @@ def export_from_engine(engine: Any, tokenizer: Any, plan: RunPlan, *, rank: int,
 
 def stop_tokens(plan: RunPlan, tokenizer: Any) -> tuple[str, ...]:
     """The format's end-of-turn marker: generation from the exported model stops there (and at EOS)."""
-    from chatsft.data.formats import get_format
-
-    eot = get_format(plan.kind, plan.config.data.template, tokenizer, plan.config.data.think).end_of_turn
+    eot = plan.kind.format(plan.config.data.template, tokenizer, plan.config.data.think).end_of_turn
     return () if eot is None else (eot,)
 
 

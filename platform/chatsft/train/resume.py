@@ -95,7 +95,7 @@ def manifest(plan: RunPlan, rows: Optional[dict]) -> dict:
         "version": VERSION,
         "rows": rows,
         "model": {k: cfg["model"][k] for k in ("name_or_path", "tokenizer", "revision", "kind", "dtype",
-                                               "trust_remote_code")} | {"resolved_kind": plan.kind},
+                                               "trust_remote_code")} | {"resolved_kind": plan.kind.name},
         "method": {k: v for k, v in cfg["method"].items() if k != "export"},
         "rows_per_step": plan.global_batch,
         # as configured: with another worker count the rows per step stay the checkpoint's (_elastic)
