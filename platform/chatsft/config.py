@@ -26,7 +26,7 @@ from chatsft.errors import ConfigError  # noqa: F401  (raised here, defined with
 
 
 def doc(default: Any = dataclasses.MISSING, text: str = "", *, factory: Any = None):
-    """A field with its documentation, kept in `metadata["doc"]` for `chatsft config --help`."""
+    """A field with its documentation, kept in `metadata["doc"]` for `chatsft keys`."""
     if factory is not None:
         return field(default_factory=factory, metadata={"doc": text})
     return field(default=default, metadata={"doc": text})
@@ -730,7 +730,7 @@ def _show(value: Any) -> str:
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, doc) for every key: the reference `chatsft config` prints."""
+    """(dotted key, default, doc) for every key: the reference `chatsft keys` prints."""
     rows = []
     for f in dataclasses.fields(cls):
         key = _join(prefix, f.name)

@@ -143,7 +143,7 @@ def sweep(cfg: Config) -> SweepResult:
     check_storage(plan)
     rows = prepared_rows(plan)  # once, shared by every trial
     parent = RunRecord.start(cfg, plan.tracking_uri, run_name=f"{cfg.run.name}-sweep",
-                             tags={"chatsft.kind": "sweep"}) if tracked else None
+                             tags={"chatsft.role": "sweep"}) if tracked else None
     if parent is not None:
         parent.log_data(rows.train_dir, rows.eval_dir)
 

@@ -79,7 +79,7 @@ def test_rows_do_not_depend_on_how_lines_are_batched(tiny_llama_dir, tokenizer, 
     many = render_chunks(spec, tokenizer, [items[a:b] for a, b in zip([0, *cut], [*cut, len(items)])])
 
     def finish(blocks, split):
-        stats = [json.loads(s) for b in blocks for s in b.filter(pa.compute.equal(b["kind"], STATS))["stats"].to_pylist()]
+        stats = [json.loads(s) for b in blocks for s in b.filter(pa.compute.equal(b["row_type"], STATS))["stats"].to_pylist()]
         n = sum(s["stats"]["train" if split == TRAIN else "eval"]["samples"] for s in stats)
         t = sum(s["stats"]["train" if split == TRAIN else "eval"]["tokens"] for s in stats)
         plan = dataclasses.replace(plan_split(split, n, t, packing, 16, 256, spec.seed, "unused"), parts=2)

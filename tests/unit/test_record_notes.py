@@ -42,7 +42,7 @@ def test_notes_are_counted_in_the_stats_and_said_in_the_summary(tiny_llama_dir, 
     raws = [rec(U, A), rec(U, A, U), rec(U, A, U), rec({**U, "weight": 1}, A), rec(U)]
     block = render_lines(spec, CAUSAL.format("chatml", tokenizer), [0] * len(raws),
                          list(range(1, len(raws) + 1)), raws)
-    (text,) = block.filter(pa.compute.equal(block["kind"], STATS))["stats"].to_pylist()
+    (text,) = block.filter(pa.compute.equal(block["row_type"], STATS))["stats"].to_pylist()
     stats = json.loads(text)["stats"]["train"]
     assert stats["notes_by_reason"] == {"ignored_field": 1, "trailing_turn": 2}
     assert stats["bad_by_reason"] == {"no_assistant": 1} and stats["samples"] == 4  # noted records are kept

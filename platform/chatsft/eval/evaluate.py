@@ -76,7 +76,7 @@ def run_task(task: Task, model: Any, fmt: Format, cfg: Any) -> TaskRun:
     examples, rendered, skipped = _collect(task, fmt, cfg.eval.max_examples, cfg.data.on_bad_record)
     run = TaskRun(task.name, examples=examples)
     pad_id = _pad_id(tokenizer)
-    if task.kind == "choice":
+    if task.scoring == "choice":
         picks = choose(model, [r.prompt_ids for r in rendered], [r.choice_ids for r in rendered], pad_id,
                        cfg.eval.batch_size)
         run.outputs = [[ex.choices[p]] for ex, p in zip(examples, picks)]

@@ -61,7 +61,7 @@ class Rendered:
 @dataclass(frozen=True)
 class Task:
     name: str  # metric prefix: "heldout", "chat:qa", "mc:trivia"
-    kind: Literal["generate", "choice"]
+    scoring: Literal["generate", "choice"]  # generated answers scored, or the likeliest label picked
     examples: Callable[[], Iterable[Union[Example, Exception]]]
     render: Callable[[Example, Any], Rendered]  # (example, format) -> prompt ids
     score: Callable[[Example, str], float]

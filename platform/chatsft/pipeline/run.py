@@ -72,7 +72,7 @@ class Checked:
     report: Optional[dict]  # the chat template's report over the first records (None: seq2seq)
 
 
-def check(plan: RunPlan) -> Checked:
+def check_prepare(plan: RunPlan) -> Checked:
     """Everything that can be told without Ray and without writing a file: the sources exist
     and are not empty, the format renders with this tokenizer, an answer fits in max_length,
     the first records of each split are good. Seconds, whatever the corpus."""
@@ -83,7 +83,7 @@ def check(plan: RunPlan) -> Checked:
     tokenizer = load_tokenizer(cfg.model)
     opts = RenderOptions.from_config(cfg.data)
     fmt = plan.kind.format(cfg.data.template, tokenizer, opts.think, opts.chat_template_kwargs)
-    preflight(plan, fmt, opts)
+    check_renders(plan, fmt, opts)
     report = None
     if plan.kind.decoder_only:  # what the template will teach, read before anything is spent on it
         report = template_report(fmt.template, tokenizer, first_records(cfg.data.train, REPORT_RECORDS,
@@ -96,8 +96,8 @@ def check(plan: RunPlan) -> Checked:
 
 def prepare(plan: RunPlan, *, force: bool = False, checked: Optional[Checked] = None) -> Prepared:
     """Prepare the rows of the run under <run.output_dir>/data/, or reuse fresh ones (unless force).
-    `checked`: `check(plan)`'s result, when the caller ran it already."""
-    checked = checked or check(plan)
+    `checked`: `check_prepare(plan)`'s result, when the caller ran it already."""
+    checked = checked or check_prepare(plan)
     root = plan.data_dir
     fp = fingerprint(checked.identity)
     if not force:
@@ -144,7 +144,7 @@ def _names(paths: list[str], most: int = 3) -> str:
 EARLY_RECORDS = 256  # records of each split's first file rendered on the driver before Ray starts
 
 
-def preflight(plan: RunPlan, fmt: Any, opts: RenderOptions) -> None:
+def check_renders(plan: RunPlan, fmt: Any, opts: RenderOptions) -> None:
     """Fail on a config problem (template, tokenizer, a max_length no answer fits) here,
     before any worker starts."""
     probe = Conversation((Message("user", "hi"), Message("assistant", "hello")), "preflight")

@@ -16,7 +16,7 @@ from chatsft.train.data import RowIndex, count_rows, parquet_files
 from chatsft.train.loop import StepHook, WorkerArgs, run_local, train_loop_per_worker
 from chatsft.train.progress import say
 from chatsft.train.resume import Resume
-from chatsft.train.resume import check as check_resume
+from chatsft.train.resume import check_resume
 
 
 @dataclass
@@ -60,13 +60,13 @@ def train(cfg: Config, local: bool = False, *, callbacks: Optional[list[Callable
     tracking problems never stop it."""
     from chatsft.tracking import should_track
 
-    from chatsft.pipeline.run import check
+    from chatsft.pipeline.run import check_prepare
 
     plan = RunPlan.resolve(cfg, local=local)
     if plan.local_batch_note:
         say(plan.local_batch_note)
     tracked = should_track(cfg.tracking, plan.tracking_uri)
-    checked = check(plan)  # the data and format, in seconds, before Ray starts
+    checked = check_prepare(plan)  # the data and format, in seconds, before Ray starts
     if not local:
         check_storage(plan)
     # Before prepare: a refused run leaves every file of the old one as it was.

@@ -105,7 +105,7 @@ def manifest(plan: RunPlan, rows: Optional[dict]) -> dict:
     }
 
 
-def check(plan: RunPlan, rows: Optional[dict]) -> Resume:
+def check_resume(plan: RunPlan, rows: Optional[dict]) -> Resume:
     """Compare with the latest checkpoint of the run's folder; refuse, archive, or resume."""
     mine = manifest(plan, rows)
     if plan.config.train.resume == "never":
