@@ -627,6 +627,27 @@ def from_dict(cls: type, raw: Any, where: str = "") -> Any:
     return obj
 
 
+def replaced(obj: Any, where: str = "", **changes: Any) -> Any:
+    """`dataclasses.replace` of a config or one of its sections (`where`: its key, e.g. "train"),
+    validated as a loaded config is: every section below it, then the object itself. A config
+    a stage builds in code is held to the rules of the one the user wrote."""
+    new = dataclasses.replace(obj, **changes)
+    validate(new, where)
+    return new
+
+
+def validate(obj: Any, where: str = "") -> None:
+    """Run every `_validate` of a config tree, innermost first (the order loading uses)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            if dataclasses.is_dataclass(item) and not isinstance(item, type):
+                key = _join(where, f.name) + (f"[{i}]" if isinstance(value, list) else "")
+                validate(item, key)
+    _run_validate(obj, where)
+
+
 def _run_validate(obj: Any, where: str) -> None:
     validate = getattr(obj, "_validate", None)
     if validate is not None:

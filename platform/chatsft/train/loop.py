@@ -16,7 +16,6 @@ finishes; `setup`, `one_step`, `evaluate` and `save` are the parts.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -28,6 +27,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from chatsft.config import replaced
 from chatsft.data.order import micro_batches
 from chatsft.errors import UserError, one_line
 from chatsft.plan import RunPlan
@@ -203,7 +203,7 @@ def setup(args: WorkerArgs, rt: WorkerRuntime) -> Worker:
     if rt.rank == 0:
         say(f"loss head: {how}" + (f"; torch.compile: {compiled}" if compiled else ""))
     accum = accumulation(plan.global_batch, cfg.train.micro_batch_size, rt.world)
-    train = dataclasses.replace(cfg.train, grad_accum=accum)
+    train = replaced(cfg.train, "train", grad_accum=accum)
     engine = build_engine(model, param_groups(model, train), train, world_size=rt.world, device=rt.device)
     total = total_steps(args.train.rows, plan.global_batch, cfg.train.epochs, cfg.train.max_steps)
     state, last_saved = _resume(engine, rt, plan)

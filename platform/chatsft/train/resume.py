@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from chatsft import storage
+from chatsft.config import replaced
 from chatsft.errors import UserError
 from chatsft.plan import RunPlan
 from chatsft.train import checkpoint as ckpt
@@ -83,8 +84,8 @@ class Resume:
         """The plan that resumes: with the checkpoint's rows per step when the worker count changed."""
         if not self.accum:
             return plan
-        train = dataclasses.replace(plan.config.train, grad_accum=self.accum[1])
-        return dataclasses.replace(plan, config=dataclasses.replace(plan.config, train=train),
+        train = replaced(plan.config.train, "train", grad_accum=self.accum[1])
+        return dataclasses.replace(plan, config=replaced(plan.config, train=train),
                                    global_batch=self.manifest["rows_per_step"])
 
 
