@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
+from chatsft.console import notes_to_log
 from chatsft.errors import UserError, one_line
 from chatsft.tracking.redaction import redact
 
@@ -98,18 +99,19 @@ class Tracker:
             Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         self._client = MlflowClient(tracking_uri=self.uri)
         try:
-            exp = self._client.get_experiment_by_name(self.experiment)
-            exp_id = exp.experiment_id if exp else self._client.create_experiment(
-                self.experiment, artifact_location=_local_artifacts(self.uri))
-            if self.run_id is None:
-                tags = dict(self.tags)
-                tags["mlflow.runName"] = self.run_name
-                if self.parent_run_id:
-                    tags["mlflow.parentRunId"] = self.parent_run_id
-                self.run_id = self._client.create_run(exp_id, tags=tags, run_name=self.run_name).info.run_id
-            else:
-                self._client.update_run(self.run_id, status="RUNNING")
-                self.last_step = self._last_logged_steps()
+            with notes_to_log("mlflow"):  # a new store's set-up notes
+                exp = self._client.get_experiment_by_name(self.experiment)
+                exp_id = exp.experiment_id if exp else self._client.create_experiment(
+                    self.experiment, artifact_location=_local_artifacts(self.uri))
+                if self.run_id is None:
+                    tags = dict(self.tags)
+                    tags["mlflow.runName"] = self.run_name
+                    if self.parent_run_id:
+                        tags["mlflow.parentRunId"] = self.parent_run_id
+                    self.run_id = self._client.create_run(exp_id, tags=tags, run_name=self.run_name).info.run_id
+                else:
+                    self._client.update_run(self.run_id, status="RUNNING")
+                    self.last_step = self._last_logged_steps()
         except Exception as e:
             raise UserError(f"tracking.uri: cannot open an MLflow run at {redact('uri', self.uri)}: "
                             f"{one_line(e)}") from None

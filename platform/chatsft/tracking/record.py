@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from chatsft import storage
+from chatsft.console import notes_to_log
 from chatsft.errors import UserError, one_line
 from chatsft.tracking.client import Tracker
 from chatsft.tracking.plots import plot_data, plot_losses
@@ -160,7 +161,8 @@ class RunRecord:
 
             size = sum(p.stat().st_size for p in Path(local).rglob("*") if p.is_file())
             if flavor and size <= flavor_max_bytes:
-                with t.fluent_run():
+                # MLflow looks for a model card and a license of a local model on the hub, and warns
+                with t.fluent_run(), notes_to_log("mlflow", "transformers", "huggingface_hub"):
                     info = mlflow.transformers.log_model(
                         transformers_model=_load_for_mlflow(local, auto_class), name="model", task=task,
                         pip_requirements=_pip_requirements())

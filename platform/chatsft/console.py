@@ -1,0 +1,98 @@
+"""What reaches the console: chatsft's own lines, every warning and error, and Ray's start-up lines.
+
+The libraries' running commentary is kept, in log files, off the console:
+
+- Ray Data's progress log and plan lines: its console handler passes warnings only
+  (`RAY_DATA_LOGGING_CONFIG`, a copy of Ray's default with that one level changed); all
+  of it stays in the session's `logs/ray-data/` files. On a terminal Ray Data draws its
+  progress bars (with ETA) as usual.
+- Ray Train's "Reporting training result N: TrainingReport(...)" on every worker: the console
+  handler Ray Train puts on a worker's root logger passes chatsft's records and warnings
+  only; the rest stay in Ray Train's worker files (`logs/train/ray-train-app-worker-*.log`).
+- DeepSpeed's "Setting accelerator to CPU": a worker without a GPU names its accelerator
+  (`DS_ACCELERATOR=cpu`) instead of letting DeepSpeed guess and warn.
+- MLflow's store set-up notes, and its model-card and license warnings for a local model:
+  into `chatsft-libraries.log` (the Ray session's `logs/`, else the temp folder), scoped to
+  the calls that make them.
+
+Nothing here touches chatsft's own lines (`[chatsft] ...` on stdout, the `chatsft.*` loggers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import warnings
+from typing import Iterator
+
+LIBRARY_LOG = "chatsft-libraries.log"
+_RAY_DATA_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_data_logging.yaml")
+
+
+class _OwnAndWarnings(logging.Filter):
+    """A console handler's filter: chatsft's records, and anyone's warnings and errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name.startswith("chatsft")
+
+
+def quiet_driver() -> None:
+    """In the process that runs prepare and drives training (before Ray Data first logs)."""
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", _RAY_DATA_CONFIG)
+
+
+def quiet_worker(use_gpu: bool) -> None:
+    """In a Ray Train worker, once Ray Train has set up its loggers (the train function's start)."""
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for handler in logging.getLogger().handlers:
+        if handler.get_name() == "console" and not any(isinstance(f, _OwnAndWarnings) for f in handler.filters):
+            handler.addFilter(_OwnAndWarnings())
+
+
+def library_log() -> str:
+    """The file the libraries' notes go to: the Ray session's logs/ when Ray runs here, else the temp folder."""
+    folder = tempfile.gettempdir()
+    try:
+        import ray
+
+        node = getattr(ray._private.worker, "_global_node", None) if ray.is_initialized() else None
+        if node is not None:
+            folder = node.get_logs_dir_path()
+    except ImportError:
+        pass
+    return os.path.join(folder, LIBRARY_LOG)
+
+
+@contextlib.contextmanager
+def notes_to_log(*loggers: str, level: int = logging.INFO) -> Iterator[None]:
+    """For the call inside: what `loggers` say at `level` or above, and the Python warnings raised,
+    go to `library_log()` and not to the console. Warnings raised by other threads meanwhile are
+    caught too (Python's warning filters are process-wide); they are kept in the same file."""
+    handler = logging.FileHandler(library_log(), encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(level)
+    saved = []
+    for name in loggers:
+        lg = logging.getLogger(name)
+        saved.append((lg, lg.propagate, list(lg.handlers)))
+        for h in list(lg.handlers):
+            lg.removeHandler(h)
+        lg.addHandler(handler)
+        lg.propagate = False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+        for w in caught:
+            handler.emit(logging.LogRecord("py.warnings", logging.WARNING, w.filename, w.lineno,
+                                           f"{w.category.__name__}: {w.message}", None, None))
+    finally:
+        for lg, propagate, handlers in saved:
+            lg.removeHandler(handler)
+            for h in handlers:
+                lg.addHandler(h)
+            lg.propagate = propagate
+        handler.close()
