@@ -9,6 +9,7 @@ The libraries' running commentary is kept, in log files, off the console:
 - Ray Train's "Reporting training result N: TrainingReport(...)" on every worker: the console
   handler Ray Train puts on a worker's root logger passes chatsft's records and warnings
   only; the rest stay in Ray Train's worker files (`logs/train/ray-train-app-worker-*.log`).
+- Transformers' "Loading weights" bars on every worker: off (`HF_HUB_DISABLE_PROGRESS_BARS`).
 - DeepSpeed's "Setting accelerator to CPU": a worker without a GPU names its accelerator
   (`DS_ACCELERATOR=cpu`) instead of letting DeepSpeed guess and warn.
 - MLflow's store set-up notes, and its model-card and license warnings for a local model:
@@ -39,8 +40,11 @@ class _OwnAndWarnings(logging.Filter):
 
 
 def quiet_driver() -> None:
-    """In the process that runs prepare and drives training (before Ray Data first logs)."""
+    """In the process that runs prepare and drives training, before Ray starts: its workers inherit
+    the environment. Transformers' "Loading weights" bars, echoed from every worker, are not
+    chatsft's story either (Hugging Face's own switch, which transformers reads)."""
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", _RAY_DATA_CONFIG)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def quiet_worker(use_gpu: bool) -> None:
