@@ -115,9 +115,11 @@ def load_model(cfg: "Config", kind: Union[ModelKind, str], *, tokenizer: Any = N
         if cfg.train.gradient_checkpointing:
             enable_checkpointing(model)
     elif method in ("lora", "qlora"):
-        model = wrap_lora(cfg, model, kind, new_tokens=list(range(base_vocab, len(tokenizer))))
+        model = wrap_lora(model, kind, cfg.method, cfg.model, checkpointing=cfg.train.gradient_checkpointing,
+                          new_tokens=list(range(base_vocab, len(tokenizer))))
     elif method == "prompt_tuning":
-        model = wrap_prompt_tuning(cfg, model, kind, tokenizer)
+        model = wrap_prompt_tuning(model, kind, cfg.method, cfg.model, tokenizer,
+                                   checkpointing=cfg.train.gradient_checkpointing)
     else:  # the config's Literal forbids this; a new method must be wired here
         raise AssertionError(f"method {method!r} not handled")
     if len(tokenizer) > base_vocab:

@@ -9,7 +9,7 @@ from chatsft.model.common import enable_checkpointing
 from chatsft.model.kind import ModelKind, as_kind
 
 if TYPE_CHECKING:
-    from chatsft.config import Config
+    from chatsft.config import MethodConfig, ModelConfig
 
 # Attribute set on a model whose embedding matrix was grown for new tokens: an adapter
 # export must then carry the embedding layers, or the adapter cannot be loaded back.
@@ -69,26 +69,29 @@ def _new_token_rows(model, new_tokens: Sequence[int], saved: Sequence[str]) -> O
     return rows or None
 
 
-def _record_base(peft_model, cfg: "Config") -> None:
+def _record_base(peft_model, base: "ModelConfig") -> None:
     # The adapter names the base as the config does (a hub id or `builtin:...`), not
     # the local cache folder it was loaded from, so it loads back on any machine.
     conf = peft_model.peft_config["default"]
-    conf.base_model_name_or_path = cfg.model.name_or_path
-    conf.revision = cfg.model.revision
+    conf.base_model_name_or_path = base.name_or_path
+    conf.revision = base.revision
 
 
-def wrap_lora(cfg: "Config", model, kind: Union[ModelKind, str], new_tokens: Sequence[int] = ()):
+def wrap_lora(model, kind: Union[ModelKind, str], method: "MethodConfig", base: "ModelConfig", *,
+              checkpointing: bool, new_tokens: Sequence[int] = ()):
+    """LoRA (or QLoRA) adapters of `method` around `model`, the base named as `base` names it;
+    `checkpointing`: train.gradient_checkpointing."""
     from peft import LoraConfig, get_peft_model
 
-    lc = cfg.method.lora
-    if cfg.method.name == "qlora":
+    lc = method.lora
+    if method.name == "qlora":
         from peft import prepare_model_for_kbit_training
 
         # Casts norms and the head to fp32 and freezes the base; checkpointing here too.
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+            model, use_gradient_checkpointing=checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif cfg.train.gradient_checkpointing:
+    elif checkpointing:
         enable_checkpointing(model)
     targets = default_target_modules(model) if lc.target_modules == "auto" else list(lc.target_modules)
     conf = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=targets,
@@ -99,15 +102,17 @@ def wrap_lora(cfg: "Config", model, kind: Union[ModelKind, str], new_tokens: Seq
         peft_model = get_peft_model(model, conf)
     except ValueError as e:  # a target name that matches nothing
         raise UserError(f"method.lora.target_modules={targets}: {one_line(e)}") from None
-    _record_base(peft_model, cfg)
+    _record_base(peft_model, base)
     return peft_model
 
 
-def wrap_prompt_tuning(cfg: "Config", model, kind: Union[ModelKind, str], tokenizer):
+def wrap_prompt_tuning(model, kind: Union[ModelKind, str], method: "MethodConfig", base: "ModelConfig",
+                       tokenizer, *, checkpointing: bool):
+    """Prompt tuning (or p-tuning) of `method` around `model`."""
     from peft import PromptEncoderConfig, PromptTuningConfig, PromptTuningInit, get_peft_model
 
-    pc = cfg.method.prompt_tuning
-    if cfg.train.gradient_checkpointing:
+    pc = method.prompt_tuning
+    if checkpointing:
         enable_checkpointing(model)
     if pc.variant == "p_tuning":
         conf = PromptEncoderConfig(task_type=as_kind(kind).task_type(), num_virtual_tokens=pc.num_virtual_tokens,
@@ -118,7 +123,7 @@ def wrap_prompt_tuning(cfg: "Config", model, kind: Union[ModelKind, str], tokeni
     peft_model = get_peft_model(model, conf)
     if pc.variant == "prompt_tuning" and pc.init_text:
         _init_prompt_from_text(peft_model, tokenizer, pc.init_text, pc.num_virtual_tokens)
-    _record_base(peft_model, cfg)
+    _record_base(peft_model, base)
     return peft_model
 
 
