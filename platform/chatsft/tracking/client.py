@@ -97,9 +97,9 @@ class Tracker:
 
         if self.uri.startswith("sqlite:///"):  # the store's folder (the run's output dir) may not exist yet
             Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        self._client = MlflowClient(tracking_uri=self.uri)
         try:
-            with notes_to_log("mlflow"):  # a new store's set-up notes
+            with notes_to_log("mlflow"):  # a new store's set-up notes (the client opens the store)
+                self._client = MlflowClient(tracking_uri=self.uri)
                 exp = self._client.get_experiment_by_name(self.experiment)
                 exp_id = exp.experiment_id if exp else self._client.create_experiment(
                     self.experiment, artifact_location=_local_artifacts(self.uri))
