@@ -1,6 +1,6 @@
 """The render stage: raw JSONL lines -> samples (one actor class for Ray Data's map_batches).
 
-Each actor loads the tokenizer and binds the format (chat template or seq2seq) once, then renders
+Each actor loads the tokenizer and binds the format (chat template or input/target pairs) once, then renders
 batches of lines with one batched tokenizer call (`render_batch`). Per line it
 decides, from the seed and the line's `path:line` alone, whether the record is
 held out for eval and how many mixture copies it gets; so the result does not

@@ -69,7 +69,7 @@ class Checked:
     fmt: Any
     opts: RenderOptions
     identity: dict
-    report: Optional[dict]  # the chat template's report over the first records (None: seq2seq)
+    report: Optional[dict]  # the chat template's report over the first records (None: an encoder-decoder)
 
 
 def check_prepare(plan: RunPlan) -> Checked:
