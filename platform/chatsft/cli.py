@@ -207,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from chatsft.console import quiet_driver
+
+    quiet_driver()  # before any library loads: their progress bars and notes stay off the console
     parser = build_parser()
     # Overrides may come after flags (`train cfg.yaml --local train.lr=1e-3`): argparse leaves
     # the ones after a flag unparsed, so collect them here.

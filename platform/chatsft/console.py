@@ -6,9 +6,13 @@ The libraries' running commentary is kept, in log files, off the console:
   (`RAY_DATA_LOGGING_CONFIG`, a copy of Ray's default with that one level changed); all
   of it stays in the session's `logs/ray-data/` files. On a terminal Ray Data draws its
   progress bars (with ETA) as usual.
-- Ray Train's "Reporting training result N: TrainingReport(...)" on every worker: the console
-  handler Ray Train puts on a worker's root logger passes chatsft's records and warnings
-  only; the rest stay in Ray Train's worker files (`logs/train/ray-train-app-worker-*.log`).
+- Ray Train's "Reporting training result N: TrainingReport(...)" on every worker, and the
+  libraries' deprecation notes there (Python warnings, transformers' own logger, both routed
+  through logging): the console handler Ray Train puts on a worker's root logger passes
+  chatsft's records, errors, and warnings other than those; all of it stays in Ray Train's
+  worker files (`logs/train/ray-train-app-worker-*.log`).
+- DeepSpeed's "... built successfully" print while its engine starts: that call's prints go
+  to `chatsft-libraries.log` (`prints_to_log`).
 - Transformers' "Loading weights" bars on every worker: off (`HF_HUB_DISABLE_PROGRESS_BARS`).
 - DeepSpeed's "Setting accelerator to CPU": a worker without a GPU names its accelerator
   (`DS_ACCELERATOR=cpu`) instead of letting DeepSpeed guess and warn.
@@ -32,11 +36,20 @@ LIBRARY_LOG = "chatsft-libraries.log"
 _RAY_DATA_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_data_logging.yaml")
 
 
+# Loggers whose warnings are library housekeeping (deprecations inside torch, transformers):
+# kept in the log files, not on the console. Their errors still show.
+_HOUSEKEEPING = ("py.warnings", "transformers")
+
+
 class _OwnAndWarnings(logging.Filter):
-    """A console handler's filter: chatsft's records, and anyone's warnings and errors."""
+    """A console handler's filter: chatsft's records, anyone's errors, and warnings that are
+    not library housekeeping."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or record.name.startswith("chatsft")
+        if record.name.startswith("chatsft") or record.levelno >= logging.ERROR:
+            return True
+        housekeeping = any(record.name == n or record.name.startswith(n + ".") for n in _HOUSEKEEPING)
+        return record.levelno >= logging.WARNING and not housekeeping
 
 
 def quiet_driver() -> None:
@@ -51,6 +64,14 @@ def quiet_worker(use_gpu: bool) -> None:
     """In a Ray Train worker, once Ray Train has set up its loggers (the train function's start)."""
     if not use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.captureWarnings(True)  # Python warnings through logging: to the worker's log file
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_default_handler()  # transformers' own stderr handler: its records go
+        hf_logging.enable_propagation()       # through the root logger (file, filtered console)
+    except ImportError:
+        pass
     for handler in logging.getLogger().handlers:
         if handler.get_name() == "console" and not any(isinstance(f, _OwnAndWarnings) for f in handler.filters):
             handler.addFilter(_OwnAndWarnings())
@@ -68,6 +89,14 @@ def library_log() -> str:
     except ImportError:
         pass
     return os.path.join(folder, LIBRARY_LOG)
+
+
+@contextlib.contextmanager
+def prints_to_log() -> Iterator[None]:
+    """For the call inside: what is printed to stdout goes to `library_log()` (a library that
+    print()s its progress). Only for calls that print nothing of chatsft's."""
+    with open(library_log(), "a", encoding="utf-8") as f, contextlib.redirect_stdout(f):
+        yield
 
 
 @contextlib.contextmanager

@@ -45,6 +45,8 @@ def test_a_worker_console_passes_chatsft_and_warnings_only():
 
         assert not passes("/ray/train/v2/_internal/execution/context.py", logging.INFO)  # the report dump
         assert passes("chatsft.tracking", logging.INFO) and passes("ray.train", logging.WARNING)
+        assert not passes("py.warnings", logging.WARNING) and not passes("transformers.generation", logging.WARNING)
+        assert passes("transformers.modeling_utils", logging.ERROR)
     finally:
         root.removeHandler(handler)
 

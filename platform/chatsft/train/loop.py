@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from chatsft.config import replaced
+from chatsft.console import prints_to_log
 from chatsft.data.order import micro_batches
 from chatsft.errors import UserError, one_line
 from chatsft.plan import RunPlan
@@ -204,7 +205,8 @@ def setup(args: WorkerArgs, rt: WorkerRuntime) -> Worker:
         say(f"loss head: {how}" + (f"; torch.compile: {compiled}" if compiled else ""))
     accum = accumulation(plan.global_batch, cfg.train.micro_batch_size, rt.world)
     train = replaced(cfg.train, "train", grad_accum=accum)
-    engine = build_engine(model, param_groups(model, train), train, world_size=rt.world, device=rt.device)
+    with prints_to_log():  # DeepSpeed prints its op builds
+        engine = build_engine(model, param_groups(model, train), train, world_size=rt.world, device=rt.device)
     total = total_steps(args.train.rows, plan.global_batch, cfg.train.epochs, cfg.train.max_steps)
     state, last_saved = _resume(engine, rt, plan)
     return Worker(args, rt, tokenizer, engine,
