@@ -161,8 +161,9 @@ class RunRecord:
 
             size = sum(p.stat().st_size for p in Path(local).rglob("*") if p.is_file())
             if flavor and size <= flavor_max_bytes:
-                # MLflow looks for a model card and a license of a local model on the hub, and warns
-                with t.fluent_run(), notes_to_log("mlflow", "transformers", "huggingface_hub"):
+                # MLflow looks for a model card and a license of a local model on the hub, and warns;
+                # transformers imports DeepSpeed there, which says which accelerator it guessed
+                with t.fluent_run(), notes_to_log("mlflow", "transformers", "huggingface_hub", "DeepSpeed"):
                     info = mlflow.transformers.log_model(
                         transformers_model=_load_for_mlflow(local, auto_class), name="model", task=task,
                         pip_requirements=_pip_requirements())
