@@ -15,7 +15,9 @@ The libraries' running commentary is kept, in log files, off the console:
   to `chatsft-libraries.log` (`prints_to_log`).
 - Transformers' "Loading weights" bars on every worker: off (`HF_HUB_DISABLE_PROGRESS_BARS`).
 - DeepSpeed's "Setting accelerator to CPU": a worker without a GPU names its accelerator
-  (`DS_ACCELERATOR=cpu`) instead of letting DeepSpeed guess and warn.
+  (`DS_ACCELERATOR=cpu`) instead of letting DeepSpeed guess and warn; in the driver, which
+  imports DeepSpeed through transformers without training with it, DeepSpeed's notes below
+  errors go to `chatsft-libraries.log`.
 - MLflow's store set-up notes, and its model-card and license warnings for a local model:
   into `chatsft-libraries.log` (the Ray session's `logs/`, else the temp folder), scoped to
   the calls that make them.
@@ -52,12 +54,26 @@ class _OwnAndWarnings(logging.Filter):
         return record.levelno >= logging.WARNING and not housekeeping
 
 
+class _ToLibraryLog(logging.Filter):
+    """On a library's logger: its records below ERROR are written to `library_log()` instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        with open(library_log(), "a", encoding="utf-8") as f:
+            f.write(f"{record.levelname} {record.name}: {record.getMessage()}\n")
+        return False
+
+
 def quiet_driver() -> None:
     """In the process that runs prepare and drives training, before Ray starts: its workers inherit
     the environment. Transformers' "Loading weights" bars, echoed from every worker, are not
     chatsft's story either (Hugging Face's own switch, which transformers reads)."""
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", _RAY_DATA_CONFIG)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    deepspeed = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _ToLibraryLog) for f in deepspeed.filters):
+        deepspeed.addFilter(_ToLibraryLog())
 
 
 def quiet_worker(use_gpu: bool) -> None:

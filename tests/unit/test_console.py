@@ -71,3 +71,27 @@ def test_ray_data_logs_warnings_on_the_console_and_everything_to_its_file(monkey
     finally:
         monkeypatch.delenv("RAY_DATA_LOGGING_CONFIG")
         data_logging.configure_logging()
+
+
+def test_deepspeed_notes_in_the_driver_go_to_the_log_file(tmp_path, monkeypatch, capsys):
+    from chatsft.console import LIBRARY_LOG, _ToLibraryLog, quiet_driver
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("RAY_DATA_LOGGING_CONFIG", "x")  # kept: the user's own choice wins
+    quiet_driver()
+    import os
+
+    assert os.environ["RAY_DATA_LOGGING_CONFIG"] == "x"
+    ds = logging.getLogger("DeepSpeed")
+    console = logging.StreamHandler(sys.stderr)
+    ds.addHandler(console)
+    try:
+        ds.warning("Setting accelerator to CPU.")
+        ds.error("a real DeepSpeed error")
+    finally:
+        ds.removeHandler(console)
+        for f in [f for f in ds.filters if isinstance(f, _ToLibraryLog)]:
+            ds.removeFilter(f)
+    err = capsys.readouterr().err
+    assert "Setting accelerator" not in err and "a real DeepSpeed error" in err
+    assert "WARNING DeepSpeed: Setting accelerator to CPU." in (tmp_path / LIBRARY_LOG).read_text()
