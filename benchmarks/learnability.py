@@ -105,6 +105,7 @@ def heldout_loss(model, tokenizer, path: str, organization: str = "session") -> 
 
     from chatsft.data.schema import Row
     from chatsft.eval.loss import loss_sums
+    from chatsft.model.kind import CAUSAL
     from chatsft.model.loss import full_loss
 
     rows = [Row(s.input_ids.astype(np.int64), s.labels.astype(np.int64))
@@ -112,7 +113,7 @@ def heldout_loss(model, tokenizer, path: str, organization: str = "session") -> 
     was = model.training
     model.eval()
     total, count = loss_sums(lambda inputs: model(**inputs), rows, loss=full_loss, micro_batch=32,
-                             pad_id=tokenizer.pad_token_id, seq2seq=False, device=model.device)
+                             collate=CAUSAL.batcher(tokenizer.pad_token_id), device=model.device)
     model.train(was)
     return total / count
 

@@ -201,6 +201,7 @@ def eval_loss(model, eval_dir: str, pad_id: int) -> float:
 
     from chatsft.data.schema import iter_rows
     from chatsft.eval.loss import loss_sums
+    from chatsft.model.kind import CAUSAL
     from chatsft.model.loss import loss_function
     from chatsft.train.data import file_batches
 
@@ -209,7 +210,7 @@ def eval_loss(model, eval_dir: str, pad_id: int) -> float:
     with torch.no_grad():
         total, count = loss_sums(lambda inputs: model(**inputs, use_cache=False),
                                  iter_rows(file_batches(eval_dir)()), loss=loss, micro_batch=16,
-                                 pad_id=pad_id, seq2seq=False)
+                                 collate=CAUSAL.batcher(pad_id))
     return total / count
 
 
@@ -395,7 +396,7 @@ def child_rss(a: dict) -> dict:
         rows.append(r)
         if len(rows) == a["rows"]:
             break
-    b = collate(rows, pad_id=tok.pad_token_id, seq2seq=False)
+    b = collate(rows, pad_id=tok.pad_token_id)
     t = time.perf_counter()
     total, n = loss(engine.forward, b.inputs, b.targets)
     engine.backward(total / n)

@@ -73,7 +73,7 @@ def _model_only(cfg, train_dir: str, micro: int, batches: int, rounds: int = 3) 
         rows.append(row)
         if len(rows) == micro * batches:
             break
-    data = [collate(rows[i:i + micro], pad_id=tok.pad_token_id, seq2seq=False) for i in range(0, len(rows), micro)]
+    data = [collate(rows[i:i + micro], pad_id=tok.pad_token_id) for i in range(0, len(rows), micro)]
 
     def once() -> float:
         t0 = time.perf_counter()

@@ -80,7 +80,7 @@ def _build_atomically(name: str, target: Path) -> None:
 
 def build(name: str, out: Path) -> None:
     out = Path(out)
-    tokenizer = build_tokenizer(out, seq2seq=(name == "tiny-t5"))
+    tokenizer = build_tokenizer(out, t5_style=(name == "tiny-t5"))
     if name == "tiny-llama":
         _build_llama(tokenizer, out)
     else:
@@ -95,7 +95,7 @@ def sample_texts() -> list[str]:
     return texts
 
 
-def build_tokenizer(out: Path, *, seq2seq: bool = False, vocab_size: int = 1024, texts=None):
+def build_tokenizer(out: Path, *, t5_style: bool = False, vocab_size: int = 1024, texts=None):
     """A byte-level BPE trained on `texts` (default: the sample data), saved as an HF tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -109,7 +109,7 @@ def build_tokenizer(out: Path, *, seq2seq: bool = False, vocab_size: int = 1024,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(texts if texts is not None else sample_texts(), trainer=trainer)
-    if seq2seq:  # T5-style: the encoder input and the target both end with EOS
+    if t5_style:  # the encoder input and the target both end with EOS
         eos_id = tok.token_to_id(EOS)
         tok.post_processor = processors.TemplateProcessing(
             single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, eos_id)])

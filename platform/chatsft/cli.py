@@ -15,8 +15,7 @@ from typing import Callable, Optional, Sequence
 from chatsft.config import Config, describe, load_config
 from chatsft.data.conversation import BadRecord
 from chatsft.data.template_report import REPORT_RECORDS
-from chatsft.errors import UserError, user_error_in
-from chatsft.pipeline.run import USER_ERRORS
+from chatsft.errors import UserError, one_line, user_error_in
 
 
 def _prepare(cfg: Config, args: argparse.Namespace) -> None:
@@ -67,7 +66,7 @@ def _eval_loss(plan, model, tokenizer) -> float:
     from chatsft.eval.generation import model_device
     from chatsft.eval.loss import loss_sums
     from chatsft.model import load_tokenizer
-    from chatsft.model.batch import decoder_start
+    from chatsft.model.batch import pad_id
     from chatsft.model.loss import loss_function
     from chatsft.model.tokenizer import same_vocabulary
     from chatsft.pipeline import prepare
@@ -83,16 +82,14 @@ def _eval_loss(plan, model, tokenizer) -> float:
     total, count = loss_sums(lambda inputs: model(**inputs), iter_rows(file_batches(prepared.eval_dir)()),
                              loss=loss,
                              micro_batch=plan.config.train.micro_batch_size,
-                             pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-                             seq2seq=plan.seq2seq, decoder_start=decoder_start(model) if plan.seq2seq else None,
+                             collate=plan.kind.batcher(pad_id(tokenizer), model),
                              device=model_device(model))
     return total / count if count else float("nan")
 
 
 def _inspect(cfg: Config, args: argparse.Namespace) -> None:
     """Render the first samples of the first train source and show what each token teaches."""
-    from chatsft.data.formats import get_format
-    from chatsft.data.preview import as_shown, to_html, to_terminal, weights_table
+    from chatsft.data.preview import to_html, to_terminal, weights_table
     from chatsft.data.render import RenderOptions
     from chatsft.data.stats import sample_stats, turn_weights
     from chatsft.model import load_tokenizer
@@ -102,7 +99,7 @@ def _inspect(cfg: Config, args: argparse.Namespace) -> None:
     plan = RunPlan.resolve(cfg)
     tokenizer = load_tokenizer(cfg.model)
     opts = RenderOptions.from_config(cfg.data)
-    fmt = get_format(plan.kind, cfg.data.template, tokenizer, opts.think, opts.chat_template_kwargs)
+    fmt = plan.kind.format(cfg.data.template, tokenizer, opts.think, opts.chat_template_kwargs)
     color = sys.stdout.isatty()
     shown = []
     for item in read_local(cfg.data.train[0].path, limit=args.num, declared=cfg.data.train[0].format,
@@ -119,14 +116,14 @@ def _inspect(cfg: Config, args: argparse.Namespace) -> None:
             st = sample_stats(s)
             print(f"-- {s.source}: {st['tokens']} tokens, {st['supervised']} supervised "
                   f"({st['ratio']:.0%}){', truncated' if s.truncated else ''}")
-            print(to_terminal(tokenizer, as_shown(s, plan.seq2seq), color=color))
+            print(to_terminal(tokenizer, plan.kind.shown(s), color=color))
         for reason, n in result.dropped.items():
             print(f"-- dropped {n} sample(s): {reason}")
-        if not plan.seq2seq:  # a seq2seq sample is one answer: there are no turns to weigh
+        if plan.kind.decoder_only:  # an encoder-decoder sample is one answer: there are no turns to weigh
             print(weights_table(turn_weights(result.samples, "token"), "per-turn loss weight, token mean (trained)"))
             print(weights_table(turn_weights(result.samples, "sample"), "per-turn loss weight, per-sample mean"))
         print()
-        shown += [as_shown(s, plan.seq2seq) for s in result.samples]
+        shown += [plan.kind.shown(s) for s in result.samples]
     if args.html:
         with open(args.html, "w", encoding="utf-8") as f:
             f.write(to_html(tokenizer, shown))
@@ -143,7 +140,7 @@ def _template(cfg: Config, args: argparse.Namespace) -> None:
     from chatsft.model import load_tokenizer
     from chatsft.plan import RunPlan
 
-    if RunPlan.resolve(cfg).seq2seq:
+    if not RunPlan.resolve(cfg).kind.decoder_only:
         print("chat template: none (an encoder-decoder model: the history goes to the encoder, each answer "
               "to the decoder)")
         return
@@ -210,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from chatsft.console import quiet_driver
+
+    quiet_driver()  # before any library loads: their progress bars and notes stay off the console
     parser = build_parser()
     # Overrides may come after flags (`train cfg.yaml --local train.lr=1e-3`): argparse leaves
     # the ones after a flag unparsed, so collect them here.
@@ -224,8 +224,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(keys_listing([*args.args, *extra]))
         except BrokenPipeError:  # `chatsft keys | head`
             sys.stderr.close()
-        except USER_ERRORS as e:
-            print(f"chatsft keys: error: {_one_line(e)}", file=sys.stderr)
+        except UserError as e:
+            print(f"chatsft keys: error: {one_line(e)}", file=sys.stderr)
             return 2
         return 0
     try:
@@ -236,10 +236,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     except Exception as e:
         # A user error raised inside a Ray task, actor or training worker reaches us wrapped.
-        user = user_error_in(e, USER_ERRORS)
+        user = user_error_in(e)
         if user is None:
             raise
-        print(f"chatsft {args.verb}: error: {_one_line(user)}", file=sys.stderr)
+        print(f"chatsft {args.verb}: error: {one_line(user)}", file=sys.stderr)
         return 2
     return 0
 
@@ -292,13 +292,6 @@ def job_main(verb: str, argv: Sequence[str]) -> int:
     if verb != "eval":  # eval joins only if its rows must be prepared (prepare joins then)
         ensure_ray()
     return main([verb, *argv])
-
-
-def _one_line(e: BaseException) -> str:
-    if isinstance(e, FileNotFoundError) and e.filename:
-        return f"{e.filename}: file not found"
-    text = str(e).strip() or type(e).__name__
-    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -22,14 +22,11 @@ import yaml
 
 from chatsft import storage
 from chatsft.data.options import Organization, Template, Think, ToolArguments, TrainOn, Truncation
-
-
-class ConfigError(ValueError):
-    """A user error in a config file or override; the message names the key."""
+from chatsft.errors import ConfigError  # noqa: F401  (raised here, defined with the others)
 
 
 def doc(default: Any = dataclasses.MISSING, text: str = "", *, factory: Any = None):
-    """A field with its documentation, kept in `metadata["doc"]` for `chatsft config --help`."""
+    """A field with its documentation, kept in `metadata["doc"]` for `chatsft keys`."""
     if factory is not None:
         return field(default_factory=factory, metadata={"doc": text})
     return field(default=default, metadata={"doc": text})
@@ -630,6 +627,27 @@ def from_dict(cls: type, raw: Any, where: str = "") -> Any:
     return obj
 
 
+def replaced(obj: Any, where: str = "", **changes: Any) -> Any:
+    """`dataclasses.replace` of a config or one of its sections (`where`: its key, e.g. "train"),
+    validated as a loaded config is: every section below it, then the object itself. A config
+    a stage builds in code is held to the rules of the one the user wrote."""
+    new = dataclasses.replace(obj, **changes)
+    validate(new, where)
+    return new
+
+
+def validate(obj: Any, where: str = "") -> None:
+    """Run every `_validate` of a config tree, innermost first (the order loading uses)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            if dataclasses.is_dataclass(item) and not isinstance(item, type):
+                key = _join(where, f.name) + (f"[{i}]" if isinstance(value, list) else "")
+                validate(item, key)
+    _run_validate(obj, where)
+
+
 def _run_validate(obj: Any, where: str) -> None:
     validate = getattr(obj, "_validate", None)
     if validate is not None:
@@ -733,7 +751,7 @@ def _show(value: Any) -> str:
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, doc) for every key: the reference `chatsft config` prints."""
+    """(dotted key, default, doc) for every key: the reference `chatsft keys` prints."""
     rows = []
     for f in dataclasses.fields(cls):
         key = _join(prefix, f.name)

@@ -22,6 +22,7 @@ from typing import Literal, Optional
 from chatsft import storage
 from chatsft.config import Config, ConfigError
 from chatsft.data.options import Organization
+from chatsft.model.kind import ModelKind
 
 EvalSplit = Literal["none", "sources", "carve"]
 
@@ -29,7 +30,7 @@ EvalSplit = Literal["none", "sources", "carve"]
 @dataclass(frozen=True)
 class RunPlan:
     config: Config
-    kind: Literal["causal", "seq2seq"]
+    kind: ModelKind  # the model's kind, as the one object every stage asks (model/kind.py)
     local: bool  # --local: the loop runs in this process, one worker, no Ray
     output_dir: str  # absolute local path or URI
     tracking_uri: Optional[str]  # None when tracking is off
@@ -58,10 +59,6 @@ class RunPlan:
         return storage.join(self.output_dir, self.config.run.name)
 
     @property
-    def seq2seq(self) -> bool:
-        return self.kind == "seq2seq"
-
-    @property
     def local_batch_note(self) -> Optional[str]:
         """--local trains one worker: when the config's scaling.num_workers would take more rows per
         optimizer step, the line that says so (None when the two agree)."""
@@ -78,9 +75,9 @@ class RunPlan:
     @classmethod
     def resolve(cls, cfg: Config, *, local: bool = False) -> "RunPlan":
         from chatsft.model.check import check_model
-        from chatsft.model.tokenizer import model_kind
+        from chatsft.model.kind import resolve_kind
 
-        kind = model_kind(cfg.model)
+        kind = resolve_kind(cfg.model)
         _check_kind(cfg, kind)
         check_model(cfg, kind)
         _check_output(cfg.run.output_dir)
@@ -238,9 +235,9 @@ def _check_elastic(least: int, most: int, micro: int, global_batch: int) -> None
                           f"divides {global_batch}")
 
 
-def _check_kind(cfg: Config, kind: str) -> None:
+def _check_kind(cfg: Config, kind: ModelKind) -> None:
     """Config rules that depend on the kind of model."""
-    if kind != "seq2seq":
+    if kind.decoder_only:
         return
     if cfg.data.packing:
         raise ConfigError("data.packing: encoder-decoder (seq2seq) models are not packed; "

@@ -61,6 +61,9 @@ def ensure_ray(**kwargs: Any) -> None:
 
     if ray.is_initialized():
         return
+    from chatsft.console import quiet_driver
+
+    quiet_driver()  # before the workers start: they inherit it
     ray.init(runtime_env=runtime_env() or None, **kwargs)
     node = getattr(ray._private.worker, "_global_node", None)  # this driver's node; head: Ray started here
     if node is not None and not node.is_head():

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
 from chatsft import storage
-from chatsft.errors import UserError
+from chatsft.errors import MissingFile, UserError
 from chatsft.data.conversation import (BadRecord, Conversation, iter_stream_lines, parse_line,
                                       read_chunks)
 
@@ -60,7 +60,7 @@ def read_local(path: str, limit: Optional[int] = None, declared: str = "auto",
     a Conversation or the BadRecord of each record, named as the pipeline names them."""
     files = expand_source(path, declared)
     if not files:
-        raise FileNotFoundError(2, "no such file", resolve_uri(path))
+        raise MissingFile(resolve_uri(path))
     yield from _parsed(files, limit, tool_arguments)
 
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 
 from chatsft import storage
 from chatsft.config import Config, from_dict, set_key
-from chatsft.errors import UserError
+from chatsft.errors import UserError, one_line
 from chatsft.plan import RunPlan
 
 
@@ -132,18 +132,18 @@ def sweep(cfg: Config) -> SweepResult:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from chatsft.raysetup import ensure_ray
-    from chatsft.tracking import RunRecord, preflight
+    from chatsft.tracking import RunRecord, should_track
     from chatsft.train.driver import check_storage, prepared_rows
 
     plan = RunPlan.resolve(cfg)
     check_sweep(plan)
     space = search_space(plan)
-    tracked = preflight(cfg, plan.tracking_uri)
+    tracked = should_track(cfg.tracking, plan.tracking_uri)
     ensure_ray()
     check_storage(plan)
     rows = prepared_rows(plan)  # once, shared by every trial
     parent = RunRecord.start(cfg, plan.tracking_uri, run_name=f"{cfg.run.name}-sweep",
-                             tags={"chatsft.kind": "sweep"}) if tracked else None
+                             tags={"chatsft.role": "sweep"}) if tracked else None
     if parent is not None:
         parent.log_data(rows.train_dir, rows.eval_dir)
 
@@ -282,21 +282,13 @@ def _outcome(r: Any, metric: str, mode: str, checkpoint_of: Callable[[str], Opti
     steps = int(df["step"].max()) if df is not None and "step" in df and len(df) else 0
     return TrialOutcome(name=name, params=dict(r.config), status=status, best=best,
                         last=values[-1] if values else None, steps=steps,
-                        error=_error_line(r.error) if r.error else None,
+                        error=one_line(r.error) if r.error else None,
                         model_dir=m.get("model_dir") or None, checkpoint=checkpoint_of(name) if r.path else None)
 
 
 def _name(trial: Any) -> str:
     """Trial name = its folder name = the suffix of its run name and MLflow run."""
     return f"trial_{trial.trial_id}"
-
-
-def _error_line(error: BaseException) -> str:
-    cause = error
-    while getattr(cause, "cause", None) is not None or cause.__cause__ is not None:
-        cause = getattr(cause, "cause", None) or cause.__cause__
-    lines = [ln for ln in str(cause).strip().splitlines() if ln.strip()]
-    return (lines[-1] if lines else type(cause).__name__)[:160]
 
 
 def table(trials: list[TrialOutcome], best: Optional[TrialOutcome], metric: str) -> str:
@@ -326,19 +318,16 @@ def _record(parent: Any, cfg: Config, trials: list[TrialOutcome], best: Optional
     if best is not None:
         t.log_values({f"best_{metric}": best.best})
         t.set_tags({"best_trial": best.name, **{f"best.{k}": v for k, v in best.params.items()}})
-    t.wait()
-    client = t._client
-    children = client.search_runs([client.get_run(t.run_id).info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{t.run_id}'")
+    children = t.child_runs()
     by_trial = {c.data.tags.get("mlflow.runName", "").removeprefix(f"{cfg.run.name}-"): c for c in children}
     for trial in trials:
         child = by_trial.get(trial.name)
         if child is None:
             continue
         if best is not None and trial.name == best.name:
-            client.set_tag(child.info.run_id, "best", "true")
+            t.set_tags({"best": "true"}, run_id=child.info.run_id)
             t.set_tags({"best_run_id": child.info.run_id})
-        client.set_tag(child.info.run_id, "sweep_status", trial.status)
+        t.set_tags({"sweep_status": trial.status}, run_id=child.info.run_id)
         if child.info.status == "RUNNING":  # stopped by the scheduler mid-run
-            client.set_terminated(child.info.run_id, "KILLED")
+            t.terminate(child.info.run_id, "KILLED")
     t.finish("FINISHED")

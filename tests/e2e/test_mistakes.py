@@ -438,7 +438,7 @@ CASES = [
 @pytest.fixture
 def world(tmp_path):
     """A previous run of the base config in <tmp>/out: rows, a checkpoint with its manifest, a model."""
-    from chatsft.pipeline.run import check
+    from chatsft.pipeline.run import check_prepare
     from chatsft.plan import RunPlan
     from chatsft.train.resume import MANIFEST, manifest
 
@@ -449,7 +449,7 @@ def world(tmp_path):
     out = tmp_path / "out"
     ckpt = out / "t" / "checkpoint_000002"
     ckpt.mkdir(parents=True)
-    (ckpt / MANIFEST).write_text(json.dumps(manifest(plan, check(plan).identity)))
+    (ckpt / MANIFEST).write_text(json.dumps(manifest(plan, check_prepare(plan).identity)))
     (ckpt / "train_state_rank0.json").write_text(json.dumps({"state": {"step": 2, "epoch": 0, "position": 32,
                                                                        "world_size": 1, "metrics": {}}}))
     (ckpt / "state").mkdir()

@@ -6,7 +6,7 @@ from mlflow.tracking import MlflowClient
 from chatsft.config import load_config
 from chatsft.errors import UserError
 from chatsft.plan import tracking_uri
-from chatsft.tracking import Tracker, check_server, preflight, redact
+from chatsft.tracking import Tracker, check_server, redact, should_track
 
 pytestmark = pytest.mark.slow
 
@@ -34,9 +34,9 @@ def test_unreachable_server_is_a_clear_error_before_compute(tmp_path):
     assert check_server(uri) is not None
     cfg = load_config(None, [f"tracking.uri={uri}"])
     with pytest.raises(UserError, match=r"tracking.uri: MLflow server http://\*\*\*@127.0.0.1:\d+ is unreachable"):
-        preflight(cfg, uri)
-    assert preflight(load_config(None, [f"tracking.uri={uri}", "tracking.required=false"]), uri) is False
-    assert preflight(load_config(None, ["tracking.enabled=false"]), None) is False
+        should_track(cfg.tracking, uri)
+    assert should_track(load_config(None, [f"tracking.uri={uri}", "tracking.required=false"]).tracking, uri) is False
+    assert should_track(load_config(None, ["tracking.enabled=false"]).tracking, None) is False
 
 
 def test_steps_are_logged_once_and_a_reopened_run_continues(mlflow_server):
@@ -52,7 +52,15 @@ def test_steps_are_logged_once_and_a_reopened_run_continues(mlflow_server):
     for step in (3, 4):
         again.log_metrics({"train_loss": 10.0 - step}, step)
     again.log_metrics({"eval_loss": 1.0}, 4)  # another metric at an already logged step still goes in
+    assert again.metric_history("train_loss") == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 6.0)]  # public, after the queue
+    child = Tracker(mlflow_server.uri, "tracker-test", "child", parent_run_id=run_id)
+    child.start()
+    assert [r.info.run_id for r in again.child_runs()] == [child.run_id]
+    again.set_tags({"best": "true"}, run_id=child.run_id)
+    again.terminate(child.run_id, "KILLED")
     again.finish()
+    assert MlflowClient(mlflow_server.uri).get_run(child.run_id).data.tags["best"] == "true"
+    assert MlflowClient(mlflow_server.uri).get_run(child.run_id).info.status == "KILLED"
     client = MlflowClient(mlflow_server.uri)
     history = client.get_metric_history(run_id, "train_loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4]

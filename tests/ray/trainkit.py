@@ -82,14 +82,12 @@ def write_rows(cfg: Config, paths: list[str], tokenizer: Any, out_dir: str, *, s
     import pyarrow.parquet as pq
 
     from chatsft.data.conversation import BadRecord
-    from chatsft.data.formats import get_format
     from chatsft.data.render import RenderOptions
     from chatsft.sources import read_local
 
     opts = RenderOptions.from_config(cfg.data)
     plan = RunPlan.resolve(cfg)
-    seq2seq = plan.seq2seq
-    fmt = get_format(plan.kind, cfg.data.template, tokenizer, cfg.data.think)
+    fmt = plan.kind.format(cfg.data.template, tokenizer, cfg.data.think)
     samples = []
     for path in paths:
         for conv in read_local(path, limit=limit):
@@ -102,7 +100,7 @@ def write_rows(cfg: Config, paths: list[str], tokenizer: Any, out_dir: str, *, s
     order = np.random.default_rng(seed).permutation(len(samples))
     samples = [samples[i] for i in order]
     rows: dict[str, list] = {"input_ids": [], "labels": [], "source": []}
-    if cfg.data.packing and not seq2seq:
+    if cfg.data.packing and plan.kind.decoder_only:
         rows["position_ids"] = []
         cur: list = []
         for s in samples + [None]:

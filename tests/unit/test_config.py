@@ -1,3 +1,4 @@
+import dataclasses
 import os
 from pathlib import Path
 
@@ -120,3 +121,18 @@ def test_every_key_is_documented():
     assert len(rows) > 80
     undocumented = [key for key, _, text in rows if not text]
     assert undocumented == []
+
+
+def test_a_config_built_in_code_is_validated_like_a_loaded_one():
+    from chatsft.config import replaced
+
+    cfg = load_config(None, [])
+    assert replaced(cfg.train, "train", grad_accum=3).grad_accum == 3
+    with pytest.raises(ConfigError, match=r"^train.grad_accum: must be >= 1, got 0$"):
+        replaced(cfg.train, "train", grad_accum=0)
+    # the whole tree: a section's own rules and the rules across sections
+    bad_train = dataclasses.replace(cfg.train, lr=-1.0)
+    with pytest.raises(ConfigError, match=r"^train.lr: must be > 0"):
+        replaced(cfg, train=bad_train)
+    with pytest.raises(ConfigError, match="data.eval_fraction: set together with data.eval"):
+        replaced(cfg, data=dataclasses.replace(cfg.data, eval_fraction=0.1, eval=list(cfg.data.train)))

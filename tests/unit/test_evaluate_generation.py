@@ -11,7 +11,7 @@ import torch
 
 from chatsft.config import load_config
 from chatsft.data.conversation import Message
-from chatsft.data.formats import get_format
+from chatsft.model.kind import CAUSAL
 from chatsft.eval.generation import GenerationOptions, choose, cut_at_stop, generate, pick_next
 from chatsft.eval.tasks import LETTERS, choice_token_ids
 
@@ -188,7 +188,7 @@ def test_multiple_choice_task_accuracy_on_hand_set_logits(tmp_path, tokenizer):
     path = tmp_path / "quiz.jsonl"
     path.write_text("".join(json.dumps(i) + "\n" for i in items))
     cfg = load_config(None, [f"eval.tasks=[mc:{path}]", "eval.batch_size=2"])
-    fmt = get_format("causal", "chatml", tokenizer)
+    fmt = CAUSAL.format("chatml", tokenizer)
     letters = choice_token_ids(LETTERS[:4], tokenizer)
     vocab = len(tokenizer)
     global VOCAB
@@ -238,7 +238,7 @@ def test_custom_checker_by_dotted_path(tmp_path, tokenizer, monkeypatch):
     path = tmp_path / "qa.jsonl"
     path.write_text("".join(json.dumps({"messages": [{"role": r, "content": c} for r, c in d]}) + "\n"
                             for d in dialogues))
-    fmt = get_format("causal", "chatml", tokenizer)
+    fmt = CAUSAL.format("chatml", tokenizer)
     eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
     replies = ["it is a cat, surely", "Your number is 7."]  # loose but right; exact
     scripts, keys = {}, []

@@ -12,6 +12,7 @@ import torch
 
 from chatsft.config import load_config
 from chatsft.errors import UserError
+from chatsft.model.kind import CAUSAL
 
 REPO = Path(__file__).resolve().parents[2]
 HELDOUT = REPO / "platform" / "chatsft" / "samples" / "heldout.jsonl"
@@ -128,8 +129,7 @@ def test_validation_loss_is_token_weighted(tiny_llama, few_heldout):
 
     def sums(micro, rank=0, world=1):
         return loss_sums(lambda inputs: model(**inputs), rows, loss=full_loss, micro_batch=micro,
-                         pad_id=tok.pad_token_id,
-                         seq2seq=False, rank=rank, world=world)
+                         collate=CAUSAL.batcher(tok.pad_token_id), rank=rank, world=world)
 
     losses = {}
     for mb in (1, 4):

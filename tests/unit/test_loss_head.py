@@ -147,7 +147,7 @@ def test_tiny_llama_same_loss_and_gradients(tiny, pack, chunk):
     torch.manual_seed(0)
     model = load_model(cfg, "causal", tokenizer=tok)
     rows = sample_rows(tok)
-    batch = collate(packed(rows) if pack else rows, pad_id=tok.pad_token_id, seq2seq=False)
+    batch = collate(packed(rows) if pack else rows, pad_id=tok.pad_token_id)
     assert ("position_ids" in batch.inputs) == pack
     grads = assert_same(model, batch, chunk)
     assert any(float(g.abs().max()) > 0 for g in grads.values())
@@ -167,7 +167,7 @@ def test_lora_same_loss_and_gradients(tiny):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.02)
-    grads = assert_same(model, collate(packed(sample_rows(tok)), pad_id=tok.pad_token_id, seq2seq=False))
+    grads = assert_same(model, collate(packed(sample_rows(tok)), pad_id=tok.pad_token_id))
     assert grads and all("lora_" in n for n in grads)  # the head is frozen: no weight gradient wanted
 
 
@@ -175,7 +175,7 @@ def test_lora_with_a_trained_head(tiny):
     _, tok = tiny
     model = lora_model(tok)
     model.get_output_embeddings().weight.requires_grad_(True)  # tied: the embedding trains too
-    grads = assert_same(model, collate(sample_rows(tok), pad_id=tok.pad_token_id, seq2seq=False))
+    grads = assert_same(model, collate(sample_rows(tok), pad_id=tok.pad_token_id))
     assert any("embed_tokens" in n for n in grads)
 
 
@@ -185,7 +185,7 @@ def test_prompt_tuning_same_loss_and_gradients(tiny):
                              "method.prompt_tuning.num_virtual_tokens=5"])
     torch.manual_seed(0)
     model = load_model(cfg, "causal", tokenizer=tok)
-    grads = assert_same(model, collate(sample_rows(tok), pad_id=tok.pad_token_id, seq2seq=False))
+    grads = assert_same(model, collate(sample_rows(tok), pad_id=tok.pad_token_id))
     assert grads
 
 
@@ -197,12 +197,12 @@ def test_seq2seq_same_loss_and_gradients(tiny_t5_dir):
     tok = load_tokenizer(cfg.model)
     torch.manual_seed(0)
     model = load_model(cfg, "seq2seq", tokenizer=tok).eval()  # T5's dropout would differ between runs
-    from chatsft.model.batch import decoder_start
+    from chatsft.model.batch import collate_pairs, decoder_start
 
     g = torch.Generator().manual_seed(0)
     rows = [Row(torch.randint(5, 300, (n,), generator=g).numpy(), torch.randint(5, 300, (m,), generator=g).numpy())
             for n, m in ((9, 4), (12, 7), (5, 3))]
-    batch = collate(rows, pad_id=tok.pad_token_id, seq2seq=True, decoder_start=decoder_start(model))
+    batch = collate_pairs(rows, pad_id=tok.pad_token_id, decoder_start=decoder_start(model))
     assert_same(model, batch)
 
 
@@ -213,7 +213,7 @@ def test_no_learned_token_gives_zero_without_nan(tiny):
     learned, _ = loss_function(model, "learned")
     rows = [Row(r.input_ids, np.full_like(r.labels, IGNORE)) for r in sample_rows(tok, 2)]
     for pack in (False, True):
-        batch = collate(packed(rows) if pack else rows, pad_id=tok.pad_token_id, seq2seq=False)
+        batch = collate(packed(rows) if pack else rows, pad_id=tok.pad_token_id)
         total, count, grads = run(model, learned, batch)
         assert int(count) == 0 and float(total) == 0.0 and not math.isnan(float(total))
         # every parameter takes part in backward (DDP and ZeRO need it) with a zero gradient
@@ -270,5 +270,5 @@ def test_qwen_shaped_same_loss_and_gradients(qwen_shaped, pack):
         labels = ids.copy()
         labels[: n // 2] = IGNORE  # a prompt, then the learned answer
         rows.append(Row(ids, labels))
-    batch = collate(packed(rows) if pack else rows, pad_id=0, seq2seq=False)
+    batch = collate(packed(rows) if pack else rows, pad_id=0)
     assert_same(qwen_shaped, batch, chunk=16)

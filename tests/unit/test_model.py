@@ -15,9 +15,10 @@ from chatsft.model import (
     load_dtype,
     load_model,
     load_tokenizer,
-    model_kind,
     num_virtual_tokens,
+    resolve_kind,
 )
+from chatsft.model.kind import CAUSAL, SEQ2SEQ
 
 
 @pytest.fixture(autouse=True)
@@ -234,8 +235,8 @@ def test_prompt_tuning_refuses_packed_rows_when_the_config_loads():
 def test_a_tokenizer_only_folder_names_model_kind(tmp_path, tokenizer):
     tokenizer.save_pretrained(tmp_path / "tok")
     with pytest.raises(UserError, match="model.kind"):
-        model_kind(cfg_with(f"model.name_or_path={tmp_path / 'tok'}").model)
-    assert model_kind(cfg_with(f"model.name_or_path={tmp_path / 'tok'}", "model.kind=causal").model) == "causal"
+        resolve_kind(cfg_with(f"model.name_or_path={tmp_path / 'tok'}").model)
+    assert resolve_kind(cfg_with(f"model.name_or_path={tmp_path / 'tok'}", "model.kind=causal").model) is CAUSAL
 
 
 # ------------------------------------------------------------------ T5
@@ -243,7 +244,9 @@ def test_a_tokenizer_only_folder_names_model_kind(tmp_path, tokenizer):
 
 def test_tiny_t5_loads_as_seq2seq_and_gives_a_finite_loss(tiny_t5_dir):
     cfg = cfg_with("model.name_or_path=builtin:tiny-t5", "method.name=full")
-    assert model_kind(cfg.model) == "seq2seq"
+    kind = resolve_kind(cfg.model)
+    assert kind is SEQ2SEQ and (kind.auto_class, kind.peft_task, kind.mlflow_task) == (
+        "AutoModelForSeq2SeqLM", "SEQ_2_SEQ_LM", "text2text-generation")
     model = load_model(cfg, "seq2seq")
     assert model.config.is_encoder_decoder and model.training
     tok = load_tokenizer(cfg.model)

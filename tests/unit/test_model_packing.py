@@ -87,7 +87,7 @@ def test_right_padded_rows_need_no_mask(tiny_llama_dir, attn):
     vocab = model.get_input_embeddings().num_embeddings
     parts = seqs(vocab, [12, 5, 9], seed=4)
     rows = [Row(p.numpy(), np.where(np.arange(len(p)) < 3, IGNORE, p.numpy())) for p in parts]
-    batch = collate(rows, pad_id=0, seq2seq=False)
+    batch = collate(rows, pad_id=0)
     assert "attention_mask" not in batch.inputs and batch.inputs["input_ids"].shape == (3, 12)
 
     def loss_and_grad(fn):
@@ -97,7 +97,7 @@ def test_right_padded_rows_need_no_mask(tiny_llama_dir, attn):
         return total.detach(), int(count), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
 
     got = loss_and_grad(lambda: full_loss(lambda x: model(**x), batch.inputs, batch.targets))
-    alone = [loss_and_grad(lambda b=collate([r], pad_id=0, seq2seq=False): full_loss(lambda x: model(**x),
+    alone = [loss_and_grad(lambda b=collate([r], pad_id=0): full_loss(lambda x: model(**x),
                                                                                       b.inputs, b.targets))
              for r in rows]
     assert got[1] == sum(a[1] for a in alone) == (12 - 3) + (5 - 3) + (9 - 3)  # n - 3 targets a row

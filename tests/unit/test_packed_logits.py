@@ -25,9 +25,9 @@ def test_packed_logits_equal_unpacked(tiny_llama_dir, tokenizer, attn):
     packed = Row(np.concatenate([r.input_ids for r in singles]), np.concatenate([r.labels for r in singles]),
                  np.concatenate([np.arange(len(r.input_ids)) for r in singles]))
     with torch.no_grad():
-        pb = collate([packed], pad_id=tokenizer.pad_token_id, seq2seq=False)
+        pb = collate([packed], pad_id=tokenizer.pad_token_id)
         p_logits = model(**pb.inputs, use_cache=False).logits[0]
-        ub = collate(singles, pad_id=tokenizer.pad_token_id, seq2seq=False)  # padded batch with a mask
+        ub = collate(singles, pad_id=tokenizer.pad_token_id)  # padded batch with a mask
         u_logits = model(**ub.inputs, use_cache=False).logits
     at = 0
     for i, r in enumerate(singles):

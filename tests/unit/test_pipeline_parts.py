@@ -14,7 +14,7 @@ import pytest
 from chatsft.config import load_config
 from chatsft.data.render import RenderOptions
 from chatsft.sources import PACKAGE_ROOT, SourceFile
-from chatsft.data.formats import get_format
+from chatsft.model.kind import CAUSAL, SEQ2SEQ
 from chatsft.data import keys
 from chatsft.pipeline.fingerprint import fingerprint, rows_identity
 from chatsft.pipeline.read import group_files
@@ -57,14 +57,14 @@ def test_group_files_keeps_order_and_bounds():
 def spec_for(tmp_model, **kw):
     cfg = load_config(None, [f"model.name_or_path={tmp_model}"])
     files = (FileRole("a.jsonl", TRAIN, 1.5, True), FileRole("b.jsonl", EVAL, 1.0, False))
-    base = dict(model=cfg.model, template="chatml", options=RenderOptions(max_length=128), kind="causal",
+    base = dict(model=cfg.model, template="chatml", options=RenderOptions(max_length=128), kind=CAUSAL,
                 seed=5, eval_fraction=0.2, files=files, bad_examples=2)
     base.update(kw)
     return RenderSpec(**base)
 
 
 def render_chunks(spec, tokenizer, chunks):
-    fmt = get_format(spec.kind, spec.template, tokenizer)
+    fmt = spec.kind.format(spec.template, tokenizer)
     return [render_lines(spec, fmt, [fi for fi, _, _ in c], [ln for _, ln, _ in c],
                          [raw for _, _, raw in c]) for c in chunks]
 
@@ -79,7 +79,7 @@ def test_rows_do_not_depend_on_how_lines_are_batched(tiny_llama_dir, tokenizer, 
     many = render_chunks(spec, tokenizer, [items[a:b] for a, b in zip([0, *cut], [*cut, len(items)])])
 
     def finish(blocks, split):
-        stats = [json.loads(s) for b in blocks for s in b.filter(pa.compute.equal(b["kind"], STATS))["stats"].to_pylist()]
+        stats = [json.loads(s) for b in blocks for s in b.filter(pa.compute.equal(b["row_type"], STATS))["stats"].to_pylist()]
         n = sum(s["stats"]["train" if split == TRAIN else "eval"]["samples"] for s in stats)
         t = sum(s["stats"]["train" if split == TRAIN else "eval"]["tokens"] for s in stats)
         plan = dataclasses.replace(plan_split(split, n, t, packing, 16, 256, spec.seed, "unused"), parts=2)
@@ -138,10 +138,10 @@ def test_seq2seq_rows_hold_encoder_input_and_decoder_labels(tiny_llama_dir, toke
     from chatsft.data.render import render_seq2seq
 
     opts = RenderOptions(organization=Organization.SPLIT_TURN, max_length=48, max_target_length=12)
-    spec = spec_for(tiny_llama_dir, kind="seq2seq", options=opts, eval_fraction=0.0,
+    spec = spec_for(tiny_llama_dir, kind=SEQ2SEQ, options=opts, eval_fraction=0.0,
                     files=(FileRole("a.jsonl", TRAIN, 1.0, False),))
     items = [(0, n, raw) for n, raw in enumerate(LINES[:20], 1)]
-    block = render_lines(spec, get_format("seq2seq", "chatml", tokenizer), [0] * 20, list(range(1, 21)), [r for _, _, r in items])
+    block = render_lines(spec, SEQ2SEQ.format("chatml", tokenizer), [0] * 20, list(range(1, 21)), [r for _, _, r in items])
     plan = plan_split(TRAIN, 100, 1000, False, 16, 48, spec.seed, "unused")
     rows = reduce_part(partition(block, [plan]), plan)
     assert rows.column_names == ["input_ids", "labels", "source"]
@@ -157,30 +157,32 @@ def test_seq2seq_rows_hold_encoder_input_and_decoder_labels(tiny_llama_dir, toke
 
 def test_user_errors_come_out_of_ray_wrappers():
     from chatsft.data.templates import TemplateError
-    from chatsft.errors import user_error_in
-    from chatsft.pipeline.run import USER_ERRORS
+    from chatsft.errors import one_line, user_error_in
 
     original = TemplateError("data.template=hf: no chat_template")
     wrapper = RuntimeError("ray::MapWorker ... traceback ...")
     wrapper.__cause__ = original
-    assert user_error_in(wrapper, USER_ERRORS) is original
-    assert user_error_in(RuntimeError("a bug"), USER_ERRORS) is None
+    assert user_error_in(wrapper) is original
+    assert user_error_in(RuntimeError("a bug")) is None
 
 
 def test_user_errors_come_out_of_ray_train_failures():
     from ray.exceptions import RayTaskError
     from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
-    from chatsft.errors import UserError, user_error_in
-    from chatsft.pipeline.run import USER_ERRORS
+    from chatsft.errors import UserError, one_line, user_error_in
 
     worker = UserError("model.name_or_path=x: cannot load")
     task = RayTaskError("train_fn", "traceback text", worker).as_instanceof_cause()
-    assert user_error_in(task, USER_ERRORS) is worker  # the original, not Ray's subclassing wrapper
+    assert user_error_in(task) is worker  # the original, not Ray's subclassing wrapper
     group = WorkerGroupError("Training failed", {1: task})
-    assert user_error_in(group, USER_ERRORS) is worker
-    assert user_error_in(ControllerError(worker), USER_ERRORS) is worker
-    assert user_error_in(WorkerGroupError("Training failed", {0: RuntimeError("oom")}), USER_ERRORS) is None
+    assert user_error_in(group) is worker
+    assert user_error_in(ControllerError(worker)) is worker
+    assert user_error_in(WorkerGroupError("Training failed", {0: RuntimeError("oom")})) is None
+    # One line, in the error's own words, from under Ray's wrappers; long text cut, whitespace collapsed.
+    assert one_line(group) == one_line(task) == "model.name_or_path=x: cannot load"
+    assert one_line(RuntimeError("a\n  b " + "x" * 500)).startswith("a b xx") and len(one_line(RuntimeError("x" * 500))) == 400
+    assert one_line(FileNotFoundError(2, "No such file or directory", "/a/b")) == "/a/b: file not found"
 
 
 def test_group_blocks_keeps_order_bounds_bytes_and_feeds_every_cpu():

@@ -8,7 +8,7 @@ import pyarrow as pa
 
 from chatsft.config import load_config
 from chatsft.data.conversation import NOTES, parse_line
-from chatsft.data.formats import get_format
+from chatsft.model.kind import CAUSAL
 from chatsft.data.render import RenderOptions
 from chatsft.pipeline.render import FileRole, RenderSpec, render_lines
 from chatsft.pipeline.rows import STATS, TRAIN
@@ -37,12 +37,12 @@ def test_parse_notes_what_it_keeps_but_does_not_use():
 
 def test_notes_are_counted_in_the_stats_and_said_in_the_summary(tiny_llama_dir, tokenizer):
     cfg = load_config(None, [f"model.name_or_path={tiny_llama_dir}"])
-    spec = RenderSpec(model=cfg.model, template="chatml", options=RenderOptions(max_length=128), kind="causal",
+    spec = RenderSpec(model=cfg.model, template="chatml", options=RenderOptions(max_length=128), kind=CAUSAL,
                       seed=0, eval_fraction=0.0, files=(FileRole("a.jsonl", TRAIN, 1.0, False),), bad_examples=2)
     raws = [rec(U, A), rec(U, A, U), rec(U, A, U), rec({**U, "weight": 1}, A), rec(U)]
-    block = render_lines(spec, get_format("causal", "chatml", tokenizer), [0] * len(raws),
+    block = render_lines(spec, CAUSAL.format("chatml", tokenizer), [0] * len(raws),
                          list(range(1, len(raws) + 1)), raws)
-    (text,) = block.filter(pa.compute.equal(block["kind"], STATS))["stats"].to_pylist()
+    (text,) = block.filter(pa.compute.equal(block["row_type"], STATS))["stats"].to_pylist()
     stats = json.loads(text)["stats"]["train"]
     assert stats["notes_by_reason"] == {"ignored_field": 1, "trailing_turn": 2}
     assert stats["bad_by_reason"] == {"no_assistant": 1} and stats["samples"] == 4  # noted records are kept

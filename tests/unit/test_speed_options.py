@@ -99,7 +99,7 @@ def test_cce_refuses_an_output_bias(tiny_llama_dir):
 def test_fused_kernel_equals_full_logits_on_gpu(tiny_llama_dir, head, pack):
     pytest.importorskip({"liger": "liger_kernel", "cce": "cut_cross_entropy"}[head])
     model = load_model(cfg_with(), "causal").cuda()
-    batch = collate(packed(rows()) if pack else rows(), pad_id=0, seq2seq=False)
+    batch = collate(packed(rows()) if pack else rows(), pad_id=0)
     inputs = {k: v.cuda() for k, v in batch.inputs.items()}
     fwd = lambda x: model(**x, use_cache=False)  # noqa: E731
     ref, n = full_loss(fwd, inputs, batch.targets.cuda())
@@ -127,7 +127,7 @@ def test_compiled_layers_give_the_same_loss_on_cpu(tiny_llama_dir):
     """The option is not GPU-only: torch.compile (inductor) of the layers runs on CPU as well."""
     model = load_model(cfg_with(), "causal")
     loss, _ = loss_function(model, "learned")
-    batch = collate(rows(), pad_id=0, seq2seq=False)
+    batch = collate(rows(), pad_id=0)
     fwd = lambda x: model(**x, use_cache=False)  # noqa: E731
     ref, _ = loss(fwd, batch.inputs, batch.targets)
     compile_model(model, "layers")
@@ -151,7 +151,7 @@ def test_fused_adamw_on_cpu_steps_like_the_loop(tiny_llama_dir, fused):
                               device=torch.device("cpu"))
         assert bool(engine.optimizer.defaults.get("fused")) is flag
         loss, _ = loss_function(model, "learned")
-        batch = collate(rows(), pad_id=0, seq2seq=False)
+        batch = collate(rows(), pad_id=0)
         for _ in range(2):
             total, n = loss(engine.forward, batch.inputs, batch.targets)
             engine.backward(total / n)
@@ -172,7 +172,7 @@ def test_bf16_without_master_weights_steps_bf16_tensors_on_cpu(tiny_llama_dir):
     engine = build_engine(model, param_groups(model, cfg.train), cfg.train, world_size=1, device=torch.device("cpu"))
     loss, _ = loss_function(model, "learned")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    batch = collate(rows(), pad_id=0, seq2seq=False)
+    batch = collate(rows(), pad_id=0)
     total, n = loss(engine.forward, batch.inputs, batch.targets)
     engine.backward(total / n)
     applied, norm = engine.step(1.0)
@@ -195,7 +195,7 @@ def test_fused_adamw_and_compile_on_gpu(tiny_llama_dir):
     engine = build_engine(model, param_groups(model, cfg.train), cfg.train, world_size=1,
                           device=torch.device("cuda", 0))
     assert engine.optimizer.defaults.get("fused") is True
-    batch = collate(packed(rows()), pad_id=0, seq2seq=False)
+    batch = collate(packed(rows()), pad_id=0)
     inputs, targets = {k: v.cuda() for k, v in batch.inputs.items()}, batch.targets.cuda()
     ref, n = loss(engine.forward, inputs, targets)
     compile_model(model, "layers")
@@ -215,8 +215,8 @@ def test_flash_attention_varlen_on_packed_rows(tiny_llama_dir):
     loss, _ = loss_function(model, "learned", device="cuda")
     fwd = lambda x: model(**x, use_cache=False)  # noqa: E731
     with torch.no_grad():
-        pb = collate(packed(rows()), pad_id=0, seq2seq=False)  # position_ids, no mask: varlen
-        ub = collate(rows(), pad_id=0, seq2seq=False)
+        pb = collate(packed(rows()), pad_id=0)  # position_ids, no mask: varlen
+        ub = collate(rows(), pad_id=0)
         p, pn = loss(fwd, {k: v.cuda() for k, v in pb.inputs.items()}, pb.targets.cuda())
         u, un = loss(fwd, {k: v.cuda() for k, v in ub.inputs.items()}, ub.targets.cuda())
     assert int(pn) == int(un)
@@ -233,7 +233,7 @@ def test_bf16_without_master_weights_on_gpu(tiny_llama_dir):
                           device=torch.device("cuda", 0))
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     loss, _ = loss_function(model, "learned", device="cuda")
-    batch = collate(rows(), pad_id=0, seq2seq=False)
+    batch = collate(rows(), pad_id=0)
     total, n = loss(engine.forward, {k: v.cuda() for k, v in batch.inputs.items()}, batch.targets.cuda())
     engine.backward(total / n)
     assert engine.step(1.0)[0]

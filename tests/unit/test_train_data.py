@@ -138,14 +138,14 @@ def test_parquet_rows_round_trip(tmp_path):
 
 def test_collate_packed_and_padded():
     packed = [Row(np.array([7, 8, 9]), np.array([IGNORE, 8, 9]), np.array([0, 1, 0])), EMPTY]
-    b = collate(packed, pad_id=0, seq2seq=False)
+    b = collate(packed, pad_id=0)
     assert "attention_mask" not in b.inputs
     # the filler (one pad token) and the padding after it are sequences of their own
     assert b.inputs["position_ids"].tolist() == [[0, 1, 0], [0, 0, 1]]
     assert b.targets.tolist() == [[8, IGNORE, IGNORE], [IGNORE] * 3]  # border at position 2 masked
     assert b.num_targets == 1 and b.tokens == 3
     padded = [Row(np.array([7, 8, 9]), np.array([IGNORE, 8, 9])), Row(np.array([5]), np.array([5]))]
-    b = collate(padded, pad_id=0, seq2seq=False)
+    b = collate(padded, pad_id=0)
     assert set(b.inputs) == {"input_ids"}  # right padding needs no mask under causal attention
     assert b.inputs["input_ids"].tolist() == [[7, 8, 9], [5, 0, 0]]
     assert b.targets.tolist() == [[8, 9, IGNORE], [IGNORE] * 3]

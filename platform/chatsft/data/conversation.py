@@ -25,43 +25,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, BinaryIO, Iterable, Iterator, Optional, Sequence, Union
 
+from chatsft.errors import REASONS, BadRecord  # noqa: F401  (the record errors: defined with the others)
+
 ROLES = ("system", "user", "assistant", "tool")
 PART_TYPES = ("text", "python", "python_output")
-
-# The fixed set of reasons a record is refused. Counted by name in stats.json.
-REASONS = {
-    "invalid_utf8": "the line is not valid UTF-8",
-    "invalid_json": "the line is not valid JSON",
-    "not_an_object": "the record is not a JSON object",
-    "missing_messages": "the record has no 'messages' key",
-    "messages_not_a_list": "'messages' is not a list",
-    "empty_messages": "'messages' is empty",
-    "message_not_an_object": "a message is not a JSON object",
-    "unknown_role": "a message has a role other than system, user, assistant, tool",
-    "bad_content": "a message's content is not a string or a list of parts",
-    "bad_part": "a content part is not {type, text} with a known type and string text",
-    "bad_reasoning": "an assistant message's reasoning_content is not a string",
-    "bad_tool_call": "a tool call is not {\"type\": \"function\", \"function\": {\"name\", \"arguments\"}}",
-    "bad_tool_arguments": "a tool call's arguments are text that is not JSON of an object (data.tool_arguments)",
-    "bad_tool_message": "a tool message's tool_call_id or name is not a string",
-    "bad_tools": "the record's tools is not a list of JSON schema objects",
-    "empty_answer": "an assistant message has no content",
-    "no_assistant": "the dialogue has no assistant message to learn from",
-    "bad_order": "the order of roles does not fit the chat template",
-    "unsupported_role": "the chat template has no way to render this role",
-    "control_token_in_content": "content contains a control token of the template",
-    "template_error": "the tokenizer's chat template failed on this record",
-    "unsupported_field": "the chat format has no rendering for reasoning_content, tool_calls or tools",
-    "answer_not_in_render": "the chat template rewrites an answer: its text is not in the rendered conversation",
-    "answer_not_located": "the assistant header before an answer cannot be found in the rendered conversation",
-    "reasoning_not_rendered": "the chat template drops the reasoning of a final answer",
-    "tool_call_not_in_render": "the chat template drops a tool call of an answer",
-    "generation_mask_mismatch": "the template's {% generation %} markers disagree with what the model emits",
-    "reasoning_unsupported": "the chat template cannot render reasoning_content (chatsft template says why)",
-    "tool_calls_unsupported": "the chat template cannot render tool calls (chatsft template says why)",
-    "tool_results_unsupported": "the chat template cannot render tool results as context (chatsft template says why)",
-}
-
 
 # Oddities of a record that is kept: counted by name in stats.json (`notes_by_reason`) and in
 # prepare's summary, so nothing is dropped unseen.
@@ -75,26 +42,6 @@ NOTES = {
 CARRIED = {"system": ("role", "content"), "user": ("role", "content"),
            "assistant": ("role", "content", "reasoning_content", "tool_calls"),
            "tool": ("role", "content", "tool_call_id", "name")}
-
-
-class BadRecord(ValueError):
-    """A record that cannot be trained on. `reason` is a key of REASONS."""
-
-    def __init__(self, reason: str, detail: str = "", source: str = ""):
-        assert reason in REASONS, reason
-        self.reason = reason
-        self.detail = detail
-        self.source = source
-        super().__init__(self.message)
-
-    @property
-    def message(self) -> str:
-        where = f"{self.source}: " if self.source else ""
-        detail = f": {self.detail}" if self.detail else ""
-        return f"{where}{self.reason}: {REASONS[self.reason]}{detail}"
-
-    def at(self, source: str) -> "BadRecord":
-        return BadRecord(self.reason, self.detail, source)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ A `Format` is what every caller holds, so none of them branches on the kind of
 model: it renders conversations into samples (training rows), renders the
 prompt of a next answer (evaluation), checks a record without rendering it
 (records sampled out of a mixture), and names the marker that ends an answer
-(where generation stops). Bound to a tokenizer once, by `get_format`.
+(where generation stops). Bound to a tokenizer once, by the model's kind
+(`chatsft.model.kind.ModelKind.format`), the one object that knows which
+format a model reads.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any, Optional, Protocol, Sequence, Union
 
 from chatsft.data.conversation import BadRecord, Conversation, Message
 from chatsft.data.render import RenderOptions, RenderResult, layout, render_batch, render_seq2seq, seq2seq_source
-from chatsft.data.templates import ChatTemplate, get_template
+from chatsft.data.templates import ChatTemplate
 
 
 class Format(Protocol):
@@ -81,12 +83,3 @@ class Seq2SeqFormat:
     def check(self, conv: Conversation) -> None:
         return None  # any valid record has an encoder text and a target
 
-
-def get_format(kind: str, template: Any, tokenizer: Any, think: Any = None,
-               template_kwargs: Optional[dict] = None) -> Union[ChatFormat, Seq2SeqFormat]:
-    """The format of a model of `kind` ("causal" / "seq2seq") with chat template `template`, think
-    policy `think` (data.think; None: what the template does at inference) and, for hf, the
-    template's extra variables (data.chat_template_kwargs)."""
-    if kind == "seq2seq":
-        return Seq2SeqFormat(tokenizer)
-    return ChatFormat(get_template(template, tokenizer, think, template_kwargs), tokenizer)

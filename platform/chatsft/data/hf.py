@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from chatsft.data.conversation import BadRecord, Message, ToolCall, merge_system
+from chatsft.errors import one_line
 
 # Probe texts: words no template writes, so each is found exactly where its message went.
 _SYS, _U1, _A1, _U2, _A2 = ("Zqs system probe.", "Zqu first question?", "Zqa first answer.",
@@ -265,11 +266,6 @@ def reasoning_variants(text: str) -> list[str]:
     return list(dict.fromkeys(v for v in (text, text.strip("\n"), text.strip()) if v))
 
 
-def short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return text[:200]
-
-
 def shown(text: str, n: int = 40) -> str:
     return repr(text if len(text) <= n else text[:n] + "...")
 
@@ -320,7 +316,7 @@ def analyse(j: Jinja, atoms: Atoms) -> Shape:
         one = j.render([u1, a1], None, False)
         prompt = j.render([u1], None, True)
     except Exception as e:
-        raise ValueError(f"it fails on a plain dialogue: {short(e)}") from None
+        raise ValueError(f"it fails on a plain dialogue: {one_line(e)}") from None
     for probe in (_U1, _A1, _U2, _A2):
         if probe not in two:
             raise ValueError(f"the probe text {probe!r} is not in its render: the template drops or rewrites "
@@ -372,7 +368,7 @@ def analyse(j: Jinja, atoms: Atoms) -> Shape:
                       {"thinking": _R2, **a2, "reasoning_content": _R2}], None, False)
     except Exception as e:
         r = ""
-        features["reasoning"] = f"fails on an answer with reasoning_content ({short(e)})"
+        features["reasoning"] = f"fails on an answer with reasoning_content ({one_line(e)})"
     if _R2 in r:
         reasoning = "all" if _R1 in r else "final"
         y = r.find(_U2) + len(_U2)
@@ -413,7 +409,7 @@ def analyse(j: Jinja, atoms: Atoms) -> Shape:
             with_tool = j.render([u1, call_msg, tool_msg, a2], [_SCHEMA], False)
         except Exception as e:
             with_tool = ""
-            features["tool_results"] = f"fails on a tool result after a call ({short(e)})"
+            features["tool_results"] = f"fails on a tool result after a call ({one_line(e)})"
         if with_tool and _TOOL not in with_tool:
             features["tool_results"] = "drops what a tool returned"
         elif with_tool:
@@ -468,7 +464,7 @@ def _probe_calls(j: Jinja, u1: dict) -> tuple[str, str, dict, str]:
             try:
                 text = j.render([u1, {"role": "assistant", "tool_calls": [call]}], [_SCHEMA], False)
             except Exception as e:
-                seen.append(f"fails on a tool call ({short(e)})")
+                seen.append(f"fails on a tool call ({one_line(e)})")
                 continue
             after = text[text.find(_U1) + len(_U1):]
             if '\\"zq_key' in after or "'zq_key'" in after:  # a JSON string of JSON, or Python's repr
@@ -638,7 +634,7 @@ class Locator:
             else:
                 full = self.j.render(msgs, tools, False)
         except Exception as e:
-            raise BadRecord("template_error", short(e)) from None
+            raise BadRecord("template_error", one_line(e)) from None
         if notes is not None and folded:
             notes["system folded into the first user turn"] += 1
         answers = self._answers(full, typed, msgs, tools, notes)

@@ -13,11 +13,9 @@ from chatsft.data.schema import IGNORE
 GREEN, DIM, RESET, BOLD = "\033[32m", "\033[2m", "\033[0m", "\033[1m"
 
 
-def as_shown(s: Sample, seq2seq: bool) -> Sample:
-    """A sample as one line of text: for seq2seq, the encoder text as context followed by the
+def joined(s: Sample) -> Sample:
+    """An encoder-decoder sample as one line of text: the encoder text as context followed by the
     decoder target as learned (the two are separate sequences of the model)."""
-    if not seq2seq:
-        return s
     ids = np.concatenate([s.input_ids, s.labels]).astype(np.int32)
     labels = np.concatenate([np.full(len(s.input_ids), IGNORE, np.int32), s.labels]).astype(np.int32)
     return Sample(ids, labels, s.source, truncated=s.truncated)

@@ -7,7 +7,7 @@ piece, is what keeps the ids identical to what the model sees at inference (and
 to `apply_chat_template` for `hf`).
 
 Labels follow the Hugging Face convention: same length as input_ids, unshifted,
--100 where no loss is taken; the loss shifts them once (train/loss.py).
+-100 where no loss is taken; the loss shifts them once (model/loss.py).
 """
 
 from __future__ import annotations

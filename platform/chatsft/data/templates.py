@@ -44,10 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from chatsft.data.conversation import BadRecord, Message, Part, merge_system
-
-
-class TemplateError(ValueError):
-    """The chat format cannot be used with this tokenizer (a config error, not a record error)."""
+from chatsft.errors import TemplateError  # noqa: F401  (raised here, defined with the others)
 
 
 class Segment(NamedTuple):

@@ -23,9 +23,10 @@ import torch
 
 from chatsft import storage
 from chatsft.data.conversation import BadRecord
-from chatsft.data.formats import Format, get_format
+from chatsft.data.formats import Format
 from chatsft.errors import UserError
-from chatsft.eval.generation import GenerationOptions, choose, generate, is_encoder_decoder
+from chatsft.eval.generation import GenerationOptions, choose, generate
+from chatsft.model.kind import kind_of_model
 from chatsft.eval.metrics import mean_pass_at_k
 from chatsft.eval.tasks import Example, Rendered, Task, task_from_spec, tasks_from_config
 
@@ -60,8 +61,7 @@ def evaluate_model(model: Any, tokenizer: Any, cfg: Any, tasks: Optional[Sequenc
         tasks = tasks_from_config(cfg)
     else:
         tasks = [t if isinstance(t, Task) else task_from_spec(t, [s.path for s in cfg.data.eval]) for t in tasks]
-    fmt = get_format("seq2seq" if is_encoder_decoder(model) else "causal", cfg.data.template, tokenizer,
-                     cfg.data.think, cfg.data.chat_template_kwargs)
+    fmt = kind_of_model(model).format(cfg.data.template, tokenizer, cfg.data.think, cfg.data.chat_template_kwargs)
     metrics: dict[str, float] = {}
     for task in tasks:
         run = run_task(task, model, fmt, cfg)
@@ -76,7 +76,7 @@ def run_task(task: Task, model: Any, fmt: Format, cfg: Any) -> TaskRun:
     examples, rendered, skipped = _collect(task, fmt, cfg.eval.max_examples, cfg.data.on_bad_record)
     run = TaskRun(task.name, examples=examples)
     pad_id = _pad_id(tokenizer)
-    if task.kind == "choice":
+    if task.scoring == "choice":
         picks = choose(model, [r.prompt_ids for r in rendered], [r.choice_ids for r in rendered], pad_id,
                        cfg.eval.batch_size)
         run.outputs = [[ex.choices[p]] for ex, p in zip(examples, picks)]

@@ -19,6 +19,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
+from chatsft.model.kind import kind_of_model
+
 
 @dataclass(frozen=True)
 class GenerationOptions:
@@ -49,10 +51,6 @@ def model_device(model: Any) -> torch.device:
     for p in unwrap(model).parameters():
         return p.device
     return torch.device("cpu")
-
-
-def is_encoder_decoder(model: Any) -> bool:
-    return bool(getattr(getattr(unwrap(model), "config", None), "is_encoder_decoder", False))
 
 
 def _steps_through_cache(model: Any) -> bool:
@@ -146,7 +144,7 @@ def _generate_hf(model: Any, prompts: Sequence[Sequence[int]], stop_ids: Sequenc
     """model.generate for encoder-decoder (and prompt-learning) models; same stopping rules."""
     inner = unwrap(model)
     device = model_device(model)
-    encoder = is_encoder_decoder(inner)
+    encoder = not kind_of_model(inner).decoder_only
     if encoder:  # the encoder input is right-padded like in training
         ids, mask = right_pad(prompts, pad_id, device)
     else:
@@ -174,7 +172,7 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], stop_ids: Sequence[in
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     rows = [i for i in order for _ in range(n)]
     results: list[list[list[int]]] = [[] for _ in prompts]
-    own_loop = not is_encoder_decoder(model) and _steps_through_cache(model)
+    own_loop = kind_of_model(model).decoder_only and _steps_through_cache(model)
     device = model_device(model)
     generator = None
     if not opts.greedy and own_loop:
@@ -214,7 +212,7 @@ def choose(model: Any, prompts: Sequence[Sequence[int]], choice_ids: Sequence[Se
     still picks one of the labels.
     """
     device = model_device(model)
-    encoder = is_encoder_decoder(model)
+    encoder = not kind_of_model(model).decoder_only
     if encoder and decoder_start_id is None:
         decoder_start_id = unwrap(model).config.decoder_start_token_id
     picks: list[int] = [0] * len(prompts)

@@ -19,25 +19,23 @@ from chatsft.data.schema import EMPTY, Row
 
 
 def loss_sums(forward: Callable[[dict], Any], rows: Iterable[Row], *, loss: Callable, micro_batch: int,
-              pad_id: int, seq2seq: bool, decoder_start: Optional[Callable] = None, device: Any = "cpu",
+              collate: Callable[[list[Row]], Any], device: Any = "cpu",
               rank: int = 0, world: int = 1, forwards: Optional[int] = None) -> tuple[float, int]:
     """(sum of token losses, supervised tokens) over this worker's share of `rows`.
 
     `forward(inputs)` runs the model (a Hugging Face model, a PEFT model or a
     training engine) in eval mode under no_grad; the caller sets the mode. `loss` is
     the training's own loss function (chatsft.model.loss.loss_function), so both
-    measure alike.
+    measure alike; `collate` the training's batching (the model kind's `batcher`).
     """
     import torch
-
-    from chatsft.model.batch import collate
 
     if world > 1:
         rows = [r for batch in filled(iter(rows), micro_batch * world) for r in batch[rank::world]]
     total, count = 0.0, 0
     with torch.no_grad():
         for mine in _padded(filled(iter(rows), micro_batch), micro_batch, forwards):
-            b = collate(mine, pad_id=pad_id, seq2seq=seq2seq, decoder_start=decoder_start)
+            b = collate(mine)
             s, c = loss(forward, {k: v.to(device) for k, v in b.inputs.items()}, b.targets.to(device))
             total += float(s)
             count += int(c)

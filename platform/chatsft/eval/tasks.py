@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequenc
 from chatsft import storage
 from chatsft.data.conversation import BadRecord, Conversation, Message, iter_lines
 from chatsft.sources import expand_local, read_local, resolve_uri
-from chatsft.errors import UserError
+from chatsft.errors import MissingFile, UserError
 from chatsft.eval.metrics import exact_match
 
 LETTERS = string.ascii_uppercase
@@ -61,7 +61,7 @@ class Rendered:
 @dataclass(frozen=True)
 class Task:
     name: str  # metric prefix: "heldout", "chat:qa", "mc:trivia"
-    kind: Literal["generate", "choice"]
+    scoring: Literal["generate", "choice"]  # generated answers scored, or the likeliest label picked
     examples: Callable[[], Iterable[Union[Example, Exception]]]
     render: Callable[[Example, Any], Rendered]  # (example, format) -> prompt ids
     score: Callable[[Example, str], float]
@@ -156,7 +156,7 @@ def generative_task(name: str, paths: Sequence[str], checker: Optional[str] = No
 def choice_examples(path: str) -> Iterator[Union[Example, Exception]]:
     files = expand_local(path)
     if not files:
-        raise FileNotFoundError(2, "no such file", resolve_uri(path))
+        raise MissingFile(resolve_uri(path), "no such file")
     for f in files:
         data = storage.read_bytes(f) or b""  # a local path or a URI (s3://...)
         for source, raw in iter_lines(data, f):

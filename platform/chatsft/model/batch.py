@@ -6,7 +6,7 @@ Shared by training and evaluation, so the loss of a row is computed the same way
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -24,58 +24,67 @@ class Batch:
     slots: int  # token positions the model computes (padding included)
 
 
-def collate(rows: Sequence[Row], *, pad_id: int, seq2seq: bool, decoder_start: Optional[Callable] = None) -> Batch:
-    """Pad a micro-batch on the right. Causal rows carry no attention mask: packed rows carry
-    position_ids (attention is then block-diagonal per packed sequence); unpacked rows need
-    nothing but causality, since right padding only ever follows a row's real tokens, which
-    causal attention never lets them see. A mask would change no logit or gradient of a real
-    token, and it costs: it turns attention off its causal kernel onto a masked one (fwd+bwd
-    of the tiny Llama on 16 padded rows: 1.3x slower with the mask). Seq2seq encoders read
-    their padding both ways, so they keep their mask."""
+def collate(rows: Sequence[Row], *, pad_id: int) -> Batch:
+    """Pad a micro-batch of a decoder-only model on the right. Rows carry no attention mask:
+    packed rows carry position_ids (attention is then block-diagonal per packed sequence);
+    unpacked rows need nothing but causality, since right padding only ever follows a row's
+    real tokens, which causal attention never lets them see. A mask would change no logit or
+    gradient of a real token, and it costs: it turns attention off its causal kernel onto a
+    masked one (fwd+bwd of the tiny Llama on 16 padded rows: 1.3x slower with the mask)."""
     import torch
 
     from chatsft.model.loss import causal_targets
 
-    tokens = sum(len(r.input_ids) + (len(r.labels) if seq2seq else 0) for r in rows)
+    tokens = sum(len(r.input_ids) for r in rows)
     rows = [_fill_empty(r, pad_id) for r in rows]
-    if seq2seq:
-        enc_len = max(len(r.input_ids) for r in rows)
-        dec_len = max(len(r.labels) for r in rows)
-        ids = torch.full((len(rows), enc_len), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), enc_len), dtype=torch.long)
-        labels = torch.full((len(rows), dec_len), IGNORE, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r.input_ids)] = torch.from_numpy(r.input_ids)
-            mask[i, :len(r.input_ids)] = 1
-            labels[i, :len(r.labels)] = torch.from_numpy(r.labels)
-        # The decoder reads the labels shifted right: that shift is the model's own
-        # (prepare_decoder_input_ids_from_labels); logits are then aligned with labels.
-        inputs = {"input_ids": ids, "attention_mask": mask,
-                  "decoder_input_ids": decoder_start(labels)}
-        targets = labels
+    length = max(len(r.input_ids) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
+    packed = any(r.position_ids is not None for r in rows)
+    if packed:
+        pos = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r.input_ids)
+        ids[i, :n] = torch.from_numpy(r.input_ids)
+        labels[i, :n] = torch.from_numpy(r.labels)
+        if packed:
+            p = r.position_ids if r.position_ids is not None else np.arange(n)
+            pos[i, :n] = torch.from_numpy(np.asarray(p, dtype=np.int64))
+            # padding is a sequence of its own (positions restart at 0): it never
+            # joins the block of the last real sequence
+            pos[i, n:] = torch.arange(length - n)
+    if packed:
+        inputs = {"input_ids": ids, "position_ids": pos}
+        targets = causal_targets(labels, pos)
     else:
-        length = max(len(r.input_ids) for r in rows)
-        ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
-        packed = any(r.position_ids is not None for r in rows)
-        if packed:
-            pos = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r.input_ids)
-            ids[i, :n] = torch.from_numpy(r.input_ids)
-            labels[i, :n] = torch.from_numpy(r.labels)
-            if packed:
-                p = r.position_ids if r.position_ids is not None else np.arange(n)
-                pos[i, :n] = torch.from_numpy(np.asarray(p, dtype=np.int64))
-                # padding is a sequence of its own (positions restart at 0): it never
-                # joins the block of the last real sequence
-                pos[i, n:] = torch.arange(length - n)
-        if packed:
-            inputs = {"input_ids": ids, "position_ids": pos}
-            targets = causal_targets(labels, pos)
-        else:
-            inputs = {"input_ids": ids}
-            targets = causal_targets(labels, None)
+        inputs = {"input_ids": ids}
+        targets = causal_targets(labels, None)
+    return _batch(inputs, targets, tokens)
+
+
+def collate_pairs(rows: Sequence[Row], *, pad_id: int, decoder_start: Callable) -> Batch:
+    """Pad a micro-batch of an encoder-decoder model on the right: encoder inputs and decoder
+    targets separately. Encoders read their padding both ways, so they keep their mask."""
+    import torch
+
+    tokens = sum(len(r.input_ids) + len(r.labels) for r in rows)
+    rows = [_fill_empty(r, pad_id) for r in rows]
+    enc_len = max(len(r.input_ids) for r in rows)
+    dec_len = max(len(r.labels) for r in rows)
+    ids = torch.full((len(rows), enc_len), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), enc_len), dtype=torch.long)
+    labels = torch.full((len(rows), dec_len), IGNORE, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r.input_ids)] = torch.from_numpy(r.input_ids)
+        mask[i, :len(r.input_ids)] = 1
+        labels[i, :len(r.labels)] = torch.from_numpy(r.labels)
+    # The decoder reads the labels shifted right: that shift is the model's own
+    # (prepare_decoder_input_ids_from_labels); logits are then aligned with labels.
+    inputs = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": decoder_start(labels)}
+    return _batch(inputs, labels, tokens)
+
+
+def _batch(inputs: dict[str, Any], targets: Any, tokens: int) -> Batch:
     num = int((targets != IGNORE).sum())
     slots = sum(int(v.numel()) for k, v in inputs.items() if k in ("input_ids", "decoder_input_ids"))
     return Batch(inputs, targets, num, tokens, slots)
@@ -87,6 +96,11 @@ def _fill_empty(row: Row, pad_id: int) -> Row:
         return row
     pos = None if row.position_ids is None else np.zeros(1, np.int64)
     return Row(np.full(1, pad_id, np.int64), np.full(1, IGNORE, np.int64), pos)
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id rows are padded with: the tokenizer's pad token (load_tokenizer sets one), else 0."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def decoder_start(model: Any) -> Callable:

@@ -16,14 +16,13 @@ from typing import Any, Optional
 
 from chatsft.builtin import resolve
 from chatsft.config import ConfigError
-from chatsft.errors import UserError
-from chatsft.model.common import first_line
+from chatsft.errors import UserError, one_line
 
 # What architectures call the number of positions they were built for.
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "max_seq_len")
 
 
-def check_model(cfg: Any, kind: str) -> None:
+def check_model(cfg: Any, kind: Any) -> None:
     """Refuse, naming the key, what the model's config says cannot work (see the module doc)."""
     conf = model_config(cfg.model)
     positions = max_positions(conf)
@@ -48,7 +47,7 @@ def model_config(model_cfg: Any) -> Any:
         if "model_type" in str(e):
             raise UserError(missing_model_type(model_cfg.name_or_path, path)) from None
         raise UserError(f"model.name_or_path={model_cfg.name_or_path}: cannot read its config: "
-                        f"{first_line(e)}") from None
+                        f"{one_line(e)}") from None
 
 
 def missing_model_type(name: str, path: str) -> str:
@@ -85,17 +84,15 @@ def max_positions(conf: Any) -> Optional[int]:
     return None
 
 
-def _check_targets(cfg: Any, conf: Any, kind: str, targets: list[str]) -> None:
+def _check_targets(cfg: Any, conf: Any, kind: Any, targets: list[str]) -> None:
     import torch
-
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     try:
         from transformers.pytorch_utils import Conv1D
         adaptable: tuple[type, ...] = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, Conv1D)
     except ImportError:
         adaptable = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d)
-    auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+    auto = kind.auto()
     with torch.device("meta"):
         model = auto.from_config(conf, trust_remote_code=cfg.model.trust_remote_code)
     modules = list(model.named_modules())

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def enable_checkpointing(model) -> None:
     # Non-reentrant checkpointing works with frozen inputs and with ZeRO-3; newer
     # transformers renamed the method (the old name warns).

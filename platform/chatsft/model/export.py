@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 from chatsft.builtin import resolve
 from chatsft.errors import UserError
+from chatsft.model.kind import kind_of_config
 from chatsft.model.peft import RESIZED_ATTR, active_peft_config, is_peft
 
 
@@ -151,10 +152,9 @@ def load_exported(path: str, *, dtype: Any = "auto", trust_remote_code: bool = F
 
 
 def _auto_class(path: str, **kwargs):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers import AutoConfig
 
-    conf = AutoConfig.from_pretrained(path, **kwargs)
-    return AutoModelForSeq2SeqLM if getattr(conf, "is_encoder_decoder", False) else AutoModelForCausalLM
+    return kind_of_config(AutoConfig.from_pretrained(path, **kwargs)).auto()
 
 
 def _load_base(peft_conf, *, dtype: Any, vocab: int, **remote: Any):

@@ -33,11 +33,12 @@ Rules this module decides (the trainer relies on them):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from chatsft.builtin import resolve
-from chatsft.errors import UserError
-from chatsft.model.common import enable_checkpointing, first_line
+from chatsft.errors import UserError, one_line
+from chatsft.model.common import enable_checkpointing
+from chatsft.model.kind import ModelKind, as_kind
 from chatsft.model.peft import RESIZED_ATTR, wrap_lora, wrap_prompt_tuning
 from chatsft.model.tokenizer import load_tokenizer
 
@@ -79,7 +80,7 @@ def attn_implementation(cfg: "Config", dtype: "torch.dtype", cuda: Optional[bool
     return None
 
 
-def load_model(cfg: "Config", kind: str, *, tokenizer: Any = None) -> "torch.nn.Module":
+def load_model(cfg: "Config", kind: Union[ModelKind, str], *, tokenizer: Any = None) -> "torch.nn.Module":
     """The model of `cfg.model` with `cfg.method` applied, in train mode, ready for DeepSpeed.
 
     `tokenizer` (optional) saves a second load; it sizes the embeddings (grown when
@@ -114,9 +115,11 @@ def load_model(cfg: "Config", kind: str, *, tokenizer: Any = None) -> "torch.nn.
         if cfg.train.gradient_checkpointing:
             enable_checkpointing(model)
     elif method in ("lora", "qlora"):
-        model = wrap_lora(cfg, model, kind, new_tokens=list(range(base_vocab, len(tokenizer))))
+        model = wrap_lora(model, kind, cfg.method, cfg.model, checkpointing=cfg.train.gradient_checkpointing,
+                          new_tokens=list(range(base_vocab, len(tokenizer))))
     elif method == "prompt_tuning":
-        model = wrap_prompt_tuning(cfg, model, kind, tokenizer)
+        model = wrap_prompt_tuning(model, kind, cfg.method, cfg.model, tokenizer,
+                                   checkpointing=cfg.train.gradient_checkpointing)
     else:  # the config's Literal forbids this; a new method must be wired here
         raise AssertionError(f"method {method!r} not handled")
     if len(tokenizer) > base_vocab:
@@ -125,10 +128,8 @@ def load_model(cfg: "Config", kind: str, *, tokenizer: Any = None) -> "torch.nn.
     return model
 
 
-def _from_pretrained(cfg: "Config", kind: str, kwargs: dict, attn: Optional[str]):
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+def _from_pretrained(cfg: "Config", kind: Union[ModelKind, str], kwargs: dict, attn: Optional[str]):
+    auto = as_kind(kind).auto()
     path = resolve(cfg.model.name_or_path)
     try:
         if attn is not None:
@@ -137,11 +138,11 @@ def _from_pretrained(cfg: "Config", kind: str, kwargs: dict, attn: Optional[str]
             except (ValueError, ImportError) as e:
                 if cfg.model.attn_implementation != "auto":
                     raise UserError(f"model.attn_implementation={attn}: not usable here: "
-                                    f"{first_line(e)}") from None
+                                    f"{one_line(e)}") from None
                 # auto picked flash attention but this architecture has none: default kernel
         return auto.from_pretrained(path, **kwargs)
     except OSError as e:
-        raise UserError(f"model.name_or_path={cfg.model.name_or_path}: cannot load: {first_line(e)}") from None
+        raise UserError(f"model.name_or_path={cfg.model.name_or_path}: cannot load: {one_line(e)}") from None
 
 
 def _check_qlora() -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
-from chatsft.errors import UserError
-from chatsft.model.common import enable_checkpointing, first_line
+from chatsft.errors import UserError, one_line
+from chatsft.model.common import enable_checkpointing
+from chatsft.model.kind import ModelKind, as_kind
 
 if TYPE_CHECKING:
-    from chatsft.config import Config
+    from chatsft.config import MethodConfig, ModelConfig
 
 # Attribute set on a model whose embedding matrix was grown for new tokens: an adapter
 # export must then carry the embedding layers, or the adapter cannot be loaded back.
@@ -68,62 +69,61 @@ def _new_token_rows(model, new_tokens: Sequence[int], saved: Sequence[str]) -> O
     return rows or None
 
 
-def _task_type(kind: str):
-    from peft import TaskType
-
-    return TaskType.SEQ_2_SEQ_LM if kind == "seq2seq" else TaskType.CAUSAL_LM
-
-
-def _record_base(peft_model, cfg: "Config") -> None:
+def _record_base(peft_model, base: "ModelConfig") -> None:
     # The adapter names the base as the config does (a hub id or `builtin:...`), not
     # the local cache folder it was loaded from, so it loads back on any machine.
     conf = peft_model.peft_config["default"]
-    conf.base_model_name_or_path = cfg.model.name_or_path
-    conf.revision = cfg.model.revision
+    conf.base_model_name_or_path = base.name_or_path
+    conf.revision = base.revision
 
 
-def wrap_lora(cfg: "Config", model, kind: str, new_tokens: Sequence[int] = ()):
+def wrap_lora(model, kind: Union[ModelKind, str], method: "MethodConfig", base: "ModelConfig", *,
+              checkpointing: bool, new_tokens: Sequence[int] = ()):
+    """LoRA (or QLoRA) adapters of `method` around `model`, the base named as `base` names it;
+    `checkpointing`: train.gradient_checkpointing."""
     from peft import LoraConfig, get_peft_model
 
-    lc = cfg.method.lora
-    if cfg.method.name == "qlora":
+    lc = method.lora
+    if method.name == "qlora":
         from peft import prepare_model_for_kbit_training
 
         # Casts norms and the head to fp32 and freezes the base; checkpointing here too.
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+            model, use_gradient_checkpointing=checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif cfg.train.gradient_checkpointing:
+    elif checkpointing:
         enable_checkpointing(model)
     targets = default_target_modules(model) if lc.target_modules == "auto" else list(lc.target_modules)
     conf = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=targets,
                       modules_to_save=list(lc.modules_to_save) or None, bias="none",
-                      task_type=_task_type(kind),
+                      task_type=as_kind(kind).task_type(),
                       trainable_token_indices=_new_token_rows(model, new_tokens, lc.modules_to_save))
     try:
         peft_model = get_peft_model(model, conf)
     except ValueError as e:  # a target name that matches nothing
-        raise UserError(f"method.lora.target_modules={targets}: {first_line(e)}") from None
-    _record_base(peft_model, cfg)
+        raise UserError(f"method.lora.target_modules={targets}: {one_line(e)}") from None
+    _record_base(peft_model, base)
     return peft_model
 
 
-def wrap_prompt_tuning(cfg: "Config", model, kind: str, tokenizer):
+def wrap_prompt_tuning(model, kind: Union[ModelKind, str], method: "MethodConfig", base: "ModelConfig",
+                       tokenizer, *, checkpointing: bool):
+    """Prompt tuning (or p-tuning) of `method` around `model`."""
     from peft import PromptEncoderConfig, PromptTuningConfig, PromptTuningInit, get_peft_model
 
-    pc = cfg.method.prompt_tuning
-    if cfg.train.gradient_checkpointing:
+    pc = method.prompt_tuning
+    if checkpointing:
         enable_checkpointing(model)
     if pc.variant == "p_tuning":
-        conf = PromptEncoderConfig(task_type=_task_type(kind), num_virtual_tokens=pc.num_virtual_tokens,
+        conf = PromptEncoderConfig(task_type=as_kind(kind).task_type(), num_virtual_tokens=pc.num_virtual_tokens,
                                    encoder_hidden_size=pc.encoder_hidden_size)
     else:
-        conf = PromptTuningConfig(task_type=_task_type(kind), num_virtual_tokens=pc.num_virtual_tokens,
+        conf = PromptTuningConfig(task_type=as_kind(kind).task_type(), num_virtual_tokens=pc.num_virtual_tokens,
                                   prompt_tuning_init=PromptTuningInit.RANDOM)
     peft_model = get_peft_model(model, conf)
     if pc.variant == "prompt_tuning" and pc.init_text:
         _init_prompt_from_text(peft_model, tokenizer, pc.init_text, pc.num_virtual_tokens)
-    _record_base(peft_model, cfg)
+    _record_base(peft_model, base)
     return peft_model
 
 

@@ -1,4 +1,4 @@
-"""The tokenizer of a model, and what kind of model it is (decoder-only or encoder-decoder).
+"""The tokenizer of a model.
 
 This is the part of chatsft.model that shapes prepared rows: the prepare
 fingerprint hashes this file (and the tokenizer itself), not the rest of the
@@ -12,8 +12,7 @@ import os
 from typing import Any
 
 from chatsft.builtin import resolve
-from chatsft.errors import UserError
-from chatsft.model.common import first_line
+from chatsft.errors import UserError, one_line
 
 
 def load_tokenizer(model_cfg: Any):
@@ -31,40 +30,6 @@ def load_tokenizer(model_cfg: Any):
                  if t and t in tok.get_vocab() and t != tok.eos_token]
         tok.pad_token = spare[0] if spare else tok.eos_token
     return tok
-
-
-def model_kind(model_cfg: Any) -> str:
-    """'causal' or 'seq2seq': from model.kind, else from the model's config.json."""
-    if model_cfg.kind != "auto":
-        return model_cfg.kind
-    path = resolve(model_cfg.name_or_path)
-    local = os.path.join(path, "config.json")
-    if os.path.isdir(path):
-        if not os.path.exists(local):
-            raise UserError(f"model.name_or_path={model_cfg.name_or_path}: the folder has no config.json "
-                            "(a tokenizer alone?), so the kind of model is unknown; point it at a model "
-                            "folder, or set model.kind to causal or seq2seq")
-        try:
-            with open(local, encoding="utf-8") as f:
-                conf = json.load(f)
-        except ValueError as e:
-            raise UserError(f"model.name_or_path={model_cfg.name_or_path}: {local} is not valid JSON "
-                            f"({first_line(e)})") from None
-        if "model_type" not in conf:
-            from chatsft.model.check import missing_model_type
-
-            raise UserError(missing_model_type(model_cfg.name_or_path, path))
-        return "seq2seq" if conf.get("is_encoder_decoder") else "causal"
-    from transformers import AutoConfig
-
-    try:
-        conf = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code,
-                                          revision=model_cfg.revision)
-    except (OSError, ValueError) as e:
-        raise UserError(f"model.name_or_path={model_cfg.name_or_path}: cannot read its config to tell the "
-                        f"kind of model ({first_line(e)}); set model.kind to causal or seq2seq, or fix the "
-                        "path") from None
-    return "seq2seq" if getattr(conf, "is_encoder_decoder", False) else "causal"
 
 
 def same_vocabulary(a: Any, b: Any) -> bool:

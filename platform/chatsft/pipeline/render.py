@@ -1,6 +1,6 @@
 """The render stage: raw JSONL lines -> samples (one actor class for Ray Data's map_batches).
 
-Each actor loads the tokenizer and binds the format (chat template or seq2seq) once, then renders
+Each actor loads the tokenizer and binds the format (chat template or input/target pairs) once, then renders
 batches of lines with one batched tokenizer call (`render_batch`). Per line it
 decides, from the seed and the line's `path:line` alone, whether the record is
 held out for eval and how many mixture copies it gets; so the result does not
@@ -40,9 +40,9 @@ class RenderSpec:
     """Everything a render actor needs; small and picklable (shipped once per actor)."""
 
     model: Any  # config.ModelConfig
-    template: str  # data.template (a seq2seq model has no chat template: `kind` decides)
+    template: str  # data.template (an encoder-decoder has no chat template: `kind` decides)
     options: RenderOptions
-    kind: str  # "causal" or "seq2seq"
+    kind: Any  # chatsft.model.kind.ModelKind: the format the rows are rendered in
     seed: int
     eval_fraction: float
     files: tuple[FileRole, ...]
@@ -58,13 +58,12 @@ class Renderer:
     def __init__(self, spec: RenderSpec):
         # One process per CPU: the Rust tokenizer's own thread pool would only oversubscribe it.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        from chatsft.data.formats import get_format
         from chatsft.model import load_tokenizer
 
         self.spec = spec
         self.tokenizer = spec.tokenizer if spec.tokenizer is not None else load_tokenizer(spec.model)
-        self.format = get_format(spec.kind, spec.template, self.tokenizer, spec.options.think,
-                                 spec.options.chat_template_kwargs)
+        self.format = spec.kind.format(spec.template, self.tokenizer, spec.options.think,
+                                       spec.options.chat_template_kwargs)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return render_lines(self.spec, self.format,

@@ -1,7 +1,7 @@
 """Arrow tables of the pipeline: rendered samples in, training rows out (pure: pyarrow and numpy only).
 
 The render stage emits one table schema, RENDERED, for two kinds of rows:
-samples (kind 0), and one statistics row per rendered batch (kind 1) whose
+samples (row_type 0), and one statistics row per rendered batch (row_type 1) whose
 `stats` column holds that batch's counts and first bad records as JSON. Keeping
 the counts inside the data stream means the driver learns them without a
 second pass and without caring which worker rendered what.
@@ -24,7 +24,7 @@ TRAIN, EVAL = 0, 1
 SPLITS = {TRAIN: "train", EVAL: "eval"}
 
 RENDERED = pa.schema([
-    ("kind", pa.int8()),
+    ("row_type", pa.int8()),
     ("split", pa.int8()),
     ("file_idx", pa.int32()),
     ("line", pa.int64()),
@@ -58,19 +58,19 @@ def list_array(arrays: Sequence[np.ndarray]) -> pa.Array:
 def stats_row(split_stats_json: str) -> pa.Table:
     """The one statistics row of a rendered batch."""
     cols = {name: [None] for name in RENDERED.names}
-    cols["kind"] = [STATS]
+    cols["row_type"] = [STATS]
     cols["stats"] = [split_stats_json]
     return pa.Table.from_pydict(cols, schema=RENDERED)
 
 
 def select_samples(table: pa.Table, split: int) -> pa.Table:
     """The sample rows of one split, without the statistics column."""
-    mask = pc.and_(pc.equal(table["kind"], SAMPLE), pc.equal(table["split"], split))
+    mask = pc.and_(pc.equal(table["row_type"], SAMPLE), pc.equal(table["split"], split))
     return table.filter(mask).drop_columns(["stats"])
 
 
 def select_stats(table: pa.Table) -> pa.Table:
-    return table.filter(pc.equal(table["kind"], STATS)).select(["stats"])
+    return table.filter(pc.equal(table["row_type"], STATS)).select(["stats"])
 
 
 def to_unpacked(table: pa.Table) -> pa.Table:

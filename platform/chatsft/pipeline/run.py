@@ -37,22 +37,17 @@ import numpy as np
 from chatsft import storage
 from chatsft.config import Config, ConfigError
 from chatsft.data.conversation import BadRecord, Conversation, Message
-from chatsft.data.formats import get_format
 from chatsft.data.render import RenderOptions, Sample
-from chatsft.data.stats import MaskStats, padded_slots_of_runs
+from chatsft.data.stats import MaskStats
 from chatsft.data.template_report import REPORT_RECORDS, format_report, template_report
 from chatsft.data.templates import TemplateError
-from chatsft.errors import UserError, user_error_in
+from chatsft.errors import UserError, user_errors_unwrapped
 from chatsft.pipeline import shuffle
 from chatsft.pipeline.fingerprint import fingerprint, rows_identity
 from chatsft.pipeline.render import FileRole, RenderSpec, Renderer
 from chatsft.pipeline.rows import EVAL, SPLITS, TRAIN
 from chatsft.plan import RunPlan
 from chatsft.sources import SourceFile, expand_source, first_records, iter_records, unknown_format
-
-# What a user can cause, as opposed to a bug: the CLI prints these in one line.
-USER_ERRORS = (BadRecord, TemplateError, ConfigError, UserError, FileNotFoundError)
-
 
 @dataclass
 class Prepared:
@@ -74,10 +69,10 @@ class Checked:
     fmt: Any
     opts: RenderOptions
     identity: dict
-    report: Optional[dict]  # the chat template's report over the first records (None: seq2seq)
+    report: Optional[dict]  # the chat template's report over the first records (None: an encoder-decoder)
 
 
-def check(plan: RunPlan) -> Checked:
+def check_prepare(plan: RunPlan) -> Checked:
     """Everything that can be told without Ray and without writing a file: the sources exist
     and are not empty, the format renders with this tokenizer, an answer fits in max_length,
     the first records of each split are good. Seconds, whatever the corpus."""
@@ -87,22 +82,22 @@ def check(plan: RunPlan) -> Checked:
     files = plan_files(cfg)
     tokenizer = load_tokenizer(cfg.model)
     opts = RenderOptions.from_config(cfg.data)
-    fmt = get_format(plan.kind, cfg.data.template, tokenizer, opts.think, opts.chat_template_kwargs)
-    preflight(plan, fmt, opts)
+    fmt = plan.kind.format(cfg.data.template, tokenizer, opts.think, opts.chat_template_kwargs)
+    check_renders(plan, fmt, opts)
     report = None
-    if not plan.seq2seq:  # what the template will teach, read before anything is spent on it
+    if plan.kind.decoder_only:  # what the template will teach, read before anything is spent on it
         report = template_report(fmt.template, tokenizer, first_records(cfg.data.train, REPORT_RECORDS,
                                                                           opts.tool_arguments))
         print(format_report(report), flush=True)
     early_records(plan, files, fmt, opts)
-    identity = rows_identity(cfg, plan.kind, [(SPLITS[r.split], f) for f, r in files], tokenizer)
+    identity = rows_identity(cfg, plan.kind.name, [(SPLITS[r.split], f) for f, r in files], tokenizer)
     return Checked(files, tokenizer, fmt, opts, identity, report)
 
 
 def prepare(plan: RunPlan, *, force: bool = False, checked: Optional[Checked] = None) -> Prepared:
     """Prepare the rows of the run under <run.output_dir>/data/, or reuse fresh ones (unless force).
-    `checked`: `check(plan)`'s result, when the caller ran it already."""
-    checked = checked or check(plan)
+    `checked`: `check_prepare(plan)`'s result, when the caller ran it already."""
+    checked = checked or check_prepare(plan)
     root = plan.data_dir
     fp = fingerprint(checked.identity)
     if not force:
@@ -149,7 +144,7 @@ def _names(paths: list[str], most: int = 3) -> str:
 EARLY_RECORDS = 256  # records of each split's first file rendered on the driver before Ray starts
 
 
-def preflight(plan: RunPlan, fmt: Any, opts: RenderOptions) -> None:
+def check_renders(plan: RunPlan, fmt: Any, opts: RenderOptions) -> None:
     """Fail on a config problem (template, tokenizer, a max_length no answer fits) here,
     before any worker starts."""
     probe = Conversation((Message("user", "hi"), Message("assistant", "hello")), "preflight")
@@ -231,14 +226,8 @@ def _run(plan: RunPlan, checked: Checked, root: str, fp: str) -> Prepared:
     # Blocks in order: `take` gives the first records of the files, and sorted blocks are written in order.
     ctx.execution_options.preserve_order = True
     try:
-        return _execute(plan, checked, root, fp)
-    except USER_ERRORS:
-        raise
-    except Exception as e:  # a user error raised inside a Ray worker comes back wrapped
-        user = user_error_in(e, USER_ERRORS)
-        if user is not None:
-            raise user from None
-        raise
+        with user_errors_unwrapped():  # a user error raised inside a Ray worker comes back wrapped
+            return _execute(plan, checked, root, fp)
     finally:
         ctx.execution_options.preserve_order = saved
 
@@ -447,7 +436,7 @@ def _collect_stats(per_block: list[list[str]]) -> tuple[dict[int, MaskStats], li
 # --------------------------------------------------------------------------- reports
 
 
-def split_stats(st: MaskStats, parts: list[tuple[dict, dict]], cfg: Config, kind: str,
+def split_stats(st: MaskStats, parts: list[tuple[dict, dict]], cfg: Config, kind: Any,
                 seconds: dict, all_tokens: int) -> dict:
     """stats.json of one split.
 
@@ -455,8 +444,8 @@ def split_stats(st: MaskStats, parts: list[tuple[dict, dict]], cfg: Config, kind
     stored order in micro-batches of train.micro_batch_size, and each micro-batch
     is padded to its longest row; pad_fraction = 1 - tokens / padded slots. For
     packed rows, pad_fraction_to_max_length is the padding if every row were
-    padded to data.max_length (static shapes). For seq2seq, encoder and decoder
-    tensors are padded separately and both count.
+    padded to data.max_length (static shapes). The model's kind says what is padded
+    (an encoder-decoder pads encoder and decoder tensors separately, and both count).
 
     seconds: wall time of the pipeline for both splits, read through written
     files (seconds_render: reading and rendering; seconds_shuffle_write: the
@@ -466,11 +455,7 @@ def split_stats(st: MaskStats, parts: list[tuple[dict, dict]], cfg: Config, kind
     mb = cfg.train.micro_batch_size
     inputs, labels = [p[0] for p in parts], [p[1] for p in parts]  # pad summaries of the parts, in order
     rows = sum(p["n"] for p in inputs)
-    slots = padded_slots_of_runs(inputs, mb)
-    tokens = sum(p["tokens"] for p in inputs)
-    if kind == "seq2seq":
-        slots += padded_slots_of_runs(labels, mb)
-        tokens += sum(p["tokens"] for p in labels)
+    tokens, slots = kind.padding(inputs, labels, mb)
     d = st.to_dict()
     d.update({
         "rows": rows,
@@ -498,11 +483,11 @@ def _nothing_left(split: int, st: MaskStats, cfg: Config, paths: list[str]) -> s
             f"{st.dropped_too_long} dropped as too long")
 
 
-def _preview_html(tokenizer: Any, rows: list[dict], kind: str, name: str) -> str:
-    from chatsft.data.preview import as_shown, to_html
+def _preview_html(tokenizer: Any, rows: list[dict], kind: Any, name: str) -> str:
+    from chatsft.data.preview import to_html
 
-    samples = [as_shown(Sample(np.asarray(r["input_ids"], np.int32), np.asarray(r["labels"], np.int32),
-                               r["source"], truncated=bool(r["truncated"])), kind == "seq2seq") for r in rows]
+    samples = [kind.shown(Sample(np.asarray(r["input_ids"], np.int32), np.asarray(r["labels"], np.int32),
+                                 r["source"], truncated=bool(r["truncated"]))) for r in rows]
     return to_html(tokenizer, samples, title=f"chatsft mask preview: {name} (first records in file order)")
 
 

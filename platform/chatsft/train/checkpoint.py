@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from chatsft import storage
+from chatsft.errors import MissingFile
 
 STATE = "train_state_rank{rank}.json"
 CHECKPOINT_RE = re.compile(r"checkpoint_(\d+)$")
@@ -76,7 +77,7 @@ def read_state(folder: str, rank: int) -> tuple[TrainState, Optional[dict[str, A
     if text is None:
         text = storage.read_text(storage.join(folder, STATE.format(rank=0)))
         if text is None:
-            raise FileNotFoundError(2, "no train state in the checkpoint", folder)
+            raise MissingFile(folder, "no train state in the checkpoint")
         return TrainState(**json.loads(text)["state"]), None
     data = json.loads(text)
     return TrainState(**data["state"]), data["rng"]

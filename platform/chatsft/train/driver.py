@@ -9,14 +9,14 @@ from typing import Any, Callable, Optional
 
 from chatsft import storage
 from chatsft.config import Config
-from chatsft.errors import UserError
+from chatsft.errors import UserError, one_line, user_errors_unwrapped
 from chatsft.plan import RunPlan
 from chatsft.train.checkpoint import latest
 from chatsft.train.data import RowIndex, count_rows, parquet_files
 from chatsft.train.loop import StepHook, WorkerArgs, run_local, train_loop_per_worker
 from chatsft.train.progress import say
 from chatsft.train.resume import Resume
-from chatsft.train.resume import check as check_resume
+from chatsft.train.resume import check_resume
 
 
 @dataclass
@@ -58,15 +58,15 @@ def train(cfg: Config, local: bool = False, *, callbacks: Optional[list[Callable
     `callbacks(step, metrics)` run on rank 0, `hooks(step, runtime)` on every rank after every
     step. The tracking server is checked before any compute is spent; once training runs,
     tracking problems never stop it."""
-    from chatsft.tracking import preflight
+    from chatsft.tracking import should_track
 
-    from chatsft.pipeline.run import check
+    from chatsft.pipeline.run import check_prepare
 
     plan = RunPlan.resolve(cfg, local=local)
     if plan.local_batch_note:
         say(plan.local_batch_note)
-    tracked = preflight(cfg, plan.tracking_uri)
-    checked = check(plan)  # the data and format, in seconds, before Ray starts
+    tracked = should_track(cfg.tracking, plan.tracking_uri)
+    checked = check_prepare(plan)  # the data and format, in seconds, before Ray starts
     if not local:
         check_storage(plan)
     # Before prepare: a refused run leaves every file of the old one as it was.
@@ -103,7 +103,8 @@ def train_tracked(plan: RunPlan, rows: "Rows", *, tracked: bool, extras: Optiona
     if record is not None:
         if result.stalls:
             record.log_stalls(extras.stall_dir, result.stalls)
-        record.complete(result.metrics, result.model_dir, result.checkpoint, seq2seq=plan.seq2seq)
+        record.complete(result.metrics, result.model_dir, result.checkpoint,
+                        mlflow_task=plan.kind.mlflow_task, auto_class=plan.kind.auto_class)
         result.run_id = record.run_id
     return result
 
@@ -204,16 +205,9 @@ def _train_on_ray(plan: RunPlan, args: WorkerArgs, ray_callbacks: list) -> dict[
             logging_config=LoggingConfig(log_level="WARNING")),
         # No Ray Dataset: each worker reads its own rows from the files (train/data.py says why).
     )
-    try:
+    # A worker's user error (a model that cannot load, ...) comes back wrapped.
+    with user_errors_unwrapped():
         result = trainer.fit()
-    except Exception as e:  # a worker's user error (a model that cannot load, ...) comes back wrapped
-        from chatsft.errors import user_error_in
-        from chatsft.pipeline.run import USER_ERRORS
-
-        user = user_error_in(e, USER_ERRORS)
-        if user is None:
-            raise
-        raise user from None
     return dict(result.return_value or {})  # rank 0's final metrics (the loop returns them)
 
 
@@ -318,7 +312,7 @@ def _check_node(plan: RunPlan, probes: str) -> tuple[str, Optional[str]]:
         if storage.read_text(path) != node_id:
             return name, f"run.output_dir={cfg.run.output_dir}: a file written there reads back differently"
     except Exception as e:
-        return name, f"run.output_dir={cfg.run.output_dir}: cannot write and read it: {_one_line(e)}"
+        return name, f"run.output_dir={cfg.run.output_dir}: cannot write and read it: {one_line(e)}"
     try:
         from transformers import AutoConfig
 
@@ -326,12 +320,10 @@ def _check_node(plan: RunPlan, probes: str) -> tuple[str, Optional[str]]:
                                    revision=cfg.model.revision)
         load_tokenizer(cfg.model)
     except Exception as e:
-        return name, f"model.name_or_path={cfg.model.name_or_path}: cannot load its config or tokenizer: {_one_line(e)}"
+        return name, f"model.name_or_path={cfg.model.name_or_path}: cannot load its config or tokenizer: {one_line(e)}"
     return name, None
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join((str(e).strip() or type(e).__name__).split())[:400]
 
 
 # --------------------------------------------------------------------- prepare

@@ -41,9 +41,7 @@ def export_from_engine(engine: Any, tokenizer: Any, plan: RunPlan, *, rank: int,
 
 def stop_tokens(plan: RunPlan, tokenizer: Any) -> tuple[str, ...]:
     """The format's end-of-turn marker: generation from the exported model stops there (and at EOS)."""
-    from chatsft.data.formats import get_format
-
-    eot = get_format(plan.kind, plan.config.data.template, tokenizer, plan.config.data.think).end_of_turn
+    eot = plan.kind.format(plan.config.data.template, tokenizer, plan.config.data.think).end_of_turn
     return () if eot is None else (eot,)
 
 
@@ -56,15 +54,16 @@ def _write(model: Any, tokenizer: Any, out_dir: str, plan: RunPlan, *, merged: b
     model.eval()
     with storage.staged_dir(out_dir) as tmp:
         export_model(model, tokenizer, tmp, merged=merged, **options)
-        kind = "adapter" if os.path.exists(os.path.join(tmp, "adapter_config.json")) else "model"
+        form = "adapter" if os.path.exists(os.path.join(tmp, "adapter_config.json")) else "model"
         with open(os.path.join(tmp, EXPORT_MARKER), "w", encoding="utf-8") as f:
-            json.dump({"kind": kind, "run": plan.config.run.name, "output_dir": plan.output_dir,
+            # "kind" is the marker's key since the first exports: later chatsft versions read it
+            json.dump({"kind": form, "run": plan.config.run.name, "output_dir": plan.output_dir,
                        "checkpoint": checkpoint}, f, indent=1)
     say(f"exported model to {out_dir}")
     return out_dir
 
 
-def export_kind(plan: RunPlan, adapter_only: bool) -> str:
+def export_form(plan: RunPlan, adapter_only: bool) -> str:
     """What `chatsft export` writes: "adapter" (a PEFT adapter alone) or "model" (full weights)."""
     method = plan.config.method
     if method.name == "full":
@@ -75,7 +74,7 @@ def export_kind(plan: RunPlan, adapter_only: bool) -> str:
     return "adapter" if adapter_only or method.export == "adapter" or method.name == "prompt_tuning" else "model"
 
 
-def check_out(plan: RunPlan, out: Optional[str], kind: str, force: bool) -> str:
+def check_out(plan: RunPlan, out: Optional[str], form: str, force: bool) -> str:
     """Where `chatsft export` may write: the folder is replaced whole, so it must be the run's own
     model folder, a new or empty one, or a previous export of the same kind; any other folder
     only with --force; never the run's folder, one above it or the working folder, or inside the
@@ -109,11 +108,11 @@ def check_out(plan: RunPlan, out: Optional[str], kind: str, force: bool) -> str:
         marker = json.loads(text) if text else None
     except ValueError:
         marker = None
-    if isinstance(marker, dict) and marker.get("kind") == kind:
+    if isinstance(marker, dict) and marker.get("kind") == form:
         return target
     if isinstance(marker, dict):
         raise UserError(f"--out {out}: holds a previous export of another kind ({marker.get('kind')}, this one "
-                        f"is {kind}); export into another folder, or add --force to replace it")
+                        f"is {form}); export into another folder, or add --force to replace it")
     names = sorted(os.path.relpath(f.path, target) if storage.is_local(target) else f.path[len(target) + 1:]
                    for f in held)
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
@@ -172,7 +171,7 @@ def export_cli(plan: RunPlan, checkpoint: Optional[str] = None, out: Optional[st
     from chatsft.train.checkpoint import problem_of, usable
 
     cfg = plan.config
-    target = check_out(plan, out, export_kind(plan, adapter_only), force)
+    target = check_out(plan, out, export_form(plan, adapter_only), force)
     if checkpoint is None:
         folder, skipped = usable(plan.checkpoint_dir)
         for f in skipped:

@@ -16,7 +16,6 @@ finishes; `setup`, `one_step`, `evaluate` and `save` are the parts.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -28,9 +27,10 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from chatsft.config import replaced
+from chatsft.console import prints_to_log
 from chatsft.data.order import micro_batches
-from chatsft.errors import UserError
-from chatsft.model.common import first_line
+from chatsft.errors import UserError, one_line
 from chatsft.plan import RunPlan
 from chatsft.train import checkpoint as ckpt
 from chatsft.train.checkpoint import TrainState
@@ -85,8 +85,7 @@ class Worker:
     rt: WorkerRuntime
     tokenizer: Any
     engine: Any
-    pad_id: int
-    decoder_start: Optional[Callable]
+    collate: Callable  # rows -> a micro-batch's tensors (the model kind's batcher)
     loss: Callable  # chatsft.model.loss.loss_function: training and validation alike
     total: int
     accum: int  # micro-batches per step on this worker: global batch / (micro x world)
@@ -192,7 +191,7 @@ def setup(args: WorkerArgs, rt: WorkerRuntime) -> Worker:
     np.random.seed(cfg.run.seed)
 
     from chatsft.model import load_model, load_tokenizer
-    from chatsft.model.batch import decoder_start
+    from chatsft.model.batch import pad_id
     from chatsft.model.load import compile_model
     from chatsft.model.loss import loss_function
     from chatsft.train.engine import build_engine
@@ -205,13 +204,13 @@ def setup(args: WorkerArgs, rt: WorkerRuntime) -> Worker:
     if rt.rank == 0:
         say(f"loss head: {how}" + (f"; torch.compile: {compiled}" if compiled else ""))
     accum = accumulation(plan.global_batch, cfg.train.micro_batch_size, rt.world)
-    train = dataclasses.replace(cfg.train, grad_accum=accum)
-    engine = build_engine(model, param_groups(model, train), train, world_size=rt.world, device=rt.device)
+    train = replaced(cfg.train, "train", grad_accum=accum)
+    with prints_to_log():  # DeepSpeed prints its op builds
+        engine = build_engine(model, param_groups(model, train), train, world_size=rt.world, device=rt.device)
     total = total_steps(args.train.rows, plan.global_batch, cfg.train.epochs, cfg.train.max_steps)
     state, last_saved = _resume(engine, rt, plan)
     return Worker(args, rt, tokenizer, engine,
-                  pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-                  decoder_start=decoder_start(model) if plan.seq2seq else None, loss=loss,
+                  collate=plan.kind.batcher(pad_id(tokenizer), model), loss=loss,
                   total=total, accum=accum, state=state, last_saved=last_saved,
                   reader=ChunkReader(args.train), eval_reader=ChunkReader(args.eval) if args.eval else None,
                   progress=Progress(rt.rank == 0, total, state.step, args.callbacks),
@@ -309,11 +308,8 @@ def one_step(w: Worker, mine: list) -> None:
     """One optimizer step: `mine` is this worker's share of the step's global batch."""
     import torch
 
-    from chatsft.model.batch import collate
-
     tr, engine, rt, meter = w.cfg.train, w.engine, w.rt, w.meter
-    micro = [collate(mb, pad_id=w.pad_id, seq2seq=w.args.plan.seq2seq, decoder_start=w.decoder_start)
-             for mb in micro_batches(mine, tr.micro_batch_size)]
+    micro = [w.collate(mb) for mb in micro_batches(mine, tr.micro_batch_size)]
     meter.lr = engine.set_lr(lr_multiplier(w.state.step, w.total, tr))
     w.state.step += 1
     w.state.position += w.args.plan.global_batch
@@ -357,8 +353,7 @@ def validation_loss(w: Worker) -> float:
     w.engine.eval()
     micro, rows, world = w.cfg.train.micro_batch_size, w.args.eval.rows, w.rt.world
     total, count = loss_sums(w.engine.forward, shard_rows(w.args.eval, w.eval_reader, w.rt.rank, world),
-                             loss=w.loss, micro_batch=micro, pad_id=w.pad_id,
-                             seq2seq=w.args.plan.seq2seq, decoder_start=w.decoder_start,
+                             loss=w.loss, micro_batch=micro, collate=w.collate,
                              device=w.engine.device, forwards=math.ceil(math.ceil(rows / world) / micro))
     w.engine.train()
     total, count = w.rt.all_reduce([total, float(count)])
@@ -403,7 +398,7 @@ def _resume(engine, rt: WorkerRuntime, plan: RunPlan) -> tuple[TrainState, int]:
         try:
             engine.load(folder, saved_world=state.world_size)
         except Exception as e:  # what the whole-checkpoint checks cannot see (a flipped byte)
-            raise UserError(f"{chosen}: this checkpoint cannot be loaded ({first_line(e)}); move it out of "
+            raise UserError(f"{chosen}: this checkpoint cannot be loaded ({one_line(e)}); move it out of "
                             f"{plan.checkpoint_dir} to resume from the one before it, or set "
                             "train.resume=never to start fresh (the old run is archived, not deleted)") from e
     if rng is not None and state.world_size == rt.world:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from chatsft import storage
+from chatsft.config import replaced
 from chatsft.errors import UserError
 from chatsft.plan import RunPlan
 from chatsft.train import checkpoint as ckpt
@@ -83,8 +84,8 @@ class Resume:
         """The plan that resumes: with the checkpoint's rows per step when the worker count changed."""
         if not self.accum:
             return plan
-        train = dataclasses.replace(plan.config.train, grad_accum=self.accum[1])
-        return dataclasses.replace(plan, config=dataclasses.replace(plan.config, train=train),
+        train = replaced(plan.config.train, "train", grad_accum=self.accum[1])
+        return dataclasses.replace(plan, config=replaced(plan.config, train=train),
                                    global_batch=self.manifest["rows_per_step"])
 
 
@@ -95,7 +96,7 @@ def manifest(plan: RunPlan, rows: Optional[dict]) -> dict:
         "version": VERSION,
         "rows": rows,
         "model": {k: cfg["model"][k] for k in ("name_or_path", "tokenizer", "revision", "kind", "dtype",
-                                               "trust_remote_code")} | {"resolved_kind": plan.kind},
+                                               "trust_remote_code")} | {"resolved_kind": plan.kind.name},
         "method": {k: v for k, v in cfg["method"].items() if k != "export"},
         "rows_per_step": plan.global_batch,
         # as configured: with another worker count the rows per step stay the checkpoint's (_elastic)
@@ -105,7 +106,7 @@ def manifest(plan: RunPlan, rows: Optional[dict]) -> dict:
     }
 
 
-def check(plan: RunPlan, rows: Optional[dict]) -> Resume:
+def check_resume(plan: RunPlan, rows: Optional[dict]) -> Resume:
     """Compare with the latest checkpoint of the run's folder; refuse, archive, or resume."""
     mine = manifest(plan, rows)
     if plan.config.train.resume == "never":

@@ -92,8 +92,12 @@ class RayRuntime(_Collectives):
         import ray.train
         import ray.train.torch
 
+        from chatsft.console import quiet_worker
+
         c = ray.train.get_context()
-        return cls(c.get_world_rank(), c.get_world_size(), c.get_local_rank(), ray.train.torch.get_device(),
+        device = ray.train.torch.get_device()
+        quiet_worker(use_gpu=device.type == "cuda")
+        return cls(c.get_world_rank(), c.get_world_size(), c.get_local_rank(), device,
                    ray.get_runtime_context().get_node_id())
 
     def report(self, metrics: dict[str, Any]) -> None:
