@@ -37,7 +37,10 @@ def _layers(model: torch.nn.Module) -> list[torch.nn.Module]:
         body = getattr(base, name)() if hasattr(base, name) else None
         if body is not None and all(body is not b for b in bodies):
             bodies.append(body)
-    return [layer for body in bodies for layer in decoder_layers(body)]
+    layers: dict[int, torch.nn.Module] = {}  # a body may hold the other (get_encoder of a causal LM)
+    for body in bodies:
+        layers.update((id(layer), layer) for layer in decoder_layers(body))
+    return list(layers.values())
 
 
 class FSDP2Engine:
