@@ -22,6 +22,8 @@ METHODS = {
     "full": ["method.name=full", "train.gradient_checkpointing=true"],
     "lora": ["method.name=lora", "method.lora.dropout=0.0"],  # dropout draws per-rank random numbers
 }
+# eps 1e-6: Adam turns a gradient element far below eps into a small step, not into +-lr by its
+# sign, so rounding noise in a near-zero element (sums in another order) does not flip a weight
 GLOBAL_BATCH, STEPS = 6, 2
 
 
@@ -31,7 +33,7 @@ def config(engine: str, method: str, world: int):
     return load_config(None, [
         "model.name_or_path=builtin:tiny-llama", "train.precision=fp32", "train.lr=1e-2", "train.clip_grad=1.0",
         "train.micro_batch_size=1", f"train.grad_accum={GLOBAL_BATCH // world}", "train.fused_optimizer=false",
-        "train.weight_decay=0.1", "tracking.enabled=false", *ENGINES[engine], *METHODS[method]])
+        "train.weight_decay=0.1", "train.eps=1e-6", "tracking.enabled=false", *ENGINES[engine], *METHODS[method]])
 
 
 def rows(step: int):
