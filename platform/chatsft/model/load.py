@@ -24,7 +24,7 @@ Rules this module decides (the trainer relies on them):
   or varlen flash attention. Passing an all-ones attention_mask turns the detection off.
 - Prompt tuning on a causal LM prepends `num_virtual_tokens(model)` positions to the
   logits; a loss computed outside the model must drop them first.
-- ZeRO-3: `load_model` works on fully loaded weights that `deepspeed.initialize` then
+- ZeRO-3: `load_model` works on fully loaded weights that the DeepSpeed engine then
   partitions (checked on CPU, gloo, with resizing and LoRA). A caller that wants the
   weights partitioned while loading keeps a `transformers.integrations.HfDeepSpeedConfig`
   alive before calling it (transformers uses zero.Init where it can); `param_groups`

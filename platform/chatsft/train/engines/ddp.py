@@ -27,7 +27,7 @@ class DDPEngine:
             raise ValueError("train.precision: fp16 needs train.engine=deepspeed (loss scaling); use bf16")
         model.to(device)
         self.model = model
-        self.optimizer = adamw(groups, train, False, fused=train.fused_optimizer)
+        self.optimizer = adamw(groups, train, fused=train.fused_optimizer)
         self.forward_module: Any = model
         if world_size > 1:
             self.forward_module = torch.nn.parallel.DistributedDataParallel(

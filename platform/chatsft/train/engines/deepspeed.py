@@ -32,9 +32,14 @@ class DeepSpeedEngine:
         import deepspeed
 
         from chatsft.train.ds_config import deepspeed_config
-        from chatsft.train.optim import adamw
+        from chatsft.train.optim import adamw, adamw_settings
 
-        optimizer = adamw(groups, train, train.deepspeed.offload_optimizer)
+        if train.deepspeed.offload_optimizer:  # the optimizer steps in CPU memory: DeepSpeed's CPU Adam
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **adamw_settings(train))
+        else:
+            optimizer = adamw(groups, train)
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                 config=deepspeed_config(train, world_size),
                                                 dist_init_required=False)

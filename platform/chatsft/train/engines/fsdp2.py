@@ -79,7 +79,7 @@ class FSDP2Engine:
         sharded = [dict(g, params=[now[names[id(p)]] for p in g["params"]]) for g in groups]
         # torch's fused AdamW over DTensors on the accelerator; the per-tensor loop for CPU-held shards
         fused = train.fused_optimizer and device.type == "cuda" and not train.fsdp2.cpu_offload
-        self.optimizer = adamw(sharded, train, False, fused=fused)
+        self.optimizer = adamw(sharded, train, fused=fused)
         self.model = model
         self.device, self.world_size, self.grad_accum = device, world_size, train.grad_accum
         self.skipped = 0
