@@ -13,7 +13,7 @@ a whole number of steps of them: every step has one shape, so torch.compile neve
 the timed steps. Each step is one micro-batch of --micro rows (bf16, no gradient checkpointing).
 
 The headline row is full fine-tuning with every speed option on: bf16 autocast over fp32 master
-weights on the torch engine (train.deepspeed.enabled=false), packed rows without a mask,
+weights on the ddp engine (train.engine=ddp), packed rows without a mask,
 flash-attention varlen where flash-attn is installed (else sdpa), train.compile=layers, fused AdamW,
 the learned-position loss head. Each other chatsft row changes one thing from there (its name says
 what); TRL's rows train the same rows in the same order with the same optimizer settings and
@@ -118,7 +118,7 @@ class Row:
 
 def headline_keys(attn: str) -> list[str]:
     return [f"model.attn_implementation={attn}", "method.name=full", "train.precision=bf16",
-            "train.deepspeed.enabled=false", "train.compile=layers", "train.fused_optimizer=true",
+            "train.engine=ddp", "train.compile=layers", "train.fused_optimizer=true",
             "train.loss_head=learned", "train.bf16_master_weights=true", "train.gradient_checkpointing=false"]
 
 
@@ -142,7 +142,7 @@ def table_rows(attn: str) -> list[Row]:
             needs=("bitsandbytes",), cuda_only="4-bit bitsandbytes weights need CUDA", warm=1, cap_s=30),
         Row("  LoRA r=16", keys=("method.name=lora",), full=False, cap_s=60),
         Row("  bf16 weights, no fp32 masters", keys=("train.bf16_master_weights=false",), cap_s=60),
-        Row("  DeepSpeed ZeRO-2 (bf16, fp32 masters)", keys=("train.deepspeed.enabled=true", "train.deepspeed.stage=2"),
+        Row("  DeepSpeed ZeRO-2 (bf16, fp32 masters)", keys=("train.engine=deepspeed", "train.deepspeed.stage=2"),
             needs=("deepspeed",), cap_s=60),
         Row(f"  attention {'flash' if other != 'sdpa' else 'sdpa'}", keys=(f"model.attn_implementation={other}",),
             cap_s=60, **(flash if other != "sdpa" else {})),

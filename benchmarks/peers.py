@@ -245,7 +245,7 @@ def child_chatsft(a: dict) -> dict:
         f"train.max_steps={a['steps']}", f"train.micro_batch_size={a['rows']}", "train.grad_accum=1",
         f"train.lr={a['lr']}", "train.betas=[0.9, 0.95]", "train.eps=1e-8", "train.weight_decay=0.0",
         "train.schedule=cosine", "train.warmup_steps=0", "train.min_lr_frac=0.0", "train.clip_grad=1.0",
-        "train.precision=fp32", "train.deepspeed.enabled=false", "train.log_every=1", "train.eval_every=0",
+        "train.precision=fp32", "train.engine=ddp", "train.log_every=1", "train.eval_every=0",
         "train.save_every=0", f"train.threads={a['threads']}", f"train.loss_head={a['head']}",
         "scaling.num_workers=1", "tracking.enabled=false", "eval.tasks=[]", "run.seed=0"])
     ends: list[float] = []
@@ -382,11 +382,11 @@ def child_rss(a: dict) -> dict:
     from chatsft.model.batch import collate
     from chatsft.model.loss import loss_function
     from chatsft.train.data import file_batches
-    from chatsft.train.engine import build_engine
+    from chatsft.train.engines import build_engine
     from chatsft.train.optim import param_groups
 
     cfg = load_config(None, [f"model.name_or_path={a['model']}", "train.precision=fp32",
-                             "train.deepspeed.enabled=false", f"train.lr={a['lr']}"])
+                             "train.engine=ddp", f"train.lr={a['lr']}"])
     tok = load_tokenizer(cfg.model)
     model = load_model(cfg, "causal", tokenizer=tok)
     loss, _ = loss_function(model, a["head"])

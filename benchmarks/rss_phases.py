@@ -8,7 +8,8 @@ final save, on peers.py's recipe (one worker, padded rows).
 import argparse, os, shutil, sys, tempfile, time, functools
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peers
-from chatsft.train import loop, engine as eng
+from chatsft.train import loop
+from chatsft.train.engines import ddp, deepspeed as ds_engine, fsdp2
 
 def vm():
     d = {}
@@ -39,8 +40,9 @@ def wrap(mod, name):
 
 for n in ("setup", "before_training", "one_step", "validation_loss", "save", "finish"):
     wrap(loop, n)
-for n in ("backward", "step"):
-    wrap(eng.Engine, n)
+for cls in (ddp.DDPEngine, ds_engine.DeepSpeedEngine, fsdp2.FSDP2Engine):
+    for n in ("backward", "step"):
+        wrap(cls, n)
 from chatsft.model import loss as L
 orig = L._ChunkedCE.forward
 def fwd(ctx, *a):

@@ -249,7 +249,10 @@ class LrGroups:
 
 @dataclass
 class DeepSpeedConfig:
-    enabled: bool = doc(True, "Run the model in a DeepSpeed engine (ZeRO).")
+    # keys of older configs: refused with the way to say it now
+    _retired = {"enabled": "train.deepspeed.enabled: replaced by train.engine (deepspeed, the default; "
+                           "ddp, what enabled=false was; or fsdp2); set train.engine=ddp instead of "
+                           "train.deepspeed.enabled=false"}
     stage: int = doc(2, "ZeRO stage 0-3.")
     offload_optimizer: bool = doc(False, "Keep optimizer state in CPU memory (ZeRO 1-3).")
     offload_params: bool = doc(False, "Keep parameters in CPU memory (ZeRO 3).")
@@ -264,6 +267,16 @@ class DeepSpeedConfig:
             raise ConfigError(f"{where}.offload_params: needs stage 3, got stage {self.stage}")
         if self.offload_optimizer and self.stage == 0:
             raise ConfigError(f"{where}.offload_optimizer: needs stage 1-3")
+
+
+@dataclass
+class FSDP2Config:
+    reshard_after_forward: bool = doc(
+        True, "Free each layer's gathered weights after its forward (gathered again for backward): ZeRO-3's "
+        "memory; false keeps them until backward (ZeRO-2's memory, one all-gather fewer).")
+    cpu_offload: bool = doc(
+        False, "Keep the sharded parameters, gradients and optimizer state in CPU memory; the optimizer "
+        "steps on the CPU.")
 
 
 @dataclass
@@ -305,11 +318,11 @@ class TrainConfig:
         "the whole decoder body; the loss head stays eager. Any device; pays off on GPUs."
     )
     fused_optimizer: bool = doc(
-        True, "AdamW's fused kernel (CUDA and CPU) on the torch engine (train.deepspeed.enabled=false); "
+        True, "AdamW's fused kernel (CUDA and CPU) on the ddp and fsdp2 engines; "
         "false: torch's per-tensor loop. DeepSpeed steps its own optimizer."
     )
     bf16_master_weights: bool = doc(
-        True, "false: with precision bf16 and DeepSpeed off, load the weights in bf16 and step AdamW on "
+        True, "false: with precision bf16 and train.engine=ddp, load the weights in bf16 and step AdamW on "
         "them (no fp32 copy: half the weight and optimizer memory, bf16 rounding in every update)."
     )
     threads: int = doc(
@@ -338,7 +351,17 @@ class TrainConfig:
         "method and rows per step; changed optimization settings apply from the resumed step), refuse "
         "otherwise; never: move old checkpoints, model and result.json to archive/ and start fresh.",
     )
-    deepspeed: DeepSpeedConfig = doc(factory=DeepSpeedConfig, text="DeepSpeed engine options.")
+    engine: Literal["deepspeed", "fsdp2", "ddp"] = doc(
+        "deepspeed", "What steps the model on each worker: deepspeed (ZeRO 0-3, offload; train.deepspeed), fsdp2 "
+        "(PyTorch's fully_shard per decoder layer, DCP checkpoints that load into any worker count; "
+        "train.fsdp2), ddp (plain torch: whole replicas, no DeepSpeed install needed).")
+    deepspeed: DeepSpeedConfig = doc(factory=DeepSpeedConfig, text="DeepSpeed engine options (train.engine=deepspeed).")
+    fsdp2: FSDP2Config = doc(factory=FSDP2Config, text="FSDP2 engine options (train.engine=fsdp2).")
+
+    @property
+    def zero3(self) -> bool:
+        """DeepSpeed partitions the parameters (it places and casts them itself)."""
+        return self.engine == "deepspeed" and self.deepspeed.stage == 3
 
     def _validate(self, where: str) -> None:
         for name in ("epochs", "micro_batch_size", "grad_accum"):
@@ -502,15 +525,16 @@ class Config:
         if self.train.loss_head in ("liger", "cce") and not self.scaling.use_gpu:
             raise ConfigError(f"train.loss_head={self.train.loss_head}: a CUDA kernel, needs scaling.use_gpu=true; "
                               "use train.loss_head=learned on CPU (the same loss, chunked)")
-        if not self.train.bf16_master_weights and (self.train.precision != "bf16" or self.train.deepspeed.enabled):
+        if not self.train.bf16_master_weights and (self.train.precision != "bf16" or self.train.engine != "ddp"):
             raise ConfigError("train.bf16_master_weights=false: needs train.precision=bf16 and "
-                              "train.deepspeed.enabled=false (DeepSpeed keeps its own fp32 masters)")
-        if self.train.compile != "off" and self.train.deepspeed.enabled and self.train.deepspeed.stage == 3:
+                              "train.engine=ddp (DeepSpeed and FSDP2 keep fp32 masters)")
+        if self.train.compile != "off" and self.train.zero3:
             raise ConfigError(f"train.compile={self.train.compile}: not with ZeRO-3 (its parameter hooks break "
-                              "the compiled graphs); use train.deepspeed.stage<=2 or train.compile=off")
-        if self.train.precision == "fp16" and not self.train.deepspeed.enabled:
-            raise ConfigError("train.precision=fp16: needs train.deepspeed.enabled=true (loss scaling); "
-                              "use bf16 without DeepSpeed")
+                              "the compiled graphs); use train.deepspeed.stage<=2, train.engine=fsdp2 or "
+                              "train.compile=off")
+        if self.train.precision == "fp16" and self.train.engine != "deepspeed":
+            raise ConfigError(f"train.precision=fp16: needs train.engine=deepspeed (loss scaling); "
+                              f"use bf16 with train.engine={self.train.engine}")
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
@@ -614,6 +638,8 @@ def from_dict(cls: type, raw: Any, where: str = "") -> Any:
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {_show(raw)}")
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
+        if key in getattr(cls, "_retired", {}):
+            raise ConfigError(cls._retired[key])
         if key not in names:
             near = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {_join(where, near[0])}?)" if near else ""

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 def _engine(world):
     from chatsft.config import load_config
     from chatsft.model import load_model, load_tokenizer
-    from chatsft.train.engine import build_engine
+    from chatsft.train.engines import build_engine
     from chatsft.train.optim import param_groups
 
     cfg = load_config(None, ["model.name_or_path=builtin:tiny-llama", "train.deepspeed.stage=3",
@@ -49,7 +49,7 @@ def _worker(rank, world, port, folder, out):
         saved = get_fp32_state_dict_from_zero_checkpoint(folder, tag="state")
         with deepspeed.zero.GatheredParameters(list(engine.model.parameters())):
             worst = max((p.detach() - saved[n]).abs().max().item() for n, p in engine.model.named_parameters())
-        steps = {float(s["step"]) for s in engine.ds.optimizer.optimizer.state.values() if "step" in s}
+        steps = {float(s["step"]) for s in engine.optimizer.state.values() if "step" in s}
         _step(engine, rank)  # and it trains on
         torch.save({"worst": worst, "steps": sorted(steps)}, out)
     dist.barrier()

@@ -20,7 +20,7 @@ def test_sweep_stops_the_absurd_trials_and_picks_the_sane_one(tmp_path, local_ra
         # needs no ZeRO sharding, so the plain torch engine spares DeepSpeed's start-up.
         "data.train=[{path: chatsft://samples/train.jsonl, weight: 0.05}]",
         "data.eval=[{path: chatsft://samples/heldout.jsonl, weight: 0.1}]",
-        "train.eval_every=3", "train.log_every=3", "data.max_length=192", "train.deepspeed.enabled=false",
+        "train.eval_every=3", "train.log_every=3", "data.max_length=192", "train.engine=ddp",
         "train.warmup_steps=2", "eval.tasks=[]",
     ])
     result = sweep(cfg)

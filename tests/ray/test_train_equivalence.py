@@ -46,7 +46,7 @@ def test_micro_accum_and_workers_give_the_same_gradient(tmp_path, tiny_llama_dir
     other = gradient(tmp_path, "m1a12", tiny_llama_dir, rows, "train.micro_batch_size=1", "train.grad_accum=12")
     assert_same(ref, other, "micro 12 x accum 1 vs micro 1 x accum 12 (ZeRO-2)")
     torch_path = gradient(tmp_path, "torch", tiny_llama_dir, rows, "train.micro_batch_size=6",
-                          "train.grad_accum=2", "train.deepspeed.enabled=false")
+                          "train.grad_accum=2", "train.engine=ddp")
     assert_same(ref, torch_path, "micro 12 x accum 1 (ZeRO-2) vs micro 6 x accum 2 (plain torch)")
     use_local_ray()
     two = gradient(tmp_path, "w2", tiny_llama_dir, rows, "train.micro_batch_size=2", "train.grad_accum=3",

@@ -45,8 +45,8 @@ def ids_for(model, n=2, length=12, seed=0):
 @pytest.mark.parametrize("overrides, cuda, expected", [
     ((), False, torch.float32),                                   # CPU: always fp32
     ((), True, torch.bfloat16),                                   # GPU, bf16, DeepSpeed keeps masters
-    (("train.deepspeed.enabled=false",), True, torch.float32),    # full FT without masters
-    (("train.deepspeed.enabled=false", "method.name=lora"), True, torch.bfloat16),  # frozen base
+    (("train.engine=ddp",), True, torch.float32),    # full FT without masters
+    (("train.engine=ddp", "method.name=lora"), True, torch.bfloat16),  # frozen base
     (("train.precision=fp32",), True, torch.float32),
     (("train.precision=fp16",), True, torch.float16),
     (("method.name=qlora", "method.quant.compute_dtype=float16"), False, torch.float16),

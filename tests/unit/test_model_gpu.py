@@ -42,7 +42,7 @@ def test_gpu_defaults_bf16_base_fp32_adapter_and_packing(tiny_llama_dir):
 def test_qlora_trains_and_exports(tiny_llama_dir, tmp_path):
     bnb = pytest.importorskip("bitsandbytes")
     cfg = load_config(None, ["method.name=qlora", "train.gradient_checkpointing=true", "method.lora.r=8",
-                             "train.deepspeed.enabled=false"])
+                             "train.engine=ddp"])
     tok = load_tokenizer(cfg.model)
     model = load_model(cfg, "causal", tokenizer=tok)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())

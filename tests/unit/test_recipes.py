@@ -83,16 +83,16 @@ def test_recipe_is_consistent(path):
     gpus = re.search(r"on (one|\d+) GPUs?", header(path)).group(1)
     assert n == (1 if gpus == "one" else int(gpus))
     if n > 1:
-        assert cfg.train.deepspeed.enabled, "several GPUs: DeepSpeed shards the state"
+        assert cfg.train.engine in ("deepspeed", "fsdp2"), "several GPUs: a sharding engine"
         assert "://" in cfg.run.output_dir, "multi-GPU runs write where every node can read"
-    if cfg.train.deepspeed.enabled and cfg.train.deepspeed.stage == 3:
+    if cfg.train.zero3:
         assert "ZeRO-3" in header(path)
     if cfg.method.name in ("lora", "qlora"):
         assert 1e-4 <= cfg.train.lr <= 1e-3  # adapters take ~10x the full fine-tuning rate
     else:
         assert cfg.train.lr <= 1e-4
     if cfg.method.name == "qlora":
-        assert "chatsft[qlora]" in body and not cfg.train.deepspeed.enabled
+        assert "chatsft[qlora]" in body and cfg.train.engine == "ddp"
 
 
 def test_seq2seq_recipe_is_split_turn():

@@ -15,7 +15,7 @@ from chatsft.model import load_model, load_tokenizer
 from chatsft.model.batch import collate
 from chatsft.model.load import compile_model, decoder_layers, load_dtype
 from chatsft.model.loss import full_loss, loss_function
-from chatsft.train.engine import build_engine
+from chatsft.train.engines import build_engine
 from chatsft.train.optim import param_groups
 
 def cfg_with(*overrides):
@@ -45,7 +45,7 @@ def packed(rs):
     (["train.loss_head=liger"], "train.loss_head=liger"),
     (["train.loss_head=cce"], "train.loss_head=cce"),
     (["train.bf16_master_weights=false"], "train.bf16_master_weights"),  # DeepSpeed on by default
-    (["train.bf16_master_weights=false", "train.deepspeed.enabled=false", "train.precision=fp32"],
+    (["train.bf16_master_weights=false", "train.engine=ddp", "train.precision=fp32"],
      "train.bf16_master_weights"),
     (["train.compile=layers", "train.deepspeed.stage=3"], "train.compile=layers"),
 ])
@@ -56,7 +56,7 @@ def test_cross_key_rules_name_the_key(overrides, key):
 
 def test_gpu_options_load_where_they_apply():
     cfg = load_config(None, ["train.loss_head=liger", "scaling.use_gpu=true", "train.compile=layers",
-                             "train.bf16_master_weights=false", "train.deepspeed.enabled=false"])
+                             "train.bf16_master_weights=false", "train.engine=ddp"])
     assert cfg.train.loss_head == "liger" and cfg.train.compile == "layers"
 
 
@@ -144,7 +144,7 @@ def test_fused_adamw_on_cpu_steps_like_the_loop(tiny_llama_dir, fused):
     """train.fused_optimizer picks the kernel (CPU has one too); both step alike."""
     results = {}
     for flag in (fused, not fused):
-        cfg = cfg_with("train.deepspeed.enabled=false", f"train.fused_optimizer={str(flag).lower()}", "train.lr=1e-2")
+        cfg = cfg_with("train.engine=ddp", f"train.fused_optimizer={str(flag).lower()}", "train.lr=1e-2")
         torch.manual_seed(0)
         model = load_model(cfg, "causal")
         engine = build_engine(model, param_groups(model, cfg.train), cfg.train, world_size=1,
@@ -162,10 +162,10 @@ def test_fused_adamw_on_cpu_steps_like_the_loop(tiny_llama_dir, fused):
 
 
 def test_bf16_without_master_weights_steps_bf16_tensors_on_cpu(tiny_llama_dir):
-    cfg = load_config(None, ["train.precision=bf16", "train.deepspeed.enabled=false",
+    cfg = load_config(None, ["train.precision=bf16", "train.engine=ddp",
                              "train.bf16_master_weights=false", "train.lr=1e-2"])
     assert load_dtype(cfg, cuda=False) == torch.bfloat16
-    assert load_dtype(load_config(None, ["train.precision=bf16", "train.deepspeed.enabled=false"]),
+    assert load_dtype(load_config(None, ["train.precision=bf16", "train.engine=ddp"]),
                       cuda=False) == torch.float32  # the default keeps fp32 weights on CPU
     model = load_model(cfg, "causal")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
@@ -189,7 +189,7 @@ def test_bf16_without_master_weights_steps_bf16_tensors_on_cpu(tiny_llama_dir):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fused_adamw_and_compile_on_gpu(tiny_llama_dir):
-    cfg = cfg_with("train.deepspeed.enabled=false", "train.compile=layers")
+    cfg = cfg_with("train.engine=ddp", "train.compile=layers")
     model = load_model(cfg, "causal")
     loss, _ = loss_function(model, "learned", device="cuda")
     engine = build_engine(model, param_groups(model, cfg.train), cfg.train, world_size=1,
@@ -226,7 +226,7 @@ def test_flash_attention_varlen_on_packed_rows(tiny_llama_dir):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_bf16_without_master_weights_on_gpu(tiny_llama_dir):
-    cfg = load_config(None, ["train.precision=bf16", "train.deepspeed.enabled=false",
+    cfg = load_config(None, ["train.precision=bf16", "train.engine=ddp",
                              "train.bf16_master_weights=false"])
     model = load_model(cfg, "causal")
     engine = build_engine(model, param_groups(model, cfg.train), cfg.train, world_size=1,

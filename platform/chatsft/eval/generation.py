@@ -149,7 +149,10 @@ def _generate_hf(model: Any, prompts: Sequence[Sequence[int]], stop_ids: Sequenc
         ids, mask = right_pad(prompts, pad_id, device)
     else:
         ids, mask, _ = left_pad(prompts, pad_id, device)
-    kwargs = dict(max_new_tokens=opts.max_new_tokens, eos_token_id=sorted(set(stop_ids)), pad_token_id=pad_id)
+    # synced_gpus=False: rank 0 generates alone (a sharding engine gathered the weights first);
+    # transformers would otherwise all-reduce every token for an FSDP-managed model
+    kwargs = dict(max_new_tokens=opts.max_new_tokens, eos_token_id=sorted(set(stop_ids)), pad_token_id=pad_id,
+                  synced_gpus=False)
     if opts.greedy:
         kwargs.update(do_sample=False, top_k=None, top_p=None, temperature=None)
     else:

@@ -10,9 +10,9 @@ Rules this module decides (the trainer relies on them):
   (its bf16/fp16 optimizers hold fp32 masters) or a PEFT method (PEFT keeps adapter
   weights in fp32; the frozen base can be half). Everywhere else fp32: on CPU bf16
   matmuls are slow and DeepSpeed's CPU path keeps fp32 masters anyway, and full
-  fine-tuning without DeepSpeed has no master copy, so it trains fp32 weights under
-  autocast. Checkpoints of Qwen2.5/Llama-3 are stored in bf16, so loading them in
-  bf16 loses nothing. `train.bf16_master_weights: false` (bf16, DeepSpeed off) asks
+  fine-tuning on ddp has no master copy, so it trains fp32 weights under autocast,
+  and FSDP2 steps the dtype it was given (its masters), computing in bf16. Checkpoints of Qwen2.5/Llama-3 are stored in bf16, so loading them in
+  bf16 loses nothing. `train.bf16_master_weights: false` (bf16, train.engine=ddp) asks
   for bf16 weights anywhere: AdamW then steps the bf16 tensors themselves.
 - attention `auto`: flash_attention_2 where CUDA, the flash-attn package, a half load
   dtype and the architecture all allow it; else the transformers default (sdpa where
@@ -24,7 +24,7 @@ Rules this module decides (the trainer relies on them):
   or varlen flash attention. Passing an all-ones attention_mask turns the detection off.
 - Prompt tuning on a causal LM prepends `num_virtual_tokens(model)` positions to the
   logits; a loss computed outside the model must drop them first.
-- ZeRO-3: `load_model` works on fully loaded weights that `deepspeed.initialize` then
+- ZeRO-3: `load_model` works on fully loaded weights that the DeepSpeed engine then
   partitions (checked on CPU, gloo, with resizing and LoRA). A caller that wants the
   weights partitioned while loading keeps a `transformers.integrations.HfDeepSpeedConfig`
   alive before calling it (transformers uses zero.Init where it can); `param_groups`
@@ -61,7 +61,7 @@ def load_dtype(cfg: "Config", cuda: Optional[bool] = None) -> "torch.dtype":
         return torch.bfloat16
     cuda = torch.cuda.is_available() if cuda is None else cuda
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
-    masters = cfg.train.deepspeed.enabled or cfg.method.name != "full"
+    masters = cfg.train.engine == "deepspeed" or cfg.method.name != "full"
     return half if (half is not None and cuda and masters) else torch.float32
 
 
@@ -98,8 +98,7 @@ def load_model(cfg: "Config", kind: Union[ModelKind, str], *, tokenizer: Any = N
         kwargs["revision"] = cfg.model.revision
     if method == "qlora":
         kwargs["quantization_config"] = _bnb_config(cfg)
-        zero3 = cfg.train.deepspeed.enabled and cfg.train.deepspeed.stage == 3
-        if not zero3:  # ZeRO-3 places (and partitions) the weights itself
+        if not cfg.train.zero3:  # ZeRO-3 places (and partitions) the weights itself
             kwargs["device_map"] = {"": torch.cuda.current_device()}
     model = _from_pretrained(cfg, kind, kwargs, attn_implementation(cfg, dtype))
 
@@ -165,7 +164,7 @@ def _bnb_config(cfg: "Config"):
     q = cfg.method.quant
     compute = getattr(torch, q.compute_dtype)
     extra = {}
-    if cfg.train.deepspeed.enabled and cfg.train.deepspeed.stage == 3:
+    if cfg.train.zero3:
         # ZeRO-3 shards parameters by dtype: packing the 4-bit blocks into the compute
         # dtype lets it shard them like every other weight (QLoRA under ZeRO-3).
         extra["bnb_4bit_quant_storage"] = compute

@@ -36,6 +36,7 @@ class TrainState:
     epoch: int = 0
     position: int = 0  # rows of `epoch` consumed
     world_size: int = 1
+    engine: str = ""  # train.engine that wrote it ("": a chatsft before the engines were recorded)
     metrics: dict[str, float] = field(default_factory=dict)
 
 

@@ -2,13 +2,12 @@
 
 The model-side work (PEFT merge or adapter alone, tokenizer files) is
 chatsft.model.export_model's; this module only gets it a complete, unwrapped
-model: from the live engine (ZeRO-3 weights gathered first) or from a
-checkpoint folder.
+model: from the live engine (sharded weights gathered first: Engine.full_state_dict) or from
+a checkpoint folder of any engine (chatsft.train.engines.checkpoint_weights).
 """
 
 from __future__ import annotations
 
-import glob
 import os
 from typing import Any, Optional
 
@@ -20,21 +19,22 @@ from chatsft.train.progress import say
 
 def export_from_engine(engine: Any, tokenizer: Any, plan: RunPlan, *, rank: int,
                        out_dir: Optional[str] = None) -> Optional[str]:
-    """Called on every rank (ZeRO-3 gathering is collective); rank 0 writes `out_dir`
+    """Called on every rank (gathering sharded weights is collective); rank 0 writes `out_dir`
     (default: the run's model folder)."""
     from chatsft.model import export_model, load_model
+    from chatsft.train.engines import load_weights
 
     cfg = plan.config
-    if engine.ds is not None and engine.ds.zero_optimization_stage() == 3:
-        state = engine.ds._zero3_consolidated_16bit_state_dict()  # full weights on rank 0 only
+    if engine.shards:
+        state = engine.full_state_dict(rank)  # collective; the full weights on rank 0 only
         if rank != 0:
             return None
         model = load_model(cfg, plan.kind, tokenizer=tokenizer)
-        _load_weights(model, state, "the gathered ZeRO-3 weights")
+        load_weights(model, state, f"the gathered {engine.kind} weights")
     else:
         if rank != 0:
             return None
-        model = engine.model  # ZeRO 0-2 and the torch path keep whole weights on every rank
+        model = engine.model  # whole weights on every rank
     return _write(model, tokenizer, out_dir or plan.model_dir, plan, merged=cfg.method.export == "merged",
                   export_model=export_model, stop_tokens=stop_tokens(plan, tokenizer), inplace=True)
 
@@ -130,45 +130,13 @@ def _within(inner: str, outer: str) -> bool:
     return inner == outer or inner.startswith(outer + "/") or (outer == "" and inner.startswith("/"))
 
 
-def _load_weights(model: Any, state: dict, what: str) -> None:
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
-    if missing or unexpected:
-        raise UserError(f"{what} do not match the model of model.name_or_path / method: "
-                        f"missing {missing[:5]}, unexpected {list(unexpected)[:5]}")
-
-
-def checkpoint_weights(folder: str) -> dict:
-    """The model weights stored in a checkpoint folder written by the training loop."""
-    import torch
-
-    torch_state = os.path.join(folder, "torch_state.pt")
-    if os.path.exists(torch_state):
-        return torch.load(torch_state, map_location="cpu", weights_only=False)["model"]
-    tag_dir = os.path.join(folder, "state")
-    if not os.path.isdir(tag_dir):
-        raise UserError(f"{folder}: not a chatsft checkpoint (no DeepSpeed 'state' folder, no torch_state.pt)")
-    if not torch.cuda.is_available():
-        os.environ["DS_ACCELERATOR"] = "cpu"
-    model_states = sorted(glob.glob(os.path.join(tag_dir, "*model_states.pt")))
-    zero3 = False
-    if model_states:
-        meta = torch.load(model_states[0], map_location="cpu", weights_only=False)
-        zero3 = meta.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0) == 3
-        if not zero3 and meta.get("module"):
-            return meta["module"]  # ZeRO 0-2: the full module is in rank 0's model states
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(folder, tag="state")
-
-
 def export_cli(plan: RunPlan, checkpoint: Optional[str] = None, out: Optional[str] = None,
                adapter_only: bool = False, force: bool = False) -> str:
     """`chatsft export`: the newest whole (or the given) checkpoint of the run -> a Hugging Face
     folder, written only where `check_out` allows."""
     from chatsft.model import export_model, load_model, load_tokenizer
     from chatsft.train.checkpoint import problem_of, usable
+    from chatsft.train.engines import checkpoint_weights, load_weights
 
     cfg = plan.config
     target = check_out(plan, out, export_form(plan, adapter_only), force)
@@ -191,7 +159,7 @@ def export_cli(plan: RunPlan, checkpoint: Optional[str] = None, out: Optional[st
     with storage.scratch("chatsft-checkpoint-") as local:
         if storage.is_uri(folder):
             storage.copy_tree(folder, local)
-        _load_weights(model, checkpoint_weights(local if storage.is_uri(folder) else folder),
+        load_weights(model, checkpoint_weights(local if storage.is_uri(folder) else folder),
                       f"the weights in {folder}")
     merged = cfg.method.export == "merged" and not adapter_only
     return _write(model, tokenizer, target, plan, merged=merged, export_model=export_model,

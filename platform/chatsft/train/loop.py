@@ -15,7 +15,6 @@ finishes; `setup`, `one_step`, `evaluate` and `save` are the parts.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -36,7 +35,7 @@ from chatsft.train import checkpoint as ckpt
 from chatsft.train.checkpoint import TrainState
 from chatsft.train.data import ChunkReader, RowIndex, prefetched, shard_rows, worker_steps
 from chatsft.train.progress import Meter, Progress, Steady, brief, say
-from chatsft.train.resume import MANIFEST
+from chatsft.train.resume import MANIFEST, check_engine
 from chatsft.train.runtime import LocalRuntime, RayRuntime, WorkerRuntime
 from chatsft.train.schedule import lr_multiplier, total_steps
 
@@ -194,7 +193,7 @@ def setup(args: WorkerArgs, rt: WorkerRuntime) -> Worker:
     from chatsft.model.batch import pad_id
     from chatsft.model.load import compile_model
     from chatsft.model.loss import loss_function
-    from chatsft.train.engine import build_engine
+    from chatsft.train.engines import build_engine
     from chatsft.train.optim import param_groups
 
     tokenizer = load_tokenizer(cfg.model)
@@ -361,18 +360,13 @@ def validation_loss(w: Worker) -> float:
 
 
 def task_scores(w: Worker) -> dict[str, float]:
-    """Generative / multiple-choice tasks on rank 0 (the others wait). Under ZeRO-3 every rank
-    gathers the full parameters for the duration: a collective, so all ranks enter."""
+    """Generative / multiple-choice tasks on rank 0 (the others wait). A sharding engine gathers
+    the full parameters on every rank for the duration: a collective, so all ranks enter."""
     from chatsft.eval.evaluate import evaluate_model
 
     engine = w.engine
-    gather = contextlib.nullcontext()
-    if engine.kind == "deepspeed" and engine.ds.zero_optimization_stage() == 3:
-        import deepspeed
-
-        gather = deepspeed.zero.GatheredParameters(list(engine.model.parameters()), modifier_rank=None)
     scores: dict[str, float] = {}
-    with gather:
+    with engine.gathered():
         if w.rt.rank == 0:
             scores = evaluate_model(engine.model, w.tokenizer, w.cfg, w.args.tasks)
     w.rt.barrier()
@@ -392,9 +386,10 @@ def _resume(engine, rt: WorkerRuntime, plan: RunPlan) -> tuple[TrainState, int]:
     chosen = rt.gather(ckpt.latest(plan.checkpoint_dir) or "" if rt.rank == 0 else "")[0]
     if not chosen:
         _seed_rank(seed, rt.rank)
-        return TrainState(world_size=rt.world), -1
+        return TrainState(world_size=rt.world, engine=engine.kind), -1
     with ckpt.local_copy(chosen) as folder:
         state, rng = ckpt.read_state(folder, rt.rank)
+        check_engine(chosen, state, engine.kind)
         try:
             engine.load(folder, saved_world=state.world_size)
         except Exception as e:  # what the whole-checkpoint checks cannot see (a flipped byte)
@@ -412,6 +407,7 @@ def _resume(engine, rt: WorkerRuntime, plan: RunPlan) -> tuple[TrainState, int]:
             say(f"resumed at step {state.step} on {rt.world} workers (was {state.world_size}); accumulation "
                 f"{accum_was} -> {accum}, {global_batch} rows per step as before")
     state.world_size = rt.world
+    state.engine = engine.kind
     state.metrics["resumed_from"] = chosen
     return state, state.step
 

@@ -19,7 +19,8 @@ compares the latest checkpoint's manifest with the run about to start:
   so accumulation becomes rows per step / (micro-batch x workers) (refused, naming
   the keys, if that is not a whole number); the data order does not depend on
   the worker count (chatsft.data.order), so the run goes on at the exact row,
-  and the engine loads its state at the new world size (train/engine.py).
+  and the engine loads its state at the new world size (train/engines/); a checkpoint
+  of another train.engine is refused, in one line.
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ def check_resume(plan: RunPlan, rows: Optional[dict]) -> Resume:
     changed = {f"train.{k}": (theirs["optimization"].get(k), v) for k, v in mine["optimization"].items()
                if theirs["optimization"].get(k) != v}
     state, _ = ckpt.read_state_at(latest)
+    check_engine(latest, state, plan.config.train.engine)
     return Resume(mine, checkpoint=latest, step=state.step, changed=changed, workers=workers, accum=accum,
                   skipped=skipped)
 
@@ -156,6 +158,28 @@ def _elastic(theirs: dict, mine: dict,
                         f"choose scaling.num_workers (and micro_batch_size) whose product divides {G}, or "
                         + _ways_out())
     return (was, W), (G // (micro * was), G // (micro * W))
+
+
+def saved_engine(folder: str, state: ckpt.TrainState) -> str:
+    """The train.engine that wrote a checkpoint: recorded in rank 0's state, or (a chatsft before
+    that) told by the files it left."""
+    if state.engine:
+        return state.engine
+    from chatsft.train.engines import ddp, deepspeed, fsdp2
+
+    for kind, name in (("deepspeed", deepspeed.STATE_DIR), ("fsdp2", fsdp2.STATE_DIR), ("ddp", ddp.STATE_FILE)):
+        if storage.exists(storage.join(folder, name)):
+            return kind
+    return ""
+
+
+def check_engine(folder: str, state: ckpt.TrainState, engine: str) -> None:
+    """Refuse a checkpoint of another engine: its weights and optimizer state are in that engine's form."""
+    theirs = saved_engine(folder, state)
+    if theirs and theirs != engine:
+        raise UserError(f"train.engine={engine}: the checkpoint {folder} was written by train.engine={theirs}, "
+                        f"whose state this engine cannot load; resume with train.engine={theirs}, or export "
+                        "it (chatsft export) and start a new run from the exported model")
 
 
 def archive(plan: RunPlan) -> str:
