@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 from bisect import bisect_left
 from collections import Counter
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
-from chatsft.data.conversation import BadRecord, Conversation, parse_line
+from chatsft.data.conversation import BadRecord, Conversation
 from chatsft.data.templates import ChatTemplate, Segment
 
 ROLES = ("system", "user", "tool", "assistant", "template")

@@ -7,12 +7,9 @@ model code, so editing LoRA or export code never marks prepared data stale.
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 from chatsft.builtin import resolve
-from chatsft.errors import UserError, one_line
 
 
 def load_tokenizer(model_cfg: Any):

@@ -103,7 +103,6 @@ class Worker:
 
 def run(args: WorkerArgs, rt: WorkerRuntime) -> dict[str, Any]:
     w = setup(args, rt)
-    tr = w.cfg.train
     before_training(w)
     w.engine.train()
     steady = Steady()
