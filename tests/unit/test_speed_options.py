@@ -157,8 +157,10 @@ def test_fused_adamw_on_cpu_steps_like_the_loop(tiny_llama_dir, fused):
             engine.backward(total / n)
             engine.step(1.0)
         results[flag] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # An update is lr-sized (1e-2); the kernels round Adam's sqrt(v) + eps differently, which a
+    # near-zero second moment turns into ~1e-6 on a rare element, so the tolerance sits between.
     for k in results[True]:
-        torch.testing.assert_close(results[True][k], results[False][k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(results[True][k], results[False][k], rtol=1e-4, atol=1e-5)
 
 
 def test_bf16_without_master_weights_steps_bf16_tensors_on_cpu(tiny_llama_dir):
