@@ -426,6 +426,22 @@ def plot_data(rows_dir: str, max_rows: int = 50_000) -> Optional[Any]:
 # ------------------------------------------------------------ a training run
 
 
+def plot_goodput(goodput: dict) -> Optional[Any]:
+    """The run's wall time as one stacked bar: optimizer steps that survived, then each cause."""
+    shares = {"steps": goodput["goodput"], **{k: v for k, v in goodput["shares"].items() if v > 0}}
+    fig, ax = _pyplot().subplots(figsize=(7, 2.2))
+    left = 0.0
+    for name, share in shares.items():
+        ax.barh([0], [share * 100], left=left * 100, label=f"{name} {share * 100:.1f}%")
+        left += share
+    ax.set_xlim(0, 100)
+    ax.set_yticks([])
+    ax.set_xlabel("% of wall time from submission to the end")
+    ax.legend(ncol=4, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.45))
+    fig.tight_layout()
+    return fig
+
+
 class StepLogger:
     """Rank 0's per-step metrics -> the run. Picklable: it travels to the Ray worker and opens
     its own client there; a restarted worker reopens the run and skips steps already logged.
@@ -529,6 +545,18 @@ class RunRecord:
                 inner = f.path[len(folder.rstrip("/")) + 1:]
                 self.tracker.log_text(text, f"stalls/{inner}")
         self.tracker.set_tags({"stalls": len(reasons), "stall_reason": reasons[-1] if reasons else ""})
+
+    def log_goodput(self, goodput: dict) -> None:
+        """The run's goodput (train/goodput.py): a metric per cause, the breakdown as a bar plot and
+        JSON, and the preemptions and stragglers as tags."""
+        t = self.tracker
+        t.log_values({"goodput": goodput["goodput"], **{f"goodput/{k}": v for k, v in goodput["shares"].items()}},
+                     step=0)
+        t.log_text(json.dumps(goodput, indent=2), "goodput.json")
+        t.set_tags({"goodput": goodput["line"], "preemptions": len(goodput["preemptions"])})
+        fig = plot_goodput(goodput)
+        if fig is not None:
+            t.log_figure(fig, "plots/goodput.png")
 
     def fail(self, error: BaseException) -> None:
         self.tracker.set_tags({"error": _one_line(error)})
