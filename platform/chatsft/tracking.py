@@ -553,7 +553,8 @@ class RunRecord:
         t.log_values({"goodput": goodput["goodput"], **{f"goodput/{k}": v for k, v in goodput["shares"].items()}},
                      step=0)
         t.log_text(json.dumps(goodput, indent=2), "goodput.json")
-        t.set_tags({"goodput": goodput["line"], "preemptions": len(goodput["preemptions"])})
+        t.set_tags({"goodput": goodput["line"], "preemptions": len(goodput["preemptions"]),
+                    "stragglers": "; ".join(goodput.get("stragglers", [])) or "none"})
         fig = plot_goodput(goodput)
         if fig is not None:
             t.log_figure(fig, "plots/goodput.png")

@@ -160,6 +160,8 @@ def train_on_rows(plan: RunPlan, rows: "Rows", extras: Optional[Extras] = None) 
         say(f"an attempt was stopped and restarted: {reason}")
     out.resume = resume
     out.goodput = _goodput(args.goodput_dir, submitted, extras.prepare_s)
+    if out.goodput is not None:
+        out.goodput["stragglers"] = list(out.metrics.get("stragglers", []))
     _summary(out, plan)
     return out
 
