@@ -343,6 +343,13 @@ class TrainConfig:
         "deadline: refused (the run stops at a checkpoint, naming this key) when a measured checkpoint "
         "takes longer. 0: drains are not watched.",
     )
+    checkpoint_upload: Literal["async", "sync"] = doc(
+        "async",
+        "async: a checkpoint is saved to a local folder (the only checkpoint time a step waits for) and "
+        "copied to run.output_dir (s3://, gs://, a shared disk) on a thread while training goes on, one "
+        "upload at a time; it is listed (resumable) only once whole. sync: every rank waits for the copy. "
+        "A plain local folder is always written directly.",
+    )
     straggler_ratio: float = doc(
         1.3,
         "A rank whose busy time per step (its step time less its wait in collectives) exceeds the "

@@ -18,7 +18,7 @@ def _attempt(folder, start, steps, setup=1.0, ckpt=0.0, evals=0.0, end=None):
     led.add("checkpoint", ckpt)
     led.add("eval", evals)
     led.steps = [(s, 1.0) for s in steps]
-    led.flush()
+    led.flush(wait=True)
     # the ledger stamps its end at the flush: set the attempt's end as the test tells it
     path = folder / f"{led.name}.json"
     rec = json.loads(path.read_text())

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -41,6 +42,9 @@ class Ledger:
         self.steps: list[tuple[int, float]] = []
         self.extra: dict[str, Any] = {}
         self._flushed = time.time()
+        self._lock = threading.Lock()
+        self._pending: Optional[dict] = None
+        self._writer: Optional[threading.Thread] = None
 
     def add(self, cause: str, seconds: float) -> None:
         self.causes[cause] = self.causes.get(cause, 0.0) + seconds
@@ -53,16 +57,35 @@ class Ledger:
         if time.time() - self._flushed >= FLUSH_S:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, wait: bool = False) -> None:
+        """Write the ledger as it is now, on a thread (the run's folder may be a slow object store,
+        and no step waits for bookkeeping); `wait`: until it is written (the end of an attempt)."""
         if self.folder is None:
             return
         self._flushed = time.time()
-        record = {"attempt": self.name, "start": self.start, "end": self._flushed, "causes": self.causes,
-                  "steps": self.steps, **self.extra}
-        try:
-            storage.write_text(storage.join(self.folder, f"{self.name}.json"), json.dumps(record))
-        except Exception as e:  # goodput is bookkeeping: it never stops training
-            print(f"[chatsft] goodput ledger not written ({type(e).__name__}: {e})", flush=True)
+        record = {"attempt": self.name, "start": self.start, "end": self._flushed, "causes": dict(self.causes),
+                  "steps": list(self.steps), **{k: list(v) if isinstance(v, list) else v
+                                               for k, v in self.extra.items()}}
+        with self._lock:
+            self._pending = record
+            if self._writer is None or not self._writer.is_alive():
+                self._writer = threading.Thread(target=self._write, name="chatsft-goodput", daemon=True)
+                self._writer.start()
+            writer = self._writer
+        if wait:
+            writer.join()
+
+    def _write(self) -> None:
+        while True:
+            with self._lock:
+                record, self._pending = self._pending, None
+                if record is None:
+                    self._writer = None
+                    return
+            try:
+                storage.write_text(storage.join(self.folder, f"{self.name}.json"), json.dumps(record))
+            except Exception as e:  # goodput is bookkeeping: it never stops training
+                print(f"[chatsft] goodput ledger not written ({type(e).__name__}: {e})", flush=True)
 
 
 class _Timed:
@@ -89,6 +112,7 @@ class Breakdown:
     attempts: int
     steps_redone: int
     preemptions: list[dict] = field(default_factory=list)
+    uploads: list[dict] = field(default_factory=list)  # background checkpoint uploads (train/upload.py)
 
     @property
     def goodput(self) -> float:
@@ -107,7 +131,8 @@ class Breakdown:
                 "productive_s": round(self.productive_s, 3),
                 "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
                 "shares": {k: round(self.share(k), 4) for k in CAUSES},
-                "attempts": self.attempts, "steps_redone": self.steps_redone, "preemptions": self.preemptions}
+                "attempts": self.attempts, "steps_redone": self.steps_redone, "preemptions": self.preemptions,
+                "uploads": self.uploads}
 
 
 def read_attempts(folder: str) -> list[dict]:
@@ -143,4 +168,5 @@ def breakdown(folder: str, *, submitted: float, end: float, prepare_s: float = 0
     wall = max(end - submitted, 1e-9)
     sec["other"] = max(0.0, wall - productive - sum(v for k, v in sec.items() if k != "other"))
     return Breakdown(wall, productive, sec, len(attempts), runs - len(last),
-                     [a["preempted"] for a in attempts if a.get("preempted")])
+                     [a["preempted"] for a in attempts if a.get("preempted")],
+                     [u for a in attempts for u in a.get("uploads", [])])

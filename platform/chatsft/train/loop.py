@@ -99,6 +99,7 @@ class Worker:
     meter: Meter = field(default_factory=Meter)
     metrics: dict[str, Any] = field(default_factory=dict)
     ledger: Any = None  # train/goodput.py Ledger: this attempt's time by cause
+    uploader: Any = None  # train/upload.py Uploader (None: checkpoints copied in place, synchronously)
     preempt: Any = None  # train/preemption.py Preemption: the drain notice, agreed at a step
     stragglers: Any = None  # train/stragglers.py Stragglers
     clock: Any = None  # train/stragglers.py Clock: this step's wait in its collective
@@ -149,7 +150,7 @@ def run(args: WorkerArgs, rt: WorkerRuntime) -> dict[str, Any]:
     watchdog.stop()
     w.preempt.stop()
     finish(w, steady)
-    ledger.flush()
+    ledger.flush(wait=True)
     return w.metrics
 
 
@@ -162,7 +163,30 @@ def start_goodput(w: Worker, ledger) -> None:
     w.ledger, w.clock = ledger, Clock()
     w.preempt = Preemption.start(w.rt, w.cfg.train.preemption_grace_s)
     w.stragglers = Stragglers(w.rt, w.cfg.train.straggler_ratio)
+    from chatsft.train import upload
+
+    if upload.wanted(w.cfg, w.args.plan.checkpoint_dir):
+        uploads = ledger.extra.setdefault("uploads", [])
+        w.uploader = upload.Uploader(w.rt.rank, w.rt.world, on_whole=lambda up: uploads.append(
+            {"step": up.step, "start": up.started, "end": up.ended, "seconds": round(up.seconds, 3),
+             "bytes": up.bytes}))
     ledger.flush()
+
+
+def wait_for_upload(w: Worker) -> None:
+    """Until this worker's checkpoint upload is done (rank 0: the checkpoint is whole); every rank."""
+    if w.uploader is not None:
+        with w.ledger.timed("checkpoint"):
+            w.uploader.wait()
+        uploads = w.ledger.extra.get("uploads")
+        if uploads:
+            w.metrics["checkpoint_upload_s"] = uploads[-1]["seconds"]
+        w.rt.barrier()
+
+
+def _last_upload_s(w: Worker) -> float:
+    uploads = w.ledger.extra.get("uploads") if w.uploader is not None else None
+    return float(uploads[-1]["seconds"]) if uploads else 0.0
 
 
 def _aside(ledger) -> float:
@@ -196,6 +220,7 @@ def stop_for_preemption(w: Worker) -> None:
     if w.last_saved != step:
         with w.ledger.timed("checkpoint"):
             save(w)
+    wait_for_upload(w)
     rt.barrier()  # rank 0 wrote its state (the checkpoint is whole) before any rank stops
     notice = w.preempt.notice()
     deadline = w.preempt.agreed_deadline
@@ -203,7 +228,7 @@ def stop_for_preemption(w: Worker) -> None:
     if notice is not None:
         notice.step, notice.saved_at = step, time.time()
         w.ledger.extra["preempted"] = notice.to_json()
-        w.ledger.flush()
+        w.ledger.flush(wait=True)
         say(f"preempted: checkpoint of step {step} whole, {spare} (node {notice.host}, {notice.reason}); "
             "stopping so that Ray Train restarts on the nodes left")
     w.preempt.stop()
@@ -336,7 +361,8 @@ def after_step(w: Worker) -> None:
     if tr.save_every > 0 and state.step % tr.save_every == 0 and not last:
         with w.ledger.timed("checkpoint") as took:
             save(w)
-        w.preempt.check_grace(w.rt, took.seconds)
+        # the time a save before a drain deadline needs: the local save and, uploaded, its copy
+        w.preempt.check_grace(w.rt, took.seconds + _last_upload_s(w))
     elif not last and (report_now or due_eval):
         w.rt.report(_reportable(w.metrics))
 
@@ -376,6 +402,7 @@ def finish(w: Worker, steady: Steady) -> None:
             save(w)
     else:
         rt.report(_reportable(w.metrics))
+    wait_for_upload(w)  # the run's last checkpoint is whole before the run ends
     if w.args.export:
         from chatsft.train.export import export_from_engine
 
@@ -540,15 +567,21 @@ def save(w: Worker) -> None:
         if rt.rank == 0:
             storage.remove(target)  # a folder of this name that never completed (a save cut off)
         rt.barrier()
-        if os.listdir(tmp):
-            storage.copy_tree(tmp, target)
-        files = [json.loads(x) for x in rt.gather(json.dumps(ckpt.listing(tmp)))]
-        if rt.rank == 0:
-            ckpt.write_state(target, 0, state, files={k: v for f in files for k, v in f.items()})
-            ckpt.prune(plan.checkpoint_dir, w.cfg.train.keep_checkpoints)
+        if w.uploader is not None:  # train/upload.py: copied on a thread, listed once whole
+            w.uploader.submit(tmp, target, state.step, ckpt.state_record(state) if rt.rank == 0 else None,
+                              prune=lambda: ckpt.prune(plan.checkpoint_dir, w.cfg.train.keep_checkpoints))
+            tmp = ""  # the upload owns the folder now
+        else:
+            if os.listdir(tmp):
+                storage.copy_tree(tmp, target)
+            files = [json.loads(x) for x in rt.gather(json.dumps(ckpt.listing(tmp)))]
+            if rt.rank == 0:
+                ckpt.write_state(target, 0, state, files={k: v for f in files for k, v in f.items()})
+                ckpt.prune(plan.checkpoint_dir, w.cfg.train.keep_checkpoints)
         rt.report(_reportable(w.metrics))
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
     w.last_saved = state.step
 
 
