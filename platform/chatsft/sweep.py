@@ -339,6 +339,8 @@ def _record(parent: Any, cfg: Config, trials: list[TrialOutcome], best: Optional
             client.set_tag(child.info.run_id, "best", "true")
             t.set_tags({"best_run_id": child.info.run_id})
         client.set_tag(child.info.run_id, "sweep_status", trial.status)
+        if "goodput" in child.data.metrics:  # a trial that ran to its end (train/goodput.py)
+            t.log_values({f"goodput/{trial.name}": child.data.metrics["goodput"]})
         if child.info.status == "RUNNING":  # stopped by the scheduler mid-run
             client.set_terminated(child.info.run_id, "KILLED")
     t.finish("FINISHED")

@@ -2,7 +2,7 @@
 uploads take `rate` bytes per second in all (a token bucket shared by every connection). The
 request goes to moto at once (moto handles a request at a time: a body trickling in would hold
 every other client up), and the reply is held until the request's bytes have had their turn,
-so the client sees the slow upload. Run as its own process (`python tests/s3throttle.py RATE`), so
+so the client sees the slow upload. Run as its own process (`python benchmarks/slow_s3.py RATE`), so
 neither the server nor the proxy takes the GIL of the training process; it prints
 "ready <moto port> <proxy port>" and serves until killed."""
 
