@@ -123,6 +123,7 @@ def run(args: WorkerArgs, rt: WorkerRuntime) -> dict[str, Any]:
     steady = Steady()
     G = args.plan.global_batch
     watchdog = start_watchdog(w)
+    t0 = time.perf_counter()  # a step's time runs from the previous step's end to its own
     while w.state.step < w.total:
         steps = prefetched(worker_steps(args.train, w.reader, seed=w.cfg.run.seed, epoch=w.state.epoch,
                                         global_batch=G, rank=rt.rank, world=rt.world,
@@ -130,14 +131,16 @@ def run(args: WorkerArgs, rt: WorkerRuntime) -> dict[str, Any]:
         try:
             for mine in steps:
                 watchdog.feed(w.state.step, started=True)
-                t0, aside = time.perf_counter(), _aside(ledger)
+                aside = _aside(ledger)
                 one_step(w, mine)
                 steady.tick()
                 after_step(w)
                 watchdog.feed(w.state.step, started=False)
                 for hook in args.hooks:
                     hook(w.state.step, rt)
-                account_step(w, time.perf_counter() - t0, _aside(ledger) - aside)
+                t1 = time.perf_counter()
+                account_step(w, t1 - t0, _aside(ledger) - aside)
+                t0 = t1
                 if w.preempt.due:
                     stop_for_preemption(w)
                 if w.state.step >= w.total:
@@ -174,8 +177,11 @@ def start_goodput(w: Worker, ledger) -> None:
 
 
 def wait_for_upload(w: Worker) -> None:
-    """Until this worker's checkpoint upload is done (rank 0: the checkpoint is whole); every rank."""
-    if w.uploader is not None:
+    """Until this worker's checkpoint upload is done (rank 0: the checkpoint is whole); every rank,
+    ending at a barrier."""
+    if w.uploader is None:
+        w.rt.barrier()
+    else:
         with w.ledger.timed("checkpoint"):
             w.uploader.wait()
         uploads = w.ledger.extra.get("uploads")
@@ -201,7 +207,8 @@ def account_step(w: Worker, seconds: float, aside: float) -> None:
     w.stragglers.step(seconds - aside, w.clock.waited)
     w.clock.waited = 0.0
     if step % max(w.cfg.train.log_every, 1) == 0 or step >= w.total:
-        per_rank = w.stragglers.interval(step)
+        with w.clock:  # a collective: a rank early here waits for the late one (the next step's wait)
+            per_rank = w.stragglers.interval(step)
         if per_rank:
             w.progress.emit(step, per_rank)
             if w.stragglers.named:
@@ -220,8 +227,7 @@ def stop_for_preemption(w: Worker) -> None:
     if w.last_saved != step:
         with w.ledger.timed("checkpoint"):
             save(w)
-    wait_for_upload(w)
-    rt.barrier()  # rank 0 wrote its state (the checkpoint is whole) before any rank stops
+    wait_for_upload(w)  # ends at a barrier: rank 0 wrote its state, the checkpoint is whole
     notice = w.preempt.notice()
     deadline = w.preempt.agreed_deadline
     spare = f"{deadline - time.time():.1f}s before the deadline" if deadline else "the drain has no deadline"
@@ -231,6 +237,9 @@ def stop_for_preemption(w: Worker) -> None:
         w.ledger.flush(wait=True)
         say(f"preempted: checkpoint of step {step} whole, {spare} (node {notice.host}, {notice.reason}); "
             "stopping so that Ray Train restarts on the nodes left")
+    # no rank stops before rank 0 has recorded it: Ray Train may tear the group down at the first
+    # rank that raises
+    rt.barrier()
     w.preempt.stop()
     raise Preempted(f"preempted at step {step}: a node of the group is drained; checkpoint of step {step} saved, "
                     f"{spare}")
