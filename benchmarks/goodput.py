@@ -78,7 +78,6 @@ def _cfg(root: str, name: str, args, *extra: str):
 
 def _run(cluster, args, root: str, name: str, mode: str, rows, *extra: str) -> dict:
     from chatsft.plan import RunPlan
-    from chatsft.train import checkpoint as ckpt
     from chatsft.train.driver import Extras, train_on_rows
 
     cfg = _cfg(root, name, args, *extra)
@@ -95,19 +94,29 @@ def _run(cluster, args, root: str, name: str, mode: str, rows, *extra: str) -> d
         victim = open(os.path.join(folder, "rank1")).read().strip()
         node = next(n for n in cluster.list_all_nodes() if n.node_id == victim)
         if mode == "drain":
-            before = ckpt.latest(plan.checkpoint_dir)
             subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "drain-node",
                             "--address", cluster.address, "--node-id", victim,
                             "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot (benchmark)",
                             "--deadline-remaining-seconds", "30"], check=True, capture_output=True)
+            # the cloud takes the node at the deadline, or once the attempt has stopped (rank 0
+            # recorded the preemption in its ledger), whichever comes first
             deadline = time.time() + 30
-            while ckpt.latest(plan.checkpoint_dir) == before and time.time() < deadline and not run.done():
+            while time.time() < deadline and not run.done() and not _preempted(plan.checkpoint_dir):
                 time.sleep(0.2)
         cluster.remove_node(node)
         cluster.add_node(num_cpus=1)  # the replacement
     result = run.result()
     pool.shutdown()
     return result.goodput
+
+
+def _preempted(checkpoint_dir: str) -> bool:
+    from chatsft import storage
+
+    for f in storage.list_files(storage.join(checkpoint_dir, "goodput"), recursive=True):
+        if f.path.endswith(".json") and "preempted" in json.loads(storage.read_text(f.path) or "{}"):
+            return True
+    return False
 
 
 def main() -> None:

@@ -49,6 +49,10 @@ def wait_for(what, value, timeout, run):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def _preempted(run_dir) -> bool:
+    return any("preempted" in json.loads(p.read_text()) for p in run_dir.glob("goodput/*/attempt-*.json"))
+
+
 @pytest.mark.slow
 def test_a_drained_node_becomes_a_checkpoint_and_the_run_goes_on(tmp_path, monkeypatch):
     from ray.cluster_utils import Cluster
@@ -85,7 +89,9 @@ def test_a_drained_node_becomes_a_checkpoint_and_the_run_goes_on(tmp_path, monke
             whole_at = os.path.getmtime(os.path.join(saved, "train_state_rank0.json"))
             assert whole_at < asked + 30, (whole_at - asked)
             print(f"checkpoint whole {whole_at - asked:.1f}s after the drain was asked (deadline 30 s)")
-            cluster.remove_node(nodes[drained])  # the deadline: the cloud takes the node
+            # the attempt stopped (rank 0 recorded the preemption in its ledger): the cloud may take the node
+            wait_for("the attempt to stop", lambda: _preempted(run_dir), asked + 30 - time.time(), run)
+            cluster.remove_node(nodes[drained])
             result = run.result(timeout=300)
     finally:
         ray.shutdown()
