@@ -113,7 +113,8 @@ def _run(cluster, args, root: str, name: str, mode: str, rows, *extra: str) -> d
 def _preempted(checkpoint_dir: str) -> bool:
     from chatsft import storage
 
-    for f in storage.list_files(storage.join(checkpoint_dir, "goodput"), recursive=True):
+    folder = storage.join(checkpoint_dir, "goodput")
+    for f in storage.list_files(folder, recursive=True) if storage.exists(folder) else []:
         if f.path.endswith(".json") and "preempted" in json.loads(storage.read_text(f.path) or "{}"):
             return True
     return False
