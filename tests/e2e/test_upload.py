@@ -1,7 +1,7 @@
 """Checkpoint uploads that never block a step (train/upload.py), to a slow object store: moto's
-S3 server behind a proxy that passes uploads at 5 MB/s (benchmarks/slow_s3.py, its own process).
+S3 server behind a proxy that passes uploads at 10 MB/s (benchmarks/slow_s3.py, its own process).
 
-A --local run of 90 steps saves every 15 steps (15 MB each) to s3:// at 5 MB/s. Checked: each
+A --local run of 90 steps saves every 15 steps (15 MB each) to s3:// at 10 MB/s. Checked: each
 upload ran while later steps trained, and those steps took no longer than the steps after the
 upload in the same interval (the median over the intervals of their median ratio, within 1.1x;
 the steps that saved are left out); a step into the upload of checkpoint 45, that checkpoint is
@@ -25,7 +25,7 @@ from tests.ray.trainkit import rows_for, tiny_cfg, train_rows
 pytestmark = pytest.mark.slow
 BUCKET = "chatsft-slow"
 REPO = Path(__file__).resolve().parents[2]
-RATE = 5_000_000  # bytes per second, every upload connection together
+RATE = 10_000_000  # bytes per second, every upload connection together
 
 
 @pytest.fixture
@@ -33,8 +33,9 @@ def slow_s3(monkeypatch):
     """The throttled S3 (its own process); AWS_* point at the proxy, the bucket made directly."""
     import boto3
 
-    # niced: the object store is another machine, its CPU not the trainer's (here they share 2 cores)
-    proc = subprocess.Popen(["nice", "-n", "19", sys.executable, str(REPO / "benchmarks" / "slow_s3.py"), str(RATE)],
+    # niced a little: the object store is another machine, its CPU not the trainer's (here they
+    # share 2 cores), but starved it would take longer than a checkpoint interval
+    proc = subprocess.Popen(["nice", "-n", "5", sys.executable, str(REPO / "benchmarks" / "slow_s3.py"), str(RATE)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         _, moto_port, proxy_port = proc.stdout.readline().split()
