@@ -76,6 +76,26 @@ class ParkOnce:
         raise RuntimeError(f"[test] parked after step {step} for {self.seconds}s: the group was never torn down")
 
 
+class Pace:
+    """Not a fault: every rank of `ranks` (None: all) sleeps `seconds` after each optimizer step,
+    so a test can act in mid-run (an even pace) or make one rank a straggler (a single rank); each
+    rank leaves its node id in `folder/rank<r>.json` once."""
+
+    def __init__(self, seconds: float, folder: str, ranks=None) -> None:
+        self.seconds, self.folder, self.ranks = seconds, str(folder), ranks
+
+    def __call__(self, step: int, runtime) -> None:
+        import json
+        import time
+
+        where = os.path.join(self.folder, f"rank{runtime.rank}.json")
+        if not os.path.exists(where):
+            with open(where, "w") as f:
+                json.dump({"node_id": runtime.node_id, "world": runtime.world}, f)
+        if self.ranks is None or runtime.rank in self.ranks:
+            time.sleep(self.seconds)
+
+
 class StepLog:
     """Not a fault: rank 0 appends each optimizer step it runs to `path`, one a line, so a test
     sees which steps a run trained (and so which checkpoint its workers resumed from)."""

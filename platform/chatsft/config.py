@@ -345,6 +345,27 @@ class TrainConfig:
         "restarts it from the latest checkpoint. Collectives (gloo/NCCL) time out at twice this, and not "
         "before 30 minutes.",
     )
+    preemption_grace_s: float = doc(
+        30.0,
+        "Spot nodes (Ray workers): when a node holding a worker is drained with a deadline (a preemption "
+        "notice), every rank saves a checkpoint at the next step boundary and stops; Ray Train restarts "
+        "the group from it on the nodes left. This is the time kept for that checkpoint before the "
+        "deadline: refused (the run stops at a checkpoint, naming this key) when a measured checkpoint "
+        "takes longer. 0: drains are not watched.",
+    )
+    checkpoint_upload: Literal["async", "sync"] = doc(
+        "async",
+        "async: a checkpoint is saved to a local folder (the only checkpoint time a step waits for) and "
+        "copied to run.output_dir (s3://, gs://, a shared disk) on a thread while training goes on, one "
+        "upload at a time; it is listed (resumable) only once whole. sync: every rank waits for the copy. "
+        "A plain local folder is always written directly.",
+    )
+    straggler_ratio: float = doc(
+        1.3,
+        "A rank whose busy time per step (its step time less its wait in collectives) exceeds the "
+        "median rank's by this factor for 3 logging intervals in a row is named, with its host and node, "
+        "in the log and MLflow (never stopped). 0: off.",
+    )
     resume: Literal["auto", "never"] = doc(
         "auto",
         "auto: resume the latest checkpoint in the run's folder when it is this run (same rows, model, "
@@ -375,6 +396,10 @@ class TrainConfig:
             raise ConfigError(f"{where}.lr: must be > 0, got {self.lr}")
         if self.stall_timeout_s < 0:
             raise ConfigError(f"{where}.stall_timeout_s: must be >= 0 (0: off), got {self.stall_timeout_s}")
+        if self.preemption_grace_s < 0:
+            raise ConfigError(f"{where}.preemption_grace_s: must be >= 0 (0: off), got {self.preemption_grace_s}")
+        if self.straggler_ratio != 0 and self.straggler_ratio <= 1:
+            raise ConfigError(f"{where}.straggler_ratio: must be > 1 (0: off), got {self.straggler_ratio}")
         if len(self.betas) != 2:
             raise ConfigError(f"{where}.betas: expected two numbers, got {self.betas}")
         if not 0.0 <= self.warmup_ratio < 1.0:

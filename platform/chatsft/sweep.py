@@ -328,6 +328,8 @@ def _record(parent: Any, cfg: Config, trials: list[TrialOutcome], best: Optional
             t.set_tags({"best": "true"}, run_id=child.info.run_id)
             t.set_tags({"best_run_id": child.info.run_id})
         t.set_tags({"sweep_status": trial.status}, run_id=child.info.run_id)
+        if "goodput" in child.data.metrics:  # a trial that ran to its end (train/goodput.py)
+            t.log_values({f"goodput/{trial.name}": child.data.metrics["goodput"]})
         if child.info.status == "RUNNING":  # stopped by the scheduler mid-run
             t.terminate(child.info.run_id, "KILLED")
     t.finish("FINISHED")

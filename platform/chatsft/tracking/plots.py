@@ -62,3 +62,19 @@ def plot_data(rows_dir: str, max_rows: int = 50_000) -> Optional[Any]:
     fig.suptitle(f"{len(lengths)} rows of {storage.basename(rows_dir)}")
     fig.tight_layout()
     return fig
+
+
+def plot_goodput(goodput: dict) -> Optional[Any]:
+    """The run's wall time as one stacked bar: optimizer steps that survived, then each cause."""
+    shares = {"steps": goodput["goodput"], **{k: v for k, v in goodput["shares"].items() if v > 0}}
+    fig, ax = _pyplot().subplots(figsize=(7, 2.2))
+    left = 0.0
+    for name, share in shares.items():
+        ax.barh([0], [share * 100], left=left * 100, label=f"{name} {share * 100:.1f}%")
+        left += share
+    ax.set_xlim(0, 100)
+    ax.set_yticks([])
+    ax.set_xlabel("% of wall time from submission to the end")
+    ax.legend(ncol=4, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.45))
+    fig.tight_layout()
+    return fig

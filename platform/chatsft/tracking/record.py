@@ -16,7 +16,7 @@ from chatsft import storage
 from chatsft.console import notes_to_log
 from chatsft.errors import UserError, one_line
 from chatsft.tracking.client import Tracker
-from chatsft.tracking.plots import plot_data, plot_losses
+from chatsft.tracking.plots import plot_data, plot_goodput, plot_losses
 from chatsft.tracking.redaction import redact
 
 # What a prepared split's folder holds that the run keeps as artifacts.
@@ -132,6 +132,19 @@ class RunRecord:
                 inner = f.path[len(folder.rstrip("/")) + 1:]
                 self.tracker.log_text(text, f"stalls/{inner}")
         self.tracker.set_tags({"stalls": len(reasons), "stall_reason": reasons[-1] if reasons else ""})
+
+    def log_goodput(self, goodput: dict) -> None:
+        """The run's goodput (train/goodput.py): a metric per cause, the breakdown as a bar plot and
+        JSON, and the preemptions and stragglers as tags."""
+        t = self.tracker
+        t.log_values({"goodput": goodput["goodput"], **{f"goodput/{k}": v for k, v in goodput["shares"].items()}},
+                     step=0)
+        t.log_text(json.dumps(goodput, indent=2), "goodput.json")
+        t.set_tags({"goodput": goodput["line"], "preemptions": len(goodput["preemptions"]),
+                    "stragglers": "; ".join(goodput.get("stragglers", [])) or "none"})
+        fig = plot_goodput(goodput)
+        if fig is not None:
+            t.log_figure(fig, "plots/goodput.png")
 
     def fail(self, error: BaseException) -> None:
         self.tracker.set_tags({"error": one_line(error)})

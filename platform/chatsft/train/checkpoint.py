@@ -65,7 +65,16 @@ def write_state(folder: str, rank: int, state: TrainState, files: Optional[dict[
     """This rank's loop state and RNG into `folder` (a local path or URI). Rank 0's is written
     last, once every rank's files are in place, with `files` (each file's size): its presence
     says the checkpoint is complete, the sizes let a reader tell a file cut short."""
-    data: dict[str, Any] = {"state": asdict(state), "rng": rng_state()}
+    write_record(folder, rank, state_record(state), files)
+
+
+def state_record(state: TrainState) -> dict[str, Any]:
+    """The loop state and this process's RNG now (a background upload writes it later)."""
+    return {"state": asdict(state), "rng": rng_state()}
+
+
+def write_record(folder: str, rank: int, record: dict[str, Any], files: Optional[dict[str, int]] = None) -> None:
+    data = dict(record)
     if files is not None:
         data["files"] = files
     storage.write_text(storage.join(folder, STATE.format(rank=rank)), json.dumps(data))

@@ -27,6 +27,7 @@ class TrainResult:
     run_id: Optional[str] = None  # the MLflow run, when tracked
     resume: Optional[Resume] = None  # fresh, or resumed from where with what changed
     stalls: list[str] = field(default_factory=list)  # why each stalled attempt was stopped (restarted)
+    goodput: Optional[dict] = None  # train/goodput.py Breakdown.to_json(), with its summary "line"
 
 
 @dataclass
@@ -49,6 +50,8 @@ class Extras:
     export: bool = True
     resume: Optional[Resume] = None  # checked by the caller; None: checked here (rows unknown)
     stall_dir: Optional[str] = None  # where stalled attempts report (None: a new folder of the run)
+    submitted: Optional[float] = None  # when the run was asked for (goodput's wall time starts there)
+    prepare_s: float = 0.0  # seconds prepare took before training
 
 
 def train(cfg: Config, local: bool = False, *, callbacks: Optional[list[Callable[[int, dict], None]]] = None,
@@ -58,7 +61,11 @@ def train(cfg: Config, local: bool = False, *, callbacks: Optional[list[Callable
     `callbacks(step, metrics)` run on rank 0, `hooks(step, runtime)` on every rank after every
     step. The tracking server is checked before any compute is spent; once training runs,
     tracking problems never stop it."""
+    import time
+
     from chatsft.tracking import should_track
+
+    submitted = time.time()
 
     from chatsft.pipeline.run import check_prepare
 
@@ -72,8 +79,11 @@ def train(cfg: Config, local: bool = False, *, callbacks: Optional[list[Callable
     # Before prepare: a refused run leaves every file of the old one as it was.
     resume = check_resume(plan, checked.identity)
     say(resume.describe())
-    extras = Extras(callbacks=list(callbacks or []), hooks=list(hooks or []), resume=resume)
-    return train_tracked(plan, prepared_rows(plan, checked), tracked=tracked, extras=extras)
+    t0 = time.time()
+    rows = prepared_rows(plan, checked)
+    extras = Extras(callbacks=list(callbacks or []), hooks=list(hooks or []), resume=resume,
+                    submitted=submitted, prepare_s=time.time() - t0)
+    return train_tracked(plan, rows, tracked=tracked, extras=extras)
 
 
 def train_tracked(plan: RunPlan, rows: "Rows", *, tracked: bool, extras: Optional[Extras] = None,
@@ -103,6 +113,8 @@ def train_tracked(plan: RunPlan, rows: "Rows", *, tracked: bool, extras: Optiona
     if record is not None:
         if result.stalls:
             record.log_stalls(extras.stall_dir, result.stalls)
+        if result.goodput:
+            record.log_goodput(result.goodput)
         record.complete(result.metrics, result.model_dir, result.checkpoint,
                         mlflow_task=plan.kind.mlflow_task, auto_class=plan.kind.auto_class)
         result.run_id = record.run_id
@@ -111,9 +123,12 @@ def train_tracked(plan: RunPlan, rows: "Rows", *, tracked: bool, extras: Optiona
 
 def train_on_rows(plan: RunPlan, rows: "Rows", extras: Optional[Extras] = None) -> TrainResult:
     """Train on rows already prepared (tests and benchmarks write their own)."""
+    import time
+
     from chatsft.eval.evaluate import training_tasks
 
     extras = extras or Extras()
+    submitted = extras.submitted or time.time()
     if rows.train_rows == 0:
         raise UserError(f"data.train: no training rows after prepare ({rows.train_dir})")
     resume = extras.resume
@@ -127,7 +142,7 @@ def train_on_rows(plan: RunPlan, rows: "Rows", extras: Optional[Extras] = None) 
                       export=extras.export,
                       callbacks=list(extras.callbacks), hooks=list(extras.hooks), manifest=resume.manifest,
                       tasks=training_tasks(plan.config) if extras.tasks is None else list(extras.tasks),
-                      stall_dir=stalls)
+                      stall_dir=stalls, goodput_dir=goodput_dir(plan))
     model_dir = plan.model_dir if extras.export else None
     try:
         if plan.local:
@@ -145,6 +160,9 @@ def train_on_rows(plan: RunPlan, rows: "Rows", extras: Optional[Extras] = None) 
     for reason in out.stalls:
         say(f"an attempt was stopped and restarted: {reason}")
     out.resume = resume
+    out.goodput = _goodput(args.goodput_dir, submitted, extras.prepare_s)
+    if out.goodput is not None:
+        out.goodput["stragglers"] = list(out.metrics.get("stragglers", []))
     _summary(out, plan)
     return out
 
@@ -157,6 +175,30 @@ def stall_dir(plan: RunPlan) -> Optional[str]:
     import time
 
     return storage.join(plan.checkpoint_dir, "stalls", time.strftime("run-%Y%m%dT%H%M%S-") + os.urandom(3).hex())
+
+
+def goodput_dir(plan: RunPlan) -> str:
+    """A new folder of this run for the attempts' time ledgers (train/goodput.py)."""
+    import os
+    import time
+
+    return storage.join(plan.checkpoint_dir, "goodput", time.strftime("run-%Y%m%dT%H%M%S-") + os.urandom(3).hex())
+
+
+def _goodput(folder: Optional[str], submitted: float, prepare_s: float) -> Optional[dict]:
+    """The run's goodput and where the rest went, from its attempts' ledgers; never fails a run."""
+    import time
+
+    from chatsft.train.goodput import breakdown
+
+    if not folder:
+        return None
+    try:
+        b = breakdown(folder, submitted=submitted, end=time.time(), prepare_s=prepare_s)
+    except Exception as e:
+        say(f"goodput not measured: {type(e).__name__}: {e}")
+        return None
+    return {**b.to_json(), "line": b.line()}
 
 
 def stall_reasons(folder: str) -> list[str]:
@@ -230,13 +272,20 @@ def _summary(result: TrainResult, plan: RunPlan) -> None:
     """The last line a user reads, and `result.json` beside the run for scripts and jobs."""
     storage.write_text(plan.result_path, json.dumps(
         {"run": plan.config.run.name, "metrics": result.metrics, "checkpoint": result.checkpoint,
-         "model_dir": result.model_dir,
+         "model_dir": result.model_dir, "goodput": result.goodput,
          "resumed": result.resume.to_json() if result.resume and result.resume.checkpoint else None},
         indent=2, default=str))
     m = result.metrics
     loss = f"eval loss {m['eval_loss']:.4f}" if "eval_loss" in m else f"train loss {m.get('train_loss', float('nan')):.4f}"
     print(f"[chatsft] done: step {m.get('step')}, {loss}; checkpoint {result.checkpoint}; model {result.model_dir}",
           flush=True)
+    if result.goodput:
+        print(f"[chatsft] {result.goodput['line']}", flush=True)
+        for p in result.goodput["preemptions"]:
+            print(f"[chatsft] preempted at step {p['step']} ({p['reason']}, node {p['host']}): checkpoint whole "
+                  f"{p['spare_s']}s before the deadline", flush=True)
+    for name in m.get("stragglers", []):
+        print(f"[chatsft] straggler: {name}", flush=True)
     for key in sorted(k for k in m if k.startswith("before/")):
         after = key[len("before/"):]
         if after in m and not after.endswith(("/examples", "/skipped")):

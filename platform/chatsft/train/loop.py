@@ -60,6 +60,7 @@ class WorkerArgs:
     hooks: list[StepHook] = field(default_factory=list)
     manifest: dict = field(default_factory=dict)  # what the run is (train/resume.py); in every checkpoint
     stall_dir: Optional[str] = None  # where stalled attempts leave their stacks (train/watchdog.py)
+    goodput_dir: Optional[str] = None  # where each attempt's rank 0 keeps its time ledger (train/goodput.py)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
@@ -95,6 +96,11 @@ class Worker:
     eval_reader: Optional[ChunkReader] = None
     meter: Meter = field(default_factory=Meter)
     metrics: dict[str, Any] = field(default_factory=dict)
+    ledger: Any = None  # train/goodput.py Ledger: this attempt's time by cause
+    uploader: Any = None  # train/upload.py Uploader (None: checkpoints copied in place, synchronously)
+    preempt: Any = None  # train/preemption.py Preemption: the drain notice, agreed at a step
+    stragglers: Any = None  # train/stragglers.py Stragglers
+    clock: Any = None  # train/stragglers.py Clock: this step's wait in its collective
 
     @property
     def cfg(self):
@@ -102,12 +108,19 @@ class Worker:
 
 
 def run(args: WorkerArgs, rt: WorkerRuntime) -> dict[str, Any]:
-    w = setup(args, rt)
-    before_training(w)
+    from chatsft.train.goodput import Ledger
+
+    ledger = Ledger(args.goodput_dir, rt.rank)
+    with ledger.timed("setup"):
+        w = setup(args, rt)
+    start_goodput(w, ledger)
+    with ledger.timed("eval"):
+        before_training(w)
     w.engine.train()
     steady = Steady()
     G = args.plan.global_batch
     watchdog = start_watchdog(w)
+    t0 = time.perf_counter()  # a step's time runs from the previous step's end to its own
     while w.state.step < w.total:
         steps = prefetched(worker_steps(args.train, w.reader, seed=w.cfg.run.seed, epoch=w.state.epoch,
                                         global_batch=G, rank=rt.rank, world=rt.world,
@@ -115,12 +128,18 @@ def run(args: WorkerArgs, rt: WorkerRuntime) -> dict[str, Any]:
         try:
             for mine in steps:
                 watchdog.feed(w.state.step, started=True)
+                aside = _aside(ledger)
                 one_step(w, mine)
                 steady.tick()
                 after_step(w)
                 watchdog.feed(w.state.step, started=False)
                 for hook in args.hooks:
                     hook(w.state.step, rt)
+                t1 = time.perf_counter()
+                account_step(w, t1 - t0, _aside(ledger) - aside)
+                t0 = t1
+                if w.preempt.due:
+                    stop_for_preemption(w)
                 if w.state.step >= w.total:
                     break
             else:
@@ -129,8 +148,98 @@ def run(args: WorkerArgs, rt: WorkerRuntime) -> dict[str, Any]:
         finally:
             steps.close()  # stops the read-ahead thread
     watchdog.stop()
+    w.preempt.stop()
     finish(w, steady)
+    ledger.flush(wait=True)
     return w.metrics
+
+
+def start_goodput(w: Worker, ledger) -> None:
+    """The ledger, the drain watch and the straggler meter of this attempt (train/goodput.py,
+    preemption.py, stragglers.py)."""
+    from chatsft.train.preemption import Preemption
+    from chatsft.train.stragglers import Clock, Stragglers
+
+    w.ledger, w.clock = ledger, Clock()
+    w.preempt = Preemption.start(w.rt, w.cfg.train.preemption_grace_s)
+    w.stragglers = Stragglers(w.rt, w.cfg.train.straggler_ratio)
+    from chatsft.train import upload
+
+    if upload.wanted(w.cfg, w.args.plan.checkpoint_dir):
+        uploads = ledger.extra.setdefault("uploads", [])
+        w.uploader = upload.Uploader(w.rt.rank, w.rt.world, on_whole=lambda up: uploads.append(
+            {"step": up.step, "start": up.started, "end": up.ended, "seconds": round(up.seconds, 3),
+             "bytes": up.bytes}))
+    ledger.flush()
+
+
+def wait_for_upload(w: Worker) -> None:
+    """Until this worker's checkpoint upload is done (rank 0: the checkpoint is whole); every rank,
+    ending at a barrier."""
+    if w.uploader is None:
+        w.rt.barrier()
+    else:
+        with w.ledger.timed("checkpoint"):
+            w.uploader.wait()
+        uploads = w.ledger.extra.get("uploads")
+        if uploads:
+            w.metrics["checkpoint_upload_s"] = uploads[-1]["seconds"]
+        w.rt.barrier()
+
+
+def _last_upload_s(w: Worker) -> float:
+    uploads = w.ledger.extra.get("uploads") if w.uploader is not None else None
+    return float(uploads[-1]["seconds"]) if uploads else 0.0
+
+
+def _aside(ledger) -> float:
+    return ledger.causes["eval"] + ledger.causes["checkpoint"]
+
+
+def account_step(w: Worker, seconds: float, aside: float) -> None:
+    """A step's time (evaluations and checkpoints it triggered set aside) into the ledger and the
+    straggler meter; the meter's interval closes at each logging step."""
+    step = w.state.step
+    w.ledger.step(step, seconds - aside)
+    w.stragglers.step(seconds - aside, w.clock.waited)
+    w.clock.waited = 0.0
+    if step % max(w.cfg.train.log_every, 1) == 0 or step >= w.total:
+        with w.clock:  # a collective: a rank early here waits for the late one (the next step's wait)
+            per_rank = w.stragglers.interval(step)
+        if per_rank:
+            w.progress.emit(step, per_rank)
+            if w.stragglers.named:
+                w.metrics["stragglers"] = list(w.stragglers.named)
+    if aside:
+        w.ledger.flush()
+
+
+def stop_for_preemption(w: Worker) -> None:
+    """Every rank, at the step the drain notice was agreed on: save this step (unless it just was),
+    wait until the checkpoint is whole, record it, and stop: Ray Train restarts the group from
+    that checkpoint on the nodes left."""
+    from chatsft.train.preemption import Preempted
+
+    rt, step = w.rt, w.state.step
+    if w.last_saved != step:
+        with w.ledger.timed("checkpoint"):
+            save(w)
+    wait_for_upload(w)  # ends at a barrier: rank 0 wrote its state, the checkpoint is whole
+    notice = w.preempt.notice()
+    deadline = w.preempt.agreed_deadline
+    spare = f"{deadline - time.time():.1f}s before the deadline" if deadline else "the drain has no deadline"
+    if notice is not None:
+        notice.step, notice.saved_at = step, time.time()
+        w.ledger.extra["preempted"] = notice.to_json()
+        w.ledger.flush(wait=True)
+        say(f"preempted: checkpoint of step {step} whole, {spare} (node {notice.host}, {notice.reason}); "
+            "stopping so that Ray Train restarts on the nodes left")
+    # no rank stops before rank 0 has recorded it: Ray Train may tear the group down at the first
+    # rank that raises
+    rt.barrier()
+    w.preempt.stop()
+    raise Preempted(f"preempted at step {step}: a node of the group is drained; checkpoint of step {step} saved, "
+                    f"{spare}")
 
 
 def accumulation(global_batch: int, micro: int, world: int) -> int:
@@ -244,17 +353,22 @@ def after_step(w: Worker) -> None:
         w.progress.step(state.step, w.metrics, fresh=flushed)
     due_eval = tr.eval_every > 0 and state.step % tr.eval_every == 0 and not last
     if due_eval and w.args.eval is not None:
-        w.metrics["eval_loss"] = validation_loss(w)
+        with w.ledger.timed("eval"):
+            w.metrics["eval_loss"] = validation_loss(w)
         w.progress.line(f"step {state.step}/{w.total}  eval loss {w.metrics['eval_loss']:.4f}")
         w.metrics["eval_step"] = w.metrics["step"] = state.step  # what a sweep scheduler compares
         w.progress.emit(state.step, {"eval_loss": w.metrics["eval_loss"]})
     if w.args.tasks and tr.eval_metrics_every > 0 and state.step % tr.eval_metrics_every == 0 and not last:
-        scores = task_scores(w)
+        with w.ledger.timed("eval"):
+            scores = task_scores(w)
         w.metrics.update(scores)
         w.progress.line(f"step {state.step}/{w.total}  " + brief(scores))
         w.progress.emit(state.step, scores)
     if tr.save_every > 0 and state.step % tr.save_every == 0 and not last:
-        save(w)
+        with w.ledger.timed("checkpoint") as took:
+            save(w)
+        # the time a save before a drain deadline needs: the local save and, uploaded, its copy
+        w.preempt.check_grace(w.rt, took.seconds + _last_upload_s(w))
     elif not last and (report_now or due_eval):
         w.rt.report(_reportable(w.metrics))
 
@@ -263,14 +377,16 @@ def finish(w: Worker, steady: Steady) -> None:
     """Final evaluations, the last checkpoint and report, the exported model."""
     rt, state = w.rt, w.state
     if w.args.eval is not None:
-        w.metrics["eval_loss"] = validation_loss(w)
+        with w.ledger.timed("eval"):
+            w.metrics["eval_loss"] = validation_loss(w)
         first = w.metrics.get("eval_loss_first")
         w.progress.line(f"final eval loss {w.metrics['eval_loss']:.4f}"
                         + (f" (start {first:.4f})" if first is not None else ""))
         w.progress.emit(state.step, {"eval_loss": w.metrics["eval_loss"]})
         w.metrics["eval_step"] = state.step
     if w.args.tasks:
-        after = task_scores(w)
+        with w.ledger.timed("eval"):
+            after = task_scores(w)
         w.metrics.update(after)
         w.progress.emit(state.step, after)
         if rt.rank == 0:
@@ -288,9 +404,11 @@ def finish(w: Worker, steady: Steady) -> None:
     w.metrics["data_bytes_read"] = [int(b) for b in rt.gather(str(w.reader.bytes_read))]
     w.metrics["data_bytes_total"] = w.args.train.total_bytes
     if w.last_saved != state.step:
-        save(w)
+        with w.ledger.timed("checkpoint"):
+            save(w)
     else:
         rt.report(_reportable(w.metrics))
+    wait_for_upload(w)  # the run's last checkpoint is whole before the run ends
     if w.args.export:
         from chatsft.train.export import export_from_engine
 
@@ -311,7 +429,11 @@ def one_step(w: Worker, mine: list) -> None:
     meter.lr = engine.set_lr(lr_multiplier(w.state.step, w.total, tr))
     w.state.step += 1
     w.state.position += w.args.plan.global_batch
-    n = int(rt.all_reduce([float(sum(b.num_targets for b in micro))])[0])
+    # the step's one collective before any forward: the count, and a drain notice riding on it
+    with w.clock:
+        n, drained = rt.all_reduce([float(sum(b.num_targets for b in micro)), w.preempt.flag()])
+    n = int(n)
+    w.preempt.agree(drained)
     meter.supervised += n
     meter.tokens_local += sum(b.tokens for b in micro)
     meter.slots_local += sum(b.slots for b in micro)
@@ -444,15 +566,21 @@ def save(w: Worker) -> None:
         if rt.rank == 0:
             storage.remove(target)  # a folder of this name that never completed (a save cut off)
         rt.barrier()
-        if os.listdir(tmp):
-            storage.copy_tree(tmp, target)
-        files = [json.loads(x) for x in rt.gather(json.dumps(ckpt.listing(tmp)))]
-        if rt.rank == 0:
-            ckpt.write_state(target, 0, state, files={k: v for f in files for k, v in f.items()})
-            ckpt.prune(plan.checkpoint_dir, w.cfg.train.keep_checkpoints)
+        if w.uploader is not None:  # train/upload.py: copied on a thread, listed once whole
+            w.uploader.submit(tmp, target, state.step, ckpt.state_record(state) if rt.rank == 0 else None,
+                              prune=lambda: ckpt.prune(plan.checkpoint_dir, w.cfg.train.keep_checkpoints))
+            tmp = ""  # the upload owns the folder now
+        else:
+            if os.listdir(tmp):
+                storage.copy_tree(tmp, target)
+            files = [json.loads(x) for x in rt.gather(json.dumps(ckpt.listing(tmp)))]
+            if rt.rank == 0:
+                ckpt.write_state(target, 0, state, files={k: v for f in files for k, v in f.items()})
+                ckpt.prune(plan.checkpoint_dir, w.cfg.train.keep_checkpoints)
         rt.report(_reportable(w.metrics))
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
     w.last_saved = state.step
 
 
