@@ -1,27 +1,39 @@
 """`prepare`: JSONL conversations -> shuffled (optionally packed) Parquet rows, stats and a mask preview.
 
-The graph:
+The graph, in three phases (render, write, report):
 
     JsonlLines (raw lines + path:line)        read.py; local files read on the driver's node
       -> map_batches(Renderer), actors        render.py; parse, validate, render, mixture copies
-      -> blocks kept in the object store      each block carries its batches' stats rows
-      -> stats: one task per group of blocks  counts, bad records (error mode stops here)
-      -> partition tasks, one per group       shuffle.py: range partition on the seeded key
-      -> one task per partition               sort (or pack window by window), write part-NNNNN.parquet
+      -> blocks, consumed as they come        each block carries its batches' stats rows
+      -> spill tasks, one per group of blocks shuffle.spill_group: stats, first samples, and the
+                                              samples sorted by the shuffle key, written as a run
+                                              file to the output's storage (_spill/)
+      -> one task per partition               shuffle.write_part: its key range of every run, sorted
+                                              (or packed window by window), part-NNNNN.parquet
+      -> report                               stats.json, mask_preview.html, bad_records.jsonl
 
-The shuffle after rendering uses plain Ray tasks rather than Dataset.sort:
-the shuffle key is a uniform hash, so fixed key ranges partition it evenly
-without a sampling pass, and the partitions (hence the files) are the same
-whatever the number of blocks; it also saves Ray Data's per-stage start-up,
-which dominated small corpora.
+Bounded memory: the object store holds rendered blocks in flight, never the
+corpus. Ray Data's budget is STORE_PER_CPU x CPUs (its streaming executor holds
+back reads and renders past it), and the blocks it hands out are grouped by
+GROUP_BYTES and given to a spill task at once, with at most one pending spill
+task per CPU: about (STORE_PER_CPU + GROUP_BYTES) x CPUs + GROUP_BYTES, 96 MB
+per CPU plus 32 MB, whatever the corpus. What outgrows that goes to the
+output's own storage (the cache's bucket, or the run's data folder) as sorted
+runs, by design, not to the head node's spill directory.
 
-The rendered blocks stay in the object store until their partition task has
-cut them, the pieces until they are written (Ray spills them to disk when they
-outgrow it).
+The shuffle uses plain Ray tasks rather than Dataset.sort: the shuffle key is a
+uniform hash, so fixed key ranges partition it evenly without a sampling pass,
+and the partitions (hence the files) are the same whatever the number of blocks
+or groups (a part's samples are the keys of its range in every run).
 
 Row order is a pure function of the config and seed: every random decision is
 a hash of (seed, path:line) and rows are written in the order of a sort on
 those hashes, so the number of CPUs, actors and blocks never changes a row.
+
+Where rows go: with `data.cache`, into a new attempt folder of the cache entry
+of the content fingerprint, published by its manifest (pipeline/cache.py); a
+run whose fingerprint is published prepares nothing. Without it, under
+`<run.output_dir>/data/` with `prepare.json` naming the fingerprint.
 """
 
 from __future__ import annotations
@@ -310,8 +322,8 @@ class Rendered:
 
 # Ray Data's object store budget for rendering, per CPU of the cluster, and the rendered bytes one
 # spill task takes: together they bound what prepare holds in the object store (see _render).
-STORE_PER_CPU = 128 << 20
-GROUP_BYTES = 64 << 20
+STORE_PER_CPU = 64 << 20
+GROUP_BYTES = 32 << 20
 
 
 def _run(plan: RunPlan, checked: Checked, root: str) -> Prepared:
