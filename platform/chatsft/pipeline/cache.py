@@ -231,7 +231,8 @@ def _read_json_number(path: str) -> Optional[float]:
 
 def prune(root: str, unused_for_s: float) -> tuple[list[str], list[str]]:
     """Remove every entry (published or a dead prepare's leftovers) not used for `unused_for_s`
-    seconds and without a live lease; returns (removed, kept because in use)."""
+    seconds and without a live lease, and the unnamed attempts of the published entries it keeps
+    (two prepares that published at the same instant); returns (removed, kept because in use)."""
     removed, in_use = [], []
     now = time.time()
     for e in entries(root):
@@ -241,4 +242,10 @@ def prune(root: str, unused_for_s: float) -> tuple[list[str], list[str]]:
         if now - e.last_use >= unused_for_s:
             storage.remove(entry_dir(root, e.fingerprint))
             removed.append(e.fingerprint)
+        elif e.published:  # kept: drop the attempts of prepares that lost the race to publish it
+            named = lookup(root, e.fingerprint)
+            for folder in storage.list_dirs(entry_dir(root, e.fingerprint)):
+                name = storage.basename(folder)
+                if named is not None and name.startswith("attempt-") and folder != named.folder:
+                    storage.remove(folder)
     return removed, in_use
