@@ -16,8 +16,8 @@ Bounded memory: the object store holds rendered blocks in flight, never the
 corpus. Ray Data's budget is STORE_PER_CPU x CPUs (its streaming executor holds
 back reads and renders past it), and the blocks it hands out are grouped by
 GROUP_BYTES and given to a spill task at once, with at most one pending spill
-task per CPU: about (STORE_PER_CPU + GROUP_BYTES) x CPUs + GROUP_BYTES, 96 MB
-per CPU plus 32 MB, whatever the corpus. What outgrows that goes to the
+task per CPU: about (STORE_PER_CPU + GROUP_BYTES) x CPUs + GROUP_BYTES, 48 MB
+per CPU plus 16 MB, whatever the corpus. What outgrows that goes to the
 output's own storage (the cache's bucket, or the run's data folder) as sorted
 runs, by design, not to the head node's spill directory.
 
@@ -322,8 +322,8 @@ class Rendered:
 
 # Ray Data's object store budget for rendering, per CPU of the cluster, and the rendered bytes one
 # spill task takes: together they bound what prepare holds in the object store (see _render).
-STORE_PER_CPU = 64 << 20
-GROUP_BYTES = 32 << 20
+STORE_PER_CPU = 32 << 20
+GROUP_BYTES = 16 << 20
 
 
 def _run(plan: RunPlan, checked: Checked, root: str) -> Prepared:
