@@ -15,8 +15,12 @@ written on the fly as JSONL shards into a temp dir):
    2 CPUs (the clock starts once Ray is up): wall time, tokens/s, the driver's peak
    RSS, the object store's peak (polled), and the CPU seconds of every process by
    what it ran (on a loaded machine wall times mislead; CPU seconds do not).
-   Targets: 2 CPUs / 1 CPU >= 1.9x; driver peak RSS at 1M within 1.2x of 100k.
-2. training on the prepared rows on a local multi-node Ray cluster
+   Targets: 2 CPUs / 1 CPU >= 1.9x; driver peak RSS and the object store's peak at 1M within
+   1.2x of 100k (prepare holds a bounded number of rendered blocks, not the corpus). The last
+   prepare publishes its rows to a row cache (`data.cache`).
+3. a new run (another output folder and learning rate) on a two-node cluster with that cache:
+   its time from the call to the first optimizer step, and that it prepared nothing.
+4. training on the prepared rows on a local multi-node Ray cluster
    (ray.cluster_utils.Cluster, two nodes), W = 1, 2, 4 workers, the tiny built-in
    Llama, a few hundred optimizer steps: time to the first optimizer step (from
    the call, including the driver's index of the row groups and the workers'
@@ -161,7 +165,7 @@ def _pid() -> int:
     return os.getpid()
 
 
-def child_prepare(cpus: int, out: str, paths: list[str]) -> dict:
+def child_prepare(cpus: int, out: str, cache: str, paths: list[str]) -> dict:
     if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= cpus:
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cpus])  # Ray's processes inherit it
     import ray
@@ -180,7 +184,7 @@ def child_prepare(cpus: int, out: str, paths: list[str]) -> dict:
     ray.get([ray.remote(num_cpus=1)(_pid).remote() for _ in range(cpus)])
     time.sleep(3)
     cfg = load_config(None, [f"run.output_dir={out}", f"data.train=[{', '.join(paths)}]", "data.max_length=1024",
-                             "tracking.enabled=false"])
+                             "tracking.enabled=false", f"data.cache={'' if cache == '-' else cache}"])
     start = time.perf_counter()
     with StorePeak() as store, CpuByProcess() as cpu:
         p = prepare(RunPlan.resolve(cfg), force=True)
@@ -191,6 +195,46 @@ def child_prepare(cpus: int, out: str, paths: list[str]) -> dict:
             "rows": st["rows"], "driver_rss_mb": peak_rss_mb(), "store_peak_mb": store.peak,
             "train_dir": p.train_dir, "cpu_s": cpu.by_role(), "worker_processes": len(cpu.workers), "seconds_render": st["seconds_render"],
             "seconds_shuffle_write": st["seconds_shuffle_write"]}
+
+
+def child_warm(cache: str, out: str, paths: list[str]) -> dict:
+    """`chatsft train` of a new run (another output folder and learning rate) on a two-node
+    cluster whose rows are in the cache: the time from the call to the first optimizer step,
+    and whether anything was prepared (the driver's log says)."""
+    import contextlib
+    import io
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from chatsft.config import load_config
+    from chatsft.raysetup import runtime_env
+    from chatsft.train.driver import train
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, runtime_env=runtime_env(), logging_level="ERROR", log_to_driver=False)
+    os.makedirs(out, exist_ok=True)
+    first = os.path.join(out, "first_step.txt")
+    cfg = load_config(None, [
+        f"run.output_dir={out}", "run.name=warm", "run.shared_storage=true", f"data.train=[{', '.join(paths)}]",
+        "data.max_length=1024", f"data.cache={cache}", "train.micro_batch_size=4", "train.grad_accum=1",
+        "train.max_steps=3", "train.log_every=1", "train.save_every=0", "train.precision=fp32",
+        "train.deepspeed.stage=2", "train.lr=5e-4", "scaling.num_workers=1",
+        "scaling.resources_per_worker={CPU: 1}", "tracking.enabled=false", "eval.tasks=[]"])
+    log = io.StringIO()
+    start = time.time()
+    with contextlib.redirect_stdout(log):
+        train(cfg, callbacks=[FirstStep(first)])
+    ray.shutdown()
+    cluster.shutdown()
+    with open(first) as f:
+        t_first = float(f.read()) - start
+    text = log.getvalue()
+    return {"first_step_s": t_first, "cache_hit": "cache hit" in text,
+            "prepared": "rendered in" in text or "preparing it once" in text,
+            "log": [ln for ln in text.splitlines() if ln.startswith("chatsft prepare")]}
 
 
 class FirstStep:
@@ -297,7 +341,8 @@ def run_child(*args: str) -> dict:
 # ------------------------------------------------------------------------ main
 
 
-def bench_size(records: int, files: int, workers: list[int], steps: int, cpus_list: list[int], tmp: str) -> dict:
+def bench_size(records: int, files: int, workers: list[int], steps: int, cpus_list: list[int], tmp: str,
+               warm_run: bool = True) -> dict:
     from prepare import make_corpus
 
     folder = Path(tmp) / f"corpus{records}"
@@ -308,8 +353,11 @@ def bench_size(records: int, files: int, workers: list[int], steps: int, cpus_li
     print(f"\n== {records:,} conversations: {size / 1e6:,.0f} MB of JSONL in {len(paths)} shards "
           f"(generated in {time.perf_counter() - t0:.0f} s)", flush=True)
     prep = {}
+    cache = os.path.join(tmp, f"cache{records}")
     for cpus in cpus_list:
-        prep[cpus] = run_child("prepare", str(cpus), os.path.join(tmp, f"prep{records}_{cpus}"), *paths)
+        # the last prepare publishes its rows to a row cache: a later run takes them (step 3.)
+        prep[cpus] = run_child("prepare", str(cpus), os.path.join(tmp, f"prep{records}_{cpus}"),
+                               cache if cpus == cpus_list[-1] else "-", *paths)
         r = prep[cpus]
         print(f"   prepare, {cpus} CPU: {r['wall']:7.1f} s ({r['tokens'] / r['wall'] / 1e3:6.1f} k tokens/s; "
               f"{r['tokens']:,} tokens, {r['rows']:,} rows); driver peak RSS {r['driver_rss_mb']:.0f} MB, "
@@ -322,8 +370,27 @@ def bench_size(records: int, files: int, workers: list[int], steps: int, cpus_li
               f"the pipeline alone (stats.json seconds: read to written files, without the checks and the "
               f"tokenizer's load before it): {prep[1]['pipeline'] / prep[2]['pipeline']:.2f}x; CPU seconds "
               f"{sum(prep[1]['cpu_s'].values()):.1f} at 1 CPU, {sum(prep[2]['cpu_s'].values()):.1f} at 2")
+    if len(prep) > 1:
+        a, b = prep[min(prep)], prep[max(prep)]
+        print(f"   object store peak: {a['store_peak_mb']:.0f} MB at {min(prep)} CPU, {b['store_peak_mb']:.0f} MB at "
+              f"{max(prep)} (bound: {_store_bound_mb(min(prep)):.0f} and {_store_bound_mb(max(prep)):.0f} MB of "
+              "rendered blocks in flight)", flush=True)
+    warm = {}
+    if warm_run:
+        warm = run_child("warm", cache, os.path.join(tmp, f"warm{records}"), *paths)
+        print(f"   warm cache, a new run (other output folder and lr) on 2 nodes: first optimizer step after "
+              f"{warm['first_step_s']:.1f} s from the call; cache hit: {warm['cache_hit']}; prepared anything: "
+              f"{warm['prepared']}; its log: {' | '.join(warm['log'])}", flush=True)
     runs = bench_train(str(records), prep[max(prep)]["train_dir"], workers, steps, tmp) if workers else {}
-    return {"records": records, "prepare": prep, "train": runs}
+    return {"records": records, "prepare": prep, "train": runs, "warm": warm}
+
+
+def _store_bound_mb(cpus: int) -> float:
+    """What prepare lets into the object store at once (pipeline/run.py): Ray Data's budget and one
+    pending spill group per CPU plus the one being filled."""
+    from chatsft.pipeline.run import GROUP_BYTES, STORE_PER_CPU
+
+    return (STORE_PER_CPU * cpus + GROUP_BYTES * (cpus + 1)) / 2**20
 
 
 def synthetic_rows(folder: Path, rows: int, seed: int = 0) -> str:
@@ -395,6 +462,7 @@ def main() -> None:
     ap.add_argument("--prepare-only", action="store_true", help="prepare at 1 and 2 CPUs, no training runs")
     ap.add_argument("--synthetic-rows", type=int, nargs="*", default=[],
                     help="also train on this many synthetic prepared rows (no prepare): the training side alone")
+    ap.add_argument("--no-warm", action="store_true", help="skip the run on a warm row cache")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.prepare_only:
@@ -402,7 +470,9 @@ def main() -> None:
     if args.child:
         kind, rest = args.child[0], args.child[1:]
         if kind == "prepare":
-            out = child_prepare(int(rest[0]), rest[1], rest[2:])
+            out = child_prepare(int(rest[0]), rest[1], rest[2], rest[3:])
+        elif kind == "warm":
+            out = child_warm(rest[0], rest[1], rest[2:])
         else:
             out = child_train(int(rest[0]), int(rest[1]), rest[2], rest[3])
         print(json.dumps(out))
@@ -413,7 +483,8 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="chatsft-scale-") as tmp:
         for records in args.records:
-            results.append(bench_size(records, args.files, args.workers, args.steps, args.prepare_cpus, tmp))
+            results.append(bench_size(records, args.files, args.workers, args.steps, args.prepare_cpus, tmp,
+                                      warm_run=not args.no_warm))
         for rows in args.synthetic_rows:
             t0 = time.perf_counter()
             train_dir = synthetic_rows(Path(tmp) / f"synthetic{rows}", rows)
@@ -428,7 +499,10 @@ def main() -> None:
     if len(results) > 1:
         a, b = results[0], results[-1]
         ca, cb = max(a["prepare"]), max(b["prepare"])
-        print(f"\ndriver peak RSS, {b['records']:,} vs {a['records']:,} conversations: prepare "
+        print(f"\nobject store peak in prepare, {b['records']:,} vs {a['records']:,} conversations: "
+              + ", ".join(f"{c} CPU {b['prepare'][c]['store_peak_mb'] / max(1e-9, a['prepare'][c]['store_peak_mb']):.2f}x"
+                          for c in sorted(set(a["prepare"]) & set(b["prepare"]))) + "   (target <= 1.2x)")
+        print(f"driver peak RSS, {b['records']:,} vs {a['records']:,} conversations: prepare "
               f"{b['prepare'][cb]['driver_rss_mb'] / a['prepare'][ca]['driver_rss_mb']:.2f}x", end="")
         common = sorted(set(a["train"]) & set(b["train"]))
         for w in common:

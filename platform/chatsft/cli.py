@@ -22,7 +22,7 @@ def _prepare(cfg: Config, args: argparse.Namespace) -> None:
     from chatsft.pipeline import prepare
     from chatsft.plan import RunPlan
 
-    prepare(RunPlan.resolve(cfg), force=True)
+    prepare(RunPlan.resolve(cfg), force=True)  # with data.cache: warms it (a published entry is kept)
 
 
 def _train(cfg: Config, args: argparse.Namespace) -> None:
@@ -163,6 +163,42 @@ def _export(cfg: Config, args: argparse.Namespace) -> None:
                force=args.force)
 
 
+def _cache(cfg: Config, args: argparse.Namespace) -> None:
+    """`chatsft cache list|prune CONFIG`: the entries of the config's data.cache."""
+    import time
+
+    from chatsft.pipeline import cache
+
+    root = cfg.data.cache
+    if not root:
+        raise UserError("data.cache: not set in this config (a bucket prefix or a shared folder), so there is "
+                        "no row cache to list or prune")
+    if args.action == "prune":
+        removed, in_use = cache.prune(root, args.unused_days * 86400)
+        for fp in removed:
+            print(f"removed {fp}")
+        for fp in in_use:
+            print(f"kept {fp}: in use (a job holds a live lease)")
+        print(f"chatsft cache prune: {len(removed)} entries removed, {len(in_use)} in use kept ({root})")
+        return
+    found = cache.entries(root)
+    print(f"{'fingerprint':<16}  {'state':<9} {'size':>10} {'records':>12} {'tokens':>14}  last use (UTC)  jobs")
+    for e in found:
+        state = "published" if e.published else "partial"
+        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(e.last_use)) if e.last_use else "never"
+        print(f"{e.fingerprint[:16]}  {state:<9} {_size(e.bytes):>10} {e.records:>12,} {e.tokens:>14,}  "
+              f"{when:<15} {e.leases}")
+    print(f"{len(found)} entries in {root}")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
 VERBS: dict[str, tuple[Callable, str]] = {
     "prepare": (_prepare, "JSONL or Parquet conversations -> Parquet rows + stats.json + mask preview (Ray Data)"),
     "train": (_train, "prepare if needed, then train (Ray Train; --local: in this process)"),
@@ -172,6 +208,8 @@ VERBS: dict[str, tuple[Callable, str]] = {
     "template": (_template, "what the chat template will teach: strategy, stops, think policy, features, "
                             "learned tokens by role, records refused, serving parity"),
     "export": (_export, "write a Hugging Face model folder (LoRA merged or the adapter alone)"),
+    "cache": (_cache, "the row cache of data.cache: `list` its entries (fingerprint, size, records, tokens, "
+                      "last use), `prune` the unused ones (never one a running job reads)"),
 }
 
 
@@ -180,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb, (_, help_text) in VERBS.items():
         p = sub.add_parser(verb, help=help_text, description=help_text)
+        if verb == "cache":
+            p.add_argument("action", choices=("list", "prune"))
         p.add_argument("config", help="YAML config file")
         p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=3e-4")
         if verb == "train":
@@ -192,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "template":
             p.add_argument("-n", "--num", type=int, default=REPORT_RECORDS,
                            help="records of data.train to render for the report")
+        if verb == "cache":
+            p.add_argument("--unused-days", type=float, default=7.0,
+                           help="prune: remove entries not used for this many days (default 7; 0: every unused one)")
         if verb == "export":
             p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the latest)")
             p.add_argument("--out", default=None, help="output folder (default: the run's model/); it is replaced "

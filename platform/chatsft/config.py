@@ -158,6 +158,12 @@ class DataConfig:
     preview_samples: int = doc(8, "Samples shown in mask_preview.html.")
     map_batch_size: int = doc(256, "Records per Ray Data map batch.")
     map_concurrency: int = doc(0, "Ray Data render actors; 0: one per available CPU.")
+    cache: str = doc(
+        "", "Row cache: a bucket prefix (s3://..., gs://...) or a folder every node sees. Rows are kept there "
+        "under the content fingerprint of what shapes them, prepared once and shared by every run and user "
+        "with the same data, tokenizer and data keys (`chatsft cache list|prune`); empty: rows go to "
+        "<run.output_dir>/data/ as before."
+    )
 
     def _validate(self, where: str) -> None:
         if not self.train:
@@ -169,6 +175,8 @@ class DataConfig:
                 raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
         if self.map_concurrency < 0:
             raise ConfigError(f"{where}.map_concurrency: must be >= 0")
+        if self.cache and not storage.is_uri(self.cache):
+            self.cache = storage.absolute(self.cache)  # tasks and later runs in other folders: the same place
         if self.chat_template_kwargs and self.template != Template.HF:
             raise ConfigError(f"{where}.chat_template_kwargs: only for data.template=hf (the tokenizer's own "
                               f"template); data.template is {self.template.value}")

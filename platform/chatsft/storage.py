@@ -49,6 +49,16 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
+def relative(base: str, path: str) -> str:
+    """`path` inside folder `base`, as a relative name with `/` (either may be a URI)."""
+    b, p = base.rstrip("/"), path
+    if not is_uri(base):
+        return os.path.relpath(p, b).replace(os.sep, "/")
+    if not p.startswith(b + "/"):
+        raise ValueError(f"{path} is not inside {base}")
+    return p[len(b) + 1:]
+
+
 def basename(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1] if is_uri(path) else os.path.basename(os.path.normpath(path))
 

@@ -9,6 +9,7 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet  # noqa: F401  (pa.parquet)
 import pytest
 
 from chatsft.config import load_config
@@ -115,21 +116,68 @@ def test_rows_do_not_depend_on_how_lines_are_batched(tiny_llama_dir, tokenizer, 
 
 
 def test_fingerprint_tracks_what_shapes_the_rows(tmp_path, tokenizer):
+    import os
+
+    from chatsft.pipeline.fingerprint import content_hashes
+
+    (tmp_path / "a.jsonl").write_bytes(LINES[0] + b"\n")
     f = SourceFile("a.jsonl", str(tmp_path / "a.jsonl"), True, 10, 1)
     base = load_config(None, [])
 
-    def fp(cfg, files=(("train", f),)):
-        return fingerprint(rows_identity(cfg, "causal", list(files), tokenizer))
+    def fp(cfg, files=(("train", 1.0, f),)):
+        return fingerprint(rows_identity(cfg, "causal", list(files), content_hashes([x for _, _, x in files]),
+                                         tokenizer))
 
     ref = fp(base)
     assert fp(load_config(None, [])) == ref
     assert fp(load_config(None, ["data.map_batch_size=7", "data.map_concurrency=3"])) == ref
-    assert fp(load_config(None, ["train.micro_batch_size=9"])) == ref
+    assert fp(load_config(None, ["train.micro_batch_size=9", "train.lr=1"])) == ref
+    assert fp(load_config(None, [f"data.cache={tmp_path}/cache"])) == ref
     assert fp(load_config(None, ["data.max_length=77"])) != ref
     assert fp(load_config(None, ["run.seed=1"])) != ref
     assert fp(load_config(None, ["data.packing=true"])) != ref
-    assert fp(base, [("train", dataclasses.replace(f, mtime_ns=2))]) != ref
-    assert fp(base, [("train", dataclasses.replace(f, size=11))]) != ref
+    assert fp(base, [("train", 2.0, f)]) != ref
+    # by content: a touched file, or the same bytes under another name, is the same; a byte is not
+    os.utime(tmp_path / "a.jsonl", (1, 1))
+    assert fp(base, [("train", 1.0, dataclasses.replace(f, mtime_ns=2, display="other/a.jsonl"))]) == ref
+    (tmp_path / "b.jsonl").write_bytes(LINES[0] + b"\n")
+    assert fp(base, [("train", 1.0, dataclasses.replace(f, location=str(tmp_path / "b.jsonl")))]) == ref
+    (tmp_path / "a.jsonl").write_bytes(LINES[0].replace(b"a", b"b", 1) + b"\n")
+    assert fp(base) != ref
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_spilled_runs_give_the_parts_of_the_whole_stream(tmp_path, tiny_llama_dir, tokenizer, packing):
+    """The write phase reads each part's key range of the sorted runs that spill tasks left: the
+    parts are those of partitioning the whole stream at once, however the blocks were grouped."""
+    from chatsft.pipeline.shuffle import spill_group, write_part
+
+    spec = spec_for(tiny_llama_dir)
+    items = [(0, n, raw) for n, raw in enumerate(LINES[:80], 1)] + [(1, n, raw) for n, raw in enumerate(LINES[80:], 1)]
+    blocks = render_chunks(spec, tokenizer, [items[a:a + 13] for a in range(0, len(items), 13)])
+    groups = [blocks[:1], blocks[1:5], blocks[5:]]
+    outs = [spill_group(str(tmp_path / "spill"), g, [TRAIN, EVAL], 3, *grp) for g, grp in enumerate(groups)]
+    assert outs[0]["preview"][TRAIN] == partition_samples(blocks[0], TRAIN)[:3]
+    for split in (TRAIN, EVAL):
+        stats = [json.loads(s)["stats"]["train" if split == TRAIN else "eval"] for o in outs for s in o["stats"]]
+        n, t = sum(s["samples"] for s in stats), sum(s["tokens"] for s in stats)
+        plan = dataclasses.replace(plan_split(split, n, t, packing, 16, 256, spec.seed, str(tmp_path / f"out{split}")),
+                                   parts=3)
+        if packing:
+            plan = dataclasses.replace(plan, n_windows=max(plan.n_windows, 3))
+        runs = [o["runs"][split] for o in outs if o["runs"][split]]
+        whole = [partition(b, [plan]) for b in blocks]
+        for p in range(plan.parts):
+            write_part(plan, p, 4, runs)
+            want = reduce_part([w[p] for w in whole], plan)
+            got = pa.parquet.read_table(tmp_path / f"out{split}" / f"part-{p:05d}.parquet")
+            assert want is not None and got.equals(want.cast(got.schema)), (split, p)
+
+
+def partition_samples(block, split):
+    from chatsft.pipeline.rows import select_samples
+
+    return select_samples(block, split).to_pylist()
 
 
 def test_seq2seq_rows_hold_encoder_input_and_decoder_labels(tiny_llama_dir, tokenizer):
@@ -157,7 +205,7 @@ def test_seq2seq_rows_hold_encoder_input_and_decoder_labels(tiny_llama_dir, toke
 
 def test_user_errors_come_out_of_ray_wrappers():
     from chatsft.data.templates import TemplateError
-    from chatsft.errors import one_line, user_error_in
+    from chatsft.errors import user_error_in
 
     original = TemplateError("data.template=hf: no chat_template")
     wrapper = RuntimeError("ray::MapWorker ... traceback ...")
@@ -183,16 +231,3 @@ def test_user_errors_come_out_of_ray_train_failures():
     assert one_line(group) == one_line(task) == "model.name_or_path=x: cannot load"
     assert one_line(RuntimeError("a\n  b " + "x" * 500)).startswith("a b xx") and len(one_line(RuntimeError("x" * 500))) == 400
     assert one_line(FileNotFoundError(2, "No such file or directory", "/a/b")) == "/a/b: file not found"
-
-
-def test_group_blocks_keeps_order_bounds_bytes_and_feeds_every_cpu():
-    from chatsft.pipeline.shuffle import group_blocks
-
-    rng = random.Random(3)
-    sizes = [rng.randint(1, 1000) for _ in range(400)]
-    for cpus, most in ((1, 10**9), (2, 10**9), (2, 5000), (16, 10**9)):
-        groups = group_blocks(sizes, cpus, most)
-        assert [i for g in groups for i in g] == list(range(len(sizes)))  # consecutive runs, in order
-        assert all(sum(sizes[i] for i in g) <= max(most, max(sizes[i] for i in g)) for g in groups)
-        assert len(groups) >= min(2 * cpus, len(sizes))
-    assert group_blocks([], 2) == [] and group_blocks([0, 0, 0], 2) == [[0], [1], [2]]

@@ -1,27 +1,39 @@
 """`prepare`: JSONL conversations -> shuffled (optionally packed) Parquet rows, stats and a mask preview.
 
-The graph:
+The graph, in three phases (render, write, report):
 
     JsonlLines (raw lines + path:line)        read.py; local files read on the driver's node
       -> map_batches(Renderer), actors        render.py; parse, validate, render, mixture copies
-      -> blocks kept in the object store      each block carries its batches' stats rows
-      -> stats: one task per group of blocks  counts, bad records (error mode stops here)
-      -> partition tasks, one per group       shuffle.py: range partition on the seeded key
-      -> one task per partition               sort (or pack window by window), write part-NNNNN.parquet
+      -> blocks, consumed as they come        each block carries its batches' stats rows
+      -> spill tasks, one per group of blocks shuffle.spill_group: stats, first samples, and the
+                                              samples sorted by the shuffle key, written as a run
+                                              file to the output's storage (_spill/)
+      -> one task per partition               shuffle.write_part: its key range of every run, sorted
+                                              (or packed window by window), part-NNNNN.parquet
+      -> report                               stats.json, mask_preview.html, bad_records.jsonl
 
-The shuffle after rendering uses plain Ray tasks rather than Dataset.sort:
-the shuffle key is a uniform hash, so fixed key ranges partition it evenly
-without a sampling pass, and the partitions (hence the files) are the same
-whatever the number of blocks; it also saves Ray Data's per-stage start-up,
-which dominated small corpora.
+Bounded memory: the object store holds rendered blocks in flight, never the
+corpus. Ray Data's budget is STORE_PER_CPU x CPUs (its streaming executor holds
+back reads and renders past it), and the blocks it hands out are grouped by
+GROUP_BYTES and given to a spill task at once, with at most one pending spill
+task per CPU: about (STORE_PER_CPU + GROUP_BYTES) x CPUs + GROUP_BYTES, 48 MB
+per CPU plus 16 MB, whatever the corpus. What outgrows that goes to the
+output's own storage (the cache's bucket, or the run's data folder) as sorted
+runs, by design, not to the head node's spill directory.
 
-The rendered blocks stay in the object store until their partition task has
-cut them, the pieces until they are written (Ray spills them to disk when they
-outgrow it).
+The shuffle uses plain Ray tasks rather than Dataset.sort: the shuffle key is a
+uniform hash, so fixed key ranges partition it evenly without a sampling pass,
+and the partitions (hence the files) are the same whatever the number of blocks
+or groups (a part's samples are the keys of its range in every run).
 
 Row order is a pure function of the config and seed: every random decision is
 a hash of (seed, path:line) and rows are written in the order of a sort on
 those hashes, so the number of CPUs, actors and blocks never changes a row.
+
+Where rows go: with `data.cache`, into a new attempt folder of the cache entry
+of the content fingerprint, published by its manifest (pipeline/cache.py); a
+run whose fingerprint is published prepares nothing. Without it, under
+`<run.output_dir>/data/` with `prepare.json` naming the fingerprint.
 """
 
 from __future__ import annotations
@@ -43,7 +55,8 @@ from chatsft.data.template_report import REPORT_RECORDS, format_report, template
 from chatsft.data.templates import TemplateError
 from chatsft.errors import UserError, user_errors_unwrapped
 from chatsft.pipeline import shuffle
-from chatsft.pipeline.fingerprint import fingerprint, rows_identity
+from chatsft.pipeline import cache
+from chatsft.pipeline.fingerprint import content_hashes, fingerprint, rows_identity
 from chatsft.pipeline.render import FileRole, RenderSpec, Renderer
 from chatsft.pipeline.rows import EVAL, SPLITS, TRAIN
 from chatsft.plan import RunPlan
@@ -90,22 +103,78 @@ def check_prepare(plan: RunPlan) -> Checked:
                                                                           opts.tool_arguments))
         print(format_report(report), flush=True)
     early_records(plan, files, fmt, opts)
-    identity = rows_identity(cfg, plan.kind.name, [(SPLITS[r.split], f) for f, r in files], tokenizer)
+    hashes = content_hashes([f for f, _ in files], bool(cfg.run.shared_storage))
+    identity = rows_identity(cfg, plan.kind.name, [(SPLITS[r.split], r.weight, f) for f, r in files], hashes, tokenizer)
     return Checked(files, tokenizer, fmt, opts, identity, report)
 
 
 def prepare(plan: RunPlan, *, force: bool = False, checked: Optional[Checked] = None) -> Prepared:
-    """Prepare the rows of the run under <run.output_dir>/data/, or reuse fresh ones (unless force).
-    `checked`: `check_prepare(plan)`'s result, when the caller ran it already."""
+    """The rows of the run: from the row cache (data.cache) when its fingerprint is there, else
+    prepared once and published to it; without a cache, under <run.output_dir>/data/, reusing
+    fresh ones there (unless force). `checked`: `check_prepare(plan)`'s result, when the caller ran it."""
     checked = checked or check_prepare(plan)
-    root = plan.data_dir
     fp = fingerprint(checked.identity)
+    has_eval = plan.eval_split != "none"
+    if plan.config.data.cache:
+        return _prepare_cached(plan, checked, plan.config.data.cache, fp)
+    root = plan.data_dir
     if not force:
-        reused = reuse(root, fp, plan.eval_split != "none")
+        reused = reuse(root, fp, has_eval)
         if reused is not None:
-            print(f"chatsft prepare: reusing {root} (config, tokenizer and sources unchanged)")
+            print(f"chatsft prepare: reusing {root} (config, tokenizer and source contents unchanged)")
             return reused
-    return _run(plan, checked, root, fp)
+    prepared = _run(plan, checked, root)
+    storage.write_text(storage.join(root, "prepare.json"), json.dumps(
+        {"fingerprint": fp, "train_dir": prepared.train_dir, "eval_dir": prepared.eval_dir,
+         "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n")
+    return prepared
+
+
+def _prepare_cached(plan: RunPlan, checked: Checked, store: str, fp: str) -> Prepared:
+    """Take the cache's entry of `fp`, or prepare it into an attempt folder of our own and publish
+    it. A lease on the entry is held while this process lives (`chatsft cache prune` skips it)."""
+    has_eval = plan.eval_split != "none"
+    found = cache.lookup(store, fp)
+    if found is not None:
+        cache.lease(store, fp)
+        cache.touch(store, fp)
+        m = found.manifest
+        print(f"chatsft prepare: cache hit: {fp[:16]} in {store} ({m.get('records', 0):,} records, "
+              f"{m.get('tokens', 0):,} tokens, published {_when(m.get('published'))}); nothing to prepare",
+              flush=True)
+        return _from_entry(found, has_eval)
+    writing = cache.lease(store, fp, "write")
+    attempt = cache.new_attempt(store, fp)
+    print(f"chatsft prepare: {fp[:16]} is not in the cache {store}: preparing it once", flush=True)
+    try:
+        prepared = _run(plan, checked, attempt)
+        records = sum(st["records_read"] for st in (prepared.train_stats, prepared.eval_stats) if st)
+        tokens = sum(st["tokens"] for st in (prepared.train_stats, prepared.eval_stats) if st)
+        entry = cache.publish(store, fp, attempt, {"records": records, "tokens": tokens, "has_eval": has_eval,
+                                                   "identity": checked.identity})
+    except BaseException:
+        storage.remove(attempt)  # never published: nobody reads it
+        cache.release(writing)
+        raise
+    cache.lease(store, fp)
+    cache.release(writing)
+    if entry.folder != attempt:
+        print(f"chatsft prepare: another prepare published {fp[:16]} first; using its rows (the same bytes)",
+              flush=True)
+        return _from_entry(entry, has_eval)
+    print(f"chatsft prepare: published {fp[:16]} to the cache {store}", flush=True)
+    return prepared
+
+
+def _from_entry(entry: "cache.Entry", has_eval: bool) -> Prepared:
+    got = _read_dir(entry.folder, has_eval)
+    if got is None:
+        raise UserError(f"data.cache: the entry {entry.folder} lost its stats.json since it was looked up")
+    return got
+
+
+def _when(t: Optional[float]) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t)) if t else "at an unknown time"
 
 
 # --------------------------------------------------------------------------- checks
@@ -196,6 +265,11 @@ def reuse(root: str, fp: str, has_eval: bool) -> Optional[Prepared]:
     meta = _read_json(storage.join(root, "prepare.json"))
     if meta is None or meta.get("fingerprint") != fp:
         return None
+    return _read_dir(root, has_eval)
+
+
+def _read_dir(root: str, has_eval: bool) -> Optional[Prepared]:
+    """The Prepared of a folder of train/ (and eval/) rows with their stats.json."""
     train_stats = _read_json(storage.join(root, "train", "stats.json"))
     eval_stats = _read_json(storage.join(root, "eval", "stats.json")) if has_eval else None
     if train_stats is None or (has_eval and eval_stats is None):
@@ -215,31 +289,92 @@ def _read_json(path: str) -> Optional[dict]:
 # ----------------------------------------------------------------------------- run
 
 
-def _run(plan: RunPlan, checked: Checked, root: str, fp: str) -> Prepared:
+@dataclass(frozen=True)
+class BadExample:
+    """One bad record as the render stage reports it (its first `data.bad_examples` of a batch)."""
+
+    file_idx: int
+    line: int
+    split: int
+    example: dict  # source, reason, detail, the start of the raw line: a line of bad_records.jsonl
+
+    def error(self) -> BadRecord:
+        return BadRecord(self.example["reason"], self.example["detail"], self.example["source"])
+
+
+@dataclass
+class Rendered:
+    """What the render phase leaves: counts, bad records, the first samples of each split, and
+    each split's sorted runs spilled to the output's storage (one file per group of blocks)."""
+
+    stats: dict[int, MaskStats]
+    bad: list[BadExample]  # in file order
+    previews: dict[int, list[dict]]
+    runs: dict[int, list[str]]
+    spill: str  # the folder of the runs, removed once the parts are written
+    seconds: float  # from the start of the pipeline to the last run spilled
+
+
+# Ray Data's object store budget for rendering, per CPU of the cluster, and the rendered bytes one
+# spill task takes: together they bound what prepare holds in the object store (see _render).
+STORE_PER_CPU = 32 << 20
+GROUP_BYTES = 16 << 20
+
+
+def _run(plan: RunPlan, checked: Checked, root: str) -> Prepared:
     from ray.data import DataContext
 
     from chatsft.raysetup import ensure_ray
 
     ensure_ray()
+    import ray
+
     ctx = DataContext.get_current()
-    saved = ctx.execution_options.preserve_order
-    # Blocks in order: `take` gives the first records of the files, and sorted blocks are written in order.
+    saved = ctx.execution_options.preserve_order, ctx.execution_options.resource_limits
+    # Blocks in order: the first blocks hold the first records of the files (previews, the first
+    # bad record), and group g of blocks is the g-th run of the stream.
     ctx.execution_options.preserve_order = True
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    ctx.execution_options.resource_limits = saved[1].copy(object_store_memory=STORE_PER_CPU * cpus)
     try:
         with user_errors_unwrapped():  # a user error raised inside a Ray worker comes back wrapped
-            return _execute(plan, checked, root, fp)
+            return _execute(plan, checked, root, cpus)
     finally:
-        ctx.execution_options.preserve_order = saved
+        ctx.execution_options.preserve_order, ctx.execution_options.resource_limits = saved
 
 
-def _execute(plan: RunPlan, checked: Checked, root: str, fp: str) -> Prepared:
+def _execute(plan: RunPlan, checked: Checked, root: str, cpus: int) -> Prepared:
+    """The three phases: render (and spill), write the parts, report."""
+    started = time.time()  # stats.json times the pipeline itself, not Ray's or the tokenizer's start-up
+    rendered = _render(plan, checked, root, cpus)
+    _refuse(plan, checked, rendered)
+    print(f"chatsft prepare: rendered in {rendered.seconds:.1f} s; shuffling"
+          f"{' and packing' if plan.config.data.packing else ''} into Parquet files", flush=True)
+    lengths = _write(plan, rendered, root)
+    now = time.time()
+    seconds = {"seconds": now - started, "seconds_render": rendered.seconds,
+               "seconds_shuffle_write": now - started - rendered.seconds}
+    prepared = _report(plan, checked, root, rendered, lengths, seconds)
+    print(summary(prepared, plan.config.data.on_bad_record))
+    return prepared
+
+
+def _render(plan: RunPlan, checked: Checked, root: str, cpus: int) -> Rendered:
+    """Read and render the sources with Ray Data, and spill the rendered samples as they come.
+
+    Memory: Ray Data keeps at most STORE_PER_CPU x CPUs of blocks in the object store (its
+    streaming executor holds back reads and renders past that budget), and this loop hands each
+    run of GROUP_BYTES of consecutive blocks to a spill task at once, with at most one pending
+    spill task per CPU: the object store holds those, never the corpus. Each spill task sorts
+    its samples by the shuffle key and writes them to the output's own storage (a sorted run),
+    which the write phase reads back by key range."""
     import ray
     from ray.data import read_datasource
 
     from chatsft.pipeline.read import make_datasource, plan_units
 
-    started = time.time()  # stats.json times the pipeline itself, not Ray's or the tokenizer's start-up
-    cfg, kind, has_eval = plan.config, plan.kind, plan.eval_split != "none"
+    started = time.time()
+    cfg = plan.config
     files, tokenizer, opts = checked.files, checked.tokenizer, checked.opts
     data = cfg.data
     spec = RenderSpec(model=cfg.model, template=getattr(data.template, "value", data.template),
@@ -247,7 +382,6 @@ def _execute(plan: RunPlan, checked: Checked, root: str, fp: str) -> Prepared:
                       seed=cfg.run.seed, eval_fraction=data.eval_fraction,
                       files=tuple(r for _, r in files), bad_examples=data.bad_examples,
                       tokenizer=tokenizer if _pickles(tokenizer) else None)
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     concurrency = data.map_concurrency or (1, cpus)
     # Reading lines is I/O and costs little next to rendering them. The read tasks reserve no
     # CPU: with one render actor per CPU, a read task that waited for a free CPU would wait forever.
@@ -263,76 +397,106 @@ def _execute(plan: RunPlan, checked: Checked, root: str, fp: str) -> Prepared:
                             concurrency=min(readers, max(1, cpus // 4)))
     rendered = lines.map_batches(Renderer, fn_constructor_args=(spec,), batch_size=data.map_batch_size,
                                  batch_format="pyarrow", compute=_actor_pool(concurrency), num_cpus=1)
-    # Run the graph and keep its blocks in the object store, in file order (preserve_order).
-    blocks, sizes = _rendered_blocks(rendered)
-    rendered_at = time.time()
+    spill = storage.join(root, "_spill")
+    storage.remove(spill)
+    # No CPU reserved: the render actors hold every CPU until the last block is rendered, and a spill
+    # task waiting for one would stop this loop, hence the stream (the pending ones are capped instead).
+    task = ray.remote(num_cpus=0)(shuffle.spill_group).options(**_write_placement(root))
+    splits = [TRAIN, EVAL] if plan.eval_split != "none" else [TRAIN]
+    pending: dict[Any, int] = {}
+    results: dict[int, dict] = {}
+    group: list = []
+    size = 0
 
-    # The tasks after rendering each take a CPU and a run of consecutive blocks (shuffle.group_blocks):
-    # a task per block and a fraction of a CPU each made Ray start and stop worker processes at
-    # every stage (more processes than CPUs) and spent more on tasks than on the work in them.
-    task = ray.remote(num_cpus=1)
-    groups = [[blocks[i] for i in g] for g in shuffle.group_blocks(sizes, cpus)]
-    stats, bad = _collect_stats(ray.get([task(shuffle.block_stats).remote(*g) for g in groups]))
-    if bad and data.on_bad_record == "error":
-        fi, ln, split, ex = bad[0]
-        raise BadRecord(ex["reason"], ex["detail"], ex["source"])
-    splits = [TRAIN, EVAL] if has_eval else [TRAIN]
-    for split in splits:
-        if stats[split].samples == 0:
-            raise UserError(_nothing_left(split, stats[split], cfg,
-                                          [f.display for f, r in files if r.split == split or r.carve]))
+    def submit() -> None:
+        nonlocal group, size
+        g = len(pending) + len(results)
+        pending[task.remote(spill, g, splits, data.preview_samples, *group)] = g
+        group, size = [], 0
+        while len(pending) > cpus:
+            collect(1)
 
+    def collect(n: int) -> None:
+        done, _ = ray.wait(list(pending), num_returns=n)
+        for ref in done:
+            results[pending.pop(ref)] = ray.get(ref)
+
+    for bundle in rendered.iter_internal_ref_bundles():
+        for ref, meta in zip(bundle.block_refs, bundle.metadata):
+            group.append(ref)
+            size += meta.size_bytes or 0
+            if size >= GROUP_BYTES:
+                submit()
+        del bundle
+    if group:
+        submit()
+    if pending:
+        collect(len(pending))
+    stats, bad = _collect_stats([results[g]["stats"] for g in sorted(results)])
+    previews = {s: [r for g in sorted(results) for r in results[g]["preview"][s]][: data.preview_samples]
+                for s in splits}
+    runs = {s: [results[g]["runs"][s] for g in sorted(results) if results[g]["runs"][s]] for s in splits}
+    return Rendered(stats, bad, previews, runs, spill, time.time() - started)
+
+
+def _refuse(plan: RunPlan, checked: Checked, rendered: Rendered) -> None:
+    """on_bad_record=error: the first bad record in file order; a split left with no samples."""
+    if rendered.bad and plan.config.data.on_bad_record == "error":
+        storage.remove(rendered.spill)
+        raise rendered.bad[0].error()
+    for split in ([TRAIN, EVAL] if plan.eval_split != "none" else [TRAIN]):
+        st = rendered.stats[split]
+        if st.samples == 0:
+            storage.remove(rendered.spill)
+            raise UserError(_nothing_left(split, st, plan.config,
+                                          [f.display for f, r in checked.files if r.split == split or r.carve]))
+
+
+def _write(plan: RunPlan, rendered: Rendered, root: str) -> dict[int, list]:
+    """Cut each split into parts by key range, pack or sort each, write part-NNNNN.parquet: one task
+    a part, reading its key range of every spilled run. Returns each part's pad summaries."""
+    import ray
+
+    cfg, data = plan.config, plan.config.data
     for name in ("prepare.json", "train", "eval"):
         storage.remove(storage.join(root, name))  # stale rows must never mix with new ones
-    plans = [shuffle.plan_split(s, stats[s].samples, stats[s].tokens, data.packing, data.pack_window,
-                                data.max_length, cfg.run.seed, storage.join(root, SPLITS[s])) for s in splits]
+    plans = [shuffle.plan_split(s, rendered.stats[s].samples, rendered.stats[s].tokens, data.packing,
+                                data.pack_window, data.max_length, cfg.run.seed, storage.join(root, SPLITS[s]))
+             for s in rendered.runs]
     for split_plan in plans:
         storage.make_dirs(split_plan.folder)
-    n_parts = sum(p.parts for p in plans)
-    print(f"chatsft prepare: rendered in {rendered_at - started:.1f} s; shuffling"
-          f"{' and packing' if data.packing else ''} into {n_parts} Parquet file(s)", flush=True)
-    previews = {s: _first_samples(blocks, s, data.preview_samples) for s in splits}
-    cut = task(shuffle.partition_task).options(num_returns=n_parts)
-    pieces = [cut.remote(plans, *g) for g in groups]
-    del blocks, groups  # each rendered block is freed once its partition task has cut it
-    if n_parts == 1:
-        pieces = [[r] for r in pieces]  # one return: a ref, not a list of refs
-    write = task(shuffle.write_part).options(**_write_placement(root))
-    pending, k = {}, 0
-    for sp in plans:
-        pending[sp.split] = [write.remote(sp, p, cfg.train.micro_batch_size, *[pc[k + p] for pc in pieces])
-                             for p in range(sp.parts)]
-        k += sp.parts
+    write = ray.remote(num_cpus=1)(shuffle.write_part).options(**_write_placement(root))
+    pending = {sp.split: [write.remote(sp, p, cfg.train.micro_batch_size, rendered.runs[sp.split])
+                          for p in range(sp.parts)] for sp in plans}
     lengths = {s: ray.get(refs) for s, refs in pending.items()}
-    now = time.time()
-    seconds = {"seconds": now - started, "seconds_render": rendered_at - started,
-               "seconds_shuffle_write": now - rendered_at}
-    all_tokens = sum(stats[s].tokens for s in splits)
+    storage.remove(rendered.spill)
+    return lengths
 
+
+def _report(plan: RunPlan, checked: Checked, root: str, rendered: Rendered, lengths: dict[int, list],
+            seconds: dict) -> Prepared:
+    """stats.json, the mask preview, the template report and bad_records.jsonl of each split."""
+    cfg, data = plan.config, plan.config.data
+    splits = list(lengths)
+    all_tokens = sum(rendered.stats[s].tokens for s in splits)
     out: dict[int, dict] = {}
     for split in splits:
         folder = storage.join(root, SPLITS[split])
-        d = split_stats(stats[split], lengths[split], cfg, kind, seconds, all_tokens)
+        d = split_stats(rendered.stats[split], lengths[split], cfg, plan.kind, seconds, all_tokens)
         if checked.report is not None:
             d["template"] = checked.report
             d["serving_parity"] = checked.report["serving_parity"]["share"]  # a number: an MLflow metric
             storage.write_text(storage.join(folder, "template_report.txt"), format_report(checked.report) + "\n")
         storage.write_text(storage.join(folder, "stats.json"), json.dumps(d, indent=2, ensure_ascii=False) + "\n")
         storage.write_text(storage.join(folder, "mask_preview.html"),
-                           _preview_html(tokenizer, previews[split], kind, SPLITS[split]))
-        mine = [b[3] for b in bad if b[2] == split][: data.bad_examples]
+                           _preview_html(checked.tokenizer, rendered.previews[split], plan.kind, SPLITS[split]))
+        mine = [b.example for b in rendered.bad if b.split == split][: data.bad_examples]
         if mine:
             storage.write_text(storage.join(folder, "bad_records.jsonl"),
                                "".join(json.dumps(b, ensure_ascii=False) + "\n" for b in mine))
         out[split] = d
-    train_dir = storage.join(root, "train")
-    eval_dir = storage.join(root, "eval") if has_eval else None
-    storage.write_text(storage.join(root, "prepare.json"), json.dumps(
-        {"fingerprint": fp, "train_dir": train_dir, "eval_dir": eval_dir,
-         "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n")
-    prepared = Prepared(train_dir, eval_dir, out[TRAIN], out.get(EVAL))
-    print(summary(prepared, data.on_bad_record))
-    return prepared
+    return Prepared(storage.join(root, "train"), storage.join(root, "eval") if EVAL in out else None,
+                    out[TRAIN], out.get(EVAL))
 
 
 def _pickles(obj: Any) -> bool:
@@ -387,15 +551,6 @@ def _count_newlines(files: list[SourceFile], asked: list[tuple[int, int, int]], 
     return ray.get([task.remote(files[fi].location, a, b) for fi, a, b in asked])
 
 
-def _rendered_blocks(dataset: Any) -> tuple[list, list[int]]:
-    """Run the dataset: the refs of its blocks in order, and their sizes in bytes."""
-    blocks, sizes = [], []
-    for bundle in dataset.iter_internal_ref_bundles():
-        blocks += bundle.block_refs
-        sizes += [m.size_bytes or 0 for m in bundle.metadata]
-    return blocks, sizes
-
-
 def _row_groups(files: list[SourceFile], asked: list[int], shared: bool) -> list[list[tuple[int, int]]]:
     """(rows, bytes) of every row group of each asked Parquet file, read from its footer by Ray
     tasks where the files are (the driver keeps the counts only)."""
@@ -407,29 +562,16 @@ def _row_groups(files: list[SourceFile], asked: list[int], shared: bool) -> list
     return ray.get([task.remote(files[fi].location, files[fi].display) for fi in asked])
 
 
-def _first_samples(blocks: list, split: int, n: int) -> list[dict]:
-    """The first n samples of a split in file order (blocks are in file order)."""
-    import ray
-
-    task = ray.remote(num_cpus=1)(shuffle.first_samples)
-    out: list[dict] = []
-    for b in blocks:
-        if len(out) >= n:
-            break
-        out += ray.get(task.remote(b, split, n - len(out)))
-    return out
-
-
-def _collect_stats(per_block: list[list[str]]) -> tuple[dict[int, MaskStats], list[list]]:
+def _collect_stats(per_group: list[list[str]]) -> tuple[dict[int, MaskStats], list[BadExample]]:
     stats = {TRAIN: MaskStats(), EVAL: MaskStats()}
-    bad: list[list] = []
-    for texts in per_block:
+    bad: list[BadExample] = []
+    for texts in per_group:
         for text in texts:
             part = json.loads(text)
             for split, name in SPLITS.items():
                 stats[split].merge(MaskStats.from_dict(part["stats"][name]))
-            bad.extend(part["bad"])
-    bad.sort(key=lambda b: (b[0], b[1]))  # file order: the first bad record is the one to name
+            bad.extend(BadExample(*b) for b in part["bad"])
+    bad.sort(key=lambda b: (b.file_idx, b.line))  # file order: the first bad record is the one to name
     return stats, bad
 
 

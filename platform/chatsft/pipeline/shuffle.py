@@ -70,41 +70,64 @@ def _schema(table: pa.Table) -> pa.Table:
     return table if table.num_rows else RENDERED.empty_table()
 
 
-# Rendered bytes a task after rendering takes at most (a run of consecutive blocks): large enough
-# that a task's start costs little next to its work, small enough for one task's memory.
-GROUP_BYTES = 128 << 20
+# Rows of a row group in a spilled run: the write phase reads the row groups whose key range
+# meets its part's, so smaller groups read less past a part's borders, larger ones fewer footers.
+SPILL_GROUP_ROWS = 4096
 
 
-def group_blocks(sizes: list[int], cpus: int, most: int = GROUP_BYTES) -> list[list[int]]:
-    """Runs of consecutive block indices, one a task: at least 2 per CPU when there are blocks
-    enough (so CPUs stay busy to the end), each of at most `most` bytes (or one block)."""
-    if not sizes:
-        return []
-    sizes = [max(1, s) for s in sizes]  # a size Ray did not know counts as small, not as nothing
-    target = min(most, max(1, sum(sizes) // max(1, 2 * cpus)))
-    groups: list[list[int]] = [[]]
-    acc = 0
-    for i, size in enumerate(sizes):
-        if groups[-1] and acc + size > target:
-            groups.append([])
-            acc = 0
-        groups[-1].append(i)
-        acc += size
-    return groups
+def spill_group(folder: str, g: int, splits: list[int], preview: int, *tables: pa.Table) -> dict:
+    """A run of consecutive rendered blocks -> its statistics rows, the first `preview` samples of
+    each split (in stream order, for the mask preview), and its samples of each split sorted by
+    the shuffle key and written as `folder/<split>/run-<g>.parquet` (None: no samples there).
+    The blocks are positional so that Ray resolves them."""
+    from chatsft import storage
+
+    table = pa.concat_tables([_schema(t) for t in tables])
+    stats = select_stats(table)["stats"].to_pylist()
+    out = {"stats": stats, "preview": {}, "runs": {}}
+    for split in splits:
+        samples = select_samples(table, split)
+        out["preview"][split] = samples.slice(0, preview).to_pylist()
+        if samples.num_rows == 0:
+            out["runs"][split] = None
+            continue
+        path = storage.join(folder, str(split), f"run-{g:06d}.parquet")
+        storage.write_parquet(path, samples.sort_by([(k, "ascending") for k in SORT_KEY]), SPILL_GROUP_ROWS)
+        out["runs"][split] = path
+    return out
 
 
-def block_stats(*tables: pa.Table) -> list[str]:
-    """The statistics rows (JSON) of rendered blocks."""
-    return [s for t in tables for s in select_stats(_schema(t))["stats"].to_pylist()]
+def read_part(runs: list[str], plan: SplitPlan, p: int) -> list[pa.Table]:
+    """The samples of part p from each sorted run: only the row groups whose order_key range can
+    map to p are read (a part is a key range, and runs are sorted by key)."""
+    from chatsft import storage
 
-
-def first_samples(table: pa.Table, split: int, n: int) -> list[dict]:
-    """Up to n sample rows of one split from a rendered block, in block order (for the preview)."""
-    return select_samples(_schema(table), split).slice(0, n).to_pylist()
+    pieces = []
+    for path in runs:
+        with storage.parquet_file(path) as pf:
+            col = pf.schema_arrow.get_field_index("order_key")
+            wanted = []
+            for rg in range(pf.metadata.num_row_groups):
+                st = pf.metadata.row_group(rg).column(col).statistics
+                if st is None or not st.has_min_max:
+                    wanted.append(rg)
+                    continue
+                lo, hi = _part_of_keys(np.array([st.min, st.max], np.int64), plan)
+                if lo <= p <= hi:
+                    wanted.append(rg)
+            if not wanted:
+                continue
+            table = pf.read_row_groups(wanted)
+        pieces.append(table.filter(pa.array(_part_of(table, plan) == p)))
+    return pieces
 
 
 def _part_of(table: pa.Table, plan: SplitPlan) -> np.ndarray:
-    keys = table["order_key"].to_numpy()
+    return _part_of_keys(table["order_key"].to_numpy(), plan)
+
+
+def _part_of_keys(keys: np.ndarray, plan: SplitPlan) -> np.ndarray:
+    """The part of each shuffle key: monotonic in the key, so a key range maps to a part range."""
     if plan.packing:
         return window_of(keys, plan.n_windows) * plan.parts // plan.n_windows
     return window_of(keys, plan.parts)
@@ -120,13 +143,6 @@ def partition(table: pa.Table, plans: list[SplitPlan]) -> list[pa.Table]:
         for p in range(plan.parts):
             out.append(samples.filter(pa.array(part == p)))
     return out
-
-
-def partition_task(plans: list[SplitPlan], *tables: pa.Table):
-    """`partition` of a run of blocks, shaped for a Ray task with num_returns = number of parts
-    (one part: the table itself)."""
-    parts = partition(pa.concat_tables([_schema(t) for t in tables]), plans)
-    return parts[0] if len(parts) == 1 else tuple(parts)
 
 
 def reduce_part(pieces: list[pa.Table], plan: SplitPlan) -> "pa.Table | None":
@@ -145,20 +161,16 @@ def reduce_part(pieces: list[pa.Table], plan: SplitPlan) -> "pa.Table | None":
     return to_packed(rows)
 
 
-def write_part(plan: SplitPlan, p: int, micro_batch: int, *pieces: pa.Table) -> tuple[dict, dict]:
-    """Reduce partition p and write it as part-{p:05d}.parquet; return the pad summaries of its
-    row lengths (inputs, labels) for micro-batches of `micro_batch` rows: O(micro_batch) numbers
-    a part, so the driver never holds a number per row.
-
-    The pieces are positional so that Ray resolves them (one per group of rendered blocks).
-    """
+def write_part(plan: SplitPlan, p: int, micro_batch: int, runs: list[str]) -> tuple[dict, dict]:
+    """Reduce partition p (its key range of every spilled run) and write it as part-{p:05d}.parquet;
+    return the pad summaries of its row lengths (inputs, labels) for micro-batches of `micro_batch`
+    rows: O(micro_batch) numbers a part, so the driver never holds a number per row."""
     from chatsft import storage
 
-    rows = reduce_part(list(pieces), plan)
+    rows = reduce_part(read_part(runs, plan, p), plan)
     if rows is None:
         empty = pad_summary(np.zeros(0, np.int64), micro_batch)
         return empty, empty
     storage.write_parquet(storage.join(plan.folder, f"part-{p:05d}.parquet"), rows, row_group_rows(rows))
     return (pad_summary(row_lengths(rows, "input_ids"), micro_batch),
             pad_summary(row_lengths(rows, "labels"), micro_batch))
-

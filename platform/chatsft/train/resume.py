@@ -1,8 +1,8 @@
 """The resume contract: a run that finds checkpoints in its folder resumes only the run it is.
 
 Every checkpoint carries a manifest (`chatsft_run.json`) of what the run was:
-what shaped its rows (the prepare identity: data keys, tokenizer, source files,
-code, seed), the model, the method, the rows per optimizer step, and the
+what shaped its rows (the prepare identity: data keys, tokenizer, the content
+hash of every source file, code, seed), the model, the method, the rows per optimizer step, and the
 optimization settings. Before anything is prepared or trained, the driver
 compares the latest checkpoint's manifest with the run about to start:
 
@@ -207,8 +207,10 @@ def _differences(theirs: dict, mine: dict) -> list[str]:
             out.append(f"run.seed {a['seed']} -> {b['seed']}")
         if a["tokenizer"] != b["tokenizer"] and not any(k.startswith("model.") for k in out):
             out.append("the tokenizer's files changed")
-        if a["files"] != b["files"]:
-            out.append("the data files changed (names, sizes or times)")
+        if a.get("version") != b.get("version"):
+            out.append("the rows were fingerprinted by another chatsft (files by name and time, now by content)")
+        elif a["files"] != b["files"]:
+            out += _changed_files(a, b)
         if a["code"] != b["code"]:
             out.append("chatsft's data code changed (the rows would be prepared anew)")
     out += [d for d in _diff("model", theirs["model"], mine["model"]) if not d.startswith("model.resolved_kind")]
@@ -216,6 +218,21 @@ def _differences(theirs: dict, mine: dict) -> list[str]:
     if theirs["rows_per_step"] != mine["rows_per_step"]:  # not a worker count change alone (_elastic)
         out.append(f"rows per optimizer step (train.micro_batch_size x train.grad_accum x scaling.num_workers) "
                    f"{theirs['rows_per_step']} -> {mine['rows_per_step']}")
+    return out
+
+
+def _changed_files(a: dict, b: dict) -> list[str]:
+    """Which source files differ in content (a touched file, or the same file spelled another way,
+    has the same content hash and is not named)."""
+    fa, fb = a["files"], b["files"]
+    if len(fa) != len(fb):
+        return [f"the data files changed ({len(fa)} files -> {len(fb)}: {', '.join(b.get('names', [])[:3])})"]
+    out = []
+    for i, (x, y) in enumerate(zip(fa, fb)):
+        if x != y:
+            name = b["names"][i] if i < len(b.get("names", [])) else f"file {i + 1}"
+            what = "its content" if x[-1] != y[-1] else "its split, weight or format"
+            out.append(f"{name}: {what} changed since the checkpoint's rows were prepared")
     return out
 
 
