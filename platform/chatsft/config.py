@@ -293,6 +293,10 @@ class TrainConfig:
         "bf16", "bf16 mixed precision (fp32 master weights in DeepSpeed), fp32, or fp16."
     )
     gradient_checkpointing: bool = doc(False, "Recompute activations in backward to save memory.")
+    activation_offload: bool = doc(
+        False, "With gradient_checkpointing: keep the checkpointed activations (each layer's input) in CPU "
+        "memory between forward and backward instead of on the GPU; costs a copy each way per layer."
+    )
     loss_head: Literal["learned", "full", "liger", "cce"] = doc(
         "learned", "learned: the output layer and cross-entropy on learned positions only, in chunks (no "
         "[tokens, vocab] logits; same loss and gradients); full: the model's whole logits; liger / cce: "
@@ -392,6 +396,15 @@ class ScalingConfig:
                               f"got {self.min_workers}")
         if self.max_failures < -1:
             raise ConfigError(f"{where}.max_failures: must be >= -1")
+        n = self.sequence_parallel
+        if n < 1:
+            raise ConfigError(f"{where}.sequence_parallel: must be >= 1, got {n}")
+        if self.num_workers % n:
+            raise ConfigError(f"{where}.sequence_parallel={n}: does not divide {where}.num_workers="
+                              f"{self.num_workers}; use a worker count that is a multiple of {n}")
+        if self.min_workers % n:
+            raise ConfigError(f"{where}.sequence_parallel={n}: does not divide {where}.min_workers="
+                              f"{self.min_workers}; an elastic run must keep whole sequence groups")
 
 
 # ---------------------------------------------------------------------- tracking
@@ -511,6 +524,18 @@ class Config:
         if self.train.compile != "off" and self.train.deepspeed.enabled and self.train.deepspeed.stage == 3:
             raise ConfigError(f"train.compile={self.train.compile}: not with ZeRO-3 (its parameter hooks break "
                               "the compiled graphs); use train.deepspeed.stage<=2 or train.compile=off")
+        if self.scaling.sequence_parallel > 1:
+            n = self.scaling.sequence_parallel
+            if self.train.compile != "off":
+                raise ConfigError(f"train.compile={self.train.compile}: not with scaling.sequence_parallel={n} (the "
+                                  "all-to-all inside attention breaks the compiled layer graphs); use "
+                                  "train.compile=off")
+            if self.method.name == "prompt_tuning":
+                raise ConfigError(f"method.name=prompt_tuning: not with scaling.sequence_parallel={n} (every part "
+                                  "of a sequence would get the virtual tokens); use lora or full")
+        if self.train.activation_offload and not self.train.gradient_checkpointing:
+            raise ConfigError("train.activation_offload: offloads the checkpointed activations, so it needs "
+                              "train.gradient_checkpointing=true")
         if self.train.precision == "fp16" and not self.train.deepspeed.enabled:
             raise ConfigError("train.precision=fp16: needs train.deepspeed.enabled=true (loss scaling); "
                               "use bf16 without DeepSpeed")
