@@ -387,6 +387,12 @@ class ScalingConfig:
         "being num_workers); 0: always num_workers. Rows per step stay micro x accum x num_workers, so each "
         "count in between must share them in micro-batches."
     )
+    sequence_parallel: int = doc(
+        1, "N workers of one node share each sequence (Ulysses: each holds L/N tokens, and attention its "
+        "H/N heads over all L). Data-parallel size is num_workers / N; rows per step, their order and the "
+        "loss are those of num_workers / N workers without it. N must divide num_workers and the model's "
+        "attention and key-value heads."
+    )
 
     def _validate(self, where: str) -> None:
         if self.num_workers < 1:
