@@ -66,7 +66,9 @@ def one_case(model_dir: str, packed: bool, stage: int, method: str, checkpointin
     from chatsft.train.optim import param_groups
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = load_config(None, [f"model.name_or_path={model_dir}", f"train.deepspeed.stage={stage}",
+    # LoRA's dropout draws per rank and token: no layout reproduces another's masks
+    lora = ["method.lora.dropout=0"] if method == "lora" else []
+    cfg = load_config(None, lora + [f"model.name_or_path={model_dir}", f"train.deepspeed.stage={stage}",
                              f"method.name={method}", "train.precision=fp32",
                              f"train.gradient_checkpointing={str(checkpointing).lower()}",
                              f"train.activation_offload={str(checkpointing).lower()}",
