@@ -170,3 +170,24 @@ def test_two_ranks_sharing_each_row_train_exactly_like_two_data_parallel_workers
             assert rel <= 1e-4, (case, name, rel)
         if case[3] == "lora":
             assert all("lora_" in k for k in one["grads"]), case
+
+
+def test_the_training_loop_with_two_ranks_per_sequence_steps_like_one_worker(tmp_path, tiny_llama_dir):
+    """The real loop (rows by data-parallel rank, the cut, eval, export with the model's own
+    attention): N=2 on 2 Ray workers makes the step of 1 worker (--local), its first AdamW step made
+    linear in the gradient (tests/ray/test_train_equivalence.py), on packed rows."""
+    import json
+
+    from test_train_equivalence import assert_same, gradient
+    from trainkit import rows_for, tiny_cfg
+
+    cfg = tiny_cfg(tmp_path, "data.packing=true")
+    rows = rows_for(cfg, str(tmp_path), train_limit=8, eval_limit=4)
+    ref = gradient(tmp_path, "n1", tiny_llama_dir, rows, "data.packing=true", "train.micro_batch_size=4",
+                   "train.grad_accum=1")
+    use_local_ray()
+    two = gradient(tmp_path, "n2", tiny_llama_dir, rows, "data.packing=true", "train.micro_batch_size=2",
+                   "train.grad_accum=2", "scaling.num_workers=2", "scaling.sequence_parallel=2", local=False)
+    assert_same(ref, two, "1 worker (--local) vs 1 data-parallel x 2 sequence-parallel Ray workers")
+    exported = json.loads((tmp_path / "n2" / "out" / "model" / "config.json").read_text())
+    assert "sequence_parallel" not in json.dumps(exported)  # the model's own attention was exported
