@@ -191,3 +191,28 @@ def test_the_training_loop_with_two_ranks_per_sequence_steps_like_one_worker(tmp
     assert_same(ref, two, "1 worker (--local) vs 1 data-parallel x 2 sequence-parallel Ray workers")
     exported = json.loads((tmp_path / "n2" / "out" / "model" / "config.json").read_text())
     assert "sequence_parallel" not in json.dumps(exported)  # the model's own attention was exported
+
+
+def test_two_by_two_checkpoint_resumes_on_one_by_two_like_an_uninterrupted_two_worker_run(tmp_path, local_ray):
+    """Elastic resume under sequence parallelism: 2 data-parallel x 2 sequence-parallel (4 workers)
+    checkpoint at step 2, resumed on 1 x 2 (2 workers), ends with the weights of 2 plain workers."""
+    from chatsft.train.driver import Extras
+    from tests.faults import StopAt
+    from trainkit import rows_for, tiny_cfg, train_rows, weights
+
+    run = ["train.max_steps=4", "train.save_every=2", "train.micro_batch_size=2", "train.grad_accum=1",
+           "train.lr=1e-3", "train.eps=1e-3", "train.schedule=constant", "train.deepspeed.stage=2",
+           "scaling.max_failures=0", "scaling.resources_per_worker={CPU: 0.5}"]
+    rows = rows_for(tiny_cfg(tmp_path), str(tmp_path), train_limit=24, eval_limit=0)
+    straight = train_rows(tiny_cfg(tmp_path / "straight", *run, "scaling.num_workers=2"), rows, local=False)
+    sp = ["scaling.sequence_parallel=2"]
+    with pytest.raises(Exception, match="stopped after step 2"):
+        train_rows(tiny_cfg(tmp_path / "sp", *run, *sp, "scaling.num_workers=4"), rows, local=False,
+                   extras=Extras(hooks=[StopAt(2)], export=False))
+    resumed = train_rows(tiny_cfg(tmp_path / "sp", *run, *sp, "scaling.num_workers=2"), rows, local=False)
+    assert resumed.resume.step == 2 and resumed.resume.workers == (2, 1) and resumed.resume.accum == (1, 2)
+    assert resumed.metrics["step"] == straight.metrics["step"] == 4
+    wa, wb = weights(straight.model_dir), weights(resumed.model_dir)
+    worst = max(((wa[k] - wb[k]).abs().max() / wa[k].abs().max()).item() for k in wa)
+    print(f"2x2 -> 1x2 vs 2 plain workers: worst relative weight difference {worst:.2e}")
+    assert worst < 1e-4
