@@ -145,7 +145,8 @@ def _elastic(theirs: dict, mine: dict,
     are the checkpoint's and only the number of workers (the checkpoint's: `saved_world()`, now)
     makes the rows per step differ."""
     a, b = theirs.get("batch"), mine["batch"]
-    a = {"sequence_parallel": 1} | a if a else a  # a checkpoint of a chatsft before sequence parallelism
+    # a manifest of a chatsft before sequence parallelism: N=1
+    a, b = ({"sequence_parallel": 1} | a if a else a), {"sequence_parallel": 1} | b
     if not a or a != b | {"workers": a["workers"]} or theirs["rows_per_step"] == mine["rows_per_step"]:
         return None, None
     was = saved_world() // a["sequence_parallel"]  # data-parallel workers of the checkpoint's run
