@@ -311,6 +311,10 @@ class TrainConfig:
         "bf16", "bf16 mixed precision (fp32 master weights in DeepSpeed), fp32, or fp16."
     )
     gradient_checkpointing: bool = doc(False, "Recompute activations in backward to save memory.")
+    activation_offload: bool = doc(
+        False, "With gradient_checkpointing: keep the checkpointed activations (each layer's input) in CPU "
+        "memory between forward and backward instead of on the GPU; costs a copy each way per layer."
+    )
     loss_head: Literal["learned", "full", "liger", "cce"] = doc(
         "learned", "learned: the output layer and cross-entropy on learned positions only, in chunks (no "
         "[tokens, vocab] logits; same loss and gradients); full: the model's whole logits; liger / cce: "
@@ -436,6 +440,12 @@ class ScalingConfig:
         "being num_workers); 0: always num_workers. Rows per step stay micro x accum x num_workers, so each "
         "count in between must share them in micro-batches."
     )
+    sequence_parallel: int = doc(
+        1, "N workers of one node share each sequence (Ulysses: each holds L/N tokens, and attention its "
+        "H/N heads over all L). Data-parallel size is num_workers / N; rows per step, their order and the "
+        "loss are those of num_workers / N workers without it. N must divide num_workers and the model's "
+        "attention and key-value heads."
+    )
 
     def _validate(self, where: str) -> None:
         if self.num_workers < 1:
@@ -445,6 +455,15 @@ class ScalingConfig:
                               f"got {self.min_workers}")
         if self.max_failures < -1:
             raise ConfigError(f"{where}.max_failures: must be >= -1")
+        n = self.sequence_parallel
+        if n < 1:
+            raise ConfigError(f"{where}.sequence_parallel: must be >= 1, got {n}")
+        if self.num_workers % n:
+            raise ConfigError(f"{where}.sequence_parallel={n}: does not divide {where}.num_workers="
+                              f"{self.num_workers}; use a worker count that is a multiple of {n}")
+        if self.min_workers % n:
+            raise ConfigError(f"{where}.sequence_parallel={n}: does not divide {where}.min_workers="
+                              f"{self.min_workers}; an elastic run must keep whole sequence groups")
 
 
 # ---------------------------------------------------------------------- tracking
@@ -568,6 +587,18 @@ class Config:
         if self.train.precision == "fp16" and self.train.engine != "deepspeed":
             raise ConfigError(f"train.precision=fp16: needs train.engine=deepspeed (loss scaling); "
                               f"use bf16 with train.engine={self.train.engine}")
+        if self.scaling.sequence_parallel > 1:
+            n = self.scaling.sequence_parallel
+            if self.train.compile != "off":
+                raise ConfigError(f"train.compile={self.train.compile}: not with scaling.sequence_parallel={n} (the "
+                                  "all-to-all inside attention breaks the compiled layer graphs); use "
+                                  "train.compile=off")
+            if self.method.name == "prompt_tuning":
+                raise ConfigError(f"method.name=prompt_tuning: not with scaling.sequence_parallel={n} (every part "
+                                  "of a sequence would get the virtual tokens); use lora or full")
+        if self.train.activation_offload and not self.train.gradient_checkpointing:
+            raise ConfigError("train.activation_offload: offloads the checkpointed activations, so it needs "
+                              "train.gradient_checkpointing=true")
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)

@@ -35,7 +35,7 @@ class RunPlan:
     output_dir: str  # absolute local path or URI
     tracking_uri: Optional[str]  # None when tracking is off
     workers: int
-    global_batch: int  # rows per optimizer step over all workers: micro x accum x workers
+    global_batch: int  # rows per optimizer step over all workers: micro x accum x data-parallel workers
     worker_resources: dict  # Ray resources of one training worker
     threads: int  # CPU threads of one training worker (torch intra-op, Arrow)
     eval_split: EvalSplit  # "sources": data.eval; "carve": data.eval_fraction of train; "none"
@@ -57,6 +57,29 @@ class RunPlan:
         """Where this run's checkpoints are: Ray Train's run folder (storage_path/name), which
         --local uses too, so either mode resumes the other's checkpoints."""
         return storage.join(self.output_dir, self.config.run.name)
+
+    @property
+    def sequence_parallel(self) -> int:
+        return self.config.scaling.sequence_parallel
+
+    @property
+    def data_parallel(self) -> int:
+        """Workers that read distinct rows: the N ranks of a sequence group read the same ones."""
+        return self.workers // self.sequence_parallel
+
+    @property
+    def layout(self) -> str:
+        """The run's layout in one line (the log at the start, MLflow's `layout` param)."""
+        return self.layout_at(self.workers)
+
+    def layout_at(self, workers: int) -> str:
+        """The layout on `workers` workers (an elastic or resumed run may have another count)."""
+        n, length = self.sequence_parallel, self.config.data.max_length
+        noun = "worker" if workers == 1 else "workers"
+        if n == 1:
+            return f"{workers} {noun}: {workers} data-parallel; each rank holds whole rows of up to {length:,} tokens"
+        return (f"{workers} {noun}: {workers // n} data-parallel x {n} sequence-parallel; each rank holds "
+                f"{-(-length // n):,} of {length:,} tokens")
 
     @property
     def local_batch_note(self) -> Optional[str]:
@@ -86,9 +109,13 @@ class RunPlan:
         resources = dict(sc.resources_per_worker) or {"CPU": 1.0}
         if sc.use_gpu:
             resources.setdefault("GPU", 1.0)
-        global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * workers
+        n = sc.sequence_parallel
+        if n > 1 and local:
+            raise ConfigError(f"scaling.sequence_parallel={n}: --local trains one worker and a sequence needs "
+                              f"{n}; run on Ray (without --local) or set scaling.sequence_parallel=1")
+        global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * (workers // n)
         if not local:
-            _check_elastic(sc.min_workers, workers, cfg.train.micro_batch_size, global_batch)
+            _check_elastic(sc.min_workers // n, workers // n, cfg.train.micro_batch_size, global_batch)
         threads = cfg.train.threads or (local_cores() if local else max(1, int(resources.get("CPU", 1))))
         _check_stores(cfg)
         output_dir = storage.absolute(cfg.run.output_dir)
@@ -239,6 +266,9 @@ def _check_kind(cfg: Config, kind: ModelKind) -> None:
     """Config rules that depend on the kind of model."""
     if kind.decoder_only:
         return
+    if cfg.scaling.sequence_parallel > 1:
+        raise ConfigError(f"scaling.sequence_parallel={cfg.scaling.sequence_parallel}: encoder-decoder (seq2seq) "
+                          "models are not split along the sequence; set scaling.sequence_parallel=1")
     if cfg.data.packing:
         raise ConfigError("data.packing: encoder-decoder (seq2seq) models are not packed; "
                           "set data.packing=false")

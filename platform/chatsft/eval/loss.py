@@ -20,22 +20,27 @@ from chatsft.data.schema import EMPTY, Row
 
 def loss_sums(forward: Callable[[dict], Any], rows: Iterable[Row], *, loss: Callable, micro_batch: int,
               collate: Callable[[list[Row]], Any], device: Any = "cpu",
-              rank: int = 0, world: int = 1, forwards: Optional[int] = None) -> tuple[float, int]:
+              rank: int = 0, world: int = 1, forwards: Optional[int] = None,
+              sequence: tuple[int, int] = (0, 1)) -> tuple[float, int]:
     """(sum of token losses, supervised tokens) over this worker's share of `rows`.
 
     `forward(inputs)` runs the model (a Hugging Face model, a PEFT model or a
     training engine) in eval mode under no_grad; the caller sets the mode. `loss` is
     the training's own loss function (chatsft.model.loss.loss_function), so both
-    measure alike; `collate` the training's batching (the model kind's `batcher`).
+    measure alike; `collate` the training's batching (the model kind's `batcher`). `sequence`
+    (part, parts): under sequence parallelism this rank runs part `part` of each row cut into
+    `parts` (the group's ranks read the same rows).
     """
     import torch
+
+    from chatsft.model.batch import shard_sequence
 
     if world > 1:
         rows = [r for batch in filled(iter(rows), micro_batch * world) for r in batch[rank::world]]
     total, count = 0.0, 0
     with torch.no_grad():
         for mine in _padded(filled(iter(rows), micro_batch), micro_batch, forwards):
-            b = collate(mine)
+            b = shard_sequence(collate(mine), *sequence)
             s, c = loss(forward, {k: v.to(device) for k, v in b.inputs.items()}, b.targets.to(device))
             total += float(s)
             count += int(c)

@@ -24,20 +24,23 @@ class Batch:
     slots: int  # token positions the model computes (padding included)
 
 
-def collate(rows: Sequence[Row], *, pad_id: int) -> Batch:
+def collate(rows: Sequence[Row], *, pad_id: int, multiple: int = 1) -> Batch:
     """Pad a micro-batch of a decoder-only model on the right. Rows carry no attention mask:
     packed rows carry position_ids (attention is then block-diagonal per packed sequence);
     unpacked rows need nothing but causality, since right padding only ever follows a row's
     real tokens, which causal attention never lets them see. A mask would change no logit or
     gradient of a real token, and it costs: it turns attention off its causal kernel onto a
-    masked one (fwd+bwd of the tiny Llama on 16 padded rows: 1.3x slower with the mask)."""
+    masked one (fwd+bwd of the tiny Llama on 16 padded rows: 1.3x slower with the mask).
+
+    `multiple`: rows are padded to a multiple of it (sequence parallelism splits each row into
+    that many equal parts, `shard_sequence`)."""
     import torch
 
     from chatsft.model.loss import causal_targets
 
     tokens = sum(len(r.input_ids) for r in rows)
     rows = [_fill_empty(r, pad_id) for r in rows]
-    length = max(len(r.input_ids) for r in rows)
+    length = -(-max(len(r.input_ids) for r in rows) // multiple) * multiple
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
     packed = any(r.position_ids is not None for r in rows)
@@ -88,6 +91,32 @@ def _batch(inputs: dict[str, Any], targets: Any, tokens: int) -> Batch:
     num = int((targets != IGNORE).sum())
     slots = sum(int(v.numel()) for k, v in inputs.items() if k in ("input_ids", "decoder_input_ids"))
     return Batch(inputs, targets, num, tokens, slots)
+
+
+def shard_sequence(batch: Batch, index: int, parts: int) -> Batch:
+    """Part `index` of `parts` equal parts of a causal micro-batch along the sequence (sequence
+    parallelism; collate padded it to a multiple of `parts`). The targets were shifted on the
+    whole row before the split, so the last token of a part still predicts the first of the next.
+    Every part carries its global position_ids (unpacked rows: 0..L-1 cut the same way), which
+    RoPE reads and from which the sequence-parallel attention rebuilds the whole row's mask.
+    `tokens` is shared out so that the parts' sum is the batch's."""
+    import torch
+
+    if parts == 1:
+        return batch
+    ids = batch.inputs["input_ids"]
+    length = ids.shape[1]
+    if length % parts:
+        raise ValueError(f"sequence length {length} is not a multiple of {parts}: collate(multiple={parts})")
+    pos = batch.inputs.get("position_ids")
+    if pos is None:
+        pos = torch.arange(length, dtype=torch.long).expand_as(ids)
+    size = length // parts
+    cut = slice(index * size, (index + 1) * size)
+    targets = batch.targets[:, cut].contiguous()
+    inputs = {"input_ids": ids[:, cut].contiguous(), "position_ids": pos[:, cut].contiguous()}
+    tokens = batch.tokens // parts + (1 if index < batch.tokens % parts else 0)
+    return Batch(inputs, targets, int((targets != IGNORE).sum()), tokens, int(inputs["input_ids"].numel()))
 
 
 def _fill_empty(row: Row, pad_id: int) -> Row:

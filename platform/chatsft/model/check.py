@@ -5,6 +5,7 @@ config (never its weights) against the run's settings.
   `model.kind` says;
 - `data.max_length` must fit the model's positions (`max_position_embeddings` or its
   architecture's name for it);
+- `scaling.sequence_parallel` must divide the attention and key-value heads;
 - every `method.lora.target_modules` entry must name a layer LoRA can adapt. The module
   names come from the model built on the meta device (shapes only: no memory, no weights
   read), the same names PEFT matches the targets against.
@@ -30,9 +31,24 @@ def check_model(cfg: Any, kind: Any) -> None:
         key = next(k for k in POSITION_KEYS if getattr(conf, k, None) == positions)
         raise ConfigError(f"data.max_length={cfg.data.max_length}: the model {cfg.model.name_or_path} has "
                           f"{positions} positions ({key} in its config.json); set data.max_length <= {positions}")
+    _check_heads(cfg, conf)
     lora = cfg.method.lora
     if cfg.method.name in ("lora", "qlora") and lora.target_modules != "auto":
         _check_targets(cfg, conf, kind, list(lora.target_modules))
+
+
+def _check_heads(cfg: Any, conf: Any) -> None:
+    """Sequence parallelism hands each of its N ranks H/N attention heads and Hkv/N key-value heads."""
+    n = cfg.scaling.sequence_parallel
+    if n == 1:
+        return
+    text = conf.get_text_config() if hasattr(conf, "get_text_config") else conf
+    heads = getattr(text, "num_attention_heads", None)
+    for key, value in (("num_attention_heads", heads), ("num_key_value_heads",
+                                                         getattr(text, "num_key_value_heads", None) or heads)):
+        if not value or value % n:
+            raise ConfigError(f"scaling.sequence_parallel={n}: the model {cfg.model.name_or_path} has {key}="
+                              f"{value} (config.json), not divisible by {n}; use a divisor of it")
 
 
 def model_config(model_cfg: Any) -> Any:

@@ -58,13 +58,14 @@ class ModelKind:
             return Seq2SeqFormat(tokenizer)
         return ChatFormat(get_template(template, tokenizer, think, template_kwargs), tokenizer)
 
-    def batcher(self, pad_id: int, model: Any = None) -> Callable[[Sequence[Any]], Any]:
-        """rows -> model/batch.py's Batch, right-padded with `pad_id`; an encoder-decoder's decoder
-        reads the labels through `model`'s own start shift."""
+    def batcher(self, pad_id: int, model: Any = None, multiple: int = 1) -> Callable[[Sequence[Any]], Any]:
+        """rows -> model/batch.py's Batch, right-padded with `pad_id` (decoder-only rows to a multiple of
+        `multiple`: the parts of sequence parallelism); an encoder-decoder's decoder reads the labels
+        through `model`'s own start shift (the plan refuses sequence parallelism for it)."""
         from chatsft.model import batch
 
         if self.decoder_only:
-            return functools.partial(batch.collate, pad_id=pad_id)
+            return functools.partial(batch.collate, pad_id=pad_id, multiple=multiple)
         return functools.partial(batch.collate_pairs, pad_id=pad_id, decoder_start=batch.decoder_start(model))
 
     def padding(self, inputs: Sequence[dict], labels: Sequence[dict], micro: int) -> tuple[int, int]:

@@ -97,6 +97,7 @@ def train_tracked(plan: RunPlan, rows: "Rows", *, tracked: bool, extras: Optiona
     record = RunRecord.start(plan.config, plan.tracking_uri, parent_run_id=parent_run_id,
                              run_name=run_name) if tracked else None
     if record is not None:
+        record.tracker.log_params({"layout": plan.layout})
         if log_data:
             record.log_data(rows.train_dir, rows.eval_dir)
         if extras.resume is not None and extras.resume.checkpoint:
@@ -136,6 +137,7 @@ def train_on_rows(plan: RunPlan, rows: "Rows", extras: Optional[Extras] = None) 
         resume = check_resume(plan, None)
         say(resume.describe())
     plan = resume.apply(plan)  # another worker count: the checkpoint's rows per step
+    say(plan.layout)
     stalls = extras.stall_dir or stall_dir(plan)
     args = WorkerArgs(plan=plan, train=RowIndex.build(rows.train_dir),
                       eval=RowIndex.build(rows.eval_dir) if rows.eval_dir and rows.eval_rows else None,
@@ -224,6 +226,7 @@ def _train_on_ray(plan: RunPlan, args: WorkerArgs, ray_callbacks: list) -> dict[
     ensure_ray()
     cfg = plan.config
     sc = cfg.scaling
+    _check_sequence_groups(plan)
     _set_aside_ray_registry(plan)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -251,6 +254,27 @@ def _train_on_ray(plan: RunPlan, args: WorkerArgs, ray_callbacks: list) -> dict[
     with user_errors_unwrapped():
         result = trainer.fit()
     return dict(result.return_value or {})  # rank 0's final metrics (the loop returns them)
+
+
+def _check_sequence_groups(plan: RunPlan) -> None:
+    """A sequence group's N workers share one node (Ray Train v2 gives a node's workers consecutive
+    ranks): refused before any compute when no node of the cluster holds N workers. (A node that
+    holds some but not a multiple of N is caught by the workers: train/sequence_parallel.start.)"""
+    import ray
+
+    n = plan.sequence_parallel
+    if n == 1:
+        return
+    need = plan.worker_resources
+    fits = []
+    for node in (x for x in ray.nodes() if x.get("Alive")):
+        have = node.get("Resources", {})
+        fits.append(min(int(have.get(k, 0) // v) for k, v in need.items() if v > 0))
+    if fits and max(fits) < n:
+        what = ", ".join(f"{v:g} {k}" for k, v in need.items())
+        raise UserError(f"scaling.sequence_parallel={n}: no node of this cluster holds {n} workers of {what} "
+                        f"(at most {max(fits)} on one node); a sequence group must sit on one node: lower "
+                        "scaling.sequence_parallel or scaling.resources_per_worker")
 
 
 # Ray Train's record of the checkpoints reported to it, in its run folder (ray.train.v2 constants).

@@ -15,6 +15,7 @@ finishes; `setup`, `one_step`, `evaluate` and `save` are the parts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -37,6 +38,7 @@ from chatsft.train.data import ChunkReader, RowIndex, prefetched, shard_rows, wo
 from chatsft.train.progress import Meter, Progress, Steady, brief, say
 from chatsft.train.resume import MANIFEST, check_engine
 from chatsft.train.runtime import LocalRuntime, RayRuntime, WorkerRuntime
+from chatsft.train.sequence_parallel import SequenceGroup
 from chatsft.train.schedule import lr_multiplier, total_steps
 
 # Metrics go to Ray Train with every eval and checkpoint, at the end, and otherwise at
@@ -92,6 +94,7 @@ class Worker:
     state: TrainState
     last_saved: int
     progress: Progress
+    sp: SequenceGroup  # scaling.sequence_parallel: which rows this rank reads, which part of each it runs
     reader: Optional[ChunkReader] = None  # the training rows' reader (bytes counted)
     eval_reader: Optional[ChunkReader] = None
     meter: Meter = field(default_factory=Meter)
@@ -123,7 +126,7 @@ def run(args: WorkerArgs, rt: WorkerRuntime) -> dict[str, Any]:
     t0 = time.perf_counter()  # a step's time runs from the previous step's end to its own
     while w.state.step < w.total:
         steps = prefetched(worker_steps(args.train, w.reader, seed=w.cfg.run.seed, epoch=w.state.epoch,
-                                        global_batch=G, rank=rt.rank, world=rt.world,
+                                        global_batch=G, rank=w.sp.dp_rank, world=w.sp.dp_world,
                                         start_step=w.state.position // G))
         try:
             for mine in steps:
@@ -301,26 +304,35 @@ def setup(args: WorkerArgs, rt: WorkerRuntime) -> Worker:
     from chatsft.model.batch import pad_id
     from chatsft.model.load import compile_model
     from chatsft.model.loss import loss_function
+    from chatsft.train import sequence_parallel
     from chatsft.train.engines import build_engine
     from chatsft.train.optim import param_groups
 
+    n = cfg.scaling.sequence_parallel
+    sp = sequence_parallel.start(rt.rank, rt.world, n, rt.gather(rt.node_id) if n > 1 else None)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg, plan.kind, tokenizer=tokenizer)
+    core = sequence_parallel.enable(model, sp)
+    if rt.rank == 0:
+        if rt.world != plan.workers:  # the driver said the configured one
+            say(plan.layout_at(rt.world))
+        if core:
+            say(f"sequence parallelism: Ulysses all-to-all around {core} attention, groups of {n} ranks")
     loss, how = loss_function(model, cfg.train.loss_head, cfg.train.loss_chunk, device=rt.device)
     compiled = compile_model(model, cfg.train.compile)
     if rt.rank == 0:
         say(f"loss head: {how}" + (f"; torch.compile: {compiled}" if compiled else ""))
-    accum = accumulation(plan.global_batch, cfg.train.micro_batch_size, rt.world)
+    accum = accumulation(plan.global_batch, cfg.train.micro_batch_size, sp.dp_world)
     train = replaced(cfg.train, "train", grad_accum=accum)
     with prints_to_log():  # DeepSpeed prints its op builds
         engine = build_engine(model, param_groups(model, train), train, world_size=rt.world, device=rt.device)
     total = total_steps(args.train.rows, plan.global_batch, cfg.train.epochs, cfg.train.max_steps)
-    state, last_saved = _resume(engine, rt, plan)
+    state, last_saved = _resume(engine, rt, plan, sp.dp_world)
     return Worker(args, rt, tokenizer, engine,
-                  collate=plan.kind.batcher(pad_id(tokenizer), model), loss=loss,
+                  collate=plan.kind.batcher(pad_id(tokenizer), model, multiple=sp.size), loss=loss,
                   total=total, accum=accum, state=state, last_saved=last_saved,
                   reader=ChunkReader(args.train), eval_reader=ChunkReader(args.eval) if args.eval else None,
-                  progress=Progress(rt.rank == 0, total, state.step, args.callbacks),
+                  progress=Progress(rt.rank == 0, total, state.step, args.callbacks), sp=sp,
                   metrics=dict(state.metrics))
 
 
@@ -411,8 +423,10 @@ def finish(w: Worker, steady: Steady) -> None:
     wait_for_upload(w)  # the run's last checkpoint is whole before the run ends
     if w.args.export:
         from chatsft.train.export import export_from_engine
+        from chatsft.train.sequence_parallel import plain
 
-        export_from_engine(w.engine, w.tokenizer, w.args.plan, rank=rt.rank)
+        with plain(w.engine.model):  # the model's own attention in the exported config
+            export_from_engine(w.engine, w.tokenizer, w.args.plan, rank=rt.rank)
     w.progress.close()
     rt.barrier()
 
@@ -424,8 +438,11 @@ def one_step(w: Worker, mine: list) -> None:
     """One optimizer step: `mine` is this worker's share of the step's global batch."""
     import torch
 
-    tr, engine, rt, meter = w.cfg.train, w.engine, w.rt, w.meter
-    micro = [w.collate(mb) for mb in micro_batches(mine, tr.micro_batch_size)]
+    from chatsft.model.batch import shard_sequence
+
+    tr, engine, rt, meter, sp = w.cfg.train, w.engine, w.rt, w.meter, w.sp
+    # sequence parallelism: the group's N ranks collate the same rows, each keeps its part
+    micro = [shard_sequence(w.collate(mb), sp.index, sp.size) for mb in micro_batches(mine, tr.micro_batch_size)]
     meter.lr = engine.set_lr(lr_multiplier(w.state.step, w.total, tr))
     w.state.step += 1
     w.state.position += w.args.plan.global_batch
@@ -447,7 +464,8 @@ def one_step(w: Worker, mine: list) -> None:
     for b in micro:
         inputs = {k: v.to(engine.device) for k, v in b.inputs.items()}
         try:
-            total, _ = w.loss(engine.forward, inputs, b.targets.to(engine.device))
+            with offloaded(tr.activation_offload, engine.device):
+                total, _ = w.loss(engine.forward, inputs, b.targets.to(engine.device))
             engine.backward(total * (rt.world / n))
         except torch.cuda.OutOfMemoryError as e:
             shape = tuple(b.inputs["input_ids"].shape)
@@ -463,6 +481,16 @@ def one_step(w: Worker, mine: list) -> None:
     meter.applied += int(applied)
 
 
+def offloaded(on: bool, device: Any):
+    """train.activation_offload: what the forward saves for backward (with gradient checkpointing:
+    each checkpointed layer's input) waits in CPU memory, pinned for the copy back to a GPU."""
+    if not on:
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.autograd.graph.save_on_cpu(pin_memory=torch.device(device).type == "cuda")
+
+
 # ---------------------------------------------------------------------- evaluating
 
 
@@ -471,10 +499,11 @@ def validation_loss(w: Worker) -> float:
     from chatsft.eval.loss import loss_sums
 
     w.engine.eval()
-    micro, rows, world = w.cfg.train.micro_batch_size, w.args.eval.rows, w.rt.world
-    total, count = loss_sums(w.engine.forward, shard_rows(w.args.eval, w.eval_reader, w.rt.rank, world),
+    micro, rows, world, sp = w.cfg.train.micro_batch_size, w.args.eval.rows, w.sp.dp_world, w.sp
+    total, count = loss_sums(w.engine.forward, shard_rows(w.args.eval, w.eval_reader, sp.dp_rank, world),
                              loss=w.loss, micro_batch=micro, collate=w.collate,
-                             device=w.engine.device, forwards=math.ceil(math.ceil(rows / world) / micro))
+                             device=w.engine.device, forwards=math.ceil(math.ceil(rows / world) / micro),
+                             sequence=(sp.index, sp.size))
     w.engine.train()
     total, count = w.rt.all_reduce([total, float(count)])
     return total / count if count else float("nan")
@@ -485,9 +514,11 @@ def task_scores(w: Worker) -> dict[str, float]:
     the full parameters on every rank for the duration: a collective, so all ranks enter."""
     from chatsft.eval.evaluate import evaluate_model
 
+    from chatsft.train.sequence_parallel import plain
+
     engine = w.engine
     scores: dict[str, float] = {}
-    with engine.gathered():
+    with engine.gathered(), plain(engine.model):  # rank 0 generates alone: the model's own attention
         if w.rt.rank == 0:
             scores = evaluate_model(engine.model, w.tokenizer, w.cfg, w.args.tasks)
     w.rt.barrier()
@@ -498,7 +529,7 @@ def task_scores(w: Worker) -> dict[str, float]:
 # --------------------------------------------------------------------- checkpoints
 
 
-def _resume(engine, rt: WorkerRuntime, plan: RunPlan) -> tuple[TrainState, int]:
+def _resume(engine, rt: WorkerRuntime, plan: RunPlan, dp_world: int) -> tuple[TrainState, int]:
     """Restore weights, optimizer, loop position and RNG from the newest whole checkpoint of the
     run's folder, if any: rank 0 finds it (train/checkpoint.py, the very function the driver named
     it with) and every rank loads that one. Saved by any number of workers: the data position and
@@ -521,7 +552,8 @@ def _resume(engine, rt: WorkerRuntime, plan: RunPlan) -> tuple[TrainState, int]:
         ckpt.set_rng_state(rng)
     else:
         _seed_rank(seed + state.step, rt.rank)
-    accum, accum_was = global_batch // (micro * rt.world), global_batch // (micro * state.world_size)
+    n = rt.world // dp_world  # data-parallel workers of the checkpoint's run: its world over the same N
+    accum, accum_was = global_batch // (micro * dp_world), global_batch // (micro * max(state.world_size // n, 1))
     if rt.rank == 0:
         say(f"resumed from {chosen} at step {state.step} (epoch {state.epoch}, row {state.position})")
         if state.world_size != rt.world:

@@ -101,8 +101,9 @@ def manifest(plan: RunPlan, rows: Optional[dict]) -> dict:
         "method": {k: v for k, v in cfg["method"].items() if k != "export"},
         "rows_per_step": plan.global_batch,
         # as configured: with another worker count the rows per step stay the checkpoint's (_elastic)
+        # workers: the data-parallel ones (a sequence group of scaling.sequence_parallel reads as one)
         "batch": {"micro_batch_size": cfg["train"]["micro_batch_size"], "grad_accum": cfg["train"]["grad_accum"],
-                  "workers": plan.workers},
+                  "workers": plan.data_parallel, "sequence_parallel": plan.sequence_parallel},
         "optimization": {k: cfg["train"][k] for k in OPTIMIZATION},
     }
 
@@ -147,9 +148,11 @@ def _elastic(theirs: dict, mine: dict,
     are the checkpoint's and only the number of workers (the checkpoint's: `saved_world()`, now)
     makes the rows per step differ."""
     a, b = theirs.get("batch"), mine["batch"]
+    # a manifest of a chatsft before sequence parallelism: N=1
+    a, b = ({"sequence_parallel": 1} | a if a else a), {"sequence_parallel": 1} | b
     if not a or a != b | {"workers": a["workers"]} or theirs["rows_per_step"] == mine["rows_per_step"]:
         return None, None
-    was = saved_world()
+    was = saved_world() // a["sequence_parallel"]  # data-parallel workers of the checkpoint's run
     G, micro, W = theirs["rows_per_step"], b["micro_batch_size"], b["workers"]
     if G % (micro * W):
         raise UserError(f"scaling.num_workers={W}: the checkpoint's run takes {G} rows per optimizer step "
