@@ -17,12 +17,13 @@ marker.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import IO, Iterator, Optional
+from typing import IO, Any, Iterator, Optional
 
 SCHEME_SEP = "://"
 _GLOB = "*?["
@@ -265,6 +266,15 @@ def read_text(path: str) -> Optional[str]:
     """The file's text, or None when it does not exist."""
     data = read_bytes(path)
     return None if data is None else bytes(data).decode("utf-8")
+
+
+def read_json(path: str) -> Optional[Any]:
+    """The file's JSON, or None when it does not exist or is not JSON (a write cut off)."""
+    text = read_text(path)
+    try:
+        return json.loads(text) if text is not None else None
+    except ValueError:
+        return None
 
 
 def read_parquet(path: str, columns: Optional[list[str]] = None):

@@ -71,19 +71,11 @@ def entry_dir(root: str, fp: str) -> str:
     return storage.join(root, fp)
 
 
-def _read_json(path: str) -> Optional[dict]:
-    text = storage.read_text(path)
-    try:
-        return json.loads(text) if text is not None else None
-    except ValueError:
-        return None
-
-
 def lookup(root: str, fp: str) -> Optional[Entry]:
     """The published, whole entry of `fp`, or None (absent, or a manifest whose files are not all
     there at their sizes: never taken)."""
     folder = entry_dir(root, fp)
-    manifest = _read_json(storage.join(folder, MANIFEST))
+    manifest = storage.read_json(storage.join(folder, MANIFEST))
     if manifest is None or manifest.get("fingerprint") != fp:
         return None
     attempt = storage.join(folder, manifest["attempt"])
@@ -194,7 +186,7 @@ def live_leases(root: str, fp: str, now: Optional[float] = None) -> list[dict]:
     now = time.time() if now is None else now
     out = []
     for f in storage.list_files(storage.join(entry_dir(root, fp), LEASES), suffix=".json"):
-        d = _read_json(f.path)
+        d = storage.read_json(f.path)
         if d is not None and now - float(d.get("heartbeat", 0)) < LEASE_TTL_S:
             out.append(d)
     return out

@@ -262,7 +262,7 @@ def early_records(plan: RunPlan, files: list[tuple[SourceFile, FileRole]], fmt: 
 
 
 def reuse(root: str, fp: str, has_eval: bool) -> Optional[Prepared]:
-    meta = _read_json(storage.join(root, "prepare.json"))
+    meta = storage.read_json(storage.join(root, "prepare.json"))
     if meta is None or meta.get("fingerprint") != fp:
         return None
     return _read_dir(root, has_eval)
@@ -270,20 +270,12 @@ def reuse(root: str, fp: str, has_eval: bool) -> Optional[Prepared]:
 
 def _read_dir(root: str, has_eval: bool) -> Optional[Prepared]:
     """The Prepared of a folder of train/ (and eval/) rows with their stats.json."""
-    train_stats = _read_json(storage.join(root, "train", "stats.json"))
-    eval_stats = _read_json(storage.join(root, "eval", "stats.json")) if has_eval else None
+    train_stats = storage.read_json(storage.join(root, "train", "stats.json"))
+    eval_stats = storage.read_json(storage.join(root, "eval", "stats.json")) if has_eval else None
     if train_stats is None or (has_eval and eval_stats is None):
         return None
     return Prepared(storage.join(root, "train"), storage.join(root, "eval") if has_eval else None,
                     train_stats, eval_stats)
-
-
-def _read_json(path: str) -> Optional[dict]:
-    text = storage.read_text(path)
-    try:
-        return json.loads(text) if text is not None else None
-    except ValueError:
-        return None
 
 
 # ----------------------------------------------------------------------------- run
