@@ -106,6 +106,25 @@ def grad_norm(model: torch.nn.Module) -> float:
     return float(full() if full is not None else norm)
 
 
+class Accumulation:
+    """A torch engine's count of micro-batches towards the optimizer step, and of the steps its
+    non-finite check skipped (ddp and fsdp2 hold one; DeepSpeed counts its own)."""
+
+    def __init__(self, grad_accum: int) -> None:
+        self.grad_accum, self.micro, self.skipped = grad_accum, 0, 0
+
+    def last_micro(self) -> bool:
+        """The backward of this micro-batch is the one that reduces the gradients across ranks."""
+        return self.micro == self.grad_accum - 1
+
+    def step(self, model: torch.nn.Module, optimizer: Any, clip: float) -> tuple[bool, float]:
+        assert self.micro == self.grad_accum, "step() after exactly grad_accum backward() calls"
+        self.micro = 0
+        applied, norm = clip_and_step(model, optimizer, clip)
+        self.skipped += 0 if applied else 1
+        return applied, norm
+
+
 def clip_and_step(model: torch.nn.Module, optimizer: Any, clip: float) -> tuple[bool, float]:
     """The plain-torch step of DDP and FSDP2: a non-finite norm drops the gradients and skips."""
     norm = grad_norm(model)

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import torch
 
-from chatsft.train.engines.base import clip_and_step, config_groups, restore_groups, set_lr
+from chatsft.train.engines.base import Accumulation, config_groups, restore_groups, set_lr
 
 STATE_FILE = "torch_state.pt"
 
@@ -35,15 +35,14 @@ class DDPEngine:
         self.autocast = torch.bfloat16 if train.precision == "bf16" else None
         self.dtype = self.autocast or torch.float32
         self.device, self.world_size, self.grad_accum = device, world_size, train.grad_accum
-        self.skipped = 0
-        self._micro = 0
+        self.acc = Accumulation(train.grad_accum)
 
     def set_lr(self, multiplier: float) -> float:
         return set_lr(self.optimizer, multiplier)
 
     def _no_sync(self):
         # DDP: all-reduce only on the last micro-batch of a step
-        if self.world_size > 1 and self._micro < self.grad_accum - 1:
+        if self.world_size > 1 and not self.acc.last_micro():
             return self.forward_module.no_sync()
         return contextlib.nullcontext()
 
@@ -58,21 +57,17 @@ class DDPEngine:
     def backward(self, loss: torch.Tensor) -> None:
         with self._no_sync():
             loss.backward()
-        self._micro += 1
+        self.acc.micro += 1
 
     def step(self, clip: float) -> tuple[bool, float]:
-        assert self._micro == self.grad_accum, "step() after exactly grad_accum backward() calls"
-        self._micro = 0
-        applied, norm = clip_and_step(self.model, self.optimizer, clip)
-        self.skipped += 0 if applied else 1
-        return applied, norm
+        return self.acc.step(self.model, self.optimizer, clip)
 
     def skip(self) -> None:
-        self._micro = 0
+        self.acc.micro = 0
 
     @property
     def skipped_steps(self) -> int:
-        return self.skipped
+        return self.acc.skipped
 
     def train(self) -> None:
         self.forward_module.train()
@@ -90,14 +85,14 @@ class DDPEngine:
         if rank == 0:  # identical replicas on every rank
             os.makedirs(folder, exist_ok=True)
             torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                        "skipped": self.skipped}, os.path.join(folder, STATE_FILE))
+                        "skipped": self.acc.skipped}, os.path.join(folder, STATE_FILE))
 
     def load(self, folder: str, saved_world: Optional[int] = None) -> None:
         groups = config_groups(self.optimizer)
         state = torch.load(os.path.join(folder, STATE_FILE), map_location=self.device, weights_only=False)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.skipped = int(state["skipped"])
+        self.acc.skipped = int(state["skipped"])
         restore_groups(self.optimizer, groups)
 
 

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import torch
 
-from chatsft.train.engines.base import clip_and_step, config_groups, restore_groups, set_lr
+from chatsft.train.engines.base import Accumulation, config_groups, restore_groups, set_lr
 
 STATE_DIR = "fsdp2"
 
@@ -82,8 +82,7 @@ class FSDP2Engine:
         self.optimizer = adamw(sharded, train, fused=fused)
         self.model = model
         self.device, self.world_size, self.grad_accum = device, world_size, train.grad_accum
-        self.skipped = 0
-        self._micro = 0
+        self.acc = Accumulation(train.grad_accum)
 
     def set_lr(self, multiplier: float) -> float:
         return set_lr(self.optimizer, multiplier)
@@ -95,23 +94,19 @@ class FSDP2Engine:
 
     def backward(self, loss: torch.Tensor) -> None:
         # reduce-scatter the gradients on the last micro-batch of a step only
-        self.model.set_requires_gradient_sync(self._micro == self.grad_accum - 1)
+        self.model.set_requires_gradient_sync(self.acc.last_micro())
         loss.backward()
-        self._micro += 1
+        self.acc.micro += 1
 
     def step(self, clip: float) -> tuple[bool, float]:
-        assert self._micro == self.grad_accum, "step() after exactly grad_accum backward() calls"
-        self._micro = 0
-        applied, norm = clip_and_step(self.model, self.optimizer, clip)
-        self.skipped += 0 if applied else 1
-        return applied, norm
+        return self.acc.step(self.model, self.optimizer, clip)
 
     def skip(self) -> None:
-        self._micro = 0
+        self.acc.micro = 0
 
     @property
     def skipped_steps(self) -> int:
-        return self.skipped
+        return self.acc.skipped
 
     def train(self) -> None:
         self.model.train()
@@ -148,7 +143,7 @@ class FSDP2Engine:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         path = os.path.join(folder, STATE_DIR)
         os.makedirs(path, exist_ok=True)
-        dcp.save({"model": model_state, "optim": optim_state, "skipped": self.skipped}, checkpoint_id=path)
+        dcp.save({"model": model_state, "optim": optim_state, "skipped": self.acc.skipped}, checkpoint_id=path)
 
     def load(self, folder: str, saved_world: Optional[int] = None) -> None:
         import torch.distributed.checkpoint as dcp
@@ -160,7 +155,7 @@ class FSDP2Engine:
         dcp.load(state, checkpoint_id=os.path.join(folder, STATE_DIR))  # into this world's shards
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
-        self.skipped = int(state["skipped"])
+        self.acc.skipped = int(state["skipped"])
         restore_groups(self.optimizer, groups)
 
 
