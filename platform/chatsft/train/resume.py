@@ -235,7 +235,7 @@ def _changed_files(a: dict, b: dict) -> list[str]:
         if x != y:
             name = b["names"][i] if i < len(b.get("names", [])) else f"file {i + 1}"
             what = "its content" if x[-1] != y[-1] else "its split, weight or format"
-            out.append(f"{name}: {what} changed since the checkpoint's rows were prepared")
+            out.append(f"data.{y[0]} {name}: {what} changed since the checkpoint's rows were prepared")
     return out
 
 
