@@ -1,7 +1,7 @@
 """Checkpoint uploads that never block a step (train/upload.py), to a slow object store: moto's
-S3 server behind a proxy that passes uploads at 10 MB/s (benchmarks/slow_s3.py, its own process).
+S3 server behind a proxy that passes uploads at 3 MB/s (benchmarks/slow_s3.py, its own process).
 
-A --local run of 90 steps saves every 15 steps (15 MB each) to s3:// at 10 MB/s. Checked: each
+A --local run of 90 steps saves every 15 steps (15 MB each) to s3:// at 3 MB/s. Checked: each
 upload ran while later steps trained (steps ended before it did; their time against the steps
 after it is printed); a step into the upload of checkpoint 45, that checkpoint is
 not yet whole and the checkpoint a resume takes is 30; at the end every
@@ -24,7 +24,7 @@ from tests.ray.trainkit import rows_for, tiny_cfg, train_rows
 pytestmark = pytest.mark.slow
 BUCKET = "chatsft-slow"
 REPO = Path(__file__).resolve().parents[2]
-RATE = 10_000_000  # bytes per second, every upload connection together
+RATE = 3_000_000  # bytes per second, every upload connection together (an upload takes 5 s)
 
 
 @pytest.fixture
@@ -42,6 +42,8 @@ def slow_s3(monkeypatch):
                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy_port}"}
         for k, v in env.items():
             monkeypatch.setenv(k, v)
+        # what another node sees: the store itself, not this trainer's throttled link to it
+        monkeypatch.setenv("SLOW_S3_DIRECT", f"http://127.0.0.1:{moto_port}")
         boto3.client("s3", endpoint_url=f"http://127.0.0.1:{moto_port}").create_bucket(Bucket=BUCKET)
         yield f"s3://{BUCKET}"
     finally:
@@ -67,8 +69,9 @@ class Probe:
     def __init__(self, checkpoints: str, at: int, uploading: int, go: Path) -> None:
         self.at, self.go = at, str(go)
         self.ended: dict[int, float] = {}
+        env = dict(os.environ, AWS_ENDPOINT_URL=os.environ["SLOW_S3_DIRECT"])
         self.proc = subprocess.Popen([sys.executable, "-c", PROBE, checkpoints, str(uploading), self.go],
-                                     stdout=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, text=True, env=env)
 
     def __call__(self, step: int, runtime) -> None:
         self.ended[step] = time.time()
