@@ -95,7 +95,7 @@ def worker(rank: int, port: int, args: dict, out: str) -> None:
         ids = g.integers(5, 700, length)
         labels = ids.copy()
         labels[: length // 4] = IGNORE
-        return collate([Row(ids, labels)], pad_id=0, seq2seq=False)
+        return collate([Row(ids, labels)], pad_id=0)
 
     n = int((length - length // 4) * accum * WORLD)
     times, cpus = [], []

@@ -88,9 +88,9 @@ def run_engine(engine_name: str, method: str, rank: int, world: int) -> dict[str
     for step in range(STEPS):
         engine.set_lr(1.0)
         batch = rows(step)
-        n = sum(collate([r], pad_id=0, seq2seq=False).num_targets for r in batch)
+        n = sum(collate([r], pad_id=0).num_targets for r in batch)
         for row in batch[rank * share:(rank + 1) * share]:
-            b = collate([row], pad_id=0, seq2seq=False)
+            b = collate([row], pad_id=0)
             total, _ = loss(engine.forward, b.inputs, b.targets)
             engine.backward(total * (world / n))
         grads.append(full_grads(engine))
