@@ -115,7 +115,8 @@ def _preempted(checkpoint_dir: str) -> bool:
 
     folder = storage.join(checkpoint_dir, "goodput")
     for f in storage.list_files(folder, recursive=True) if storage.exists(folder) else []:
-        if f.path.endswith(".json") and "preempted" in json.loads(storage.read_text(f.path) or "{}"):
+        # a ledger being written reads as None: asked again on the next poll
+        if f.path.endswith(".json") and "preempted" in (storage.read_json(f.path) or {}):
             return True
     return False
 
