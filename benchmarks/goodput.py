@@ -38,7 +38,10 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "20")
 
 
 class Signal:
-    """A step hook: every rank leaves its node id once; rank 0 touches `folder/at` after step `at`."""
+    """A step hook: every rank leaves its node id once; rank 0 touches `folder/at` after step `at`,
+    and every rank then waits for `folder/go`, which the harness touches once the drain is issued
+    or the node is gone. Without the wait, small steps outrun the harness: the run would reach its
+    next checkpoint before the node goes, and the preemption would land on another step each time."""
 
     def __init__(self, folder: str, at: int) -> None:
         self.folder, self.at = folder, at
@@ -48,8 +51,14 @@ class Signal:
         if not os.path.exists(where):
             with open(where, "w") as f:
                 f.write(runtime.node_id)
-        if runtime.rank == 0 and step == self.at and not os.path.exists(os.path.join(self.folder, "at")):
+        go = os.path.join(self.folder, "go")
+        if step != self.at or os.path.exists(go):
+            return
+        if runtime.rank == 0:
             open(os.path.join(self.folder, "at"), "w").close()
+        deadline = time.time() + 120
+        while not os.path.exists(go) and time.time() < deadline:
+            time.sleep(0.05)
 
 
 def _slow_s3(rate: int):
@@ -98,12 +107,14 @@ def _run(cluster, args, root: str, name: str, mode: str, rows, *extra: str) -> d
                             "--address", cluster.address, "--node-id", victim,
                             "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot (benchmark)",
                             "--deadline-remaining-seconds", "30"], check=True, capture_output=True)
+            open(os.path.join(folder, "go"), "w").close()
             # the cloud takes the node at the deadline, or once the attempt has stopped (rank 0
             # recorded the preemption in its ledger), whichever comes first
             deadline = time.time() + 30
             while time.time() < deadline and not run.done() and not _preempted(plan.checkpoint_dir):
                 time.sleep(0.2)
         cluster.remove_node(node)
+        open(os.path.join(folder, "go"), "w").close()  # an unhandled loss: the node went mid-interval
         cluster.add_node(num_cpus=1)  # the replacement
     result = run.result()
     pool.shutdown()
