@@ -58,7 +58,9 @@ def test_a_local_run_reports_its_goodput(tmp_path, capsys):
     assert g is not None and g["attempts"] == 1 and g["steps_redone"] == 0 and g["preemptions"] == []
     assert 0 < g["goodput"] < 1 and g["seconds"]["checkpoint"] > 0 and g["seconds"]["eval"] > 0
     assert g["wall_s"] <= time.time() - t0 + 0.1
-    assert g["productive_s"] + sum(g["seconds"].values()) == pytest.approx(g["wall_s"], rel=1e-3)
+    # each figure is written to the millisecond: the sum may be off by half a millisecond per term
+    terms = 1 + len(g["seconds"])
+    assert g["productive_s"] + sum(g["seconds"].values()) == pytest.approx(g["wall_s"], abs=0.0005 * terms + 1e-9)
     assert re.fullmatch(r"goodput \d+%(: [a-z]+ \d+%(, [a-z]+ \d+%)*)?", g["line"]), g["line"]
     assert f"[chatsft] {g['line']}" in capsys.readouterr().out
     written = json.loads((tmp_path / "out" / "result.json").read_text())

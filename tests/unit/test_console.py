@@ -9,9 +9,10 @@ import warnings
 
 
 def test_notes_of_a_call_go_to_the_log_file_not_the_console(tmp_path, monkeypatch, capsys):
-    from chatsft.console import LIBRARY_LOG, notes_to_log
+    from chatsft.console import library_log, notes_to_log
 
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # a Ray left running by an earlier test: its logs/
+    log = library_log()
     lib = logging.getLogger("somelib")
     console = logging.StreamHandler(sys.stderr)
     lib.addHandler(console)
@@ -24,7 +25,8 @@ def test_notes_of_a_call_go_to_the_log_file_not_the_console(tmp_path, monkeypatc
         lib.removeHandler(console)
     err = capsys.readouterr().err
     assert "model card" not in err and "no license" not in err and "on the console again" in err
-    kept = (tmp_path / LIBRARY_LOG).read_text()
+    with open(log, encoding="utf-8") as f:
+        kept = f.read()
     assert "the model card could not be retrieved" in kept and "UserWarning: no license file" in kept
 
 
@@ -74,9 +76,10 @@ def test_ray_data_logs_warnings_on_the_console_and_everything_to_its_file(monkey
 
 
 def test_deepspeed_notes_in_the_driver_go_to_the_log_file(tmp_path, monkeypatch, capsys):
-    from chatsft.console import LIBRARY_LOG, _ToLibraryLog, quiet_driver
+    from chatsft.console import _ToLibraryLog, library_log, quiet_driver
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    log = library_log()
     monkeypatch.setenv("RAY_DATA_LOGGING_CONFIG", "x")  # kept: the user's own choice wins
     quiet_driver()
     import os
@@ -94,4 +97,5 @@ def test_deepspeed_notes_in_the_driver_go_to_the_log_file(tmp_path, monkeypatch,
             ds.removeFilter(f)
     err = capsys.readouterr().err
     assert "Setting accelerator" not in err and "a real DeepSpeed error" in err
-    assert "WARNING DeepSpeed: Setting accelerator to CPU." in (tmp_path / LIBRARY_LOG).read_text()
+    with open(log, encoding="utf-8") as f:
+        assert "WARNING DeepSpeed: Setting accelerator to CPU." in f.read()

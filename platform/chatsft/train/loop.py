@@ -135,12 +135,14 @@ def run(args: WorkerArgs, rt: WorkerRuntime) -> dict[str, Any]:
                 one_step(w, mine)
                 steady.tick()
                 after_step(w)
+                t1 = time.perf_counter()
+                account_step(w, t1 - t0, _aside(ledger) - aside)  # may hold a collective: part of the step
+                t0 = t1
                 watchdog.feed(w.state.step, started=False)
+                # after the step's last collective, so a hook that stalls one rank leaves the others
+                # ahead, waiting in the next step (its time counts there, from t0)
                 for hook in args.hooks:
                     hook(w.state.step, rt)
-                t1 = time.perf_counter()
-                account_step(w, t1 - t0, _aside(ledger) - aside)
-                t0 = t1
                 if w.preempt.due:
                     stop_for_preemption(w)
                 if w.state.step >= w.total:
