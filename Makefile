@@ -29,7 +29,7 @@ lint: venv
 	$(BIN)/lint-imports
 
 test: venv lint
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q --durations=40
 
 test-fast: venv lint
 	$(BIN)/python -m pytest -q -m "not slow and not gpu"

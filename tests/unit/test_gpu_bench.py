@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "benchmarks" / "gpu.py"
 
@@ -32,6 +34,7 @@ def dry_run(out: Path, *args: str) -> tuple[str, dict]:
     return proc.stdout, json.loads((out / "results.json").read_text())["rows"]
 
 
+@pytest.mark.slow  # a timed step of every row, in subprocesses: half a minute
 def test_dry_run_builds_every_row_and_steps_those_this_machine_can(tmp_path):
     gpu = bench_module()
     stdout, rows = dry_run(tmp_path)
