@@ -92,6 +92,8 @@ def _run(cluster, args, root: str, name: str, mode: str, rows, *extra: str) -> d
     cfg = _cfg(root, name, args, *extra)
     plan = RunPlan.resolve(cfg)
     folder = tempfile.mkdtemp(prefix=f"signal-{name}-", dir=root)
+    if mode == "none":  # nothing to wait for at --preempt-at
+        open(os.path.join(folder, "go"), "w").close()
     pool = ThreadPoolExecutor(1)
     run = pool.submit(train_on_rows, plan, rows, Extras(export=False, tasks=[], hooks=[Signal(folder, args.preempt_at)]))
     if mode != "none":

@@ -26,6 +26,22 @@ def _attempt(folder, start, steps, setup=1.0, ckpt=0.0, evals=0.0, end=None):
     path.write_text(json.dumps(rec))
 
 
+def test_a_rank_held_between_steps_still_writes_its_steps(tmp_path, monkeypatch):
+    from chatsft.train import goodput
+
+    monkeypatch.setattr(goodput, "FLUSH_S", 0.2)
+    led = Ledger(str(tmp_path), rank=0)
+    led.step(1, 0.5)
+    led.step(2, 0.5)  # and then nothing: the loop waits in a collective, or its node is about to go
+    path = tmp_path / f"{led.name}.json"
+    deadline = time.time() + 10
+    while time.time() < deadline and not (path.exists() and len(json.loads(path.read_text() or "{}").get("steps", [])) == 2):
+        time.sleep(0.05)
+    assert [s for s, _ in json.loads(path.read_text())["steps"]] == [1, 2]
+    led.flush(wait=True)  # the attempt's end: the timer stops
+    assert led._ticker is None and led._idle.is_set()
+
+
 def test_breakdown_counts_survived_redone_and_restarts(tmp_path):
     t = 1000.0
     # submitted at t; prepare 2 s; attempt 1 starts at t+3 (start: 1 s + setup 1 s), steps 1-5, a

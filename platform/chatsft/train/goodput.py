@@ -5,8 +5,10 @@ Rank 0 of every attempt (the first, and each group Ray Train restarts) keeps a
 checkpoints on the critical path, and each optimizer step by number. It writes
 the ledger, a small JSON, into the run's goodput folder (one per `chatsft train`
 invocation, beside its checkpoints) at every checkpoint and evaluation, at a
-preemption, at the end and at most every FLUSH_S otherwise, so a killed attempt
-leaves what it had done up to shortly before.
+preemption, at the end, and otherwise within FLUSH_S of a step's end (a timer
+thread, so a rank held between steps still writes them): a killed attempt leaves
+what it had done up to FLUSH_S before, and the steps it did since its last
+checkpoint count as redone.
 
 The driver (`breakdown`) reads them at the end. A step number's last execution
 survived; an earlier execution of the same step was redone after a restart. Time
@@ -27,7 +29,7 @@ from typing import Any, Optional
 
 from chatsft import storage
 
-FLUSH_S = 10.0
+FLUSH_S = 2.0
 CAUSES = ("start", "prepare", "eval", "checkpoint", "redone", "restart", "other")
 
 
@@ -45,6 +47,9 @@ class Ledger:
         self._lock = threading.Lock()
         self._pending: Optional[dict] = None
         self._writer: Optional[threading.Thread] = None
+        self._dirty = False
+        self._ticker: Optional[threading.Thread] = None
+        self._idle = threading.Event()  # set: the ticker stops (the attempt's last flush)
 
     def add(self, cause: str, seconds: float) -> None:
         self.causes[cause] = self.causes.get(cause, 0.0) + seconds
@@ -54,18 +59,29 @@ class Ledger:
 
     def step(self, step: int, seconds: float) -> None:
         self.steps.append((step, round(seconds, 6)))
-        if time.time() - self._flushed >= FLUSH_S:
-            self.flush()
+        self._dirty = True
+        if self.folder is not None and self._ticker is None:
+            self._idle.clear()
+            self._ticker = threading.Thread(target=self._tick, name="chatsft-goodput-tick", daemon=True)
+            self._ticker.start()
+
+    def _tick(self) -> None:
+        while not self._idle.wait(FLUSH_S):
+            if self._dirty:
+                self.flush()
 
     def flush(self, wait: bool = False) -> None:
         """Write the ledger as it is now, on a thread (the run's folder may be a slow object store,
-        and no step waits for bookkeeping); `wait`: until it is written (the end of an attempt)."""
+        and no step waits for bookkeeping); `wait`: until it is written (the end of an attempt; the
+        timer stops until the next step)."""
         if self.folder is None:
             return
+        if wait and self._ticker is not None:
+            self._idle.set()
+            self._ticker = None
+        self._dirty = False
         self._flushed = time.time()
-        record = {"attempt": self.name, "start": self.start, "end": self._flushed, "causes": dict(self.causes),
-                  "steps": list(self.steps), **{k: list(v) if isinstance(v, list) else v
-                                               for k, v in self.extra.items()}}
+        record = self._record()
         with self._lock:
             self._pending = record
             if self._writer is None or not self._writer.is_alive():
@@ -74,6 +90,16 @@ class Ledger:
             writer = self._writer
         if wait:
             writer.join()
+
+    def _record(self) -> dict:
+        # the timer thread copies what the loop (and the upload thread) may be changing meanwhile
+        while True:
+            try:
+                return {"attempt": self.name, "start": self.start, "end": self._flushed, "causes": dict(self.causes),
+                        "steps": list(self.steps), **{k: list(v) if isinstance(v, list) else v
+                                                     for k, v in list(self.extra.items())}}
+            except RuntimeError:  # a dict resized under the copy: copy again
+                continue
 
     def _write(self) -> None:
         while True:
