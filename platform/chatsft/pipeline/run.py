@@ -307,10 +307,17 @@ class Rendered:
     seconds: float  # from the start of the pipeline to the last run spilled
 
 
-# Ray Data's object store budget for rendering, per CPU of the cluster, and the rendered bytes one
-# spill task takes: together they bound what prepare holds in the object store (see _render).
+# Ray Data's object store budget for rendering, per CPU of the cluster, the most bytes of one block,
+# and the rendered bytes one spill task takes: together they bound what prepare holds in the object
+# store (see _render).
 STORE_PER_CPU = 32 << 20
 GROUP_BYTES = 16 << 20
+# Ray Data's own block size (DataContext.target_max_block_size, 128 MiB by default) merges what a
+# read task yields into blocks of up to that size: a read task made its whole file (or 64 MiB range)
+# one block, and the render task of that block one block of about twice its bytes. Its budget stops
+# new tasks, never a running one, so every task in flight held a block that grew with the files
+# (and so with the corpus) until the cap. Small blocks keep a task's output a small step.
+BLOCK_BYTES = 8 << 20
 
 
 def _run(plan: RunPlan, checked: Checked, root: str) -> Prepared:
@@ -322,17 +329,19 @@ def _run(plan: RunPlan, checked: Checked, root: str) -> Prepared:
     import ray
 
     ctx = DataContext.get_current()
-    saved = ctx.execution_options.preserve_order, ctx.execution_options.resource_limits
+    saved = ctx.execution_options.preserve_order, ctx.execution_options.resource_limits, ctx.target_max_block_size
     # Blocks in order: the first blocks hold the first records of the files (previews, the first
     # bad record), and group g of blocks is the g-th run of the stream.
     ctx.execution_options.preserve_order = True
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     ctx.execution_options.resource_limits = saved[1].copy(object_store_memory=STORE_PER_CPU * cpus)
+    ctx.target_max_block_size = BLOCK_BYTES
     try:
         with user_errors_unwrapped():  # a user error raised inside a Ray worker comes back wrapped
             return _execute(plan, checked, root, cpus)
     finally:
-        ctx.execution_options.preserve_order, ctx.execution_options.resource_limits = saved
+        (ctx.execution_options.preserve_order, ctx.execution_options.resource_limits,
+         ctx.target_max_block_size) = saved
 
 
 def _execute(plan: RunPlan, checked: Checked, root: str, cpus: int) -> Prepared:
