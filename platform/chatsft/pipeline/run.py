@@ -41,8 +41,9 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -321,24 +322,31 @@ BLOCK_BYTES = 8 << 20
 
 
 def _run(plan: RunPlan, checked: Checked, root: str) -> Prepared:
-    from ray.data import DataContext
-
     from chatsft.raysetup import ensure_ray
 
     ensure_ray()
     import ray
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    with bounded_blocks(cpus), user_errors_unwrapped():  # a user error raised in a Ray worker comes back wrapped
+        return _execute(plan, checked, root, cpus)
+
+
+@contextmanager
+def bounded_blocks(cpus: int) -> Iterator[None]:
+    """Ray Data's settings for the datasets made inside: blocks in order, its object store budget
+    STORE_PER_CPU x `cpus`, blocks of at most about BLOCK_BYTES; the caller's settings come back after."""
+    from ray.data import DataContext
 
     ctx = DataContext.get_current()
     saved = ctx.execution_options.preserve_order, ctx.execution_options.resource_limits, ctx.target_max_block_size
     # Blocks in order: the first blocks hold the first records of the files (previews, the first
     # bad record), and group g of blocks is the g-th run of the stream.
     ctx.execution_options.preserve_order = True
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     ctx.execution_options.resource_limits = saved[1].copy(object_store_memory=STORE_PER_CPU * cpus)
     ctx.target_max_block_size = BLOCK_BYTES
     try:
-        with user_errors_unwrapped():  # a user error raised inside a Ray worker comes back wrapped
-            return _execute(plan, checked, root, cpus)
+        yield
     finally:
         (ctx.execution_options.preserve_order, ctx.execution_options.resource_limits,
          ctx.target_max_block_size) = saved
