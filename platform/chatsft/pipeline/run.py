@@ -14,12 +14,15 @@ The graph, in three phases (render, write, report):
 
 Bounded memory: the object store holds rendered blocks in flight, never the
 corpus. Ray Data's budget is STORE_PER_CPU x CPUs (its streaming executor holds
-back reads and renders past it), and the blocks it hands out are grouped by
-GROUP_BYTES and given to a spill task at once, with at most one pending spill
-task per CPU: about (STORE_PER_CPU + GROUP_BYTES) x CPUs + GROUP_BYTES, 48 MB
-per CPU plus 16 MB, whatever the corpus. What outgrows that goes to the
-output's own storage (the cache's bucket, or the run's data folder) as sorted
-runs, by design, not to the head node's spill directory.
+back reads and renders past it), its blocks are at most about BLOCK_BYTES (so a
+task in flight holds a small block, not one the size of its file), and the
+blocks it hands out are grouped by GROUP_BYTES and given to a spill task at
+once, with at most one pending spill task per CPU: about (STORE_PER_CPU +
+GROUP_BYTES + BLOCK_BYTES) x CPUs + GROUP_BYTES + BLOCK_BYTES, 56 MB per CPU
+plus 24 MB (136 MB on 2 CPUs), whatever the corpus (benchmarks/scale.py
+measures it; docs/architecture.md has the figures). What outgrows that goes to
+the output's own storage (the cache's bucket, or the run's data folder) as
+sorted runs, by design, not to the head node's spill directory.
 
 The shuffle uses plain Ray tasks rather than Dataset.sort: the shuffle key is a
 uniform hash, so fixed key ranges partition it evenly without a sampling pass,
@@ -372,7 +375,8 @@ def _render(plan: RunPlan, checked: Checked, root: str, cpus: int) -> Rendered:
     """Read and render the sources with Ray Data, and spill the rendered samples as they come.
 
     Memory: Ray Data keeps at most STORE_PER_CPU x CPUs of blocks in the object store (its
-    streaming executor holds back reads and renders past that budget), and this loop hands each
+    streaming executor holds back reads and renders past that budget), each block about
+    BLOCK_BYTES at most (bounded_blocks), and this loop hands each
     run of GROUP_BYTES of consecutive blocks to a spill task at once, with at most one pending
     spill task per CPU: the object store holds those, never the corpus. Each spill task sorts
     its samples by the shuffle key and writes them to the output's own storage (a sorted run),
