@@ -417,22 +417,22 @@ def _render(plan: RunPlan, checked: Checked, root: str, cpus: int) -> Rendered:
     task = ray.remote(num_cpus=0)(shuffle.spill_group).options(**_write_placement(root))
     splits = [TRAIN, EVAL] if plan.eval_split != "none" else [TRAIN]
     pending: dict[Any, int] = {}
-    results: dict[int, dict] = {}
+    gathered = _Gathered(splits, data.preview_samples, data.bad_examples)
     group: list = []
     size = 0
+    groups = 0
 
     def submit() -> None:
-        nonlocal group, size
-        g = len(pending) + len(results)
-        pending[task.remote(spill, g, splits, data.preview_samples, *group)] = g
-        group, size = [], 0
+        nonlocal group, size, groups
+        pending[task.remote(spill, groups, splits, data.preview_samples, *group)] = groups
+        group, size, groups = [], 0, groups + 1
         while len(pending) > cpus:
             collect(1)
 
     def collect(n: int) -> None:
         done, _ = ray.wait(list(pending), num_returns=n)
         for ref in done:
-            results[pending.pop(ref)] = ray.get(ref)
+            gathered.add(pending.pop(ref), ray.get(ref))
 
     for bundle in rendered.iter_internal_ref_bundles():
         for ref, meta in zip(bundle.block_refs, bundle.metadata):
@@ -445,11 +445,8 @@ def _render(plan: RunPlan, checked: Checked, root: str, cpus: int) -> Rendered:
         submit()
     if pending:
         collect(len(pending))
-    stats, bad = _collect_stats([results[g]["stats"] for g in sorted(results)])
-    previews = {s: [r for g in sorted(results) for r in results[g]["preview"][s]][: data.preview_samples]
-                for s in splits}
-    runs = {s: [results[g]["runs"][s] for g in sorted(results) if results[g]["runs"][s]] for s in splits}
-    return Rendered(stats, bad, previews, runs, spill, time.time() - started)
+    assert not gathered.waiting, "a spill group's result never came"
+    return Rendered(gathered.stats, gathered.bad, gathered.previews, gathered.runs, spill, time.time() - started)
 
 
 def _refuse(plan: RunPlan, checked: Checked, rendered: Rendered) -> None:
@@ -575,17 +572,40 @@ def _row_groups(files: list[SourceFile], asked: list[int], shared: bool) -> list
     return ray.get([task.remote(files[fi].location, files[fi].display) for fi in asked])
 
 
-def _collect_stats(per_group: list[list[str]]) -> tuple[dict[int, MaskStats], list[BadExample]]:
-    stats = {TRAIN: MaskStats(), EVAL: MaskStats()}
-    bad: list[BadExample] = []
-    for texts in per_group:
-        for text in texts:
+class _Gathered:
+    """The spill groups' results, folded in group order as they come: the driver keeps the counts,
+    the first bad records of each split in file order, the first preview samples and the run paths,
+    not each batch's statistics (a list that grew with the corpus); results that come before an
+    earlier group's wait (at most one per pending spill task)."""
+
+    def __init__(self, splits: list[int], preview: int, bad_examples: int):
+        self.stats = {TRAIN: MaskStats(), EVAL: MaskStats()}
+        self.bad: list[BadExample] = []  # in file order
+        self.previews: dict[int, list[dict]] = {s: [] for s in splits}
+        self.runs: dict[int, list[str]] = {s: [] for s in splits}
+        self.waiting: dict[int, dict] = {}
+        self._next = 0
+        self._preview, self._bad_kept = preview, max(1, bad_examples)
+
+    def add(self, g: int, result: dict) -> None:
+        self.waiting[g] = result
+        while self._next in self.waiting:
+            self._fold(self.waiting.pop(self._next))
+            self._next += 1
+
+    def _fold(self, result: dict) -> None:
+        for text in result["stats"]:
             part = json.loads(text)
             for split, name in SPLITS.items():
-                stats[split].merge(MaskStats.from_dict(part["stats"][name]))
-            bad.extend(BadExample(*b) for b in part["bad"])
-    bad.sort(key=lambda b: (b.file_idx, b.line))  # file order: the first bad record is the one to name
-    return stats, bad
+                self.stats[split].merge(MaskStats.from_dict(part["stats"][name]))
+            self.bad.extend(BadExample(*b) for b in part["bad"])
+        self.bad.sort(key=lambda b: (b.file_idx, b.line))  # file order: the first bad record is the one to name
+        kept: Counter = Counter()
+        self.bad = [b for b in self.bad if kept.update([b.split]) or kept[b.split] <= self._bad_kept]
+        for s, mine in self.previews.items():
+            mine.extend(result["preview"][s][: self._preview - len(mine)])
+            if result["runs"][s]:
+                self.runs[s].append(result["runs"][s])
 
 
 # --------------------------------------------------------------------------- reports
