@@ -387,10 +387,11 @@ def bench_size(records: int, files: int, workers: list[int], steps: int, cpus_li
 
 def _store_bound_mb(cpus: int) -> float:
     """What prepare lets into the object store at once (pipeline/run.py): Ray Data's budget and one
-    pending spill group per CPU plus the one being filled."""
-    from chatsft.pipeline.run import GROUP_BYTES, STORE_PER_CPU
+    pending spill group per CPU plus the one being filled, a group being GROUP_BYTES and at most
+    one block past them."""
+    from chatsft.pipeline.run import BLOCK_BYTES, GROUP_BYTES, STORE_PER_CPU
 
-    return (STORE_PER_CPU * cpus + GROUP_BYTES * (cpus + 1)) / 2**20
+    return (STORE_PER_CPU * cpus + (GROUP_BYTES + BLOCK_BYTES) * (cpus + 1)) / 2**20
 
 
 def synthetic_rows(folder: Path, rows: int, seed: int = 0) -> str:

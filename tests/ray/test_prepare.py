@@ -409,3 +409,30 @@ def test_unknown_extension_is_one_line_naming_the_key(tmp_path, tiny_llama_dir):
     assert "\n" not in str(err.value)
     explicit = config(tmp_path, tiny_llama_dir, f"data.train=[{{path: {path}, format: jsonl}}]")
     assert [f.format for f, _ in plan_files(explicit)] == ["jsonl"]
+
+
+def test_prepare_blocks_stay_small_whatever_the_file_size(ray_local, tmp_path):
+    """What bounds prepare's object store: a read task hands out blocks of about BLOCK_BYTES, not
+    its whole file. Ray Data's default merges what a read yields into blocks of up to 128 MiB, so a
+    bigger file (a bigger corpus in as many files) made a bigger block, held while in flight."""
+    from ray.data import read_datasource
+
+    from chatsft.pipeline.read import make_datasource, plan_units
+    from chatsft.pipeline.run import BLOCK_BYTES, bounded_blocks
+    from chatsft.sources import expand_source
+
+    line = b'{"messages": [{"role": "user", "content": "' + b"x" * 1000 + b'"}]}\n'
+    size = 3 * BLOCK_BYTES
+    write_corpus(tmp_path, "big.jsonl", [line] * (size // len(line)))
+    files = expand_source(str(tmp_path / "big.jsonl"))
+    units = plan_units(files, lambda asked: [0] * len(asked))
+
+    def block_sizes() -> list[int]:
+        ds = read_datasource(make_datasource(files, units), override_num_blocks=1)
+        return [m.size_bytes for b in ds.iter_internal_ref_bundles() for m in b.metadata]
+
+    with bounded_blocks(2):
+        sizes = block_sizes()
+    assert len(sizes) >= 3 and max(sizes) <= 1.5 * BLOCK_BYTES, sizes
+    assert sum(sizes) >= size * 0.9
+    assert max(block_sizes()) > 2 * BLOCK_BYTES  # outside it, Ray Data's default: one block of the file

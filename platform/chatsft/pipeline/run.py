@@ -14,12 +14,15 @@ The graph, in three phases (render, write, report):
 
 Bounded memory: the object store holds rendered blocks in flight, never the
 corpus. Ray Data's budget is STORE_PER_CPU x CPUs (its streaming executor holds
-back reads and renders past it), and the blocks it hands out are grouped by
-GROUP_BYTES and given to a spill task at once, with at most one pending spill
-task per CPU: about (STORE_PER_CPU + GROUP_BYTES) x CPUs + GROUP_BYTES, 48 MB
-per CPU plus 16 MB, whatever the corpus. What outgrows that goes to the
-output's own storage (the cache's bucket, or the run's data folder) as sorted
-runs, by design, not to the head node's spill directory.
+back reads and renders past it), its blocks are at most about BLOCK_BYTES (so a
+task in flight holds a small block, not one the size of its file), and the
+blocks it hands out are grouped by GROUP_BYTES and given to a spill task at
+once, with at most one pending spill task per CPU: about (STORE_PER_CPU +
+GROUP_BYTES + BLOCK_BYTES) x CPUs + GROUP_BYTES + BLOCK_BYTES, 56 MB per CPU
+plus 24 MB (136 MB on 2 CPUs), whatever the corpus (benchmarks/scale.py
+measures it; docs/architecture.md has the figures). What outgrows that goes to
+the output's own storage (the cache's bucket, or the run's data folder) as
+sorted runs, by design, not to the head node's spill directory.
 
 The shuffle uses plain Ray tasks rather than Dataset.sort: the shuffle key is a
 uniform hash, so fixed key ranges partition it evenly without a sampling pass,
@@ -41,8 +44,9 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -307,32 +311,48 @@ class Rendered:
     seconds: float  # from the start of the pipeline to the last run spilled
 
 
-# Ray Data's object store budget for rendering, per CPU of the cluster, and the rendered bytes one
-# spill task takes: together they bound what prepare holds in the object store (see _render).
+# Ray Data's object store budget for rendering, per CPU of the cluster, the most bytes of one block,
+# and the rendered bytes one spill task takes: together they bound what prepare holds in the object
+# store (see _render).
 STORE_PER_CPU = 32 << 20
 GROUP_BYTES = 16 << 20
+# Ray Data's own block size (DataContext.target_max_block_size, 128 MiB by default) merges what a
+# read task yields into blocks of up to that size: a read task made its whole file (or 64 MiB range)
+# one block, and the render task of that block one block of about twice its bytes. Its budget stops
+# new tasks, never a running one, so every task in flight held a block that grew with the files
+# (and so with the corpus) until the cap. Small blocks keep a task's output a small step.
+BLOCK_BYTES = 8 << 20
 
 
 def _run(plan: RunPlan, checked: Checked, root: str) -> Prepared:
-    from ray.data import DataContext
-
     from chatsft.raysetup import ensure_ray
 
     ensure_ray()
     import ray
 
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    with bounded_blocks(cpus), user_errors_unwrapped():  # a user error raised in a Ray worker comes back wrapped
+        return _execute(plan, checked, root, cpus)
+
+
+@contextmanager
+def bounded_blocks(cpus: int) -> Iterator[None]:
+    """Ray Data's settings for the datasets made inside: blocks in order, its object store budget
+    STORE_PER_CPU x `cpus`, blocks of at most about BLOCK_BYTES; the caller's settings come back after."""
+    from ray.data import DataContext
+
     ctx = DataContext.get_current()
-    saved = ctx.execution_options.preserve_order, ctx.execution_options.resource_limits
+    saved = ctx.execution_options.preserve_order, ctx.execution_options.resource_limits, ctx.target_max_block_size
     # Blocks in order: the first blocks hold the first records of the files (previews, the first
     # bad record), and group g of blocks is the g-th run of the stream.
     ctx.execution_options.preserve_order = True
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     ctx.execution_options.resource_limits = saved[1].copy(object_store_memory=STORE_PER_CPU * cpus)
+    ctx.target_max_block_size = BLOCK_BYTES
     try:
-        with user_errors_unwrapped():  # a user error raised inside a Ray worker comes back wrapped
-            return _execute(plan, checked, root, cpus)
+        yield
     finally:
-        ctx.execution_options.preserve_order, ctx.execution_options.resource_limits = saved
+        (ctx.execution_options.preserve_order, ctx.execution_options.resource_limits,
+         ctx.target_max_block_size) = saved
 
 
 def _execute(plan: RunPlan, checked: Checked, root: str, cpus: int) -> Prepared:
@@ -355,7 +375,8 @@ def _render(plan: RunPlan, checked: Checked, root: str, cpus: int) -> Rendered:
     """Read and render the sources with Ray Data, and spill the rendered samples as they come.
 
     Memory: Ray Data keeps at most STORE_PER_CPU x CPUs of blocks in the object store (its
-    streaming executor holds back reads and renders past that budget), and this loop hands each
+    streaming executor holds back reads and renders past that budget), each block about
+    BLOCK_BYTES at most (bounded_blocks), and this loop hands each
     run of GROUP_BYTES of consecutive blocks to a spill task at once, with at most one pending
     spill task per CPU: the object store holds those, never the corpus. Each spill task sorts
     its samples by the shuffle key and writes them to the output's own storage (a sorted run),
@@ -396,22 +417,22 @@ def _render(plan: RunPlan, checked: Checked, root: str, cpus: int) -> Rendered:
     task = ray.remote(num_cpus=0)(shuffle.spill_group).options(**_write_placement(root))
     splits = [TRAIN, EVAL] if plan.eval_split != "none" else [TRAIN]
     pending: dict[Any, int] = {}
-    results: dict[int, dict] = {}
+    gathered = _Gathered(splits, data.preview_samples, data.bad_examples)
     group: list = []
     size = 0
+    groups = 0
 
     def submit() -> None:
-        nonlocal group, size
-        g = len(pending) + len(results)
-        pending[task.remote(spill, g, splits, data.preview_samples, *group)] = g
-        group, size = [], 0
+        nonlocal group, size, groups
+        pending[task.remote(spill, groups, splits, data.preview_samples, *group)] = groups
+        group, size, groups = [], 0, groups + 1
         while len(pending) > cpus:
             collect(1)
 
     def collect(n: int) -> None:
         done, _ = ray.wait(list(pending), num_returns=n)
         for ref in done:
-            results[pending.pop(ref)] = ray.get(ref)
+            gathered.add(pending.pop(ref), ray.get(ref))
 
     for bundle in rendered.iter_internal_ref_bundles():
         for ref, meta in zip(bundle.block_refs, bundle.metadata):
@@ -424,11 +445,8 @@ def _render(plan: RunPlan, checked: Checked, root: str, cpus: int) -> Rendered:
         submit()
     if pending:
         collect(len(pending))
-    stats, bad = _collect_stats([results[g]["stats"] for g in sorted(results)])
-    previews = {s: [r for g in sorted(results) for r in results[g]["preview"][s]][: data.preview_samples]
-                for s in splits}
-    runs = {s: [results[g]["runs"][s] for g in sorted(results) if results[g]["runs"][s]] for s in splits}
-    return Rendered(stats, bad, previews, runs, spill, time.time() - started)
+    assert not gathered.waiting, "a spill group's result never came"
+    return Rendered(gathered.stats, gathered.bad, gathered.previews, gathered.runs, spill, time.time() - started)
 
 
 def _refuse(plan: RunPlan, checked: Checked, rendered: Rendered) -> None:
@@ -554,17 +572,40 @@ def _row_groups(files: list[SourceFile], asked: list[int], shared: bool) -> list
     return ray.get([task.remote(files[fi].location, files[fi].display) for fi in asked])
 
 
-def _collect_stats(per_group: list[list[str]]) -> tuple[dict[int, MaskStats], list[BadExample]]:
-    stats = {TRAIN: MaskStats(), EVAL: MaskStats()}
-    bad: list[BadExample] = []
-    for texts in per_group:
-        for text in texts:
+class _Gathered:
+    """The spill groups' results, folded in group order as they come: the driver keeps the counts,
+    the first bad records of each split in file order, the first preview samples and the run paths,
+    not each batch's statistics (a list that grew with the corpus); results that come before an
+    earlier group's wait (at most one per pending spill task)."""
+
+    def __init__(self, splits: list[int], preview: int, bad_examples: int):
+        self.stats = {TRAIN: MaskStats(), EVAL: MaskStats()}
+        self.bad: list[BadExample] = []  # in file order
+        self.previews: dict[int, list[dict]] = {s: [] for s in splits}
+        self.runs: dict[int, list[str]] = {s: [] for s in splits}
+        self.waiting: dict[int, dict] = {}
+        self._next = 0
+        self._preview, self._bad_kept = preview, max(1, bad_examples)
+
+    def add(self, g: int, result: dict) -> None:
+        self.waiting[g] = result
+        while self._next in self.waiting:
+            self._fold(self.waiting.pop(self._next))
+            self._next += 1
+
+    def _fold(self, result: dict) -> None:
+        for text in result["stats"]:
             part = json.loads(text)
             for split, name in SPLITS.items():
-                stats[split].merge(MaskStats.from_dict(part["stats"][name]))
-            bad.extend(BadExample(*b) for b in part["bad"])
-    bad.sort(key=lambda b: (b.file_idx, b.line))  # file order: the first bad record is the one to name
-    return stats, bad
+                self.stats[split].merge(MaskStats.from_dict(part["stats"][name]))
+            self.bad.extend(BadExample(*b) for b in part["bad"])
+        self.bad.sort(key=lambda b: (b.file_idx, b.line))  # file order: the first bad record is the one to name
+        kept: Counter = Counter()
+        self.bad = [b for b in self.bad if kept.update([b.split]) or kept[b.split] <= self._bad_kept]
+        for s, mine in self.previews.items():
+            mine.extend(result["preview"][s][: self._preview - len(mine)])
+            if result["runs"][s]:
+                self.runs[s].append(result["runs"][s])
 
 
 # --------------------------------------------------------------------------- reports
