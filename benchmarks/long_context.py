@@ -2,12 +2,13 @@
 memory and step time of one training step, N ranks sharing one row, side by side in one run.
 
 Model: a Qwen3-shaped model built locally (grouped-query attention: 8 heads, 4 key-value heads, so
-N=4 splits both; q/k norms; untied head; the tiny tokenizer's 761-token vocabulary), --hidden wide
-and --layers deep, fp32, AdamW (train.engine=ddp: every rank holds the whole model, as under
-sequence parallelism with any engine but ZeRO-3). The width is chosen so that activations dominate
-the parameters: with hidden 256 and 4 layers the weights, gradients and AdamW state are ~60 MB per
-rank, while one step over a few thousand tokens grows the process by several hundred MB. A wider
-model with the same tokens would let the replicated weights swamp the ratios.
+N=4 splits both; q/k norms; untied head; MLP 4x the width; the tiny tokenizer's 761-token
+vocabulary), --hidden wide and --layers deep, fp32, AdamW (train.engine=ddp: every rank holds the
+whole model, as under sequence parallelism with any engine but ZeRO-3). The size is chosen so that
+activations dominate the parameters: with hidden 128 and 4 layers (1.2M parameters) the weights,
+gradients and AdamW state are ~20 MB per rank, while one step over a thousand tokens grows the
+process by ~80 MB. A wider model at the same lengths would let the replicated weights and their
+gradient buckets swamp the ratios; a longer one would make every search step minutes on 2 cores.
 
 Each measurement runs in fresh processes (one per rank, torch.distributed over gloo on CPU,
 1 thread each), forked from this process once it imported torch, transformers and chatsft (the
@@ -28,11 +29,12 @@ checkpointing with the checkpointed activations offloaded; on a CPU the "offload
 same memory, so what shows here is the checkpointing: on a GPU the saved inputs leave GPU memory):
   1. per-rank step growth at max_length 2L with N=2 against L with N=1 (target <= 1.15x);
   2. the longest max_length whose step grows each rank by at most --cap MB, for N=1, 2, 4 (targets
-     >= 1.8x and >= 3.2x the N=1 length): doubling, then bisection to 1/16 of the N=1 length;
+     >= 1.8x and >= 3.2x the N=1 length): doubling, then bisection to 1/16 of the N=1 length (by
+     default searched with offload off only, --search both for both: ~15 runs each);
   3. step time of N=2 at 2L against N=1 at L (equal tokens per rank; mean of --steps steps after
      the measured one, rank 0's): reported, no target (on 2 shared cores the N=2 ranks compete).
 
-    PYTHONPATH=platform python benchmarks/long_context.py [--length 2048] [--cap 400] [--layers 4]
+    PYTHONPATH=platform python benchmarks/long_context.py [--length 1024] [--cap 200] [--search both]
     PYTHONPATH=platform python benchmarks/long_context.py --tiny      # the fast test's sizes
 """
 
@@ -48,7 +50,7 @@ import sys
 import tempfile
 import time
 
-TINY = dict(hidden=64, layers=2, length=256, cap=20.0, start=128, steps=1)
+TINY = dict(hidden=32, layers=1, length=128, cap=4.0, start=128, steps=1, grain=2)
 SHAPE = dict(heads=8, kv_heads=4)
 
 
@@ -77,7 +79,7 @@ def model_dir(cache: str, hidden: int, layers: int) -> str:
 
     tok = AutoTokenizer.from_pretrained(resolve("builtin:tiny-llama"))
     head_dim = hidden // SHAPE["heads"]
-    config = Qwen3Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+    config = Qwen3Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden,
                          num_hidden_layers=layers, num_attention_heads=SHAPE["heads"],
                          num_key_value_heads=SHAPE["kv_heads"], head_dim=head_dim, max_position_embeddings=1 << 17,
                          tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
@@ -216,7 +218,7 @@ def longest(n: int, cap: float, *, lo: int, hi: int | None, grain: int, model: s
     return lo, runs
 
 
-def run_variant(offload: bool, args: argparse.Namespace, model: str, verbose: bool) -> dict:
+def run_variant(offload: bool, args: argparse.Namespace, model: str, verbose: bool, search: bool) -> dict:
     name = "offload on " if offload else "offload off"
 
     def log(n, length, growth, cap):
@@ -233,12 +235,14 @@ def run_variant(offload: bool, args: argparse.Namespace, model: str, verbose: bo
     if verbose:
         print(f"  [{name.strip()}] N=1 at {L}: {one['growth_mb']:.0f} MB, {one['step_s']:.2f} s/step; "
               f"N=2 at {2 * L}: {two['growth_mb']:.0f} MB, {two['step_s']:.2f} s/step", flush=True)
+    if not search:
+        return res
     t0 = time.perf_counter()
     unit = 16  # every length a multiple of 16: N in (1, 2, 4) divides it
     first = max(unit, args.start // unit * unit)
-    l1, runs = longest(1, args.cap, lo=first, hi=None, grain=max(unit, first // 16 // unit * unit),
+    l1, runs = longest(1, args.cap, lo=first, hi=None, grain=max(unit, first // args.grain // unit * unit),
                        model=model, offload=offload, log=log)
-    grain = max(unit, l1 // 16 // unit * unit)
+    grain = max(unit, l1 // args.grain // unit * unit)
     l2, r2 = longest(2, args.cap, lo=l1, hi=None, grain=grain, model=model, offload=offload, log=log)
     # N=4 at N=2's longest: half the tokens per rank, so it fits
     l4, r4 = longest(4, args.cap, lo=l2, hi=None, grain=grain, model=model, offload=offload, log=log)
@@ -250,13 +254,16 @@ def run_variant(offload: bool, args: argparse.Namespace, model: str, verbose: bo
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny sizes, for the fast test (seconds)")
-    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--length", type=int, default=2048, help="L: N=1 at L against N=2 at 2L")
-    p.add_argument("--cap", type=float, default=400.0, help="per-rank step growth cap (MB) of the search")
+    p.add_argument("--length", type=int, default=1024, help="L: N=1 at L against N=2 at 2L")
+    p.add_argument("--cap", type=float, default=200.0, help="per-rank step growth cap (MB) of the search")
     p.add_argument("--start", type=int, default=1024, help="first length of N=1's doubling (must fit)")
     p.add_argument("--steps", type=int, default=2, help="timed steps after the measured one")
-    p.add_argument("--offload", choices=["both", "off", "on"], default="both")
+    p.add_argument("--offload", choices=["both", "off", "on"], default="both", help="the variants measured")
+    p.add_argument("--search", choices=["both", "off", "on"], default="off",
+                   help="the variants whose longest lengths are searched (the others: rows 1 and 3 only)")
+    p.add_argument("--grain", type=int, default=16, help="the search stops at 1/grain of the N=1 length")
     p.add_argument("--quiet", action="store_true", help="no line per measurement")
     p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "chatsft-bench-models"))
     args = p.parse_args(argv)
@@ -276,24 +283,27 @@ def main(argv=None) -> dict:
     model = model_dir(args.cache, args.hidden, args.layers)
     variants = {"off": [False], "on": [True], "both": [False, True]}[args.offload]
     t0 = time.perf_counter()
-    got = {("on" if v else "off"): run_variant(v, args, model, not args.quiet) for v in variants}
+    searched = {"off": [False], "on": [True], "both": [False, True]}[args.search]
+    got = {("on" if v else "off"): run_variant(v, args, model, not args.quiet, v in searched) for v in variants}
     print(f"\nQwen3-shaped model (hidden {args.hidden}, {args.layers} layers, 8 heads / 4 KV heads, fp32, AdamW, "
           f"train.engine=ddp); gloo on CPU, 1 thread per rank, one row per step; memory = per-rank growth of one "
           f"step over the RSS before it; {time.perf_counter() - t0:.0f} s")
     for key, r in got.items():
-        lg = r["longest"]
         print(f"activation offload {key:3s}: peak per rank N=2 at {2 * args.length} / N=1 at {args.length}: "
               f"{r['peak_ratio']:.2f}x (target <= 1.15; {r['peak_n2_mb']:.0f} / {r['peak_n1_mb']:.0f} MB)")
-        print(f"activation offload {key:3s}: longest max_length within {args.cap:.0f} MB per rank: N=1 {lg[1]}, "
-              f"N=2 {lg[2]} ({lg[2] / lg[1]:.2f}x, target >= 1.8), N=4 {lg[4]} ({lg[4] / lg[1]:.2f}x, "
-              f"target >= 3.2); grain {r['grain']}, {r['search_runs']} runs")
+        lg = r.get("longest")
+        if lg:
+            print(f"activation offload {key:3s}: longest max_length within {args.cap:.0f} MB per rank: N=1 {lg[1]}, "
+                  f"N=2 {lg[2]} ({lg[2] / lg[1]:.2f}x, target >= 1.8), N=4 {lg[4]} ({lg[4] / lg[1]:.2f}x, "
+                  f"target >= 3.2); grain {r['grain']}, {r['search_runs']} runs, {r['search_s']:.0f} s")
         print(f"activation offload {key:3s}: step time N=2 at {2 * args.length} / N=1 at {args.length} "
               f"(equal tokens per rank): {r['step_ratio']:.2f}x ({r['step_n2_s']:.2f} / {r['step_n1_s']:.2f} s)")
     if len(got) == 2:
         on, off = got["on"], got["off"]
+        both = "longest" in on and "longest" in off
         print(f"offload on / off: peak N=1 at {args.length} {on['peak_n1_mb'] / off['peak_n1_mb']:.2f}x, "
-              f"longest N=1 {on['longest'][1] / off['longest'][1]:.2f}x, "
-              f"step time N=1 {on['step_n1_s'] / off['step_n1_s']:.2f}x")
+              + (f"longest N=1 {on['longest'][1] / off['longest'][1]:.2f}x, " if both else "")
+              + f"step time N=1 {on['step_n1_s'] / off['step_n1_s']:.2f}x")
     return got
 
 
