@@ -71,8 +71,8 @@ def _exact_rss() -> None:
     """Every allocation over 64 KB gets its own mapping, returned on free (glibc's mallopt
     M_MMAP_THRESHOLD; a fixed threshold also stops glibc raising it as large blocks are freed), so
     RSS follows the live tensors, as a GPU allocator's reserved memory would, not what glibc's
-    heap kept of the last free (which made one step grow 60 MB more for 128 tokens more). The
-    forked ranks inherit it."""
+    heap kept of the last free (which made one step grow 60 MB more for 128 tokens more). Set in
+    each rank, for its allocations from then on; the parent (a test runner) keeps its own."""
     import ctypes
 
     try:
@@ -109,6 +109,7 @@ def model_dir(cache: str, hidden: int, layers: int) -> str:
 def worker(rank: int, n: int, port: int, job: dict, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(n),
                       LOCAL_RANK=str(rank))
+    _exact_rss()
     import gc
 
     import numpy as np
@@ -284,7 +285,6 @@ def main(argv=None) -> dict:
     if args.tiny:
         for k, v in TINY.items():
             setattr(args, k, v)
-    _exact_rss()
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "platform"))
     # imported here, once: the forked ranks find them loaded
     import torch  # noqa: F401
