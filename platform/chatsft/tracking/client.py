@@ -91,8 +91,9 @@ class Tracker:
     def start(self) -> str:
         """Create (or reopen) the run synchronously; a failure here is a UserError."""
         # MLflow's own HTTP retries wait minutes; ours are shorter and run off the training thread.
+        # 30 s per call: a busy server's first queries (its store warming up) outlast 10.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         from mlflow.tracking import MlflowClient
 
         if self.uri.startswith("sqlite:///"):  # the store's folder (the run's output dir) may not exist yet
