@@ -31,6 +31,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from procmem import reset_peak, status_mb  # noqa: E402  (beside this file)
 
 ENGINES = {
     "fsdp2": ["train.engine=fsdp2"],
@@ -38,23 +39,6 @@ ENGINES = {
     "zero2": ["train.engine=deepspeed", "train.deepspeed.stage=2"],
 }
 WORLD = 2
-
-
-def _mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS
-        return True
-    except OSError:
-        return False
 
 
 def worker(rank: int, port: int, args: dict, out: str) -> None:
@@ -87,7 +71,7 @@ def worker(rank: int, port: int, args: dict, out: str) -> None:
                           device=torch.device("cpu"))
     engine.train()
     gc.collect()
-    built = _mb("VmRSS")
+    built = status_mb("VmRSS")
     g = np.random.default_rng(rank)
     length = args["length"]
 
@@ -102,7 +86,7 @@ def worker(rank: int, port: int, args: dict, out: str) -> None:
     for i in range(args["warmup"] + args["steps"]):
         if i == args["warmup"]:
             gc.collect()
-            reset = _reset_peak()
+            reset = reset_peak()
         dist.barrier()
         t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(accum):
@@ -114,7 +98,7 @@ def worker(rank: int, port: int, args: dict, out: str) -> None:
         if i >= args["warmup"]:
             times.append(time.perf_counter() - t0)
             cpus.append(time.process_time() - c0)
-    got = {"rank": rank, "built_mb": built, "peak_mb": _mb("VmHWM"), "peak_reset": reset,
+    got = {"rank": rank, "built_mb": built, "peak_mb": status_mb("VmHWM"), "peak_reset": reset,
            "step_s": statistics.mean(times), "cpu_s": statistics.mean(cpus)}
     with open(f"{out}.{rank}", "w") as f:
         json.dump(got, f)

@@ -50,21 +50,11 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from procmem import reset_peak, status_mb  # noqa: E402  (beside this file)
+
 TINY = dict(hidden=32, layers=1, length=128, cap=4.0, start=128, steps=1, grain=2)
 SHAPE = dict(heads=8, kv_heads=4)
-
-
-def _mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
 
 
 def _exact_rss() -> None:
@@ -160,10 +150,10 @@ def worker(rank: int, n: int, port: int, job: dict, out: str) -> None:
     step(8 * n)  # gradients and AdamW state exist from here on
     gc.collect()
     dist.barrier()
-    before = _mb("VmRSS")
-    _reset_peak()
+    before = status_mb("VmRSS")
+    reset_peak()
     step(job["length"])
-    growth = _mb("VmHWM") - before
+    growth = status_mb("VmHWM") - before
     times = []
     for _ in range(job["steps"]):
         dist.barrier()
