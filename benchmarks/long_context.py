@@ -271,6 +271,7 @@ def main(argv=None) -> dict:
     p.add_argument("--grain", type=int, default=16, help="the search stops at 1/grain of the N=1 length")
     p.add_argument("--quiet", action="store_true", help="no line per measurement")
     p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "chatsft-bench-models"))
+    p.add_argument("--json", help="also write the figures here")
     args = p.parse_args(argv)
     if args.tiny:
         for k, v in TINY.items():
@@ -309,6 +310,9 @@ def main(argv=None) -> dict:
         print(f"offload on / off: peak N=1 at {args.length} {on['peak_n1_mb'] / off['peak_n1_mb']:.2f}x, "
               + (f"longest N=1 {on['longest'][1] / off['longest'][1]:.2f}x, " if both else "")
               + f"step time N=1 {on['step_n1_s'] / off['step_n1_s']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(got, f)
     return got
 
 
