@@ -51,6 +51,12 @@ class StepLogger:
                 return
         self._tracker.log_metrics(metrics, step)
 
+    def flush(self, timeout: float) -> None:
+        """Until what is queued has been sent (or `timeout` passed): before a checkpoint, so the
+        steps it holds are not logged again, or lost, by a restart from it."""
+        if self._tracker is not None:
+            self._tracker.wait(timeout)
+
     def close(self) -> None:
         if self._tracker is not None:
             self._tracker.finish(status=None)

@@ -586,6 +586,9 @@ def save(w: Worker) -> None:
     from chatsft import storage
 
     state, rt, plan = w.state, w.rt, w.args.plan
+    # the metrics of the steps this checkpoint holds reach the tracker first: a restart from it
+    # logs only later steps, so what the logger still held would be lost with a killed worker
+    w.progress.flush()
     state.metrics = {k: v for k, v in w.metrics.items() if isinstance(v, (int, float))}
     name = ckpt.checkpoint_name(state.step)
     target = storage.join(plan.checkpoint_dir, name)

@@ -123,6 +123,12 @@ class Progress:
             for cb in self.callbacks:
                 cb(step, dict(metrics))
 
+    def flush(self, timeout: float = 10.0) -> None:
+        """Callbacks that buffer (the MLflow logger) send what they hold, within `timeout`."""
+        if self.enabled:
+            for cb in self.callbacks:
+                getattr(cb, "flush", lambda timeout: None)(timeout)
+
     def close(self) -> None:
         """Callbacks that buffer (the MLflow logger) flush here, before the worker exits."""
         if self.enabled:
