@@ -43,7 +43,6 @@ class Ledger:
         self.causes: dict[str, float] = {"setup": 0.0, "eval": 0.0, "checkpoint": 0.0}
         self.steps: list[tuple[int, float]] = []
         self.extra: dict[str, Any] = {}
-        self._flushed = time.time()
         self._lock = threading.Lock()
         self._pending: Optional[dict] = None
         self._writer: Optional[threading.Thread] = None
@@ -80,8 +79,7 @@ class Ledger:
             self._idle.set()
             self._ticker = None
         self._dirty = False
-        self._flushed = time.time()
-        record = self._record()
+        record = self._record(end=time.time())
         with self._lock:
             self._pending = record
             if self._writer is None or not self._writer.is_alive():
@@ -91,11 +89,11 @@ class Ledger:
         if wait:
             writer.join()
 
-    def _record(self) -> dict:
+    def _record(self, end: float) -> dict:
         # the timer thread copies what the loop (and the upload thread) may be changing meanwhile
         while True:
             try:
-                return {"attempt": self.name, "start": self.start, "end": self._flushed, "causes": dict(self.causes),
+                return {"attempt": self.name, "start": self.start, "end": end, "causes": dict(self.causes),
                         "steps": list(self.steps), **{k: list(v) if isinstance(v, list) else v
                                                      for k, v in list(self.extra.items())}}
             except RuntimeError:  # a dict resized under the copy: copy again
