@@ -97,16 +97,16 @@ class MlflowServer:
             try:
                 with urllib.request.urlopen(self.uri + "/health", timeout=2) as r:
                     healthy = r.status == 200
+                if healthy:
+                    # /health answers before the store does: its first query sets up the database,
+                    # which on a loaded machine outlasts a client's timeout. Up means the store answers.
+                    with urllib.request.urlopen(self.uri + "/api/2.0/mlflow/experiments/get-by-name"
+                                                "?experiment_name=Default",
+                                                timeout=max(5.0, deadline - time.time())) as r:
+                        if r.status == 200:
+                            return self
             except Exception:
-                healthy = False
-            if healthy:
-                # /health answers before the store does: its first query sets up the database, which
-                # on a loaded machine outlasts a client's 10 s timeout. Up means the store answers.
-                left = max(5.0, deadline - time.time())
-                with urllib.request.urlopen(self.uri + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default",
-                                            timeout=left) as r:
-                    if r.status == 200:
-                        return self
+                pass  # not up yet: asked again
             time.sleep(0.5)
         raise RuntimeError("mlflow server did not come up")
 
