@@ -601,7 +601,12 @@ class _Gathered:
             self.bad.extend(BadExample(*b) for b in part["bad"])
         self.bad.sort(key=lambda b: (b.file_idx, b.line))  # file order: the first bad record is the one to name
         kept: Counter = Counter()
-        self.bad = [b for b in self.bad if kept.update([b.split]) or kept[b.split] <= self._bad_kept]
+        first = []
+        for b in self.bad:  # the first bad_examples of each split
+            kept[b.split] += 1
+            if kept[b.split] <= self._bad_kept:
+                first.append(b)
+        self.bad = first
         for s, mine in self.previews.items():
             mine.extend(result["preview"][s][: self._preview - len(mine)])
             if result["runs"][s]:
